@@ -1,0 +1,7 @@
+"""`python -m composemirror`: the command line."""
+
+import sys
+
+from composemirror.cli import main
+
+sys.exit(main())

@@ -1,0 +1,181 @@
+"""The command line: parse arguments, call one `ops` function, render its result.
+
+Flags follow docker compose's (`-f` repeatable, `-p`, `--profile`, `--env-file`,
+`--project-directory`). Exit codes: 0 success, 2 bad input, 1 runtime failure. Only
+`ComposeMirrorError` is caught; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+import composemirror
+from composemirror import ops
+from composemirror.backends import sandbox
+from composemirror.errors import ComposeMirrorError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    options = ops.Options(
+        files=tuple(args.file),
+        project_name=args.project_name,
+        profiles=tuple(args.profile),
+        env_files=tuple(args.env_file),
+        project_directory=args.project_directory,
+        config_file=args.config,
+    )
+    try:
+        return int(args.run(args, options))
+    except ComposeMirrorError as e:
+        print(f"composemirror: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"  hint: {e.hint}", file=sys.stderr)
+        return e.exit_code
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _up(args: argparse.Namespace, options: ops.Options) -> int:
+    return ops.up(options, services=args.services, detach=args.detach, build=args.build,
+                  progress=_progress)
+
+
+def _down(args: argparse.Namespace, options: ops.Options) -> int:
+    for line in ops.down(options, volumes=args.volumes):
+        _progress(f"removed {line}")
+    return 0
+
+
+def _config(args: argparse.Namespace, options: ops.Options) -> int:
+    rendered = ops.render(options, write=False)
+    for notice in rendered.notices:
+        _progress(notice)
+    sys.stdout.write(yaml.safe_dump(rendered.model, sort_keys=False, width=1000))
+    return 0
+
+
+def _status(args: argparse.Namespace, options: ops.Options) -> int:
+    name, rows = ops.status(options)
+    if args.format == "json":
+        print(json.dumps({"project": name, "services": [
+            {"service": r.service, "container": r.container, "role": r.role, "state": r.state,
+             "health": r.health, "link": dict(r.link)} for r in rows]}, indent=2))
+        return 0
+    if not rows:
+        print(f"project {name}: nothing is running")
+        return 0
+    table = [("SERVICE", "ROLE", "STATE", "LINK")]
+    for r in rows:
+        state = r.state + (f" ({r.health})" if r.health else "")
+        table.append((r.service, r.role, state, _describe_link(r)))
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    for row in table:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+    return 0
+
+
+def _describe_link(row: ops.ServiceStatus) -> str:
+    if row.role != "sidecar":
+        return ""
+    link = row.link
+    if not link:
+        return "no report"
+    parts = [f"agent {link.get('agent', '?')}"]
+    counters = link.get("counters") or {}
+    parts += [f"{key} {value}" for key, value in sorted(counters.items())]
+    return ", ".join(parts)
+
+
+def _doctor(args: argparse.Namespace, options: ops.Options) -> int:
+    checks = ops.doctor(options)
+    for check in checks:
+        print(f"{'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
+        if check.hint:
+            print(f"      hint: {check.hint}")
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def _compose(args: argparse.Namespace, options: ops.Options) -> int:
+    compose_args = list(args.args)
+    if compose_args[:1] == ["--"]:
+        compose_args = compose_args[1:]
+    if not compose_args:
+        raise ComposeMirrorError("give compose a command, e.g. `composemirror compose -- ps`")
+    return ops.compose_passthrough(options, compose_args)
+
+
+def _sandbox(args: argparse.Namespace, options: ops.Options) -> int:
+    if args.action == "up":
+        sandbox.ensure_up({ops.images.BASE_ENV: ops.base_image()})
+    else:
+        sandbox.down()
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="composemirror",
+        description="Run part of a system in docker compose while the rest stays in a "
+                    "Kubernetes cluster (or the sandbox cluster).",
+    )
+    parser.add_argument("--version", action="version", version=composemirror.__version__)
+    parser.add_argument("-f", "--file", action="append", default=[], type=Path,
+                        help="compose file (repeatable), as for docker compose")
+    parser.add_argument("-p", "--project-name", help="compose project name")
+    parser.add_argument("--profile", action="append", default=[], help="compose profile")
+    parser.add_argument("--env-file", action="append", default=[], type=Path,
+                        help="compose env file for interpolation")
+    parser.add_argument("--project-directory", type=Path, help="compose project directory")
+    parser.add_argument("--config", type=Path,
+                        help="composemirror config file (instead of x-composemirror)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is done")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser("up", help="render, build missing images, start the stack")
+    up.add_argument("-d", "--detach", action="store_true", help="run in the background")
+    up.add_argument("--build", action="store_true", help="build images before starting")
+    up.add_argument("services", nargs="*", metavar="SERVICE")
+    up.set_defaults(run=_up)
+
+    down = commands.add_parser("down", help="remove everything up created, the agent included")
+    down.add_argument("-v", "--volumes", action="store_true",
+                      help="also remove named volumes declared by the project")
+    down.set_defaults(run=_down)
+
+    config = commands.add_parser("config", help="print the rewritten compose model")
+    config.set_defaults(run=_config)
+
+    for name in ("status", "ps"):
+        status = commands.add_parser(name, help="services, sidecars and agent link state")
+        status.add_argument("--format", choices=("table", "json"), default="table")
+        status.set_defaults(run=_status)
+
+    doctor = commands.add_parser("doctor", help="check engine, compose, images, target, link")
+    doctor.set_defaults(run=_doctor)
+
+    passthrough = commands.add_parser("compose", help="docker compose ARGS on the rendered "
+                                                      "project")
+    passthrough.add_argument("args", nargs=argparse.REMAINDER)
+    passthrough.set_defaults(run=_compose)
+
+    box = commands.add_parser("sandbox", help="start or remove the sandbox cluster")
+    box.add_argument("action", choices=("up", "down"))
+    box.set_defaults(run=_sandbox)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

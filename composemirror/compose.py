@@ -1,0 +1,277 @@
+"""The rewrite: the compose model in, the model with sidecars and the agent out.
+
+`rewrite()` is a pure function over the model that `docker compose config --format json` returns
+(interpolated, merged, normalised). It never reads or writes files and never talks to Docker; the
+caller resolves images, the target and its environment first and passes them in a `Plan`.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from composemirror import environment
+from composemirror.config import BLOCK, Config
+from composemirror.errors import ConfigError
+from composemirror.sidecar.settings import (
+    AGENT_SOCKET,
+    ENV_VAR,
+    LINK_DIR,
+    READY_FILE,
+    FilterText,
+    SidecarSettings,
+)
+
+LABEL_PROJECT = "io.composemirror.project"
+LABEL_ROLE = "io.composemirror.role"
+LABEL_VERSION = "io.composemirror.version"
+LABEL_SERVICE = "io.composemirror.service"
+"""On a sidecar: the app service it serves."""
+
+AGENT_SERVICE = "composemirror-agent"
+LINK_VOLUME = "composemirror-link"
+KEY_SECRET = "composemirror-key"
+SIDECAR_SUFFIX = "-mirror"
+
+# Keys Docker refuses on a container that joins another's network namespace: they describe the
+# network identity, so they move to the sidecar that owns the namespace.
+MOVED_KEYS = ("networks", "ports", "expose", "hostname", "domainname", "dns", "dns_search",
+              "dns_opt", "extra_hosts", "mac_address", "links")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """What the rewrite needs from the outside world, resolved beforehand by `ops`."""
+
+    version: str
+    sidecar_image: str
+    agent_image: str
+    agent_network_mode: str
+    """How the agent joins the target, e.g. `container:shop-checkout-1`."""
+    key_file: str
+    """Host path of the per-`up` tunnel key."""
+    remote_env: Mapping[str, str] = field(default_factory=dict)
+    env_file: Mapping[str, str] = field(default_factory=dict)
+    """Values of `feature.env.env_file`, already read."""
+
+
+def sidecar_name(service: str) -> str:
+    return service + SIDECAR_SUFFIX
+
+
+def rewrite(model: Mapping[str, Any], config: Config, plan: Plan) -> dict[str, Any]:
+    """Return the rendered compose model. The input is not modified."""
+    rendered: dict[str, Any] = copy.deepcopy(dict(model))
+    rendered.pop(BLOCK, None)
+    project = str(rendered.get("name", ""))
+    services: dict[str, Any] = rendered.setdefault("services", {})
+    _check(services, config)
+    names = sorted(project_names(services, config))
+    for name in config.services:
+        app = services[name]
+        side = sidecar_name(name)
+        services[side] = _sidecar(name, app, config, plan, project, names)
+        for key in MOVED_KEYS:
+            app.pop(key, None)
+        app["network_mode"] = f"service:{side}"
+        app["environment"] = environment.merge(
+            _escape(plan.remote_env), config.env, env_file=_escape(plan.env_file),
+            compose=app.get("environment") or {},
+        )
+        depends = app.setdefault("depends_on", {})
+        depends[side] = {"condition": "service_healthy", "restart": True, "required": True}
+        app["labels"] = {**(app.get("labels") or {}), **_labels(project, plan, "app", name)}
+    for service in services.values():
+        _redirect(service, config.services)
+        # compose config lists only the services of the active profiles; without this the
+        # rendered file would need the same --profile flags on every later compose call.
+        service.pop("profiles", None)
+    services[AGENT_SERVICE] = {
+        "image": plan.agent_image,
+        "command": ["python3", "-m", "composemirror.agent", "--listen", f"unix:{AGENT_SOCKET}"],
+        "network_mode": plan.agent_network_mode,
+        "volumes": [_link_mount()],
+        "secrets": [KEY_SECRET],
+        "restart": "unless-stopped",
+        "labels": _labels(project, plan, "agent"),
+    }
+    rendered.setdefault("volumes", {})[LINK_VOLUME] = {"labels": _labels(project, plan, "link")}
+    rendered.setdefault("secrets", {})[KEY_SECRET] = {"file": plan.key_file}
+    return rendered
+
+
+def project_names(services: Mapping[str, Any], config: Config) -> set[str]:
+    """Every name the project's own DNS answers: these stay local unless filtered remote."""
+    names = set(config.hosts) | {AGENT_SERVICE}
+    for name, service in services.items():
+        names.add(name)
+        names.add(sidecar_name(name))
+        if service.get("container_name"):
+            names.add(service["container_name"])
+        for network in (service.get("networks") or {}).values():
+            names.update((network or {}).get("aliases") or ())
+        for link in service.get("links") or ():
+            names.add(link.split(":")[-1])
+        for entry in service.get("extra_hosts") or ():
+            names.add(_extra_host_name(entry))
+    return {n.lower().rstrip(".") for n in names}
+
+
+def published_ports(service: Mapping[str, Any]) -> Iterator[tuple[str, int, str]]:
+    """(host ip, host port, protocol) for every port a service publishes on the host."""
+    for port in service.get("ports") or ():
+        published = str(port.get("published") or "")
+        if not published:
+            continue
+        first, _, last = published.partition("-")
+        host_ip = port.get("host_ip") or ""
+        if host_ip in ("0.0.0.0", "::"):
+            host_ip = ""
+        for number in range(int(first), int(last or first) + 1):
+            yield (host_ip, number, port.get("protocol") or "tcp")
+
+
+def _check(services: Mapping[str, Any], config: Config) -> None:
+    where = f"{config.source}: {BLOCK}"
+    for i, name in enumerate(config.services):
+        if name not in services:
+            raise ConfigError(f"{where}.services[{i}]: {name!r} is not a service of this project",
+                              hint=_suggest(name, services))
+        service = services[name]
+        mode = service.get("network_mode")
+        if mode:
+            raise ConfigError(
+                f"service {name!r} has `network_mode: {mode}`, so it cannot get a sidecar",
+                hint=f"remove network_mode from {name!r}, or remove it from {BLOCK}.services",
+            )
+        replicas = (service.get("deploy") or {}).get("replicas") or service.get("scale") or 1
+        if int(replicas) > 1:
+            raise ConfigError(
+                f"service {name!r} runs {replicas} replicas; a mirrored service runs one container",
+                hint="remove deploy.replicas/scale from it",
+            )
+        for ours in (sidecar_name(name), AGENT_SERVICE):
+            if ours in services:
+                raise ConfigError(f"the project already has a service named {ours!r}, "
+                                  "which composemirror needs for its own containers",
+                                  hint="rename that service")
+    taken: dict[tuple[int, str], list[tuple[str, str]]] = {}
+    for name in config.services:
+        for host_ip, port, protocol in published_ports(services[name]):
+            for other_ip, other in taken.get((port, protocol), []):
+                if other != name and (not host_ip or not other_ip or host_ip == other_ip):
+                    raise ConfigError(
+                        f"services {other!r} and {name!r} both publish host port "
+                        f"{port}/{protocol}",
+                        hint="give each a different published port",
+                    )
+            taken.setdefault((port, protocol), []).append((host_ip, name))
+    for host, target in config.hosts.items():
+        key = f"{where}.hosts.{host}"
+        if target not in services:
+            raise ConfigError(f"{key}: {target!r} is not a service of this project",
+                              hint=_suggest(target, services))
+        target_networks = set(services[target].get("networks") or {})
+        for name in config.services:
+            if not target_networks & set(services[name].get("networks") or {}):
+                raise ConfigError(f"{key}: {target!r} shares no network with {name!r}, "
+                                  f"so {name!r} cannot reach it",
+                                  hint=f"put {target!r} and {name!r} on a common network")
+
+
+def _sidecar(
+    name: str,
+    app: Mapping[str, Any],
+    config: Config,
+    plan: Plan,
+    project: str,
+    names: list[str],
+) -> dict[str, Any]:
+    settings = SidecarSettings(
+        service=name,
+        names=tuple(names),
+        hosts=dict(config.hosts),
+        tcp=config.network.tcp,
+        udp=config.network.udp,
+        outgoing=FilterText.of(config.network.outgoing),
+        dns_enabled=config.network.dns_enabled,
+        dns=FilterText.of(config.network.dns),
+    )
+    sidecar: dict[str, Any] = {
+        "image": plan.sidecar_image,
+        "command": ["python3", "-m", "composemirror.sidecar"],
+        "cap_add": ["NET_ADMIN"],
+        "environment": {ENV_VAR: settings.to_json()},
+        "volumes": [_link_mount()],
+        "secrets": [KEY_SECRET],
+        "healthcheck": {
+            "test": ["CMD", "test", "-e", READY_FILE],
+            "interval": "1s",
+            "timeout": "5s",
+            "retries": 60,
+        },
+        "depends_on": {AGENT_SERVICE: {"condition": "service_started", "required": True}},
+        "labels": _labels(project, plan, "sidecar", name),
+    }
+    for key in MOVED_KEYS:
+        if app.get(key) is not None:
+            sidecar[key] = copy.deepcopy(app[key])
+    if app.get("restart") is not None:
+        sidecar["restart"] = app["restart"]
+    # Other services keep finding the app under its own name (and container name).
+    aliases = [name, *([app["container_name"]] if app.get("container_name") else [])]
+    networks = sidecar.get("networks") or {"default": None}
+    for network_name, network in list(networks.items()):
+        network = dict(network or {})
+        network["aliases"] = sorted({*(network.get("aliases") or ()), *aliases})
+        networks[network_name] = network
+    sidecar["networks"] = networks
+    return sidecar
+
+
+def _redirect(service: dict[str, Any], mirrored: tuple[str, ...]) -> None:
+    """Point other services' `network_mode: service:APP` and links at the app's sidecar."""
+    mode = service.get("network_mode") or ""
+    if mode.startswith("service:") and mode.removeprefix("service:") in mirrored:
+        service["network_mode"] = "service:" + sidecar_name(mode.removeprefix("service:"))
+    links = service.get("links")
+    if links:
+        rewritten = []
+        for link in links:
+            target, _, alias = link.partition(":")
+            if target in mirrored:
+                link = f"{sidecar_name(target)}:{alias or target}"
+            rewritten.append(link)
+        service["links"] = rewritten
+
+
+def _labels(project: str, plan: Plan, role: str, service: str | None = None) -> dict[str, str]:
+    labels = {LABEL_PROJECT: project, LABEL_ROLE: role, LABEL_VERSION: plan.version}
+    if service is not None:
+        labels[LABEL_SERVICE] = service
+    return labels
+
+
+def _escape(values: Mapping[str, str]) -> dict[str, str]:
+    """Raw values as compose's model writes them: `$$` for a literal `$`."""
+    return {name: value.replace("$", "$$") for name, value in values.items()}
+
+
+def _link_mount() -> dict[str, str]:
+    return {"type": "volume", "source": LINK_VOLUME, "target": LINK_DIR}
+
+
+def _extra_host_name(entry: str) -> str:
+    separator = "=" if "=" in entry else ":"
+    return entry.split(separator, 1)[0]
+
+
+def _suggest(name: str, services: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(name, list(services), n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return f"services of this project: {', '.join(sorted(services))}"
+

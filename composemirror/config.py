@@ -1,0 +1,410 @@
+"""The x-composemirror configuration: a typed, frozen model and its one loader.
+
+`load()` takes the block as plain data (from the compose model, `composemirror.yaml` or
+`--config FILE`) and returns a `Config` or raises `ConfigError` naming the file and the key path.
+mirrord's `target` and `feature` keys are accepted verbatim; keys that make no sense at the
+network level (`fs`, `network.incoming`, ...) are accepted and reported as ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from composemirror.errors import ConfigError
+from composemirror.filters import Filter, FilterSyntaxError, Mode, parse_filter
+
+BLOCK = "x-composemirror"
+CONFIG_FILE_NAME = "composemirror.yaml"
+
+TargetKind = Literal[
+    "pod",
+    "deployment",
+    "statefulset",
+    "rollout",
+    "job",
+    "cronjob",
+    "service",
+    "replicaset",
+    "targetless",
+    "docker",
+]
+_KINDS: dict[str, TargetKind] = {
+    "pod": "pod",
+    "deployment": "deployment",
+    "deploy": "deployment",
+    "statefulset": "statefulset",
+    "rollout": "rollout",
+    "job": "job",
+    "cronjob": "cronjob",
+    "service": "service",
+    "replicaset": "replicaset",
+}
+_TARGET_TABLE_KINDS: dict[str, TargetKind] = {
+    "pod": "pod",
+    "deployment": "deployment",
+    "stateful_set": "statefulset",
+    "rollout": "rollout",
+    "job": "job",
+    "cron_job": "cronjob",
+    "service": "service",
+    "replica_set": "replicaset",
+}
+
+# mirrord keys that have no meaning for a network-level sidecar: accepted so that a mirrord
+# config pastes in unchanged, and reported once as ignored.
+_IGNORED_FEATURE_KEYS = ("fs", "hostname", "copy_target", "split_queues", "db_branches", "magic",
+                         "preview")
+_IGNORED_TOP_KEYS = ("agent", "operator", "kubeconfig", "accept_invalid_certificates",
+                     "skip_processes", "skip_build_tools", "telemetry", "internal_proxy",
+                     "external_proxy", "use_proxy", "sip_binaries", "pause", "connect_tcp",
+                     "experimental", "ci", "feedback")
+
+# mirrord's agent never imports these (mirrord/agent/src/env.rs); HOSTNAME and KUBERNETES_* are
+# added because inside a container they describe the pod, not the app, and would mislead it.
+DEFAULT_ENV_EXCLUDES = (
+    "BUNDLER_ORIG_BUNDLER_ORIG_MANPATH", "BUNDLER_ORIG_BUNDLER_VERSION",
+    "BUNDLER_ORIG_BUNDLE_BIN_PATH", "BUNDLER_ORIG_BUNDLE_GEMFILE", "BUNDLER_ORIG_GEM_HOME",
+    "BUNDLER_ORIG_MANPATH", "BUNDLER_ORIG_PATH", "BUNDLER_ORIG_RB_USER_INSTALL",
+    "BUNDLER_ORIG_RUBYLIB", "BUNDLER_ORIG_RUBYOPT", "BUNDLER_VERSION", "BUNDLE_APP_CONFIG",
+    "BUNDLE_BIN_PATH", "BUNDLE_FORCE_RUBY_PLATFORM", "BUNDLE_GEMFILE", "BUNDLE_GEM_PATH",
+    "BUNDLE_PATH", "BUNDLE_WITHOUT", "CATALINA_HOME", "CLASSPATH", "DOTNET_EnableDiagnostics",
+    "DOTNET_STARTUP_HOOKS", "GEM_HOME", "GEM_PATH", "GOPATH", "GOMODCACHE", "HOME", "HOMEPATH",
+    "JAVA_EXE", "JAVA_HOME", "JAVA_TOOL_OPTIONS", "PATH", "PWD", "PYTHONPATH", "RUBYLIB",
+    "RUBYOPT", "MIRRORD_LOG", "RUST_LOG", "_JAVA_OPTIONS", "TEMP", "TMP", "TMPDIR",
+    "HOSTNAME", "KUBERNETES_*",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Target:
+    """What the app impersonates: a workload in the cluster, or a local container."""
+
+    kind: TargetKind
+    name: str | None = None
+    """Workload or container name; None for `targetless`."""
+    container: str | None = None
+    """Container within the pod, when the workload has several."""
+
+    def __str__(self) -> str:
+        if self.kind == "targetless":
+            return "targetless"
+        if self.kind == "docker":
+            return f"docker://{self.name}"
+        suffix = f"/container/{self.container}" if self.container else ""
+        return f"{self.kind}/{self.name}{suffix}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnvSettings:
+    """`feature.env`, with mirrord's semantics."""
+
+    enabled: bool = True
+    """False imports nothing from the target (mirrord's `env: false`)."""
+    include: tuple[str, ...] = ()
+    """Glob patterns (`*`, `?`); when given, only matching remote variables are imported."""
+    exclude: tuple[str, ...] = ()
+    """Glob patterns of remote variables not to import, on top of `DEFAULT_ENV_EXCLUDES`."""
+    override: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """Values that win over everything else."""
+    env_file: Path | None = None
+    """A dotenv file whose values win over the remote ones."""
+    mapping: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """Regex on a variable's name -> the value it gets instead."""
+    unset: tuple[str, ...] = ()
+    """Names (case-insensitive) removed from the app's final environment."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NetworkSettings:
+    """`feature.network`: which traffic and which DNS queries go to the cluster."""
+
+    tcp: bool = True
+    """Tunnel outgoing TCP that the filter sends remote."""
+    udp: bool = True
+    """Tunnel outgoing UDP that the filter sends remote."""
+    outgoing: Filter | None = None
+    """`outgoing.filter`; None sends everything that is not the project's own to the cluster."""
+    dns_enabled: bool = True
+    """Resolve names in the cluster (mirrord's `dns.enabled`); False resolves all locally."""
+    dns: Filter | None = None
+    """`dns.filter`: which names are resolved on which side."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """The whole x-composemirror block, validated."""
+
+    source: str
+    """Where it came from, e.g. `x-composemirror in compose.yaml`, for messages."""
+    target: Target
+    namespace: str | None = None
+    """Kubernetes namespace of the target; None for the context's default."""
+    context: str | None = None
+    """Kubernetes context (mirrord's `kube_context`); None for the current one."""
+    services: tuple[str, ...] = ()
+    """Compose services that get a sidecar."""
+    hosts: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """Host name -> compose service that answers for it (lower-case names)."""
+    env: EnvSettings = field(default_factory=EnvSettings)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    ignored: tuple[str, ...] = ()
+    """mirrord keys that were accepted but have no effect here, as key paths."""
+
+
+def load(block: Any, *, source: str, base_dir: Path) -> Config:
+    """Validate a raw x-composemirror block. `base_dir` anchors relative paths (`env_file`)."""
+    return _Loader(source, base_dir).config(block)
+
+
+class _Loader:
+    """Walks the raw block once, keeping the key path for every error it raises."""
+
+    def __init__(self, source: str, base_dir: Path) -> None:
+        self.source = source
+        self.base_dir = base_dir
+        self.ignored: list[str] = []
+
+    def fail(self, path: str, message: str, hint: str | None = None) -> ConfigError:
+        return ConfigError(f"{self.source}: {path}: {message}", hint=hint)
+
+    def table(self, value: Any, path: str, known: tuple[str, ...]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(path, f"expected a mapping, got {_kind(value)}")
+        for key in value:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(known)}"
+                raise self.fail(f"{path}.{key}", "unknown key", hint)
+        return value
+
+    def strings(self, value: Any, path: str) -> tuple[str, ...]:
+        """mirrord's `VecOrSingle`: a string (`;`-separated) or a list of strings."""
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return tuple(part for part in (p.strip() for p in value.split(";")) if part)
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                if not isinstance(item, str):
+                    raise self.fail(f"{path}[{i}]", f"expected a string, got {_kind(item)}")
+            return tuple(value)
+        raise self.fail(path, f"expected a string or a list of strings, got {_kind(value)}")
+
+    def boolean(self, value: Any, path: str, default: bool) -> bool:
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.fail(path, f"expected true or false, got {_kind(value)}")
+        return value
+
+    def string_map(self, value: Any, path: str) -> dict[str, str]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(path, f"expected a mapping, got {_kind(value)}")
+        result = {}
+        for key, item in value.items():
+            if isinstance(item, bool) or not isinstance(item, str | int | float):
+                raise self.fail(f"{path}.{key}", f"expected a string, got {_kind(item)}")
+            result[str(key)] = str(item)
+        return result
+
+    def config(self, block: Any) -> Config:
+        known = ("target", "namespace", "kube_context", "services", "hosts", "feature",
+                 *_IGNORED_TOP_KEYS)
+        raw = self.table(block, BLOCK, known)
+        self.ignored.extend(f"{BLOCK}.{k}" for k in _IGNORED_TOP_KEYS if k in raw)
+        target, namespace = self.target(raw.get("target"), raw.get("namespace"))
+        context = raw.get("kube_context")
+        if context is not None and not isinstance(context, str):
+            raise self.fail(f"{BLOCK}.kube_context", f"expected a string, got {_kind(context)}")
+        services = self.strings(raw.get("services"), f"{BLOCK}.services")
+        if not services:
+            raise self.fail(
+                f"{BLOCK}.services",
+                "missing: list the compose services that should reach the cluster",
+                "e.g. `services: [web]`",
+            )
+        if len(set(services)) != len(services):
+            raise self.fail(f"{BLOCK}.services", "lists a service twice")
+        hosts = self.hosts(raw.get("hosts"))
+        feature = self.table(raw.get("feature"), f"{BLOCK}.feature",
+                             ("env", "network", *_IGNORED_FEATURE_KEYS))
+        self.ignored.extend(f"{BLOCK}.feature.{k}" for k in _IGNORED_FEATURE_KEYS if k in feature)
+        return Config(
+            source=self.source,
+            target=target,
+            namespace=namespace,
+            context=context,
+            services=services,
+            hosts=MappingProxyType(hosts),
+            env=self.env(feature.get("env")),
+            network=self.network(feature.get("network")),
+            ignored=tuple(self.ignored),
+        )
+
+    def target(self, value: Any, namespace: Any) -> tuple[Target, str | None]:
+        path = f"{BLOCK}.target"
+        if isinstance(value, dict):
+            table = self.table(value, path, ("path", "namespace"))
+            if table.get("namespace") is not None:
+                if namespace is not None and namespace != table["namespace"]:
+                    raise self.fail(path + ".namespace",
+                                    f"conflicts with {BLOCK}.namespace; keep one of them")
+                namespace = table["namespace"]
+            value = table.get("path", "targetless")
+            path += ".path"
+            if isinstance(value, dict):
+                value = self.target_table(value, path)
+        if namespace is not None and (not isinstance(namespace, str) or not namespace):
+            raise self.fail(f"{BLOCK}.namespace", "expected a namespace name")
+        if value is None:
+            raise self.fail(path, "missing: name what the app impersonates",
+                            "e.g. `target: deployment/checkout`, `targetless` or "
+                            "`docker://CONTAINER`")
+        if not isinstance(value, str):
+            raise self.fail(path, f"expected a string, got {_kind(value)}")
+        return self.target_text(value, path), namespace
+
+    def target_table(self, value: dict[str, Any], path: str) -> str:
+        table = self.table(value, path, (*_TARGET_TABLE_KINDS, "container"))
+        kinds = [k for k in table if k != "container"]
+        if len(kinds) != 1:
+            raise self.fail(path, "name exactly one workload, e.g. `{deployment: checkout}`")
+        text = f"{_TARGET_TABLE_KINDS[kinds[0]]}/{table[kinds[0]]}"
+        if table.get("container"):
+            text += f"/container/{table['container']}"
+        return text
+
+    def target_text(self, text: str, path: str) -> Target:
+        if text == "targetless":
+            return Target(kind="targetless")
+        if text.startswith("docker://"):
+            name = text.removeprefix("docker://")
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise self.fail(path, f"{text!r}: expected docker://CONTAINER (a name or an id)")
+            return Target(kind="docker", name=name)
+        parts = text.split("/")
+        kind = _KINDS.get(parts[0].lower())
+        if kind is None or len(parts) not in (2, 4) or not parts[1]:
+            raise self.fail(
+                path, f"{text!r} is not a target",
+                "use pod/NAME, deployment/NAME, statefulset/NAME (optionally /container/C), "
+                "targetless, or docker://CONTAINER",
+            )
+        container = None
+        if len(parts) == 4:
+            if parts[2] != "container" or not parts[3]:
+                raise self.fail(path, f"{text!r}: expected KIND/NAME/container/CONTAINER")
+            container = parts[3]
+        return Target(kind=kind, name=parts[1], container=container)
+
+    def hosts(self, value: Any) -> dict[str, str]:
+        hosts = self.string_map(value, f"{BLOCK}.hosts")
+        result = {}
+        for name, service in hosts.items():
+            try:
+                rule = parse_filter("local", [name], protocols=False).rules[0]
+            except FilterSyntaxError as e:
+                raise self.fail(f"{BLOCK}.hosts.{name}", str(e)) from None
+            if rule.name is None or rule.wildcard or rule.port:
+                raise self.fail(f"{BLOCK}.hosts.{name}", "expected a plain host name")
+            result[rule.name] = service
+        return result
+
+    def env(self, value: Any) -> EnvSettings:
+        path = f"{BLOCK}.feature.env"
+        if isinstance(value, bool):
+            return EnvSettings(enabled=value)
+        raw = self.table(value, path, ("include", "exclude", "override", "env_file", "mapping",
+                                       "unset", "load_from_process"))
+        include = self.strings(raw.get("include"), f"{path}.include")
+        exclude = self.strings(raw.get("exclude"), f"{path}.exclude")
+        if include and exclude:
+            raise self.fail(path, "`include` and `exclude` cannot be used together",
+                            "keep one: include lists what to import, exclude what to skip")
+        if "load_from_process" in raw:
+            self.ignored.append(f"{path}.load_from_process")
+        mapping = self.string_map(raw.get("mapping"), f"{path}.mapping")
+        for pattern in mapping:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise self.fail(f"{path}.mapping", f"{pattern!r} is not a regex: {e}") from None
+        env_file = raw.get("env_file")
+        if env_file is not None and not isinstance(env_file, str):
+            raise self.fail(f"{path}.env_file", f"expected a path, got {_kind(env_file)}")
+        return EnvSettings(
+            include=include,
+            exclude=exclude,
+            override=MappingProxyType(self.string_map(raw.get("override"), f"{path}.override")),
+            env_file=self.base_dir / env_file if env_file else None,
+            mapping=MappingProxyType(mapping),
+            unset=self.strings(raw.get("unset"), f"{path}.unset"),
+        )
+
+    def network(self, value: Any) -> NetworkSettings:
+        path = f"{BLOCK}.feature.network"
+        if isinstance(value, bool):
+            return NetworkSettings(tcp=value, udp=value, dns_enabled=value)
+        raw = self.table(value, path, ("outgoing", "dns", "incoming", "ipv6"))
+        self.ignored.extend(f"{path}.{k}" for k in ("incoming", "ipv6") if k in raw)
+        tcp = udp = True
+        outgoing = None
+        out = raw.get("outgoing")
+        if isinstance(out, bool):
+            tcp = udp = out
+        else:
+            table = self.table(out, f"{path}.outgoing",
+                               ("tcp", "udp", "filter", "ignore_localhost", "unix_streams"))
+            tcp = self.boolean(table.get("tcp"), f"{path}.outgoing.tcp", True)
+            udp = self.boolean(table.get("udp"), f"{path}.outgoing.udp", True)
+            outgoing = self.filter(table.get("filter"), f"{path}.outgoing.filter", protocols=True)
+            self.ignored.extend(f"{path}.outgoing.{k}" for k in ("ignore_localhost",
+                                                                   "unix_streams") if k in table)
+        dns_enabled = True
+        dns = None
+        dns_raw = raw.get("dns")
+        if isinstance(dns_raw, bool):
+            dns_enabled = dns_raw
+        else:
+            table = self.table(dns_raw, f"{path}.dns", ("enabled", "filter"))
+            dns_enabled = self.boolean(table.get("enabled"), f"{path}.dns.enabled", True)
+            dns = self.filter(table.get("filter"), f"{path}.dns.filter", protocols=False)
+        return NetworkSettings(tcp=tcp, udp=udp, outgoing=outgoing, dns_enabled=dns_enabled,
+                               dns=dns)
+
+    def filter(self, value: Any, path: str, *, protocols: bool) -> Filter | None:
+        if value is None:
+            return None
+        table = self.table(value, path, ("local", "remote"))
+        if len(table) != 1:
+            raise self.fail(path, "give exactly one of `local` or `remote`",
+                            "`local` lists what stays local; `remote` what goes to the cluster")
+        mode: Mode = "local" if "local" in table else "remote"
+        entries = self.strings(table[mode], f"{path}.{mode}")
+        if not entries:
+            raise self.fail(f"{path}.{mode}", "is empty; list an entry or remove the filter")
+        for i, entry in enumerate(entries):
+            try:
+                parse_filter(mode, [entry], protocols=protocols)
+            except FilterSyntaxError as e:
+                raise self.fail(f"{path}.{mode}[{i}]", str(e),
+                                "entries look like `tcp://host:5432`, `10.0.0.0/8`, "
+                                "`*.internal` or `:53`") from None
+        return parse_filter(mode, entries, protocols=protocols)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
