@@ -105,10 +105,9 @@ def rewrite(model: Mapping[str, Any], config: Config, plan: Plan) -> dict[str, A
 
 def project_names(services: Mapping[str, Any], config: Config) -> set[str]:
     """Every name the project's own DNS answers: these stay local unless filtered remote."""
-    names = set(config.hosts) | {AGENT_SERVICE}
+    names = set(config.hosts) | {AGENT_SERVICE} | {sidecar_name(s) for s in config.services}
     for name, service in services.items():
         names.add(name)
-        names.add(sidecar_name(name))
         if service.get("container_name"):
             names.add(service["container_name"])
         for network in (service.get("networks") or {}).values():
