@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 import composemirror
-from composemirror import ops
+from composemirror import images, ops
 from composemirror.backends import sandbox
 from composemirror.errors import ComposeMirrorError
 
@@ -119,7 +119,7 @@ def _compose(args: argparse.Namespace, options: ops.Options) -> int:
 
 def _sandbox(args: argparse.Namespace, options: ops.Options) -> int:
     if args.action == "up":
-        sandbox.ensure_up({ops.images.BASE_ENV: ops.base_image()})
+        sandbox.ensure_up({images.BASE_ENV: ops.base_image()})
     else:
         sandbox.down()
     return 0

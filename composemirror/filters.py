@@ -218,9 +218,14 @@ def route_query(
 def _parse_port(text: str, port_text: str | None) -> int:
     if port_text is None:
         return 0
-    if not port_text.isdigit() or int(port_text) > 65535:
+    if not _is_number(port_text) or int(port_text) > 65535:
         raise FilterSyntaxError(f"{text!r}: port {port_text!r} is not a number from 0 to 65535")
     return int(port_text)
+
+
+def _is_number(text: str) -> bool:
+    # str.isdigit() also accepts `²` (which int() rejects) and non-ASCII digits.
+    return text.isascii() and text.isdigit()
 
 
 def _looks_like_ip(host: str) -> bool:
@@ -240,7 +245,7 @@ def _parse_network(text: str, host: str, prefix: str | None, *, ipv6: bool) -> I
             return None
         return ipaddress.ip_network(address)
     limit = 32 if address.version == 4 else 128
-    if not prefix.isdigit() or int(prefix) > limit:
+    if not _is_number(prefix) or int(prefix) > limit:
         raise FilterSyntaxError(f"{text!r}: prefix /{prefix} must be a number from 0 to {limit}")
     return ipaddress.ip_network(f"{address}/{prefix}", strict=False)
 

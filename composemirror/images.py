@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dnslib
+import tenacity
 
 import composemirror
 
@@ -43,7 +44,9 @@ def spec(role: str, base: str) -> ImageSpec:
     """The image for `role` (`sidecar` or `agent`) built on `base`."""
     files = [("Dockerfile", _PACKAGE / "images" / role / "Dockerfile")]
     files += _python_files(_PACKAGE, "site/composemirror")
-    files += _python_files(Path(dnslib.__file__).parent, "site/dnslib")
+    for library in (dnslib, tenacity):
+        root = Path(str(library.__file__)).parent
+        files += _python_files(root, f"site/{library.__name__}")
     digest = hashlib.sha256(base.encode())
     for name, source in files:
         digest.update(name.encode() + b"\0" + source.read_bytes() + b"\0")

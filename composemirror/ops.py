@@ -22,9 +22,8 @@ import yaml
 
 import composemirror
 from composemirror import compose, engine, images
-from composemirror.backends import Attachment, choose
+from composemirror.backends import Attachment, choose, sandbox
 from composemirror.backends import docker as docker_backend
-from composemirror.backends import sandbox
 from composemirror.config import BLOCK, CONFIG_FILE_NAME, Config, load
 from composemirror.errors import ComposeMirrorError, ConfigError, EngineError
 from composemirror.sidecar.settings import STATUS_FILE

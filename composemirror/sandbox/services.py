@@ -23,11 +23,11 @@ class Handler(BaseHTTPRequestHandler):
     role = "orders"
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         if self.path.startswith("/bytes/"):
             self.stream(int(self.path.removeprefix("/bytes/")))
             return
-        body = {
+        body: dict[str, object] = {
             "service": self.role,
             "source": "cluster",
             "pod": socket.gethostname(),
@@ -37,7 +37,7 @@ class Handler(BaseHTTPRequestHandler):
             body["orders"] = ORDERS
         self.reply(200, json.dumps(body).encode() + b"\n")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         remaining = int(self.headers.get("Content-Length", "0"))
         received = 0
         while remaining:

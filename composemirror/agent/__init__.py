@@ -1,0 +1,1 @@
+"""The agent: serves sidecar tunnels from inside the target's network namespace."""

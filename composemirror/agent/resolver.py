@@ -1,0 +1,193 @@
+"""DNS as the target resolves it: its nameservers, search domains and ndots, from resolv.conf.
+
+The sidecar forwards the app's queries as the app sent them; here a relative name is expanded
+with the target's search list (as a pod's resolver does) and the answer is given back under the
+name that was asked. dnslib parses and builds messages; sockets are asyncio's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import struct
+from dataclasses import dataclass
+
+from dnslib import QTYPE, RCODE, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResolvConf:
+    """The parts of resolv.conf(5) that decide how a name is looked up."""
+
+    nameservers: tuple[str, ...] = ("127.0.0.1",)
+    search: tuple[str, ...] = ()
+    ndots: int = 1
+    timeout: float = 2.0
+    attempts: int = 2
+
+
+def parse_resolv_conf(text: str) -> ResolvConf:
+    nameservers: list[str] = []
+    search: tuple[str, ...] = ()
+    ndots, timeout, attempts = 1, 2.0, 2
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if words[0] == "nameserver" and len(words) > 1:
+            nameservers.append(words[1])
+        elif words[0] in ("search", "domain"):
+            search = tuple(w.rstrip(".") for w in words[1:])
+        elif words[0] == "options":
+            for option in words[1:]:
+                key, _, value = option.partition(":")
+                if key == "ndots" and value.isdigit():
+                    ndots = min(int(value), 15)
+                elif key == "timeout" and value.isdigit():
+                    timeout = float(min(int(value), 30))
+                elif key == "attempts" and value.isdigit():
+                    attempts = min(int(value), 5)
+    return ResolvConf(nameservers=tuple(nameservers) or ("127.0.0.1",), search=search,
+                      ndots=ndots, timeout=timeout, attempts=attempts)
+
+
+def candidates(name: str, conf: ResolvConf) -> list[str]:
+    """The names a resolver with `conf` tries for `name`, in order (resolv.conf's ndots rule)."""
+    name = name.rstrip(".")
+    if not name:
+        return ["."]
+    expanded = [f"{name}.{domain}" for domain in conf.search]
+    return [name, *expanded] if name.count(".") >= conf.ndots else [*expanded, name]
+
+
+class Resolver:
+    """Answers raw DNS queries the way the target's own resolver would."""
+
+    def __init__(self, conf: ResolvConf) -> None:
+        self.conf = conf
+
+    async def resolve(self, query: bytes) -> bytes:
+        try:
+            request = DNSRecord.parse(query)
+        except Exception:  # dnslib raises many kinds on garbage; all mean "not a query"
+            return _formerr(query)
+        if not request.questions:
+            return _formerr(query)
+        question = request.q
+        asked = str(question.qname)
+        nodata: DNSRecord | None = None
+        failed = False
+        negative: DNSRecord | None = None
+        for name in candidates(asked, self.conf):
+            try:
+                response = await self.ask(name, question.qtype, question.qclass)
+            except (TimeoutError, OSError, ValueError) as e:
+                log.debug("lookup of %s failed: %s", name, e)
+                failed = True
+                continue
+            rcode = response.header.rcode
+            if rcode == RCODE.NOERROR and response.rr:
+                return bytes(_reply(request, response, name).pack())
+            if rcode == RCODE.NOERROR:
+                nodata = nodata or _reply(request, response, name)
+            elif rcode == RCODE.NXDOMAIN:
+                negative = response
+            else:
+                failed = True
+        if nodata is not None:
+            return bytes(nodata.pack())
+        if failed:
+            return bytes(_servfail(request).pack())
+        reply = request.reply()
+        reply.header.rcode = RCODE.NXDOMAIN
+        if negative is not None:
+            for record in negative.auth:
+                reply.add_auth(record)
+        return bytes(reply.pack())
+
+    async def ask(self, name: str, qtype: int, qclass: int) -> DNSRecord:
+        """One question to the nameservers: UDP, then TCP when the answer is truncated."""
+        question = DNSRecord(DNSHeader(id=random.randint(0, 0xFFFF), rd=1),
+                             q=DNSQuestion(name, qtype, qclass))
+        wire = question.pack()
+        last: Exception = TimeoutError(f"no nameserver answered for {name}")
+        for _ in range(self.conf.attempts):
+            for server in self.conf.nameservers:
+                try:
+                    data = await asyncio.wait_for(_udp(server, wire), self.conf.timeout)
+                    response = DNSRecord.parse(data)
+                    if response.header.tc:
+                        data = await asyncio.wait_for(_tcp(server, wire), self.conf.timeout)
+                        response = DNSRecord.parse(data)
+                    if response.header.id == question.header.id:
+                        return response
+                except (TimeoutError, OSError) as e:
+                    last = e
+        raise last
+
+
+def _reply(request: DNSRecord, response: DNSRecord, name: str) -> DNSRecord:
+    """`response` (for `name`) as the answer to `request`, under the name the client asked."""
+    reply = request.reply()
+    reply.header.rcode = response.header.rcode
+    asked = request.q.qname
+    looked_up = DNSLabel(name)
+    for record in response.rr:
+        if record.rname == looked_up:
+            record.rname = asked
+        reply.add_answer(record)
+    for record in response.auth:
+        reply.add_auth(record)
+    for record in response.ar:
+        if record.rtype != QTYPE.OPT:
+            reply.add_ar(record)
+    return reply
+
+
+def _servfail(request: DNSRecord) -> DNSRecord:
+    reply = request.reply()
+    reply.header.rcode = RCODE.SERVFAIL
+    return reply
+
+
+def _formerr(query: bytes) -> bytes:
+    ident = query[:2] if len(query) >= 2 else b"\0\0"
+    return ident + struct.pack("!HHHHH", 0x8001, 0, 0, 0, 0)
+
+
+class _Answer(asyncio.DatagramProtocol):
+    def __init__(self, waiter: asyncio.Future[bytes]) -> None:
+        self.waiter = waiter
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        if not self.waiter.done():
+            self.waiter.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.waiter.done():
+            self.waiter.set_exception(exc)
+
+
+async def _udp(server: str, wire: bytes) -> bytes:
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[bytes] = loop.create_future()
+    transport, _ = await loop.create_datagram_endpoint(lambda: _Answer(waiter),
+                                                       remote_addr=(server, 53))
+    try:
+        transport.sendto(wire)
+        return await waiter
+    finally:
+        transport.close()
+
+
+async def _tcp(server: str, wire: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(server, 53)
+    try:
+        writer.write(struct.pack("!H", len(wire)) + wire)
+        size = struct.unpack("!H", await reader.readexactly(2))[0]
+        return await reader.readexactly(size)
+    finally:
+        writer.close()

@@ -1,0 +1,477 @@
+"""asyncio glue between the sans-IO tunnel `Connection` and sockets; sidecar and agent share it.
+
+A `Tunnel` owns one tunnel transport and dispatches the protocol's events. A `Bridge` relays one
+TCP socket to one stream with backpressure both ways: the peer's window bounds what the socket
+may send, and received bytes are acknowledged only once the socket has taken them, so a slow
+stream stalls itself and never the others. A `DatagramBridge` does the same for one UDP flow.
+Stdlib only; it knows nothing of DNS, firewalls, Docker or Kubernetes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from typing import Any, Protocol, cast
+
+from composemirror.protocol import (
+    Authenticated,
+    Connection,
+    DataReceived,
+    DnsAnswerReceived,
+    DnsQueryReceived,
+    Event,
+    Failure,
+    PongReceived,
+    Proto,
+    ProtocolError,
+    Rejected,
+    StreamClosed,
+    StreamEnded,
+    StreamFailed,
+    StreamOpened,
+    StreamRequested,
+    StreamReset,
+    WindowUpdated,
+)
+
+log = logging.getLogger(__name__)
+
+SOCKET_HIGH_WATER = 512 * 1024
+"""A socket whose write buffer is above this stops acknowledging, so its peer stops sending."""
+READ_SIZE = 256 * 1024
+
+
+class OpenFailed(Exception):
+    """The agent could not open a stream."""
+
+    def __init__(self, failure: Failure, message: str) -> None:
+        super().__init__(message or failure.name.lower())
+        self.failure = failure
+
+
+class TunnelClosed(Exception):
+    """The tunnel went away before the request was answered."""
+
+
+class Handler(Protocol):
+    """What a tunnel's owner does with requests from the peer (the agent serves them)."""
+
+    def stream_requested(self, tunnel: Tunnel, event: StreamRequested) -> None: ...
+
+    def dns_query(self, tunnel: Tunnel, event: DnsQueryReceived) -> None: ...
+
+
+class Endpoint(Protocol):
+    """One stream's local end: a `Bridge` or a `DatagramBridge`."""
+
+    def deliver(self, data: bytes) -> None: ...
+
+    def window_open(self) -> None: ...
+
+    def peer_eof(self) -> None: ...
+
+    def peer_reset(self) -> None: ...
+
+    def stream_closed(self) -> None: ...
+
+    def pause_source(self, reason: str) -> None: ...
+
+    def resume_source(self, reason: str) -> None: ...
+
+
+class Tunnel(asyncio.BufferedProtocol):
+    """One tunnel connection: bytes in, events dispatched, bytes out."""
+
+    def __init__(self, conn: Connection, handler: Handler | None = None) -> None:
+        self.conn = conn
+        self.handler = handler
+        self.transport: asyncio.Transport | None = None
+        self.endpoints: dict[int, Endpoint] = {}
+        self.opening: dict[int, asyncio.Future[None]] = {}
+        self.answers: dict[int, asyncio.Future[bytes]] = {}
+        self.query_ids = itertools.count(1)
+        loop = asyncio.get_running_loop()
+        self.authenticated: asyncio.Future[None] = loop.create_future()
+        self.done: asyncio.Future[str] = loop.create_future()
+        self.last_heard = time.monotonic()
+        self.writing_paused = False
+        self._buffer = bytearray(READ_SIZE)
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=4 * 1024 * 1024)
+        self.conn.initiate()
+        self.flush()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._buffer)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.last_heard = time.monotonic()
+        try:
+            events = self.conn.receive_data(bytes(self._buffer[:nbytes]))
+        except ProtocolError as e:
+            self.close(f"protocol error: {e}")
+            return
+        self.dispatch(events)
+        self.flush()
+
+    def eof_received(self) -> bool:
+        self.close("the peer closed the tunnel")
+        return False
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        for endpoint in list(self.endpoints.values()):
+            endpoint.pause_source("tunnel")
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        for endpoint in list(self.endpoints.values()):
+            endpoint.resume_source("tunnel")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f"tunnel lost: {exc}" if exc else "tunnel closed"
+        self._finish(reason)
+
+    # -- use ---------------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return not self.done.done()
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self, reason: str) -> None:
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+        self._finish(reason)
+
+    async def open(self, proto: Proto, host: str, port: int, endpoint: Endpoint) -> int:
+        """Open a stream to host:port for `endpoint`; raises OpenFailed or TunnelClosed."""
+        if not self.alive:
+            raise TunnelClosed(self.done.result())
+        stream_id = self.conn.open_stream(proto, host, port)
+        self.endpoints[stream_id] = endpoint
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.opening[stream_id] = waiter
+        self.flush()
+        try:
+            await waiter
+        except BaseException:
+            self.endpoints.pop(stream_id, None)
+            raise
+        return stream_id
+
+    async def query(self, payload: bytes) -> bytes:
+        """Resolve a raw DNS message through the agent; raises TunnelClosed."""
+        if not self.alive:
+            raise TunnelClosed(self.done.result())
+        query_id = next(self.query_ids) & 0xFFFFFFFF
+        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.answers[query_id] = waiter
+        self.conn.send_dns_query(query_id, payload)
+        self.flush()
+        try:
+            return await waiter
+        finally:
+            self.answers.pop(query_id, None)
+
+    def send(self, stream_id: int, data: bytes | memoryview) -> int:
+        """Queue as much of `data` as the stream's window takes; return how much."""
+        if not self.alive:
+            return len(data)  # the stream is being reset; drop what is left
+        sent = self.conn.send_data(stream_id, data)
+        self.flush()
+        return sent
+
+    def send_eof(self, stream_id: int) -> None:
+        if not self.alive:
+            return
+        self.conn.send_eof(stream_id)
+        # Our EOF may complete the stream; the protocol reports that on its next input.
+        self.dispatch(self.conn.receive_data(b""))
+        self.flush()
+
+    def reset(self, stream_id: int, failure: Failure = Failure.RESET) -> None:
+        self.endpoints.pop(stream_id, None)
+        if self.alive:
+            self.conn.reset_stream(stream_id, failure)
+            self.flush()
+
+    def acknowledge(self, stream_id: int, nbytes: int) -> None:
+        if self.alive:
+            self.conn.acknowledge(stream_id, nbytes)
+
+    # -- events ------------------------------------------------------------------------------
+
+    def dispatch(self, events: list[Event]) -> None:
+        for event in events:
+            match event:
+                case DataReceived(stream_id, data):
+                    endpoint = self.endpoints.get(stream_id)
+                    if endpoint is not None:
+                        endpoint.deliver(data)
+                case WindowUpdated(stream_id):
+                    endpoint = self.endpoints.get(stream_id)
+                    if endpoint is not None:
+                        endpoint.window_open()
+                case StreamEnded(stream_id):
+                    endpoint = self.endpoints.get(stream_id)
+                    if endpoint is not None:
+                        endpoint.peer_eof()
+                case StreamClosed(stream_id):
+                    endpoint = self.endpoints.pop(stream_id, None)
+                    if endpoint is not None:
+                        endpoint.stream_closed()
+                case StreamReset(stream_id, _):
+                    endpoint = self.endpoints.pop(stream_id, None)
+                    if endpoint is not None:
+                        endpoint.peer_reset()
+                case StreamOpened(stream_id):
+                    waiter = self.opening.pop(stream_id, None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(None)
+                case StreamFailed(stream_id, failure, message):
+                    self.endpoints.pop(stream_id, None)
+                    failed = self.opening.pop(stream_id, None)
+                    if failed is not None and not failed.done():
+                        failed.set_exception(OpenFailed(failure, message))
+                case DnsAnswerReceived(query_id, payload):
+                    answer = self.answers.get(query_id)
+                    if answer is not None and not answer.done():
+                        answer.set_result(payload)
+                case StreamRequested() if self.handler is not None:
+                    self.handler.stream_requested(self, event)
+                case DnsQueryReceived() if self.handler is not None:
+                    self.handler.dns_query(self, event)
+                case Authenticated():
+                    if not self.authenticated.done():
+                        self.authenticated.set_result(None)
+                case Rejected(reason):
+                    self.close(f"rejected: {reason}")
+                case PongReceived():
+                    pass
+
+    def _finish(self, reason: str) -> None:
+        if self.done.done():
+            return
+        log.info("%s", reason)
+        self.done.set_result(reason)
+        if not self.authenticated.done():
+            self.authenticated.set_exception(TunnelClosed(reason))
+            self.authenticated.exception()  # read it, so an unawaited failure is not logged
+        for opening in self.opening.values():
+            if not opening.done():
+                opening.set_exception(TunnelClosed(reason))
+        for answer in self.answers.values():
+            if not answer.done():
+                answer.set_exception(TunnelClosed(reason))
+        self.opening.clear()
+        endpoints, self.endpoints = self.endpoints, {}
+        for endpoint in endpoints.values():
+            endpoint.peer_reset()
+
+
+class Bridge(asyncio.Protocol):
+    """Relays one TCP socket to one tunnel stream. Starts paused until `start()`."""
+
+    def __init__(self, on_close: Any = None) -> None:
+        self.tunnel: Tunnel | None = None
+        self.stream_id = 0
+        self.transport: asyncio.Transport | None = None
+        self.pending: deque[memoryview] = deque()
+        self.eof_pending = False
+        self.paused: set[str] = {"opening"}
+        self.socket_full = False
+        self.owed = 0
+        self.finished = False
+        self.sent = 0
+        self.received = 0
+        self.on_close = on_close
+
+    def start(self, tunnel: Tunnel, stream_id: int) -> None:
+        """The stream is open: relay from now on, beginning with what arrived meanwhile."""
+        self.tunnel, self.stream_id = tunnel, stream_id
+        if self.finished:
+            tunnel.reset(stream_id)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if tunnel.writing_paused:
+            self.paused.add("tunnel")
+        self.paused.discard("opening")
+        self.window_open()
+
+    # -- socket side -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=SOCKET_HIGH_WATER)
+        self._apply_pause()
+
+    def data_received(self, data: bytes) -> None:
+        self.sent += len(data)
+        if self.tunnel is None or self.pending:
+            # Python 3.11 may deliver data although reading was paused in connection_made.
+            self.pending.append(memoryview(data))
+            self._apply_pause(force=True)
+            return
+        taken = self.tunnel.send(self.stream_id, data)
+        if taken < len(data):
+            self.pending.append(memoryview(data)[taken:])
+            self.pause_source("window")
+
+    def eof_received(self) -> bool:
+        if self.tunnel is None or self.pending:
+            self.eof_pending = True
+        else:
+            self.tunnel.send_eof(self.stream_id)
+        return True  # keep the socket open for the other direction (half-close)
+
+    def pause_writing(self) -> None:
+        self.socket_full = True
+
+    def resume_writing(self) -> None:
+        self.socket_full = False
+        if self.owed and self.tunnel is not None:
+            self.tunnel.acknowledge(self.stream_id, self.owed)
+            self.owed = 0
+            self.tunnel.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.finished:
+            self.finished = True
+            if self.tunnel is not None:
+                self.tunnel.reset(self.stream_id)
+        if self.on_close is not None:
+            self.on_close(self)
+
+    # -- tunnel side -------------------------------------------------------------------------
+
+    def deliver(self, data: bytes) -> None:
+        assert self.transport is not None and self.tunnel is not None
+        self.received += len(data)
+        self.transport.write(data)
+        if self.socket_full:
+            self.owed += len(data)
+        else:
+            self.tunnel.acknowledge(self.stream_id, len(data))
+
+    def window_open(self) -> None:
+        assert self.tunnel is not None
+        while self.pending:
+            chunk = self.pending[0]
+            taken = self.tunnel.send(self.stream_id, chunk)
+            if taken < len(chunk):
+                self.pending[0] = chunk[taken:]
+                return
+            self.pending.popleft()
+        if self.eof_pending:
+            self.eof_pending = False
+            self.tunnel.send_eof(self.stream_id)
+        self.resume_source("window")
+
+    def peer_eof(self) -> None:
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def peer_reset(self) -> None:
+        self.finished = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def stream_closed(self) -> None:
+        self.finished = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def pause_source(self, reason: str) -> None:
+        self.paused.add(reason)
+        self._apply_pause()
+
+    def resume_source(self, reason: str) -> None:
+        self.paused.discard(reason)
+        self._apply_pause()
+
+    def _apply_pause(self, *, force: bool = False) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.paused:
+            if force and not transport.is_reading():
+                # The transport believes it is paused but still reads: re-pause it for real.
+                transport.resume_reading()
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+
+class DatagramBridge(asyncio.DatagramProtocol):
+    """Relays one UDP flow to one stream: each datagram is one DATA frame."""
+
+    def __init__(self) -> None:
+        self.tunnel: Tunnel | None = None
+        self.stream_id = 0
+        self.transport: asyncio.DatagramTransport | None = None
+        self.last_active = time.monotonic()
+        self.backlog: deque[bytes] = deque(maxlen=64)
+
+    def start(self, tunnel: Tunnel, stream_id: int) -> None:
+        self.tunnel, self.stream_id = tunnel, stream_id
+        while self.backlog:
+            tunnel.send(stream_id, self.backlog.popleft())
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Python 3.11's selector datagram transport is not a DatagramTransport subclass.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.last_active = time.monotonic()
+        if self.tunnel is None:
+            self.backlog.append(data)
+        elif self.tunnel.alive:
+            self.tunnel.send(self.stream_id, data)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("udp stream %s: %s", self.stream_id, exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.tunnel is not None:
+            self.tunnel.reset(self.stream_id)
+
+    def deliver(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        if self.transport is not None:
+            self.transport.sendto(data)
+
+    def window_open(self) -> None:
+        pass
+
+    def peer_eof(self) -> None:
+        self.peer_reset()
+
+    def peer_reset(self) -> None:
+        if self.transport is not None:
+            self.tunnel = None
+            self.transport.close()
+
+    def stream_closed(self) -> None:
+        self.peer_reset()
+
+    def pause_source(self, reason: str) -> None:
+        pass
+
+    def resume_source(self, reason: str) -> None:
+        pass

@@ -1,0 +1,107 @@
+"""`python -m composemirror.sidecar`: own the shared network namespace until stopped.
+
+Start order matters: the DNS server and the proxy listen first, then the firewall redirects the
+namespace's traffic to them, then the ready file tells compose the app may start. The tunnel to
+the agent connects in the background; until it does, remote traffic fails fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from composemirror.filters import IPNetwork, Scope
+from composemirror.protocol import key_from_text
+from composemirror.sidecar import dns, firewall, status
+from composemirror.sidecar.proxy import Proxy
+from composemirror.sidecar.settings import (
+    DNS_PORT,
+    ENV_VAR,
+    MARK,
+    PROXY_PORT,
+    READY_FILE,
+    STATUS_FILE,
+    SidecarSettings,
+)
+from composemirror.sidecar.tunnel import TunnelClient
+
+log = logging.getLogger("composemirror.sidecar")
+
+
+def local_networks(route_table: str) -> list[IPNetwork]:
+    """Directly connected IPv4 networks from /proc/net/route: the project's networks."""
+    networks: list[IPNetwork] = []
+    for line in route_table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 8 or fields[2] != "00000000" or fields[1] == "00000000":
+            continue
+        destination = ipaddress.IPv4Address(int(fields[1], 16).to_bytes(4, "little"))
+        mask = ipaddress.IPv4Address(int(fields[7], 16).to_bytes(4, "little"))
+        networks.append(ipaddress.ip_network(f"{destination}/{mask}", strict=False))
+    return networks
+
+
+async def run(settings: SidecarSettings) -> None:
+    loop = asyncio.get_running_loop()
+    key = key_from_text(Path(settings.key_file).read_text())
+    networks = local_networks(Path("/proc/net/route").read_text())
+    scope = Scope(names=frozenset(settings.names), networks=tuple(networks))
+    outgoing = settings.outgoing.parse(protocols=True) if settings.outgoing else None
+    dns_filter = settings.dns.parse(protocols=False) if settings.dns else None
+    counters = status.Counters()
+    tunnels = TunnelClient(settings.tunnel, key, mark=MARK)
+    book = dns.Book()
+    resolver = dns.Resolver(
+        tunnels=tunnels, book=book, counters=counters, scope=scope, hosts=dict(settings.hosts),
+        dns_filter=dns_filter, outgoing=outgoing, remote_enabled=settings.dns_enabled, mark=MARK,
+    )
+    await loop.create_datagram_endpoint(lambda: dns.UdpServer(resolver),
+                                        local_addr=("127.0.0.1", DNS_PORT))
+    dns_tcp = await asyncio.start_server(functools.partial(dns.serve_tcp, resolver),
+                                         "127.0.0.1", DNS_PORT)
+    proxy = Proxy(tunnels=tunnels, book=book, resolver=resolver, counters=counters, scope=scope,
+                  outgoing=outgoing, mark=MARK)
+    proxy_server = await loop.create_server(proxy.accept, "127.0.0.1", PROXY_PORT, backlog=4096,
+                                            reuse_address=True)
+    for server in (dns_tcp, proxy_server):
+        for sock in server.sockets:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # With a remote list, the project's own addresses may be listed remote: the proxy decides.
+    direct = networks if outgoing is None or outgoing.mode == "local" else []
+    backend = firewall.apply(firewall.Plan(mark=MARK, dns_port=DNS_PORT, proxy_port=PROXY_PORT,
+                                           tcp=settings.tcp, direct=direct))
+    log.info("%s: firewall set (%s); local networks %s", settings.service, backend,
+             ", ".join(map(str, networks)) or "none")
+    Path(READY_FILE).touch()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    report = functools.partial(lambda: status.report(counters, tunnels.report()))
+    async with asyncio.TaskGroup() as group:
+        link = group.create_task(tunnels.run())
+        publisher = group.create_task(status.publish(Path(STATUS_FILE), report))
+        await stop.wait()
+        link.cancel()
+        publisher.cancel()
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("COMPOSEMIRROR_LOG", "INFO"),
+                        format="sidecar %(levelname)s %(message)s", stream=sys.stderr)
+    settings = SidecarSettings.from_json(os.environ[ENV_VAR])
+    try:
+        asyncio.run(run(settings))
+    except RuntimeError as e:
+        log.error("%s", e)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""The sidecar's DNS server: every query of the shared network namespace arrives here.
+
+Local names (the project's services, `hosts` entries, names the filters keep local) are answered
+on this side: `hosts` names with the address Docker's DNS gives their compose service, the rest by
+/etc/hosts or Docker's DNS. Remote names go through the tunnel to the agent, which resolves them
+as the target does. Answers are cached by TTL; an upstream that does not answer gives SERVFAIL,
+which is never cached. Each address answered is remembered with its name, for the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import cast
+
+from dnslib import AAAA, QTYPE, RCODE, RR, A, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
+
+from composemirror.filters import Filter, Route, Scope, normalise_name, route_query
+from composemirror.mux import TunnelClosed
+from composemirror.sidecar.status import Counters
+from composemirror.sidecar.tunnel import TunnelClient
+
+log = logging.getLogger(__name__)
+
+DOCKER_DNS = ("127.0.0.11", 53)
+UPSTREAM_TIMEOUT = 4.0
+CACHE_SIZE = 10_000
+NEGATIVE_TTL = 5
+MAX_TTL = 300
+BOOK_SIZE = 65_536
+
+
+class Book:
+    """Which name (and side) each answered address was given for: the proxy decides with it."""
+
+    def __init__(self, size: int = BOOK_SIZE) -> None:
+        self.size = size
+        self.entries: OrderedDict[str, tuple[str, Route]] = OrderedDict()
+
+    def remember(self, address: str, name: str, route: Route) -> None:
+        self.entries[address] = (name, route)
+        self.entries.move_to_end(address)
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+    def lookup(self, address: str) -> tuple[str, Route] | None:
+        return self.entries.get(address)
+
+
+class Cache:
+    """Answers by (name, type, class), kept for their TTL (negative ones for the SOA minimum)."""
+
+    def __init__(self, size: int = CACHE_SIZE, clock: Callable[[], float] = time.monotonic):
+        self.size = size
+        self.clock = clock
+        self.entries: OrderedDict[tuple[str, int, int], tuple[float, float, DNSRecord]] = (
+            OrderedDict()
+        )
+
+    def get(self, key: tuple[str, int, int]) -> DNSRecord | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        stored, expires, record = entry
+        now = self.clock()
+        if now >= expires:
+            del self.entries[key]
+            return None
+        aged = int(now - stored)
+        copy = DNSRecord.parse(record.pack())
+        for rr in (*copy.rr, *copy.auth):
+            rr.ttl = max(0, rr.ttl - aged)
+        return copy
+
+    def put(self, key: tuple[str, int, int], record: DNSRecord) -> None:
+        ttl = cache_ttl(record)
+        if ttl <= 0:
+            return
+        now = self.clock()
+        self.entries[key] = (now, now + ttl, record)
+        self.entries.move_to_end(key)
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+
+def cache_ttl(record: DNSRecord) -> int:
+    """How long an answer may be reused: its smallest TTL; 0 for failures (never cached)."""
+    rcode = record.header.rcode
+    if rcode == RCODE.NOERROR and record.rr:
+        return int(min(MAX_TTL, min(rr.ttl for rr in record.rr)))
+    if rcode in (RCODE.NOERROR, RCODE.NXDOMAIN):
+        soa = [rr for rr in record.auth if rr.rtype == QTYPE.SOA]
+        if soa:
+            return int(min(MAX_TTL, soa[0].ttl, soa[0].rdata.times[-1]))
+        return NEGATIVE_TTL
+    return 0
+
+
+class Resolver:
+    """Decides where each query goes and answers it."""
+
+    def __init__(
+        self,
+        *,
+        tunnels: TunnelClient,
+        book: Book,
+        counters: Counters,
+        scope: Scope,
+        hosts: dict[str, str],
+        dns_filter: Filter | None,
+        outgoing: Filter | None,
+        remote_enabled: bool,
+        mark: int,
+        hosts_file: Path = Path("/etc/hosts"),
+    ) -> None:
+        self.tunnels = tunnels
+        self.book = book
+        self.counters = counters
+        self.scope = scope
+        self.hosts = hosts
+        self.dns_filter = dns_filter
+        self.outgoing = outgoing
+        self.remote_enabled = remote_enabled
+        self.mark = mark
+        self.cache = Cache()
+        self.static = read_hosts_file(hosts_file)
+
+    def route(self, name: str) -> Route:
+        if not self.remote_enabled:
+            return Route.LOCAL
+        return route_query(name, dns=self.dns_filter, outgoing=self.outgoing, scope=self.scope)
+
+    async def answer(self, query: bytes) -> bytes:
+        """The response to a raw query (always a response, never an exception)."""
+        try:
+            request = DNSRecord.parse(query)
+        except Exception:  # dnslib raises many kinds on garbage; answer FORMERR
+            return _formerr(query)
+        if not request.questions:
+            return _formerr(query)
+        question = request.q
+        name = normalise_name(str(question.qname))
+        key = (name, question.qtype, question.qclass)
+        cached = self.cache.get(key)
+        if cached is not None:
+            self.counters.dns_cached += 1
+            return _as_reply(request, cached)
+        route = Route.LOCAL if name in self.hosts else self.route(name)
+        try:
+            if name in self.hosts:
+                response = await self.ask_local(request, self.hosts[name])
+            elif route == Route.LOCAL:
+                response = self.from_hosts_file(request, name) or await self.ask_local(request)
+            else:
+                response = DNSRecord.parse(
+                    await asyncio.wait_for(self.tunnels.current().query(query), UPSTREAM_TIMEOUT)
+                )
+        except (TimeoutError, OSError, TunnelClosed) as e:
+            log.debug("%s (%s): %s", name, route, e)
+            self.counters.dns_failed += 1
+            failure = request.reply()
+            failure.header.rcode = RCODE.SERVFAIL
+            return bytes(failure.pack())
+        if route == Route.LOCAL:
+            self.counters.dns_local += 1
+        else:
+            self.counters.dns_remote += 1
+        for rr in response.rr:
+            if rr.rtype in (QTYPE.A, QTYPE.AAAA):
+                self.book.remember(str(rr.rdata), name, route)
+        self.cache.put(key, response)
+        return _as_reply(request, response)
+
+    async def ask_local(self, request: DNSRecord, alias_of: str | None = None) -> DNSRecord:
+        """Ask Docker's DNS; for a `hosts` name, ask for its compose service instead."""
+        question = request.q
+        asked = DNSRecord(DNSHeader(id=request.header.id, rd=1),
+                          q=DNSQuestion(alias_of or question.qname, question.qtype,
+                                        question.qclass))
+        data = await asyncio.wait_for(self._udp(asked.pack()), UPSTREAM_TIMEOUT)
+        response = DNSRecord.parse(data)
+        if alias_of is not None:
+            target = DNSLabel(alias_of)
+            for rr in response.rr:
+                if rr.rname == target:
+                    rr.rname = question.qname
+            response.questions = [question]
+        return response
+
+    def from_hosts_file(self, request: DNSRecord, name: str) -> DNSRecord | None:
+        addresses = self.static.get(name)
+        if not addresses:
+            return None
+        question = request.q
+        reply = request.reply()
+        for address in addresses:
+            if question.qtype == QTYPE.A and ":" not in address:
+                reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(address), ttl=60))
+            elif question.qtype == QTYPE.AAAA and ":" in address:
+                reply.add_answer(RR(question.qname, QTYPE.AAAA, rdata=AAAA(address), ttl=60))
+        return reply
+
+    async def _udp(self, wire: bytes) -> bytes:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, DOCKER_DNS)
+            await loop.sock_sendall(sock, wire)
+            return await loop.sock_recv(sock, 65535)
+        finally:
+            sock.close()
+
+
+def read_hosts_file(path: Path) -> dict[str, list[str]]:
+    """name -> addresses from an /etc/hosts file (extra_hosts end up there)."""
+    table: dict[str, list[str]] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return table
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        for name in words[1:]:
+            table.setdefault(normalise_name(name), []).append(words[0])
+    return table
+
+
+class UdpServer(asyncio.DatagramProtocol):
+    """DNS over UDP; answers longer than the client accepts are truncated (TC set)."""
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
+        self.transport: asyncio.DatagramTransport | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Python 3.11's selector datagram transport is not a DatagramTransport subclass.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        task = asyncio.create_task(self._reply(data, addr))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _reply(self, data: bytes, addr: tuple[str, int]) -> None:
+        response = await self.resolver.answer(data)
+        if len(response) > 512 and len(response) > _udp_limit(data):
+            response = _truncated(response)
+        if self.transport is not None:
+            self.transport.sendto(response, addr)
+
+
+async def serve_tcp(resolver: Resolver, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+    """DNS over TCP: length-prefixed messages, several per connection."""
+    try:
+        while True:
+            size = struct.unpack("!H", await reader.readexactly(2))[0]
+            response = await resolver.answer(await reader.readexactly(size))
+            writer.write(struct.pack("!H", len(response)) + response)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+def _as_reply(request: DNSRecord, response: DNSRecord) -> bytes:
+    response.header.id = request.header.id
+    response.header.qr = 1
+    response.header.rd = request.header.rd
+    response.header.ra = 1
+    return bytes(response.pack())
+
+
+def _udp_limit(query: bytes) -> int:
+    try:
+        request = DNSRecord.parse(query)
+    except Exception:  # already answered FORMERR; the limit does not matter
+        return 512
+    for rr in request.ar:
+        if rr.rtype == QTYPE.OPT:
+            return max(512, int(rr.rclass))
+    return 512
+
+
+def _truncated(response: bytes) -> bytes:
+    record = DNSRecord.parse(response)
+    short = record.truncate()
+    return bytes(short.pack())
+
+
+def _formerr(query: bytes) -> bytes:
+    ident = query[:2] if len(query) >= 2 else b"\0\0"
+    return ident + struct.pack("!HHHHH", 0x8001, 0, 0, 0, 0)

@@ -1,0 +1,198 @@
+"""The transparent proxy: where each redirected TCP connection of the app goes.
+
+The kernel gives the original destination; the DNS book gives the name the sidecar answered for
+that address. With name, port and protocol the filter decides: remote connections become tunnel
+streams, local ones are connected directly (a remotely answered name is resolved again locally
+first, as mirrord does). A refused or failed remote connection resets the app's connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import struct
+
+from dnslib import QTYPE, DNSRecord
+
+from composemirror.filters import Filter, Route, Scope, route_connection
+from composemirror.mux import Bridge, OpenFailed, TunnelClosed
+from composemirror.protocol import Proto
+from composemirror.sidecar.dns import Book, Resolver
+from composemirror.sidecar.status import Counters
+from composemirror.sidecar.tunnel import TunnelClient
+
+log = logging.getLogger(__name__)
+
+SO_ORIGINAL_DST = 80
+CONNECT_TIMEOUT = 10.0
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    """The address an app connected to before the REDIRECT rule sent it here."""
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port, packed = struct.unpack("!2xH4s8x", raw)
+    return socket.inet_ntoa(packed), port
+
+
+class Proxy:
+    """Accepts redirected connections and routes each one."""
+
+    def __init__(
+        self,
+        *,
+        tunnels: TunnelClient,
+        book: Book,
+        resolver: Resolver,
+        counters: Counters,
+        scope: Scope,
+        outgoing: Filter | None,
+        mark: int,
+    ) -> None:
+        self.tunnels = tunnels
+        self.book = book
+        self.resolver = resolver
+        self.counters = counters
+        self.scope = scope
+        self.outgoing = outgoing
+        self.mark = mark
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def accept(self) -> AppConnection:
+        return AppConnection(self)
+
+    async def route(self, app: AppConnection) -> None:
+        assert app.transport is not None
+        try:
+            address, port = original_destination(app.transport.get_extra_info("socket"))
+        except OSError:
+            app.transport.abort()
+            return
+        known = self.book.lookup(address)
+        name = known[0] if known else None
+        decision = route_connection(self.outgoing, name=name, address=ipaddress.ip_address(address),
+                                    port=port, protocol="tcp", scope=self.scope)
+        log.debug("%s:%s (%s) -> %s", address, port, name or "no name", decision)
+        if decision == Route.REMOTE:
+            await self._remote(app, address, port)
+        else:
+            if known and known[1] == Route.REMOTE:
+                # The address is the cluster's; locally the name may mean something else.
+                address = await self._resolve_locally(known[0]) or address
+            await self._local(app, address, port)
+
+    async def _remote(self, app: AppConnection, address: str, port: int) -> None:
+        assert app.transport is not None
+        try:
+            tunnel = self.tunnels.current()
+            stream_id = await tunnel.open(Proto.TCP, address, port, app)
+        except (OpenFailed, TunnelClosed) as e:
+            log.info("remote %s:%s failed: %s", address, port, e)
+            self.counters.tcp_failed += 1
+            app.transport.abort()
+            return
+        self.counters.tcp_remote += 1
+        app.start(tunnel, stream_id)
+
+    async def _local(self, app: AppConnection, address: str, port: int) -> None:
+        assert app.transport is not None
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (address, port)), CONNECT_TIMEOUT)
+        except (OSError, TimeoutError) as e:
+            log.info("local %s:%s failed: %s", address, port, e)
+            sock.close()
+            self.counters.tcp_failed += 1
+            app.transport.abort()
+            return
+        self.counters.tcp_local += 1
+        near = Pipe()
+        far = Pipe()
+        near.peer, far.peer = far, near
+        app.transport.set_protocol(near)
+        near.connection_made(app.transport)
+        await loop.create_connection(lambda: far, sock=sock)
+        near.transport_resume()
+
+    async def _resolve_locally(self, name: str) -> str | None:
+        query = DNSRecord.question(name, "A")
+        try:
+            response = await self.resolver.ask_local(query)
+        except (OSError, TimeoutError):
+            return None
+        for rr in response.rr:
+            if rr.rtype == QTYPE.A:
+                return str(rr.rdata)
+        return None
+
+
+class AppConnection(Bridge):
+    """The app's side of a redirected connection: routed as soon as it is accepted."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        super().__init__()
+        self.proxy = proxy
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        task = asyncio.create_task(self.proxy.route(self))
+        self.proxy.tasks.add(task)
+        task.add_done_callback(self.proxy.tasks.discard)
+
+
+class Pipe(asyncio.Protocol):
+    """One end of a local splice: what it reads, its peer writes; backpressure both ways."""
+
+    def __init__(self) -> None:
+        self.peer: Pipe | None = None
+        self.transport: asyncio.Transport | None = None
+        self.eof_in = False
+        self.eof_out = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def transport_resume(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof_in = True
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.write_eof()
+            peer.eof_out = True
+            peer.close_if_done()
+        self.close_if_done()
+        return True
+
+    def close_if_done(self) -> None:
+        # asyncio keeps a half-closed socket open; once both directions ended, close it.
+        if self.eof_in and self.eof_out and self.transport is not None:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        peer, self.peer = self.peer, None
+        if peer is not None and peer.transport is not None:
+            peer.peer = None
+            if exc is None:
+                peer.transport.close()
+            else:
+                peer.transport.abort()

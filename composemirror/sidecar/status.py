@@ -1,0 +1,44 @@
+"""What a sidecar reports: counters and the agent link state, written to a file for `status`.
+
+The CLI reads the file with `docker exec`; the file is replaced atomically, at most once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(slots=True)
+class Counters:
+    """Monotonic counters of what the sidecar did."""
+
+    dns_local: int = 0
+    dns_remote: int = 0
+    dns_cached: int = 0
+    dns_failed: int = 0
+    tcp_remote: int = 0
+    tcp_local: int = 0
+    tcp_failed: int = 0
+    udp_remote: int = 0
+
+
+async def publish(path: Path, report: Any, interval: float = 1.0) -> None:
+    """Write `report()` (a JSON-able dict) to `path` whenever it changes."""
+    last = ""
+    while True:
+        text = json.dumps(report(), sort_keys=True)
+        if text != last:
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text(text)
+            os.replace(temporary, path)
+            last = text
+        await asyncio.sleep(interval)
+
+
+def report(counters: Counters, link: dict[str, Any]) -> dict[str, Any]:
+    return {**link, "counters": asdict(counters)}
