@@ -253,6 +253,7 @@ class _Loader:
 
     def target(self, value: Any, namespace: Any) -> tuple[Target, str | None]:
         path = f"{BLOCK}.target"
+        namespace_path = f"{BLOCK}.namespace"
         if isinstance(value, dict):
             table = self.table(value, path, ("path", "namespace"))
             if table.get("namespace") is not None:
@@ -260,12 +261,13 @@ class _Loader:
                     raise self.fail(path + ".namespace",
                                     f"conflicts with {BLOCK}.namespace; keep one of them")
                 namespace = table["namespace"]
+                namespace_path = path + ".namespace"
             value = table.get("path", "targetless")
             path += ".path"
             if isinstance(value, dict):
                 value = self.target_table(value, path)
         if namespace is not None and (not isinstance(namespace, str) or not namespace):
-            raise self.fail(f"{BLOCK}.namespace", "expected a namespace name")
+            raise self.fail(namespace_path, "expected a namespace name")
         if value is None:
             raise self.fail(path, "missing: name what the app impersonates",
                             "e.g. `target: deployment/checkout`, `targetless` or "
@@ -279,6 +281,9 @@ class _Loader:
         kinds = [k for k in table if k != "container"]
         if len(kinds) != 1:
             raise self.fail(path, "name exactly one workload, e.g. `{deployment: checkout}`")
+        for key, item in table.items():
+            if (key != "container" or item is not None) and (not isinstance(item, str) or not item):
+                raise self.fail(f"{path}.{key}", f"expected a name, got {_kind(item)}")
         text = f"{_TARGET_TABLE_KINDS[kinds[0]]}/{table[kinds[0]]}"
         if table.get("container"):
             text += f"/container/{table['container']}"

@@ -65,7 +65,8 @@ VALID = [
     # host names: lower-cased, trailing dot dropped, underscores allowed (compose service names)
     ("postgres.shop.svc.cluster.local:5432",
      ("any", "postgres.shop.svc.cluster.local", False, None, 5432)),
-    ("Postgres.Shop.SVC.cluster.local.", ("any", "postgres.shop.svc.cluster.local", False, None, 0)),
+    ("Postgres.Shop.SVC.cluster.local.",
+     ("any", "postgres.shop.svc.cluster.local", False, None, 0)),
     ("my_service", ("any", "my_service", False, None, 0)),
     ("xn--bcher-kva.example", ("any", "xn--bcher-kva.example", False, None, 0)),
     ("1.2.3", ("any", "1.2.3", False, None, 0)),  # three numbers are not an IPv4 address

@@ -1,0 +1,394 @@
+"""Tests of composemirror.compose.rewrite: golden files, properties, and the models it refuses.
+
+Each `golden/NAME.input.json` is what `docker compose config --format json` printed for a project
+with an `x-composemirror` block; `golden/NAME.rendered.json` is the reviewed rewrite of it.
+`COMPOSEMIRROR_UPDATE_GOLDEN=1 pytest tests/unit/test_compose.py` regenerates the expected files;
+review every change before keeping it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from composemirror import compose
+from composemirror.config import BLOCK, Config, load
+from composemirror.errors import ConfigError
+from composemirror.sidecar.settings import ENV_VAR, SidecarSettings
+
+GOLDEN = Path(__file__).parent / "golden"
+CASES = sorted(p.name.removesuffix(".input.json") for p in GOLDEN.glob("*.input.json"))
+UPDATE = os.environ.get("COMPOSEMIRROR_UPDATE_GOLDEN") == "1"
+
+REMOTE_ENV = {
+    "DATABASE_URL": "postgresql://shop:shop-secret@postgres.shop.svc.cluster.local:5432/shop",
+    "ORDERS_URL": "http://orders.shop.svc.cluster.local:8080/orders",
+    "PAYMENTS_URL": "http://payments.shop.svc.cluster.local:8080",
+    "SECRET_TOKEN": "s3cr$t",
+    "LOG_LEVEL": "info",
+    "DEBUG": "0",
+    "TMP1": "/tmp/one",
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin",
+    "HOME": "/root",
+    "HOSTNAME": "checkout-7d9f8-abcde",
+    "KUBERNETES_SERVICE_HOST": "10.96.0.1",
+    "KUBERNETES_SERVICE_PORT": "443",
+}
+ENV_FILE = {"QUEUE_USER": "worker", "LOG_LEVEL": "warning"}
+PLAN = compose.Plan(
+    version="0.1.0",
+    sidecar_image="composemirror/sidecar:test",
+    agent_image="composemirror/agent:test",
+    agent_network_mode="container:target",
+    key_file="/project/.composemirror/tunnel.key",
+    remote_env=REMOTE_ENV,
+)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def load_case(name: str) -> tuple[dict[str, Any], Config, compose.Plan]:
+    """The input model, its x-composemirror config, and the plan (env_file values if it has one)."""
+    model = read_json(GOLDEN / f"{name}.input.json")
+    config = load(model[BLOCK], source=f"{BLOCK} in {name}", base_dir=Path("/project"))
+    plan = replace(PLAN, env_file=ENV_FILE) if config.env.env_file else PLAN
+    return model, config, plan
+
+
+def render(text: Any) -> str:
+    return json.dumps(text, indent=2) + "\n"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_golden(name: str) -> None:
+    model, config, plan = load_case(name)
+    rendered = compose.rewrite(model, config, plan)
+    expected_path = GOLDEN / f"{name}.rendered.json"
+    if UPDATE:
+        expected_path.write_text(render(rendered))
+    assert expected_path.exists(), f"{expected_path.name}: run with COMPOSEMIRROR_UPDATE_GOLDEN=1"
+    # Compared as objects (a tuple where a list belongs would differ) and as the text ops writes.
+    assert rendered == read_json(expected_path)
+    assert render(rendered) == expected_path.read_text()
+
+
+def test_there_are_golden_cases() -> None:
+    assert len(CASES) >= 4
+    for name in CASES:
+        assert (GOLDEN / f"{name}.rendered.json").exists(), name
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_input_is_not_mutated(name: str) -> None:
+    model, config, plan = load_case(name)
+    before = copy.deepcopy(model)
+    rendered = compose.rewrite(model, config, plan)
+    assert model == before
+    # and the output shares nothing mutable with the input
+    rendered["services"].clear()
+    assert model == before
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_rewrite_is_deterministic(name: str) -> None:
+    model, config, plan = load_case(name)
+    first = compose.rewrite(model, config, plan)
+    second = compose.rewrite(copy.deepcopy(model), config, plan)
+    assert first == second
+    assert render(first) == render(second)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_rendered_model_survives_the_yaml_writer(name: str) -> None:
+    # ops writes the model with yaml.safe_dump: no tuples, mapping proxies or other Python types.
+    model, config, plan = load_case(name)
+    rendered = compose.rewrite(model, config, plan)
+    assert yaml.safe_load(yaml.safe_dump(rendered, sort_keys=False)) == rendered
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_rendered_model_invariants(name: str) -> None:
+    """The rules of DESIGN.md, checked on every case independently of the golden text."""
+    model, config, plan = load_case(name)
+    rendered = compose.rewrite(model, config, plan)
+    services = rendered["services"]
+    project = model["name"]
+    assert BLOCK not in rendered
+    for app_name in config.services:
+        original = model["services"][app_name]
+        app, sidecar = services[app_name], services[f"{app_name}-mirror"]
+        assert app["network_mode"] == f"service:{app_name}-mirror"
+        assert not set(compose.MOVED_KEYS) & set(app)
+        for key in compose.MOVED_KEYS:
+            if key != "networks" and key in original:
+                assert sidecar[key] == original[key], key
+        for network, settings in (original.get("networks") or {"default": None}).items():
+            aliases = sidecar["networks"][network]["aliases"]
+            assert app_name in aliases
+            assert set((settings or {}).get("aliases") or ()) <= set(aliases)
+            for key, value in (settings or {}).items():
+                if key != "aliases":
+                    assert sidecar["networks"][network][key] == value
+        assert app["depends_on"][f"{app_name}-mirror"] == {
+            "condition": "service_healthy", "restart": True, "required": True}
+        assert sidecar["labels"] == {
+            compose.LABEL_PROJECT: project, compose.LABEL_ROLE: "sidecar",
+            compose.LABEL_VERSION: "0.1.0", compose.LABEL_SERVICE: app_name}
+        assert app["labels"][compose.LABEL_ROLE] == "app"
+        settings_json = SidecarSettings.from_json(sidecar["environment"][ENV_VAR])
+        assert settings_json.service == app_name
+        assert app_name in settings_json.names
+    for name_, service in services.items():
+        assert "profiles" not in service, name_
+        mode = service.get("network_mode") or ""
+        if mode.startswith("service:"):
+            assert mode.removeprefix("service:") not in config.services, name_
+        for link in service.get("links") or ():
+            assert link.partition(":")[0] not in config.services, name_
+    agent = services[compose.AGENT_SERVICE]
+    assert agent["network_mode"] == "container:target"
+    assert agent["labels"][compose.LABEL_ROLE] == "agent"
+    assert rendered["volumes"][compose.LINK_VOLUME]["labels"][compose.LABEL_PROJECT] == project
+    assert rendered["secrets"][compose.KEY_SECRET] == {"file": plan.key_file}
+
+
+# ---------------------------------------------------------------------------------------------
+# Behaviour on hand-made models
+# ---------------------------------------------------------------------------------------------
+
+def service(**keys: Any) -> dict[str, Any]:
+    return {"image": "example/app", "networks": {"default": None}, **keys}
+
+
+def model_of(**services: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": "proj",
+        "networks": {"default": {"name": "proj_default", "ipam": {}}},
+        "services": services,
+    }
+
+
+def config_of(**block: Any) -> Config:
+    return load({"target": "targetless", "services": ["web"], **block}, source="compose.yaml",
+                base_dir=Path("/project"))
+
+
+def test_dollar_in_remote_and_env_file_values_is_escaped() -> None:
+    model = model_of(web=service(environment={"LOCAL": "x$$y"}), db=service())
+    plan = replace(PLAN, remote_env={"PASSWORD": "pa$word", "PRICE": "$5"},
+                   env_file={"FROM_FILE": "a$b"})
+    env = compose.rewrite(model, config_of(), plan)["services"]["web"]["environment"]
+    assert env == {"PASSWORD": "pa$$word", "PRICE": "$$5", "FROM_FILE": "a$$b",
+                   "LOCAL": "x$$y"}
+
+
+def test_environment_precedence_in_the_app() -> None:
+    model = model_of(web=service(environment={"LOG_LEVEL": "debug", "SHELL_VALUE": None}))
+    config = config_of(feature={"env": {"override": {"ORDERS_URL": "http://localhost:9"}}})
+    env = compose.rewrite(model, config, PLAN)["services"]["web"]["environment"]
+    assert env["LOG_LEVEL"] == "debug"
+    assert env["SHELL_VALUE"] is None
+    assert env["ORDERS_URL"] == "http://localhost:9"
+    assert env["DATABASE_URL"] == REMOTE_ENV["DATABASE_URL"]
+    assert not {"PATH", "HOME", "HOSTNAME", "KUBERNETES_SERVICE_HOST"} & set(env)
+
+
+def test_app_without_networks_gets_a_sidecar_on_the_default_network() -> None:
+    model = model_of(web={"image": "example/app"})
+    sidecar = compose.rewrite(model, config_of(), PLAN)["services"]["web-mirror"]
+    assert sidecar["networks"] == {"default": {"aliases": ["web"]}}
+
+
+def test_container_name_is_kept_on_the_app_and_aliased_on_the_sidecar() -> None:
+    model = model_of(web=service(container_name="shop-web"))
+    services = compose.rewrite(model, config_of(), PLAN)["services"]
+    assert services["web"]["container_name"] == "shop-web"
+    assert services["web-mirror"]["networks"]["default"]["aliases"] == ["shop-web", "web"]
+    assert "container_name" not in services["web-mirror"]
+
+
+def test_app_dependencies_are_kept_beside_the_sidecar() -> None:
+    model = model_of(
+        web=service(depends_on={"db": {"condition": "service_healthy", "required": True}}),
+        db=service(),
+    )
+    depends = compose.rewrite(model, config_of(), PLAN)["services"]["web"]["depends_on"]
+    assert depends == {
+        "db": {"condition": "service_healthy", "required": True},
+        "web-mirror": {"condition": "service_healthy", "restart": True, "required": True},
+    }
+
+
+def test_sidecar_settings_carry_the_filters_and_project_names() -> None:
+    model = model_of(web=service(), db=service(networks={"default": {"aliases": ["pg"]}}))
+    config = config_of(
+        hosts={"postgres.shop": "db"},
+        feature={"network": {"outgoing": {"udp": False, "filter": {"local": ["*.internal"]}},
+                             "dns": {"filter": {"remote": ["*.svc.cluster.local"]}}}},
+    )
+    sidecar = compose.rewrite(model, config, PLAN)["services"]["web-mirror"]
+    settings = SidecarSettings.from_json(sidecar["environment"][ENV_VAR])
+    assert settings.service == "web"
+    assert set(settings.names) == {"web", "db", "pg", "postgres.shop", "web-mirror",
+                                   "composemirror-agent"}
+    assert dict(settings.hosts) == {"postgres.shop": "db"}
+    assert (settings.tcp, settings.udp) == (True, False)
+    assert settings.outgoing is not None and settings.outgoing.entries == ("*.internal",)
+    assert settings.outgoing.mode == "local"
+    assert settings.dns is not None and settings.dns.mode == "remote"
+
+
+@pytest.mark.parametrize(
+    ("ports_web", "ports_api"),
+    [
+        ([{"published": "8080", "target": 80}], [{"published": "8080", "target": 81}]),
+        ([{"published": "8080", "target": 80, "host_ip": "0.0.0.0"}],
+         [{"published": "8080", "target": 81, "host_ip": "127.0.0.1"}]),
+        ([{"published": "8080", "target": 80, "host_ip": "127.0.0.1"}],
+         [{"published": "8080", "target": 81}]),
+        ([{"published": "8080", "target": 80, "host_ip": "::"}],
+         [{"published": "8080", "target": 81, "host_ip": "127.0.0.1"}]),
+        ([{"published": "8080", "target": 80, "host_ip": "127.0.0.1"}],
+         [{"published": "8080", "target": 81, "host_ip": "127.0.0.1"}]),
+        ([{"published": "8000-8010", "target": 80}], [{"published": "8005", "target": 81}]),
+        ([{"published": "53", "target": 53, "protocol": "udp"}],
+         [{"published": "53", "target": 53, "protocol": "udp"}]),
+    ],
+)
+def test_two_mirrored_services_publishing_one_host_port(
+    ports_web: list[dict[str, Any]], ports_api: list[dict[str, Any]]
+) -> None:
+    model = model_of(web=service(ports=ports_web), api=service(ports=ports_api))
+    with pytest.raises(ConfigError) as caught:
+        compose.rewrite(model, config_of(services=["web", "api"]), PLAN)
+    assert caught.value.exit_code == 2
+    assert "'web' and 'api' both publish host port" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("ports_web", "ports_api"),
+    [
+        ([{"published": "8080", "target": 80, "host_ip": "127.0.0.1"}],
+         [{"published": "8080", "target": 81, "host_ip": "127.0.0.2"}]),
+        ([{"published": "53", "target": 53, "protocol": "udp"}],
+         [{"published": "53", "target": 53, "protocol": "tcp"}]),
+        ([{"published": "8000-8004", "target": 80}], [{"published": "8005", "target": 81}]),
+        ([{"target": 80}], [{"target": 80}]),  # unpublished: the engine picks the host ports
+    ],
+)
+def test_distinct_host_ports_are_accepted(
+    ports_web: list[dict[str, Any]], ports_api: list[dict[str, Any]]
+) -> None:
+    model = model_of(web=service(ports=ports_web), api=service(ports=ports_api))
+    rendered = compose.rewrite(model, config_of(services=["web", "api"]), PLAN)
+    assert rendered["services"]["web-mirror"]["ports"] == ports_web
+    assert rendered["services"]["api-mirror"]["ports"] == ports_api
+
+
+def test_a_port_shared_with_an_unmirrored_service_is_not_composemirrors_business() -> None:
+    # Docker itself reports that conflict, with or without composemirror.
+    model = model_of(web=service(ports=[{"published": "8080", "target": 80}]),
+                     other=service(ports=[{"published": "8080", "target": 80}]))
+    assert "web-mirror" in compose.rewrite(model, config_of(), PLAN)["services"]
+
+
+def rewrite_error(model: dict[str, Any], config: Config) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        compose.rewrite(model, config, PLAN)
+    assert caught.value.exit_code == 2
+    return caught.value
+
+
+def test_unknown_mirrored_service_suggests_a_close_name() -> None:
+    error = rewrite_error(model_of(web=service(), db=service()), config_of(services=["db", "wbe"]))
+    assert error.message == (
+        "compose.yaml: x-composemirror.services[1]: 'wbe' is not a service of this project")
+    assert error.hint == "did you mean 'web'?"
+
+
+def test_unknown_mirrored_service_lists_the_services_when_nothing_is_close() -> None:
+    error = rewrite_error(model_of(web=service(), db=service()), config_of(services=["zzz"]))
+    assert error.hint == "services of this project: db, web"
+
+
+@pytest.mark.parametrize("mode", ["host", "none", "service:db", "container:abc"])
+def test_mirrored_service_with_network_mode_is_refused(mode: str) -> None:
+    web = {"image": "example/app", "network_mode": mode}
+    error = rewrite_error(model_of(web=web, db=service()), config_of())
+    assert f"'web' has `network_mode: {mode}`" in error.message
+    assert error.hint is not None and "x-composemirror.services" in error.hint
+
+
+@pytest.mark.parametrize(
+    "keys", [{"deploy": {"replicas": 2}}, {"scale": 3}]
+)
+def test_mirrored_service_with_replicas_is_refused(keys: dict[str, Any]) -> None:
+    error = rewrite_error(model_of(web=service(**keys)), config_of())
+    assert "'web' runs" in error.message and "replicas" in error.message
+
+
+@pytest.mark.parametrize("keys", [{"deploy": {"replicas": 1}}, {"scale": 1}, {"deploy": {}}])
+def test_mirrored_service_with_one_replica_is_fine(keys: dict[str, Any]) -> None:
+    assert "web-mirror" in compose.rewrite(model_of(web=service(**keys)), config_of(),
+                                           PLAN)["services"]
+
+
+def test_hosts_naming_a_missing_service() -> None:
+    error = rewrite_error(model_of(web=service(), db=service()),
+                          config_of(hosts={"postgres.shop": "dbb"}))
+    assert error.message == (
+        "compose.yaml: x-composemirror.hosts.postgres.shop: 'dbb' is not a service of this project")
+    assert error.hint == "did you mean 'db'?"
+
+
+def test_hosts_target_sharing_no_network_with_a_mirrored_service() -> None:
+    model = model_of(web=service(networks={"front": None}), db=service(networks={"back": None}))
+    error = rewrite_error(model, config_of(hosts={"postgres.shop": "db"}))
+    assert error.message == ("compose.yaml: x-composemirror.hosts.postgres.shop: 'db' shares no "
+                             "network with 'web', so 'web' cannot reach it")
+    assert error.hint == "put 'db' and 'web' on a common network"
+
+
+@pytest.mark.parametrize("taken", ["web-mirror", "composemirror-agent"])
+def test_a_user_service_with_one_of_composemirrors_names(taken: str) -> None:
+    error = rewrite_error(model_of(web=service(), **{taken: service()}), config_of())
+    assert f"already has a service named {taken!r}" in error.message
+    assert error.hint == "rename that service"
+
+
+def test_an_unmirrored_service_named_like_a_sidecar_of_nothing_is_fine() -> None:
+    model = model_of(web=service(), **{"db-mirror": service()})
+    assert "db-mirror" in compose.rewrite(model, config_of(), PLAN)["services"]
+
+
+def test_published_ports() -> None:
+    svc = {"ports": [
+        {"target": 80, "published": "8080", "protocol": "tcp"},
+        {"target": 53, "published": "5353", "protocol": "udp", "host_ip": "127.0.0.1"},
+        {"target": 90, "published": "9000-9001", "host_ip": "0.0.0.0"},
+        {"target": 70},
+    ]}
+    assert list(compose.published_ports(svc)) == [
+        ("", 8080, "tcp"), ("127.0.0.1", 5353, "udp"), ("", 9000, "tcp"), ("", 9001, "tcp")]
+
+
+def test_project_names() -> None:
+    services = {
+        "web": {"container_name": "Shop-Web", "networks": {"default": {"aliases": ["www."]}}},
+        "db": {"links": ["cache:redis"], "extra_hosts": ["legacy.example=192.0.2.1",
+                                                          "old.example:192.0.2.2"]},
+        "cache": {"networks": {"default": None}},
+    }
+    config = config_of(hosts={"Postgres.Shop": "db"})
+    assert compose.project_names(services, config) == {
+        "web", "db", "cache", "shop-web", "www", "redis", "legacy.example", "old.example",
+        "postgres.shop", "web-mirror", "composemirror-agent"}
