@@ -77,10 +77,12 @@ def rewrite(model: Mapping[str, Any], config: Config, plan: Plan) -> dict[str, A
         for key in MOVED_KEYS:
             app.pop(key, None)
         app["network_mode"] = f"service:{side}"
-        app["environment"] = environment.merge(
-            _escape(plan.remote_env), config.env, env_file=_escape(plan.env_file),
-            compose=app.get("environment") or {},
+        # The model writes `$$` for a literal `$`: merge raw values, then write them back so.
+        merged = environment.merge(
+            plan.remote_env, config.env, env_file=plan.env_file,
+            compose=unescape(app.get("environment") or {}),
         )
+        app["environment"] = {k: None if v is None else escape(v) for k, v in merged.items()}
         depends = app.setdefault("depends_on", {})
         depends[side] = {"condition": "service_healthy", "restart": True, "required": True}
         app["labels"] = {**(app.get("labels") or {}), **_labels(project, plan, "app", name)}
@@ -203,7 +205,7 @@ def _sidecar(
         "image": plan.sidecar_image,
         "command": ["python3", "-m", "composemirror.sidecar"],
         "cap_add": ["NET_ADMIN"],
-        "environment": {ENV_VAR: settings.to_json()},
+        "environment": {ENV_VAR: escape(settings.to_json())},
         "volumes": [_link_mount()],
         "secrets": [KEY_SECRET],
         "healthcheck": {
@@ -254,9 +256,20 @@ def _labels(project: str, plan: Plan, role: str, service: str | None = None) -> 
     return labels
 
 
-def _escape(values: Mapping[str, str]) -> dict[str, str]:
-    """Raw values as compose's model writes them: `$$` for a literal `$`."""
-    return {name: value.replace("$", "$$") for name, value in values.items()}
+def escape(value: str) -> str:
+    """A raw string as compose's model writes it: `$$` for a literal `$`."""
+    return value.replace("$", "$$")
+
+
+def unescape(value: Any) -> Any:
+    """Strings of a compose model (recursively) as raw values: `$$` is a literal `$`."""
+    if isinstance(value, str):
+        return value.replace("$$", "$")
+    if isinstance(value, dict):
+        return {k: unescape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unescape(v) for v in value]
+    return value
 
 
 def _link_mount() -> dict[str, str]:

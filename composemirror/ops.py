@@ -333,7 +333,8 @@ def _load_config(
         return _load_file(options.config_file)
     if BLOCK in model:
         names = ", ".join(f.name for f in project.files) or "the compose file"
-        return load(model[BLOCK], source=f"{BLOCK} in {names}", base_dir=directory)
+        block = compose.unescape(model[BLOCK])
+        return load(block, source=f"{BLOCK} in {names}", base_dir=directory)
     beside = directory / CONFIG_FILE_NAME
     if beside.is_file():
         return _load_file(beside)

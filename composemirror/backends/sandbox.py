@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import composemirror
 from composemirror import engine
 from composemirror.backends import Attachment
+from composemirror.compose import unescape
 from composemirror.config import Target
 from composemirror.errors import ClusterError
 
@@ -49,7 +49,8 @@ def attach(target: Target, namespace: str | None, environment: Mapping[str, str]
                 backend="sandbox",
                 description=f"{wanted} in namespace {ns} (sandbox cluster)",
                 network_mode=f"container:{container}",
-                env=_unescape(service.get("environment") or {}),
+                env={k: str(v) for k, v in unescape(service.get("environment") or {}).items()
+                     if v is not None},
             )
         available.append(f"{workload} in namespace {ns}")
     raise ClusterError(
@@ -70,7 +71,3 @@ def ensure_up(environment: Mapping[str, str]) -> None:
 def down() -> None:
     engine.compose_down(project({}), volumes=True)
 
-
-def _unescape(environment: Mapping[str, Any]) -> dict[str, str]:
-    # compose's model keeps `$$` for a literal `$`; the attachment holds raw values.
-    return {k: str(v).replace("$$", "$") for k, v in environment.items() if v is not None}

@@ -59,7 +59,9 @@ def read_json(path: Path) -> Any:
 def load_case(name: str) -> tuple[dict[str, Any], Config, compose.Plan]:
     """The input model, its x-composemirror config, and the plan (env_file values if it has one)."""
     model = read_json(GOLDEN / f"{name}.input.json")
-    config = load(model[BLOCK], source=f"{BLOCK} in {name}", base_dir=Path("/project"))
+    # As ops does: the model's block holds `$$` for `$`; the config holds raw values.
+    config = load(compose.unescape(model[BLOCK]), source=f"{BLOCK} in {name}",
+                  base_dir=Path("/project"))
     plan = replace(PLAN, env_file=ENV_FILE) if config.env.env_file else PLAN
     return model, config, plan
 

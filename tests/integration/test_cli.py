@@ -1,0 +1,178 @@
+"""The CLI against the real engine: bad input, up/down lifecycle, attached mode, passthrough.
+
+Every bad-input case must exit 2 with one clear message and create nothing; `down` must leave
+nothing behind and be safe to run twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, cli, docker, labelled, wait_for
+
+SANDBOX_IMAGE = "composemirror/sandbox:0.1"
+MIRROR = """
+x-composemirror:
+  target: deployment/checkout
+  namespace: shop
+  services: [web]
+"""
+WEB = f"""
+  web:
+    image: {SANDBOX_IMAGE}
+    command: [python3, /opt/sandbox/services.py, orders]
+"""
+
+
+def project(tmp_path: Path, name: str, body: str) -> Path:
+    """Write a compose file for project `name`; return its path."""
+    folder = tmp_path / name
+    folder.mkdir()
+    path = folder / "compose.yaml"
+    path.write_text(f"name: {name}\n" + textwrap.dedent(body))
+    return path
+
+
+def assert_nothing_of(name: str) -> None:
+    for label in (f"com.docker.compose.project={name}", f"io.composemirror.project={name}"):
+        assert labelled(label) == {"container": [], "network": [], "volume": []}, label
+
+
+BAD_INPUT = {
+    "network-mode": (MIRROR + "services:\n  web:\n    image: x\n    network_mode: host\n",
+                     "has `network_mode: host`"),
+    "port-collision": (
+        MIRROR.replace("[web]", "[web, api]")
+        + "services:\n  web:\n    image: x\n    ports: ['18090:80']\n"
+        + "  api:\n    image: x\n    ports: ['127.0.0.1:18090:81']\n",
+        "both publish host port 18090/tcp",
+    ),
+    "hosts-missing-service": (
+        MIRROR + "  hosts:\n    postgres.shop.svc.cluster.local: dbb\n"
+        + "services:\n  web:\n    image: x\n  db:\n    image: x\n",
+        "'dbb' is not a service of this project",
+    ),
+    "unknown-key": (MIRROR.replace("services:", "servces:") + "services:\n  web:\n    image: x\n",
+                    "x-composemirror.servces: unknown key"),
+    "bad-filter": (
+        MIRROR + "  feature:\n    network:\n      outgoing:\n        filter:\n"
+        + "          local: ['tcp://db:5432', 'meow://x']\n"
+        + "services:\n  web:\n    image: x\n",
+        "x-composemirror.feature.network.outgoing.filter.local[1]",
+    ),
+    "no-config": ("services:\n  web:\n    image: x\n", "no composemirror configuration"),
+    "bad-target": (MIRROR.replace("deployment/checkout", "checkout")
+                   + "services:\n  web:\n    image: x\n", "'checkout' is not a target"),
+    "unknown-service": (MIRROR.replace("[web]", "[wbe]") + "services:\n  web:\n    image: x\n",
+                        "did you mean 'web'?"),
+    "bad-yaml": ("services:\n  web: [\n", "docker compose rejected the project"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_exits_2_with_one_message_and_creates_nothing(
+    engine: None, tmp_path: Path, case: str
+) -> None:
+    body, expected = BAD_INPUT[case]
+    name = f"cm-bad-{case}"
+    path = project(tmp_path, name, body)
+    result = cli("-f", str(path), "up", "-d")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("composemirror: ")
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert not (path.parent / ".composemirror").exists()
+    assert_nothing_of(name)
+
+
+def test_missing_compose_file_is_bad_input(engine: None, tmp_path: Path) -> None:
+    result = cli("-f", str(tmp_path / "nope.yaml"), "config")
+    assert result.returncode == 2
+    assert "nope.yaml" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_docker_target_that_does_not_exist_is_a_runtime_error(
+    engine: None, tmp_path: Path
+) -> None:
+    body = MIRROR.replace("deployment/checkout", "docker://cm-no-such-container") + (
+        "services:" + WEB)
+    path = project(tmp_path, "cm-no-target", body)
+    result = cli("-f", str(path), "up", "-d")
+    assert result.returncode == 1
+    assert "there is no container 'cm-no-such-container'" in result.stderr
+    assert "hint: start it" in result.stderr
+    assert_nothing_of("cm-no-target")
+
+
+def test_config_prints_the_rewritten_model_and_changes_nothing(
+    sandbox: None, tmp_path: Path
+) -> None:
+    path = project(tmp_path, "cm-config", MIRROR + "services:" + WEB)
+    result = cli("-f", str(path), "config")
+    assert result.returncode == 0, result.stderr
+    assert "network_mode: service:web-mirror" in result.stdout
+    assert "composemirror-agent:" in result.stdout
+    assert not (path.parent / ".composemirror").exists()
+    assert_nothing_of("cm-config")
+
+
+@pytest.fixture
+def small_project(
+    sandbox: None, tmp_path: Path, project_cleanup: Callable[[Path], None]
+) -> Path:
+    body = MIRROR + "services:" + WEB + "    ports: ['18081:8080']\n"
+    path = project(tmp_path, "cm-lifecycle", body)
+    project_cleanup(path)
+    return path
+
+
+def test_down_removes_everything_and_is_safe_twice(small_project: Path) -> None:
+    up = cli("-f", str(small_project), "up", "-d")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert labelled("io.composemirror.project=cm-lifecycle")["container"]
+    passthrough = cli("-f", str(small_project), "compose", "--", "ps", "--format", "json")
+    assert passthrough.returncode == 0
+    assert "web-mirror" in passthrough.stdout
+    doctor = cli("-f", str(small_project), "doctor")
+    assert doctor.returncode == 0, doctor.stdout
+    assert "ok    agent link of web-mirror: connected" in doctor.stdout
+    down = cli("-f", str(small_project), "down")
+    assert down.returncode == 0, down.stderr
+    assert_nothing_of("cm-lifecycle")
+    assert not (small_project.parent / ".composemirror").exists()
+    again = cli("-f", str(small_project), "down")
+    assert again.returncode == 0, again.stderr
+
+
+def test_attached_up_streams_logs_and_stops_on_ctrl_c(small_project: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "composemirror", "-f", str(small_project), "up"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: _state("cm-lifecycle-web-1") == "running", timeout=120)
+        os.killpg(process.pid, signal.SIGINT)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output
+    assert "web-mirror-1" in output  # compose's log prefix: logs were streamed
+    assert _state("cm-lifecycle-web-1") == "exited"
+    assert _state("cm-lifecycle-web-mirror-1") == "exited"
+
+
+def _state(container: str) -> str:
+    result = docker("inspect", "--format", "{{json .State.Status}}", container)
+    return str(json.loads(result.stdout)) if result.returncode == 0 else "missing"
