@@ -10,8 +10,11 @@ Stdlib only; it knows nothing of DNS, firewalls, Docker or Kubernetes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import socket
+import struct
 import time
 from collections import deque
 from typing import Any, Protocol, cast
@@ -42,6 +45,15 @@ log = logging.getLogger(__name__)
 SOCKET_HIGH_WATER = 512 * 1024
 """A socket whose write buffer is above this stops acknowledging, so its peer stops sending."""
 READ_SIZE = 256 * 1024
+
+
+def reset_transport(transport: asyncio.BaseTransport) -> None:
+    """Close a TCP transport with a reset (RST), as a refused or aborted connection does."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class OpenFailed(Exception):
@@ -306,7 +318,7 @@ class Bridge(asyncio.Protocol):
         if self.finished:
             tunnel.reset(stream_id)
             if self.transport is not None:
-                self.transport.abort()
+                reset_transport(self.transport)
             return
         if tunnel.writing_paused:
             self.paused.add("tunnel")
@@ -390,7 +402,7 @@ class Bridge(asyncio.Protocol):
     def peer_reset(self) -> None:
         self.finished = True
         if self.transport is not None:
-            self.transport.abort()
+            reset_transport(self.transport)
 
     def stream_closed(self) -> None:
         self.finished = True

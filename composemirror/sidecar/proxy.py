@@ -17,7 +17,7 @@ import struct
 from dnslib import QTYPE, DNSRecord
 
 from composemirror.filters import Filter, Route, Scope, route_connection
-from composemirror.mux import Bridge, OpenFailed, TunnelClosed
+from composemirror.mux import Bridge, OpenFailed, TunnelClosed, reset_transport
 from composemirror.protocol import Proto
 from composemirror.sidecar.dns import Book, Resolver
 from composemirror.sidecar.status import Counters
@@ -67,7 +67,7 @@ class Proxy:
         try:
             address, port = original_destination(app.transport.get_extra_info("socket"))
         except OSError:
-            app.transport.abort()
+            reset_transport(app.transport)
             return
         known = self.book.lookup(address)
         name = known[0] if known else None
@@ -90,7 +90,7 @@ class Proxy:
         except (OpenFailed, TunnelClosed) as e:
             log.info("remote %s:%s failed: %s", address, port, e)
             self.counters.tcp_failed += 1
-            app.transport.abort()
+            reset_transport(app.transport)
             return
         self.counters.tcp_remote += 1
         app.start(tunnel, stream_id)
@@ -107,7 +107,7 @@ class Proxy:
             log.info("local %s:%s failed: %s", address, port, e)
             sock.close()
             self.counters.tcp_failed += 1
-            app.transport.abort()
+            reset_transport(app.transport)
             return
         self.counters.tcp_local += 1
         near = Pipe()
@@ -195,4 +195,4 @@ class Pipe(asyncio.Protocol):
             if exc is None:
                 peer.transport.close()
             else:
-                peer.transport.abort()
+                reset_transport(peer.transport)

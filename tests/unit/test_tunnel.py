@@ -1,0 +1,255 @@
+"""The tunnel end to end in one process: app socket → Bridge → Tunnel → agent → server socket.
+
+Real sockets on loopback and a real unix socket between the tunnel ends, no engine: half-close,
+refusal, reset, flow control between streams, bulk integrity and DNS through the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+
+from composemirror.agent.resolver import ResolvConf, Resolver, candidates, parse_resolv_conf
+from composemirror.agent.server import Agent
+from composemirror.mux import Bridge, OpenFailed, Tunnel, TunnelClosed, reset_transport
+from composemirror.protocol import Connection, Failure, Proto, Role, new_key
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Harness:
+    """An agent on a unix socket, a client tunnel to it, and an 'app' listener that relays
+    each accepted connection to `target` through the tunnel, as the sidecar's proxy does."""
+
+    def __init__(self, tunnel: Tunnel, target: tuple[str, int]) -> None:
+        self.tunnel = tunnel
+        self.target = target
+        self.failures: list[BaseException] = []
+
+    def accept(self) -> Bridge:
+        bridge = Bridge()
+        asyncio.get_running_loop().create_task(self._open(bridge))
+        return bridge
+
+    async def _open(self, bridge: Bridge) -> None:
+        try:
+            stream_id = await self.tunnel.open(Proto.TCP, *self.target, bridge)
+        except (OpenFailed, TunnelClosed) as e:
+            self.failures.append(e)
+            assert bridge.transport is not None
+            reset_transport(bridge.transport)
+            return
+        bridge.start(self.tunnel, stream_id)
+
+
+@contextlib.asynccontextmanager
+async def harness(tmp_path: Path, handler: Handler | None,
+                  resolver: Resolver | None = None) -> AsyncIterator[tuple[Harness, int]]:
+    """Yield the harness and the port of the app listener."""
+    loop = asyncio.get_running_loop()
+    key = new_key()
+    agent = Agent(key, resolver or Resolver(ResolvConf()))
+    path = tmp_path / "agent.sock"
+    agent_server = await agent.serve(f"unix:{path}")
+    if handler is not None:
+        upstream = await asyncio.start_server(handler, "127.0.0.1", 0)
+        target = upstream.sockets[0].getsockname()[:2]
+    else:  # a port nothing listens on
+        upstream = None
+        target = ("127.0.0.1", _free_port())
+    _, tunnel = await loop.create_unix_connection(lambda: Tunnel(Connection(Role.CLIENT, key)),
+                                                  str(path))
+    await asyncio.wait_for(tunnel.authenticated, 5)
+    rig = Harness(tunnel, target)
+    app_server = await loop.create_server(rig.accept, "127.0.0.1", 0)
+    try:
+        yield rig, app_server.sockets[0].getsockname()[1]
+    finally:
+        app_server.close()
+        tunnel.close("test over")
+        agent_server.close()
+        if upstream is not None:
+            upstream.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def echo_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Reads to EOF, then answers with the digest and size of what it got, then closes."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := await reader.read(1 << 16):
+        digest.update(chunk)
+        size += len(chunk)
+    writer.write(f"{size} {digest.hexdigest()}".encode())
+    await writer.drain()
+    writer.close()
+
+
+def run(coroutine: Awaitable[None]) -> None:
+    asyncio.run(asyncio.wait_for(coroutine, 60))  # type: ignore[arg-type]
+
+
+def test_half_close_lets_the_server_answer_after_the_client_is_done(tmp_path: Path) -> None:
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+
+    async def scenario() -> None:
+        async with harness(tmp_path, echo_then_close) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(payload)
+            await writer.drain()
+            writer.write_eof()
+            answer = await reader.read()
+            assert answer.decode() == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}"
+            writer.close()
+
+    run(scenario())
+
+
+def test_bulk_both_ways_arrives_intact(tmp_path: Path) -> None:
+    payload = os.urandom(8 * 1024 * 1024)
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while chunk := await reader.read(1 << 18):
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    async def scenario() -> None:
+        async with harness(tmp_path, echo) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+            async def send() -> None:
+                writer.write(payload)
+                await writer.drain()
+                writer.write_eof()
+
+            sender = asyncio.create_task(send())
+            received = await reader.read()
+            await sender
+            assert received == payload
+
+    run(scenario())
+
+
+def test_refusal_reaches_the_client_as_a_failed_open(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with harness(tmp_path, None) as (rig, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            with pytest.raises(ConnectionResetError):
+                await reader.read()
+            assert len(rig.failures) == 1
+            failure = rig.failures[0]
+            assert isinstance(failure, OpenFailed) and failure.failure == Failure.REFUSED
+
+    run(scenario())
+
+
+def test_a_server_reset_resets_the_app_connection(tmp_path: Path) -> None:
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(5)
+        reset_transport(writer.transport)
+
+    async def scenario() -> None:
+        async with harness(tmp_path, reset) as (rig, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"hello")
+            with pytest.raises(ConnectionResetError):
+                await reader.read()
+            assert rig.tunnel.alive  # one stream's reset does not touch the tunnel
+
+    run(scenario())
+
+
+def test_a_stalled_stream_does_not_stop_another(tmp_path: Path) -> None:
+    async def source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        size = int((await reader.readline()).decode())
+        block = b"x" * (1 << 20)
+        while size > 0:
+            writer.write(block[: min(size, len(block))])
+            size -= len(block)
+            await writer.drain()
+        writer.close()
+
+    async def scenario() -> None:
+        async with harness(tmp_path, source) as (_, port):
+            stalled_reader, stalled = await asyncio.open_connection("127.0.0.1", port)
+            stalled.write(b"67108864\n")  # 64 MiB that nobody reads
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"33554432\n")
+            got = 0
+            while chunk := await reader.read(1 << 20):
+                got += len(chunk)
+            assert got == 32 * 1024 * 1024
+            stalled.close()
+
+    run(scenario())
+
+
+def test_dns_goes_through_the_agent_with_its_search_domains(tmp_path: Path) -> None:
+    class Zone(Resolver):
+        """The agent's resolver with a fake nameserver: only orders.shop.svc.cluster.local."""
+
+        async def ask(self, name: str, qtype: int, qclass: int) -> DNSRecord:
+            self.asked.append(name)
+            reply = DNSRecord.question(name, QTYPE[qtype]).reply()
+            if name == "orders.shop.svc.cluster.local" and qtype == QTYPE.A:
+                reply.add_answer(RR(name, QTYPE.A, rdata=A("10.96.0.21"), ttl=5))
+            elif name != "orders.shop.svc.cluster.local":
+                reply.header.rcode = RCODE.NXDOMAIN
+            return reply
+
+    conf = parse_resolv_conf("nameserver 10.96.0.10\nsearch shop.svc.cluster.local "
+                             "svc.cluster.local cluster.local\noptions ndots:5\n")
+    zone = Zone(conf)
+    zone.asked = []  # type: ignore[attr-defined]
+
+    async def scenario() -> None:
+        async with harness(tmp_path, echo_then_close, zone) as (rig, _):
+            answer = DNSRecord.parse(await rig.tunnel.query(DNSRecord.question("orders").pack()))
+            assert [str(rr.rname) for rr in answer.rr] == ["orders."]
+            assert [str(rr.rdata) for rr in answer.rr] == ["10.96.0.21"]
+            missing = DNSRecord.parse(
+                await rig.tunnel.query(DNSRecord.question("nothere").pack()))
+            assert missing.header.rcode == RCODE.NXDOMAIN
+
+    run(scenario())
+    assert zone.asked[0] == "orders.shop.svc.cluster.local"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("orders", ["orders.shop.svc.cluster.local", "orders.svc.cluster.local",
+                    "orders.cluster.local", "orders"]),
+        ("orders.", ["orders.shop.svc.cluster.local", "orders.svc.cluster.local",
+                     "orders.cluster.local", "orders"]),
+        ("a.b.c.d.e.f", ["a.b.c.d.e.f", "a.b.c.d.e.f.shop.svc.cluster.local",
+                         "a.b.c.d.e.f.svc.cluster.local", "a.b.c.d.e.f.cluster.local"]),
+    ],
+)
+def test_search_candidates_follow_ndots(name: str, expected: list[str]) -> None:
+    conf = ResolvConf(search=("shop.svc.cluster.local", "svc.cluster.local", "cluster.local"),
+                      ndots=5)
+    assert candidates(name, conf) == expected
+
+
+def test_resolv_conf_is_read_as_the_libc_reads_it() -> None:
+    conf = parse_resolv_conf("# pod\nnameserver 127.0.0.11\nnameserver 10.96.0.10\n"
+                             "search a.local b.local.\noptions ndots:5 timeout:1 attempts:3\n")
+    assert conf == ResolvConf(nameservers=("127.0.0.11", "10.96.0.10"),
+                              search=("a.local", "b.local"), ndots=5, timeout=1.0, attempts=3)
+    assert parse_resolv_conf("").nameservers == ("127.0.0.1",)
