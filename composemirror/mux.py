@@ -47,7 +47,7 @@ SOCKET_HIGH_WATER = 512 * 1024
 READ_SIZE = 256 * 1024
 
 
-def reset_transport(transport: asyncio.BaseTransport) -> None:
+def reset_transport(transport: asyncio.Transport) -> None:
     """Close a TCP transport with a reset (RST), as a refused or aborted connection does."""
     sock = transport.get_extra_info("socket")
     if sock is not None:

@@ -15,7 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     """`composemirror ARGS`, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "composemirror", *args], cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout)
@@ -25,7 +27,9 @@ def docker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]
     return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def exec_in(container: str, command: Sequence[str] | str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def exec_in(
+    container: str, command: Sequence[str] | str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Run a command inside a container; a string runs through sh -c."""
     argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
     return docker("exec", container, *argv, timeout=timeout)

@@ -148,7 +148,7 @@ def test_bulk_both_ways_arrives_intact(tmp_path: Path) -> None:
 def test_refusal_reaches_the_client_as_a_failed_open(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with harness(tmp_path, None) as (rig, port):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, _ = await asyncio.open_connection("127.0.0.1", port)
             with pytest.raises(ConnectionResetError):
                 await reader.read()
             assert len(rig.failures) == 1
@@ -186,7 +186,7 @@ def test_a_stalled_stream_does_not_stop_another(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         async with harness(tmp_path, source) as (_, port):
-            stalled_reader, stalled = await asyncio.open_connection("127.0.0.1", port)
+            _, stalled = await asyncio.open_connection("127.0.0.1", port)
             stalled.write(b"67108864\n")  # 64 MiB that nobody reads
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"33554432\n")
