@@ -1,0 +1,206 @@
+"""The sidecar's DNS decisions without sockets: routing, cache, SERVFAIL on timeouts, the book."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from dnslib import QTYPE, RCODE, RR, SOA, A, DNSRecord
+
+from composemirror.filters import Route, Scope, parse_filter
+from composemirror.mux import TunnelClosed
+from composemirror.sidecar import dns
+from composemirror.sidecar.__main__ import local_networks
+from composemirror.sidecar.status import Counters
+
+
+class FakeTunnel:
+    """Answers remote queries from a table; None means the agent never answers."""
+
+    def __init__(self, table: dict[str, str | None]) -> None:
+        self.table = table
+        self.asked: list[str] = []
+
+    async def query(self, payload: bytes) -> bytes:
+        request = DNSRecord.parse(payload)
+        name = str(request.q.qname).rstrip(".")
+        self.asked.append(name)
+        address = self.table.get(name, "nx")
+        if address is None:
+            await asyncio.sleep(3600)
+        reply = request.reply()
+        if address == "nx":
+            reply.header.rcode = RCODE.NXDOMAIN
+        else:
+            reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(address), ttl=30))
+        return bytes(reply.pack())
+
+
+class FakeClient:
+    def __init__(self, tunnel: FakeTunnel | None) -> None:
+        self.tunnel = tunnel
+
+    def current(self) -> FakeTunnel:
+        if self.tunnel is None:
+            raise TunnelClosed("agent not connected")
+        return self.tunnel
+
+
+class LocalTable(dns.Resolver):
+    """Docker's DNS replaced by a table of compose names."""
+
+    local: dict[str, str] = {"db": "172.20.0.5", "web": "172.20.0.6"}
+    asked_locally: list[str]
+
+    async def ask_local(self, request: DNSRecord, alias_of: str | None = None) -> DNSRecord:
+        name = alias_of or str(request.q.qname).rstrip(".")
+        self.asked_locally.append(name)
+        reply = request.reply()
+        if name in self.local:
+            reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(self.local[name]), ttl=600))
+        else:
+            reply.header.rcode = RCODE.NXDOMAIN
+        return reply
+
+
+def resolver(tunnel: FakeTunnel | None, **overrides: Any) -> LocalTable:
+    options: dict[str, Any] = {
+        "tunnels": FakeClient(tunnel),
+        "book": dns.Book(),
+        "counters": Counters(),
+        "scope": Scope(names=frozenset({"db", "web", "postgres.shop.svc.cluster.local"})),
+        "hosts": {"postgres.shop.svc.cluster.local": "db"},
+        "dns_filter": None,
+        "outgoing": None,
+        "remote_enabled": True,
+        "mark": 0x434D,
+    } | overrides
+    made = LocalTable(**options)
+    made.asked_locally = []
+    return made
+
+
+def ask(r: dns.Resolver, name: str, qtype: str = "A") -> DNSRecord:
+    return DNSRecord.parse(asyncio.run(r.answer(DNSRecord.question(name, qtype).pack())))
+
+
+def addresses(record: DNSRecord) -> list[str]:
+    return [str(rr.rdata) for rr in record.rr]
+
+
+def test_hosts_names_answer_with_the_local_service_and_never_go_remote() -> None:
+    tunnel = FakeTunnel({"postgres.shop.svc.cluster.local": "10.96.0.20"})
+    r = resolver(tunnel)
+    answer = ask(r, "postgres.shop.svc.cluster.local")
+    assert addresses(answer) == ["172.20.0.5"]
+    assert str(answer.rr[0].rname) == "postgres.shop.svc.cluster.local."
+    assert tunnel.asked == []
+    assert r.book.lookup("172.20.0.5") == ("postgres.shop.svc.cluster.local", Route.LOCAL)
+
+
+def test_remote_names_go_to_the_agent_and_are_remembered() -> None:
+    tunnel = FakeTunnel({"orders": "10.96.0.21"})
+    r = resolver(tunnel)
+    assert addresses(ask(r, "orders")) == ["10.96.0.21"]
+    assert r.asked_locally == []
+    assert r.book.lookup("10.96.0.21") == ("orders", Route.REMOTE)
+
+
+def test_project_names_are_answered_locally() -> None:
+    tunnel = FakeTunnel({})
+    r = resolver(tunnel)
+    assert addresses(ask(r, "web")) == ["172.20.0.6"]
+    assert tunnel.asked == []
+
+
+def test_the_dns_filter_keeps_listed_names_local() -> None:
+    tunnel = FakeTunnel({})
+    r = resolver(tunnel, dns_filter=parse_filter("local", ["*.internal"], protocols=False))
+    assert ask(r, "vault.internal").header.rcode == RCODE.NXDOMAIN  # asked locally
+    assert r.asked_locally == ["vault.internal"] and tunnel.asked == []
+
+
+def test_remote_dns_disabled_resolves_everything_locally() -> None:
+    tunnel = FakeTunnel({"orders": "10.96.0.21"})
+    r = resolver(tunnel, remote_enabled=False)
+    ask(r, "orders")
+    assert tunnel.asked == [] and r.asked_locally == ["orders"]
+
+
+def test_answers_are_cached_for_their_ttl() -> None:
+    tunnel = FakeTunnel({"orders": "10.96.0.21"})
+    r = resolver(tunnel)
+    ask(r, "orders")
+    assert addresses(ask(r, "orders")) == ["10.96.0.21"]
+    assert tunnel.asked == ["orders"]
+    assert r.counters.dns_cached == 1
+
+
+def test_an_agent_that_does_not_answer_gives_servfail_which_is_not_cached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dns, "UPSTREAM_TIMEOUT", 0.05)
+    tunnel = FakeTunnel({"slow": None})
+    r = resolver(tunnel)
+    assert ask(r, "slow").header.rcode == RCODE.SERVFAIL
+    assert ask(r, "slow").header.rcode == RCODE.SERVFAIL
+    assert tunnel.asked == ["slow", "slow"]
+    assert r.counters.dns_failed == 2
+
+
+def test_no_tunnel_gives_servfail_at_once() -> None:
+    r = resolver(None)
+    assert ask(r, "orders").header.rcode == RCODE.SERVFAIL
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_cache_ages_ttls_and_expires() -> None:
+    clock = Clock()
+    cache = dns.Cache(clock=clock)
+    reply = DNSRecord.question("orders").reply()
+    reply.add_answer(RR("orders", QTYPE.A, rdata=A("10.96.0.21"), ttl=30))
+    cache.put(("orders", 1, 1), reply)
+    clock.now += 10
+    cached = cache.get(("orders", 1, 1))
+    assert cached is not None and cached.rr[0].ttl == 20
+    clock.now += 21
+    assert cache.get(("orders", 1, 1)) is None
+
+
+def test_negative_answers_are_cached_by_the_soa_minimum_and_failures_never() -> None:
+    nx = DNSRecord.question("x").reply()
+    nx.header.rcode = RCODE.NXDOMAIN
+    assert dns.cache_ttl(nx) == dns.NEGATIVE_TTL
+    nx.add_auth(RR("cluster.local", QTYPE.SOA, ttl=60,
+                   rdata=SOA("ns", "hostmaster", (1, 2, 3, 4, 7))))
+    assert dns.cache_ttl(nx) == 7
+    servfail = DNSRecord.question("x").reply()
+    servfail.header.rcode = RCODE.SERVFAIL
+    assert dns.cache_ttl(servfail) == 0
+
+
+def test_the_book_forgets_the_oldest_beyond_its_size() -> None:
+    book = dns.Book(size=2)
+    book.remember("10.0.0.1", "a", Route.REMOTE)
+    book.remember("10.0.0.2", "b", Route.REMOTE)
+    book.remember("10.0.0.3", "c", Route.LOCAL)
+    assert book.lookup("10.0.0.1") is None
+    assert book.lookup("10.0.0.3") == ("c", Route.LOCAL)
+
+
+def test_local_networks_are_the_directly_connected_routes() -> None:
+    table = (
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+        "eth0\t00000000\t010014AC\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
+        "eth0\t000014AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n"
+        "eth1\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+    )
+    assert [str(n) for n in local_networks(table)] == ["172.20.0.0/16", "192.168.0.0/24"]
