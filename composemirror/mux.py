@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 SOCKET_HIGH_WATER = 512 * 1024
 """A socket whose write buffer is above this stops acknowledging, so its peer stops sending."""
-READ_SIZE = 256 * 1024
+READ_SIZE = 1024 * 1024
 
 
 def reset_transport(transport: asyncio.Transport) -> None:
@@ -127,7 +127,7 @@ class Tunnel(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.last_heard = time.monotonic()
         try:
-            events = self.conn.receive_data(bytes(self._buffer[:nbytes]))
+            events = self.conn.receive_data(memoryview(self._buffer)[:nbytes])
         except ProtocolError as e:
             self.close(f"protocol error: {e}")
             return
