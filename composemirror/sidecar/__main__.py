@@ -1,6 +1,6 @@
 """`python -m composemirror.sidecar`: own the shared network namespace until stopped.
 
-Start order matters: the DNS server and the proxy listen first, then the firewall redirects the
+Start order matters: the DNS server and the proxies listen first, then the firewall redirects the
 namespace's traffic to them, then the ready file tells compose the app may start. The tunnel to
 the agent connects in the background; until it does, remote traffic fails fast.
 """
@@ -28,9 +28,11 @@ from composemirror.sidecar.settings import (
     PROXY_PORT,
     READY_FILE,
     STATUS_FILE,
+    UDP_PROXY_PORT,
     SidecarSettings,
 )
 from composemirror.sidecar.tunnel import TunnelClient
+from composemirror.sidecar.udp import UdpProxy
 
 log = logging.getLogger("composemirror.sidecar")
 
@@ -73,12 +75,19 @@ async def run(settings: SidecarSettings) -> None:
     for server in (dns_tcp, proxy_server):
         for sock in server.sockets:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    udp_proxy: UdpProxy | None = None
+    if settings.udp:
+        udp_proxy = UdpProxy(tunnels=tunnels, book=book, resolver=resolver, counters=counters,
+                             scope=scope, outgoing=outgoing, mark=MARK)
+        udp_proxy.listen(("127.0.0.1", UDP_PROXY_PORT))
     # With a remote list, the project's own addresses may be listed remote: the proxy decides.
     direct = networks if outgoing is None or outgoing.mode == "local" else []
     backend = firewall.apply(firewall.Plan(mark=MARK, dns_port=DNS_PORT, proxy_port=PROXY_PORT,
-                                           tcp=settings.tcp, direct=direct))
-    log.info("%s: firewall set (%s); local networks %s", settings.service, backend,
-             ", ".join(map(str, networks)) or "none")
+                                           tcp=settings.tcp, udp=settings.udp,
+                                           udp_port=UDP_PROXY_PORT, direct=direct))
+    log.info("%s: firewall set (%s; tcp %s, udp %s); local networks %s", settings.service,
+             backend, "proxied" if settings.tcp else "direct",
+             "proxied" if settings.udp else "direct", ", ".join(map(str, networks)) or "none")
     Path(READY_FILE).touch()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -87,9 +96,14 @@ async def run(settings: SidecarSettings) -> None:
     async with asyncio.TaskGroup() as group:
         link = group.create_task(tunnels.run())
         publisher = group.create_task(status.publish(Path(STATUS_FILE), report))
+        expiry = group.create_task(udp_proxy.expire()) if udp_proxy else None
         await stop.wait()
         link.cancel()
         publisher.cancel()
+        if expiry is not None:
+            expiry.cancel()
+        if udp_proxy is not None:
+            udp_proxy.close()
 
 
 def main() -> None:

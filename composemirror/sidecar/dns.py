@@ -193,6 +193,18 @@ class Resolver:
             response.questions = [question]
         return response
 
+    async def local_address(self, name: str) -> str | None:
+        """An IPv4 address for `name` on this side, or None. For a remotely answered name that
+        the filter sends local: locally the name may mean something else (mirrord does this)."""
+        try:
+            response = await self.ask_local(DNSRecord.question(name, "A"))
+        except (OSError, TimeoutError):
+            return None
+        for rr in response.rr:
+            if rr.rtype == QTYPE.A:
+                return str(rr.rdata)
+        return None
+
     def from_hosts_file(self, request: DNSRecord, name: str) -> DNSRecord | None:
         addresses = self.static.get(name)
         if not addresses:

@@ -3,15 +3,18 @@
 Rules live in one nat chain jumped to first from OUTPUT. They send every DNS query of the shared
 network namespace to the sidecar's DNS server, and new outgoing TCP connections that are not the
 sidecar's own (marked), not loopback and not to the project's own networks to the transparent
-proxy. Docker's own DNS rules are left as they are. Rendering is pure; `apply` runs
-iptables-restore on whichever backend (nft or legacy) holds Docker's rules.
+proxy. With UDP, a mangle chain marks the same kind of outgoing UDP datagrams, a policy route
+sends marked packets to loopback, and TPROXY hands them to the UDP proxy (IPv4 only). Docker's
+own DNS rules are left as they are. Rendering is pure; `apply` runs iptables-restore on whichever
+backend (nft or legacy) holds Docker's rules, and `ip` for the policy route.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from composemirror.filters import IPNetwork
@@ -19,6 +22,11 @@ from composemirror.filters import IPNetwork
 log = logging.getLogger(__name__)
 
 CHAIN = "COMPOSEMIRROR"
+TPROXY_CHAIN = "COMPOSEMIRROR_TPROXY"
+TPROXY_MARK = 0x434E
+"""Firewall mark of the app's UDP datagrams on their way to the UDP proxy (not the sidecar's)."""
+ROUTE_TABLE = 100
+"""Routing table that delivers TPROXY-marked packets locally (`local 0.0.0.0/0 dev lo`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -31,12 +39,49 @@ class Plan:
     proxy_port: int
     tcp: bool
     """Redirect outgoing TCP to the proxy (False leaves all TCP local)."""
+    udp: bool = False
+    """Send outgoing UDP (but DNS) to the UDP proxy on `udp_port` with TPROXY."""
+    udp_port: int = 0
+    udp_mark: int = TPROXY_MARK
+    """Mark that routes an intercepted datagram to loopback; must differ from `mark`."""
+    table: int = ROUTE_TABLE
     direct: Sequence[IPNetwork] = ()
     """Destinations that never need a decision (the project's networks), skipped in-kernel."""
 
 
-def render(plan: Plan, *, jump: bool) -> str:
-    """iptables-restore input for `plan`; `jump` adds the OUTPUT rule (absent on a first run)."""
+@dataclass(frozen=True, slots=True)
+class Jump:
+    """A rule in a built-in chain that leads to one of ours; added once per namespace."""
+
+    table: str
+    chain: str
+    rule: str
+
+    @property
+    def line(self) -> str:
+        """The rule as iptables-save prints it."""
+        return f"-A {self.chain} {self.rule}"
+
+
+def jumps(plan: Plan) -> list[Jump]:
+    """The jumps `plan` needs, by table."""
+    needed = [Jump("nat", "OUTPUT", f"-j {CHAIN}")]
+    if plan.udp:
+        # Only UDP enters the mangle chains: TCP packets are not slowed by them.
+        needed += [Jump("mangle", "OUTPUT", f"-p udp -j {CHAIN}"),
+                   Jump("mangle", "PREROUTING", f"-p udp -j {TPROXY_CHAIN}")]
+    return needed
+
+
+def render(plan: Plan, *, saved: Mapping[str, str] | None = None) -> str:
+    """iptables-restore input for `plan`.
+
+    `saved` is iptables-save's output per table: a jump already there (the sidecar restarted in
+    the same namespace) is not added again. Our own chains are flushed by their declaration.
+    """
+    saved = saved or {}
+    missing = [jump for jump in jumps(plan)
+               if jump.line not in saved.get(jump.table, "").splitlines()]
     rules = [
         "*nat",
         f":{CHAIN} - [0:0]",
@@ -44,26 +89,97 @@ def render(plan: Plan, *, jump: bool) -> str:
         f"-A {CHAIN} -p udp --dport 53 -j REDIRECT --to-ports {plan.dns_port}",
         f"-A {CHAIN} -p tcp --dport 53 -j REDIRECT --to-ports {plan.dns_port}",
         f"-A {CHAIN} -d 127.0.0.0/8 -j RETURN",
-        *(f"-A {CHAIN} -d {network} -j RETURN" for network in plan.direct if network.version == 4),
+        *_skip_direct(plan),
     ]
     if plan.tcp:
         rules.append(f"-A {CHAIN} -p tcp -j REDIRECT --to-ports {plan.proxy_port}")
-    if jump:
-        rules.append(f"-I OUTPUT 1 -j {CHAIN}")
+    rules += _insert(missing, "nat")
     rules.append("COMMIT")
+    if plan.udp:
+        rules += [
+            "*mangle",
+            f":{CHAIN} - [0:0]",
+            f":{TPROXY_CHAIN} - [0:0]",
+            f"-A {CHAIN} -m mark --mark {plan.mark:#x} -j RETURN",
+            f"-A {CHAIN} -p udp --dport 53 -j RETURN",
+            f"-A {CHAIN} -d 127.0.0.0/8 -j RETURN",
+            *_skip_direct(plan),
+            # The namespace's own, broadcast and multicast addresses have no remote side.
+            f"-A {CHAIN} -m addrtype --dst-type LOCAL,BROADCAST,MULTICAST -j RETURN",
+            # Answers of the app to flows others started (a UDP server in the app) go as they are.
+            f"-A {CHAIN} -m conntrack --ctdir REPLY -j RETURN",
+            f"-A {CHAIN} -p udp -j MARK --set-mark {plan.udp_mark:#x}",
+            f"-A {TPROXY_CHAIN} -p udp -m mark --mark {plan.udp_mark:#x} -j TPROXY "
+            f"--on-ip 127.0.0.1 --on-port {plan.udp_port} --tproxy-mark {plan.udp_mark:#x}",
+            *_insert(missing, "mangle"),
+            "COMMIT",
+        ]
     return "\n".join(rules) + "\n"
+
+
+def route_commands(plan: Plan, rules: str) -> list[list[str]]:
+    """`ip` commands that deliver marked packets locally, given `ip -4 rule show` output.
+
+    Idempotent: the route is replaced, the rule is only added when it is not there yet.
+    """
+    if not plan.udp:
+        return []
+    commands = [["ip", "-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo",
+                 "table", str(plan.table)]]
+    if not _has_rule(rules, plan.udp_mark, plan.table):
+        commands.append(["ip", "-4", "rule", "add", "fwmark", f"{plan.udp_mark:#x}",
+                         "lookup", str(plan.table)])
+    return commands
 
 
 def apply(plan: Plan) -> str:
     """Install the rules; returns the iptables backend used. Raises RuntimeError on failure."""
+    if plan.udp:
+        # The route comes first: a datagram marked before it exists would leave unproxied.
+        _route(plan)
     backend = _backend()
-    saved = _run([f"{backend}-save", "-t", "nat"]).stdout
-    jump = f"-A OUTPUT -j {CHAIN}" not in saved
-    result = _run([f"{backend}-restore", "--noflush"], stdin=render(plan, jump=jump))
+    tables = {jump.table for jump in jumps(plan)}
+    saved = {table: _run([f"{backend}-save", "-t", table]).stdout for table in tables}
+    result = _run([f"{backend}-restore", "--noflush"], stdin=render(plan, saved=saved))
     if result.returncode != 0:
         raise RuntimeError(f"{backend}-restore failed: {result.stderr.strip()} "
-                           "(the sidecar needs the NET_ADMIN capability)")
+                           "(the sidecar needs the NET_ADMIN capability; UDP interception "
+                           "also needs the kernel's TPROXY support)")
     return backend
+
+
+def _skip_direct(plan: Plan) -> list[str]:
+    return [f"-A {CHAIN} -d {network} -j RETURN" for network in plan.direct
+            if network.version == 4]
+
+
+def _insert(missing: Sequence[Jump], table: str) -> list[str]:
+    return [f"-I {jump.chain} 1 {jump.rule}" for jump in missing if jump.table == table]
+
+
+def _has_rule(rules: str, mark: int, table: int) -> bool:
+    """Whether `ip rule show` output holds `fwmark MARK lookup TABLE`."""
+    for line in rules.splitlines():
+        words = line.split()
+        pairs = dict(itertools.pairwise(words))
+        # ip prints the mark in hex, and its mask only when it is not 0xffffffff.
+        if pairs.get("fwmark") == f"{mark:#x}" and pairs.get("lookup") == str(table):
+            return True
+    return False
+
+
+def _route(plan: Plan) -> None:
+    try:
+        listed = _run(["ip", "-4", "rule", "show"])
+        for command in route_commands(plan, listed.stdout):
+            result = _run(command)
+            if result.returncode != 0:
+                raise RuntimeError(f"`{' '.join(command)}` failed: {result.stderr.strip()} "
+                                   "(the sidecar needs the NET_ADMIN capability)")
+    except FileNotFoundError:
+        raise RuntimeError("UDP interception needs `ip` (iproute2) in the sidecar image; "
+                           "install it there, or set x-composemirror.feature.network.outgoing."
+                           "udp: false") from None
 
 
 def _backend() -> str:

@@ -14,8 +14,6 @@ import logging
 import socket
 import struct
 
-from dnslib import QTYPE, DNSRecord
-
 from composemirror.filters import Filter, Route, Scope, route_connection
 from composemirror.mux import Bridge, OpenFailed, TunnelClosed, reset_transport
 from composemirror.protocol import Proto
@@ -79,7 +77,7 @@ class Proxy:
         else:
             if known and known[1] == Route.REMOTE:
                 # The address is the cluster's; locally the name may mean something else.
-                address = await self._resolve_locally(known[0]) or address
+                address = await self.resolver.local_address(known[0]) or address
             await self._local(app, address, port)
 
     async def _remote(self, app: AppConnection, address: str, port: int) -> None:
@@ -117,17 +115,6 @@ class Proxy:
         near.connection_made(app.transport)
         await loop.create_connection(lambda: far, sock=sock)
         near.transport_resume()
-
-    async def _resolve_locally(self, name: str) -> str | None:
-        query = DNSRecord.question(name, "A")
-        try:
-            response = await self.resolver.ask_local(query)
-        except (OSError, TimeoutError):
-            return None
-        for rr in response.rr:
-            if rr.rtype == QTYPE.A:
-                return str(rr.rdata)
-        return None
 
 
 class AppConnection(Bridge):

@@ -25,6 +25,13 @@ class Counters:
     tcp_local: int = 0
     tcp_failed: int = 0
     udp_remote: int = 0
+    """UDP flows tunnelled to the agent."""
+    udp_local: int = 0
+    """UDP flows sent directly from the sidecar."""
+    udp_failed: int = 0
+    """UDP flows that could not be opened (the agent failed to, no route, no reply socket)."""
+    udp_dropped: int = 0
+    """Datagrams that went nowhere: agent not connected, flow failed, too many while opening."""
 
 
 async def publish(path: Path, report: Any, interval: float = 1.0) -> None:

@@ -204,3 +204,23 @@ def test_local_networks_are_the_directly_connected_routes() -> None:
         "eth1\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
     )
     assert [str(n) for n in local_networks(table)] == ["172.20.0.0/16", "192.168.0.0/24"]
+
+
+def test_original_destinations_are_read_from_the_kernel_formats() -> None:
+    import socket
+    import struct
+
+    from composemirror.sidecar import proxy, udp
+
+    sockaddr = struct.pack("=H", socket.AF_INET) + struct.pack("!H", 9999)
+    sockaddr += socket.inet_aton("10.96.0.21") + b"\0" * 8
+    ancillary = [(socket.SOL_IP, 7, b"ignored"), (socket.SOL_IP, udp.IP_ORIGDSTADDR, sockaddr)]
+    assert udp.original_destination(ancillary) == ("10.96.0.21", 9999)
+    assert udp.original_destination([]) is None
+
+    class Sock:
+        def getsockopt(self, level: int, option: int, size: int) -> bytes:
+            assert (level, option, size) == (socket.SOL_IP, proxy.SO_ORIGINAL_DST, 16)
+            return sockaddr
+
+    assert proxy.original_destination(Sock()) == ("10.96.0.21", 9999)  # type: ignore[arg-type]

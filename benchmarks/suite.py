@@ -1,0 +1,282 @@
+"""The six benchmarks: each runs its load through composemirror and its baseline, side by side.
+
+Every function returns `Figure`s with the issue's targets; the load generator in the containers
+does the timing, `lab` runs it, and the tunnelled runs are watched so that the sidecar's and the
+agent's memory and CPU are known per load. Nothing here talks to Docker directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from benchmarks.lab import ECHO_PORT, SERVER_IP, SINK_PORT, SOURCE_PORT, Lab, Stack
+from benchmarks.report import MIB, Figure, Target, median, percentile
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CLUSTER_NAME = "orders.shop.svc.cluster.local"
+"""A name the sandbox's cluster DNS knows (with a 5 s TTL)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """How long and how hard each benchmark runs (the defaults fit a full run in ~6 minutes)."""
+
+    seconds: float = 4.0
+    """Length of one bulk transfer."""
+    rounds: int = 2
+    """Alternating rounds of tunnel and direct for throughput and latency."""
+    latency_count: int = 2000
+    """Connections timed per side, over all rounds."""
+    dns_seconds: float = 3.0
+    dns_concurrency: int = 32
+    """Queries outstanding at once when measuring queries per second."""
+    connections: int = 1000
+    hold_seconds: float = 5.0
+    hold_size: int = 1024
+    """Bytes each held connection echoes per round trip."""
+    startup_repeats: int = 3
+    idle_seconds: float = 3.0
+
+    @classmethod
+    def quick(cls) -> Settings:
+        """Shorter runs of the same benchmarks, for trying the suite out; figures are noisier."""
+        return cls(seconds=1.5, rounds=1, latency_count=300, dns_seconds=1.0, hold_seconds=2.0,
+                   startup_repeats=1, idle_seconds=1.0)
+
+
+def _watched(lab: Lab, side: str, load: str) -> AbstractContextManager[None]:
+    return lab.monitor.watch(load) if side == "tunnel" else nullcontext()
+
+
+def _sides(stack: Stack, round_: int) -> list[tuple[str, str]]:
+    """(side, container) in the order of this round: alternate, so neither always goes first."""
+    sides = [("direct", stack.direct), ("tunnel", stack.app)]
+    return sides if round_ % 2 == 0 else sides[::-1]
+
+
+def _errors_note(errors: dict[str, int]) -> str:
+    if not any(errors.values()):
+        return ""
+    return f"errors: tunnel {errors['tunnel']}, direct {errors['direct']}"
+
+
+def idle(lab: Lab, settings: Settings) -> None:
+    """Let the freshly started sidecar and agent settle, and record them doing nothing."""
+    time.sleep(1.0)
+    with lab.monitor.watch("idle"):
+        time.sleep(settings.idle_seconds)
+
+
+def throughput(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
+    """Bulk TCP, one stream and eight, app to server (targets) and back (for information)."""
+    cases = [
+        ("upload", SINK_PORT, 1, Target(text=">= 1/3 of direct", on="ratio", at_least=1 / 3)),
+        ("upload", SINK_PORT, 8, Target(text=">= 1/2 of direct", on="ratio", at_least=1 / 2)),
+        ("download", SOURCE_PORT, 1, None),
+        ("download", SOURCE_PORT, 8, None),
+    ]
+    figures = []
+    for mode, port, streams, target in cases:
+        moved = {"tunnel": 0, "direct": 0}
+        took = {"tunnel": 0.0, "direct": 0.0}
+        errors = {"tunnel": 0, "direct": 0}
+        for round_ in range(settings.rounds):
+            for side, container in _sides(stack, round_):
+                log.info("throughput: %s, %d stream(s), %s", mode, streams, side)
+                with _watched(lab, side, "throughput"):
+                    report = lab.loadgen(container, mode, SERVER_IP, port, streams,
+                                         settings.seconds, timeout=settings.seconds + 120)
+                moved[side] += int(report["bytes"])
+                took[side] += float(report["seconds"])
+                errors[side] += int(report["errors"])
+        rate = {side: moved[side] / took[side] / MIB if took[side] else None for side in moved}
+        what = "app to server" if mode == "upload" else "server to app"
+        figures.append(Figure(
+            section="throughput",
+            name=f"{mode} ({what}), {streams} stream{'s' if streams > 1 else ''}",
+            unit="MiB/s",
+            value=rate["tunnel"],
+            baseline=rate["direct"],
+            target=target,
+            note=_errors_note(errors),
+        ))
+    return figures
+
+
+def latency(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
+    """A new connection, a 64-byte request and its response: p50 and p99 of each side."""
+    samples: dict[str, list[float]] = {"tunnel": [], "direct": []}
+    errors = {"tunnel": 0, "direct": 0}
+    per_round = max(1, settings.latency_count // settings.rounds)
+    for round_ in range(settings.rounds):
+        for side, container in _sides(stack, round_):
+            log.info("latency: %d connections, %s", per_round, side)
+            with _watched(lab, side, "latency"):
+                report = lab.loadgen(container, "latency", SERVER_IP, ECHO_PORT, per_round, 50,
+                                     64, timeout=300)
+            samples[side] += [float(us) / 1000 for us in report["samples_us"]]
+            errors[side] += int(report["errors"])
+
+    def at(side: str, q: float) -> float | None:
+        return percentile(samples[side], q) if samples[side] else None
+
+    note = _errors_note(errors)
+    return [
+        Figure(section="latency", name="connect + 64 B request/response, p50", unit="ms",
+               value=at("tunnel", 0.5), baseline=at("direct", 0.5),
+               target=Target(text="added <= 0.5 ms", on="added", at_most=0.5), note=note),
+        Figure(section="latency", name="connect + 64 B request/response, p99", unit="ms",
+               value=at("tunnel", 0.99), baseline=at("direct", 0.99),
+               target=Target(text="added <= 2 ms", on="added", at_most=2.0), note=note),
+    ]
+
+
+def dns(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
+    """Queries through the sidecar for three kinds of name, against Docker's DNS for a compose one.
+
+    The sidecar's cache answers both cached kinds, so both carry the cached-answer targets.
+    """
+    app_server = lab.nameserver(stack.app)
+    peer_server = lab.nameserver(stack.peer)
+    unique = f"u{secrets.token_hex(3)}-%d.shop.svc.cluster.local"
+    cases = [
+        ("docker", "Docker's DNS, compose name", stack.peer, peer_server, "client", False),
+        ("local", "compose name via the sidecar", stack.app, app_server, "peer", True),
+        ("cached", "remote name, cached", stack.app, app_server, CLUSTER_NAME, True),
+        ("uncached", "remote name, uncached", stack.app, app_server, unique, False),
+    ]
+    latency_of: dict[str, dict[str, Any]] = {}
+    rate_of: dict[str, dict[str, Any]] = {}
+    for key, label, container, server, name, _ in cases:
+        side = "direct" if key == "docker" else "tunnel"
+        # One query first: the cached kinds are then answered from the cache.
+        lab.loadgen(container, "dns", server, name, 1, 0.2)
+        log.info("dns: %s, latency", label)
+        with _watched(lab, side, "dns"):
+            latency_of[key] = lab.loadgen(container, "dns", server, name, 1,
+                                          settings.dns_seconds, timeout=settings.dns_seconds + 60)
+        log.info("dns: %s, queries per second", label)
+        with _watched(lab, side, "dns"):
+            rate_of[key] = lab.loadgen(container, "dns", server, name, settings.dns_concurrency,
+                                       settings.dns_seconds, timeout=settings.dns_seconds + 60)
+
+    def qps(report: dict[str, Any]) -> float:
+        return float(report["answered"]) / float(report["seconds"])
+
+    def ms(report: dict[str, Any], field: str) -> float | None:
+        return float(report[field]) / 1000 if report["answered"] else None
+
+    docker_latency, docker_rate = latency_of["docker"], rate_of["docker"]
+    figures = []
+    for key, label, _, _, _, cached in cases[1:]:
+        lost = sum(int(r["timeouts"]) + int(r["failures"]) for r in (latency_of[key],
+                                                                       rate_of[key]))
+        note = f"{lost} queries unanswered or failed" if lost else ""
+        figures += [
+            Figure(section="dns", name=f"{label}, p50", unit="ms",
+                   value=ms(latency_of[key], "p50_us"), baseline=ms(docker_latency, "p50_us"),
+                   target=Target(text="<= 2x Docker's DNS", on="ratio", at_most=2.0)
+                   if cached else None, note=note),
+            Figure(section="dns", name=f"{label}, p99", unit="ms",
+                   value=ms(latency_of[key], "p99_us"), baseline=ms(docker_latency, "p99_us")),
+            Figure(section="dns", name=f"{label}, queries/s ({settings.dns_concurrency} at once)",
+                   unit="q/s", value=qps(rate_of[key]), baseline=qps(docker_rate),
+                   target=Target(text=">= 5,000 q/s", on="value", at_least=5000)
+                   if cached else None),
+        ]
+    return figures
+
+
+def concurrency(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
+    """Many connections open at once, traffic on all: errors, throughput, sidecar/agent memory."""
+    n = settings.connections
+    reports = {}
+    for side, container in _sides(stack, 0):
+        log.info("concurrency: %d connections, %s", n, side)
+        with _watched(lab, side, "concurrency"):
+            reports[side] = lab.loadgen(container, "hold", SERVER_IP, ECHO_PORT, n,
+                                        settings.hold_seconds, settings.hold_size,
+                                        timeout=settings.hold_seconds + 300)
+
+    def errors(side: str) -> float:
+        return float(reports[side]["connect_errors"]) + float(reports[side]["io_errors"])
+
+    def rate(side: str) -> float:
+        return float(reports[side]["bytes"]) / float(reports[side]["seconds"]) / MIB
+
+    use = lab.monitor.usage["concurrency"]
+    count = f"{n:,} connections"
+    return [
+        Figure(section="concurrency", name=f"errors, {count}", unit="", value=errors("tunnel"),
+               baseline=errors("direct"), target=Target(text="= 0", on="value", at_most=0)),
+        Figure(section="concurrency", name=f"echo throughput, {count}", unit="MiB/s",
+               value=rate("tunnel"), baseline=rate("direct")),
+        Figure(section="concurrency", name=f"time to open {count}", unit="s",
+               value=float(reports["tunnel"]["connect_seconds"]),
+               baseline=float(reports["direct"]["connect_seconds"])),
+        Figure(section="concurrency", name=f"sidecar RSS peak, {count}", unit="MiB",
+               value=use.rss_peak["sidecar"] / MIB,
+               target=Target(text="<= 150 MiB", on="value", at_most=150)),
+        Figure(section="concurrency", name=f"agent RSS peak, {count}", unit="MiB",
+               value=use.rss_peak["agent"] / MIB),
+    ]
+
+
+def startup(lab: Lab, settings: Settings) -> list[Figure]:
+    """`composemirror up -d` against plain `docker compose up -d`, images present; medians."""
+    log.info("start-up: one untimed round first (it builds any image that is missing)")
+    lab.composemirror("up", "-d")
+    lab.composemirror("down")
+    lab.compose("up", "-d")
+    lab.compose("down")
+    plain: list[float] = []
+    mirrored: list[float] = []
+    for repeat in range(settings.startup_repeats):
+        log.info("start-up: round %d of %d", repeat + 1, settings.startup_repeats)
+        plain.append(_timed(lambda: lab.compose("up", "-d"))[0])
+        lab.compose("down")
+        for _ in range(3):
+            seconds, result = _timed(lambda: lab.composemirror("up", "-d"))
+            lab.composemirror("down")
+            # Someone changed composemirror's code meanwhile: that up built images; time again.
+            if "building " not in result.stderr:
+                break
+            log.warning("start-up: composemirror built an image during a timed up; repeating")
+        mirrored.append(seconds)
+    repeats = f"median of {settings.startup_repeats}"
+    return [Figure(section="startup", name=f"up -d, {repeats}", unit="s", value=median(mirrored),
+                   baseline=median(plain),
+                   target=Target(text="added <= 3 s", on="added", at_most=3.0),
+                   note="baseline: docker compose up -d on the same file")]
+
+
+def memory(lab: Lab) -> list[Figure]:
+    """The sidecar's and the agent's resident memory idle, and after all the loads ran."""
+    idle_peak = lab.monitor.usage["idle"].rss_peak
+    after = lab.monitor.snapshot()
+    return [
+        Figure(section="memory", name="sidecar RSS, idle", unit="MiB",
+               value=idle_peak["sidecar"] / MIB,
+               target=Target(text="<= 50 MiB", on="value", at_most=50)),
+        Figure(section="memory", name="agent RSS, idle", unit="MiB",
+               value=idle_peak["agent"] / MIB),
+        Figure(section="memory", name="sidecar RSS after the loads", unit="MiB",
+               value=after["sidecar"] / MIB),
+        Figure(section="memory", name="agent RSS after the loads", unit="MiB",
+               value=after["agent"] / MIB),
+    ]
+
+
+def _timed(action: Callable[[], T]) -> tuple[float, T]:
+    """Wall time of `action()`, and what it returned."""
+    started = time.perf_counter()
+    result = action()
+    return time.perf_counter() - started, result
