@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from dnslib import QTYPE, RCODE, RR, SOA, A, DNSRecord
@@ -50,7 +50,7 @@ class FakeClient:
 class LocalTable(dns.Resolver):
     """Docker's DNS replaced by a table of compose names."""
 
-    local: dict[str, str] = {"db": "172.20.0.5", "web": "172.20.0.6"}
+    local: ClassVar[dict[str, str]] = {"db": "172.20.0.5", "web": "172.20.0.6"}
     asked_locally: list[str]
 
     async def ask_local(self, request: DNSRecord, alias_of: str | None = None) -> DNSRecord:
