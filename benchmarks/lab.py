@@ -263,6 +263,13 @@ class Lab:
                              f"{result.stdout!r} {result.stderr!r}") from e
         return report
 
+    def await_link(self) -> None:
+        """Wait until the sidecar's tunnel to the agent is up (after a drop it reconnects)."""
+        assert self.stack is not None
+        sidecar = self.stack.sidecar
+        wait_until("the sidecar's link to the agent", lambda: self._link(sidecar) == "connected",
+                   timeout=60)
+
     def nameserver(self, container: str) -> str:
         """The first nameserver of the container's resolv.conf: where its resolver asks."""
         text = docker("exec", container, "cat", "/etc/resolv.conf").stdout

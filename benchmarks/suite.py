@@ -52,8 +52,20 @@ class Settings:
                    startup_repeats=1, idle_seconds=1.0)
 
 
-def _watched(lab: Lab, side: str, load: str) -> AbstractContextManager[None]:
-    return lab.monitor.watch(load) if side == "tunnel" else nullcontext()
+def _measure(lab: Lab, side: str, container: str, load: str | None, *args: object,
+             timeout: float) -> dict[str, Any]:
+    """Run the load generator on one side; a tunnelled run is watched under `load` (if any).
+
+    A tunnelled run waits for the agent link first: an earlier load may have dropped it, and it
+    should cost that load, not this one.
+    """
+    watch: AbstractContextManager[None] = nullcontext()
+    if side == "tunnel":
+        lab.await_link()
+        if load is not None:
+            watch = lab.monitor.watch(load)
+    with watch:
+        return lab.loadgen(container, *args, timeout=timeout)
 
 
 def _sides(stack: Stack, round_: int) -> list[tuple[str, str]]:
@@ -91,9 +103,8 @@ def throughput(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
         for round_ in range(settings.rounds):
             for side, container in _sides(stack, round_):
                 log.info("throughput: %s, %d stream(s), %s", mode, streams, side)
-                with _watched(lab, side, "throughput"):
-                    report = lab.loadgen(container, mode, SERVER_IP, port, streams,
-                                         settings.seconds, timeout=settings.seconds + 120)
+                report = _measure(lab, side, container, "throughput", mode, SERVER_IP, port,
+                                  streams, settings.seconds, timeout=settings.seconds + 120)
                 moved[side] += int(report["bytes"])
                 took[side] += float(report["seconds"])
                 errors[side] += int(report["errors"])
@@ -119,9 +130,8 @@ def latency(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
     for round_ in range(settings.rounds):
         for side, container in _sides(stack, round_):
             log.info("latency: %d connections, %s", per_round, side)
-            with _watched(lab, side, "latency"):
-                report = lab.loadgen(container, "latency", SERVER_IP, ECHO_PORT, per_round, 50,
-                                     64, timeout=300)
+            report = _measure(lab, side, container, "latency", "latency", SERVER_IP, ECHO_PORT,
+                              per_round, 50, 64, timeout=300)
             samples[side] += [float(us) / 1000 for us in report["samples_us"]]
             errors[side] += int(report["errors"])
 
@@ -157,16 +167,15 @@ def dns(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
     rate_of: dict[str, dict[str, Any]] = {}
     for key, label, container, server, name, _ in cases:
         side = "direct" if key == "docker" else "tunnel"
-        # One query first: the cached kinds are then answered from the cache.
-        lab.loadgen(container, "dns", server, name, 1, 0.2)
+        # Queries first: the cached kinds are then answered from the cache.
+        _measure(lab, side, container, None, "dns", server, name, 1, 0.2, timeout=60)
         log.info("dns: %s, latency", label)
-        with _watched(lab, side, "dns"):
-            latency_of[key] = lab.loadgen(container, "dns", server, name, 1,
-                                          settings.dns_seconds, timeout=settings.dns_seconds + 60)
+        latency_of[key] = _measure(lab, side, container, "dns", "dns", server, name, 1,
+                                   settings.dns_seconds, timeout=settings.dns_seconds + 60)
         log.info("dns: %s, queries per second", label)
-        with _watched(lab, side, "dns"):
-            rate_of[key] = lab.loadgen(container, "dns", server, name, settings.dns_concurrency,
-                                       settings.dns_seconds, timeout=settings.dns_seconds + 60)
+        rate_of[key] = _measure(lab, side, container, "dns", "dns", server, name,
+                                settings.dns_concurrency, settings.dns_seconds,
+                                timeout=settings.dns_seconds + 60)
 
     def qps(report: dict[str, Any]) -> float:
         return float(report["answered"]) / float(report["seconds"])
@@ -201,10 +210,9 @@ def concurrency(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
     reports = {}
     for side, container in _sides(stack, 0):
         log.info("concurrency: %d connections, %s", n, side)
-        with _watched(lab, side, "concurrency"):
-            reports[side] = lab.loadgen(container, "hold", SERVER_IP, ECHO_PORT, n,
-                                        settings.hold_seconds, settings.hold_size,
-                                        timeout=settings.hold_seconds + 300)
+        reports[side] = _measure(lab, side, container, "concurrency", "hold", SERVER_IP,
+                                 ECHO_PORT, n, settings.hold_seconds, settings.hold_size,
+                                 timeout=settings.hold_seconds + 300)
 
     def errors(side: str) -> float:
         return float(reports[side]["connect_errors"]) + float(reports[side]["io_errors"])

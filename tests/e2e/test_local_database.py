@@ -183,7 +183,9 @@ def test_with_the_agent_stopped_remote_fails_fast_and_local_works(example: None)
         remote = exec_in(APP, ["curl", "-sS", "-m", "20", "http://10.96.0.21:8080/orders"])
         assert remote.returncode != 0
         assert time.monotonic() - started < 5
-        lookup = exec_in(APP, ["dig", "+time=10", "+tries=1", "orders.shop.svc.cluster.local"])
+        # A name not in the sidecar's cache (cached answers stay valid for their TTL).
+        fresh = f"new-{time.monotonic_ns()}.shop.svc.cluster.local"
+        lookup = exec_in(APP, ["dig", "+time=10", "+tries=1", fresh])
         assert "status: SERVFAIL" in lookup.stdout
         local = exec_in(APP, ["psql", DATABASE_URL, "-Atc", "SELECT count(*) FROM customers"])
         assert local.stdout.strip() == "3"

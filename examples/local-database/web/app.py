@@ -55,7 +55,7 @@ def report() -> str:
 
 
 class Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         if self.path == "/json":
             body = json.dumps({"customers": customers(), "orders": orders()}).encode()
         else:
