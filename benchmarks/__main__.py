@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     selected = _selection(args.only)
     settings = suite.Settings.quick() if args.quick else suite.Settings()
     started = time.monotonic()
+    load = os.getloadavg()
     figures: list[Figure] = []
     failed: list[str] = []
     usage: dict[str, Usage] = {}
@@ -83,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text_table(usage_rows(usage), USAGE_HEADER))
     if args.write_results:
         command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
-        RESULTS.write_text(results_document(figures=figures, usage=usage, machine=machine(),
+        RESULTS.write_text(results_document(figures=figures, usage=usage, machine=machine(load),
                                             command=command, parameters=asdict(settings)))
         log.info("wrote %s", RESULTS)
     return 1 if failed else 0

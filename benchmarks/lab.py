@@ -160,12 +160,29 @@ class Probe:
         return (int(fields[11]) + int(fields[12])) / self.ticks
 
 
+def host_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of all cores so far, from /proc/stat; zeros when unreadable."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0.0, 0.0
+    ticks = [int(value) for value in fields[:8]]
+    idle = ticks[3] + ticks[4]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - idle) / hz, sum(ticks) / hz
+
+
 class Monitor:
     """Samples the sidecar's and the agent's memory and CPU while a load runs."""
 
     def __init__(self, probes: Mapping[str, Probe]) -> None:
         self.probes = dict(probes)
         self.usage: dict[str, Usage] = {}
+        self.local = bool(probes) and all(probe.local for probe in probes.values())
+        """The engine runs on this machine: its /proc/stat tells how busy the engine's CPUs are."""
+
+    def host_cpu(self) -> tuple[float, float]:
+        return host_cpu() if self.local else (0.0, 0.0)
 
     def snapshot(self) -> dict[str, int]:
         return {role: probe.rss() for role, probe in self.probes.items()}
@@ -175,6 +192,7 @@ class Monitor:
         """Record peak RSS and CPU time of each probe while the block runs, under `load`."""
         peaks = self.snapshot()
         cpu_before = {role: probe.cpu() for role, probe in self.probes.items()}
+        host_before = self.host_cpu()
         started = time.monotonic()
         stop = threading.Event()
 
@@ -195,7 +213,9 @@ class Monitor:
             for role, value in self.snapshot().items():
                 peaks[role] = max(peaks[role], value)
             cpu = {role: probe.cpu() - cpu_before[role] for role, probe in self.probes.items()}
-            self.usage.setdefault(load, Usage()).add(peaks, cpu, wall)
+            host_after = self.host_cpu()
+            host = (host_after[0] - host_before[0], host_after[1] - host_before[1])
+            self.usage.setdefault(load, Usage()).add(peaks, cpu, wall, host)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -372,8 +392,8 @@ class Lab:
                 log.error("could not remove %s: %s", what, e)
 
 
-def machine() -> Machine:
-    """The machine and the code the figures were measured with."""
+def machine(load: Sequence[float]) -> Machine:
+    """The machine and the code the figures were measured with; `load` as the run began."""
     meminfo = Path("/proc/meminfo").read_text().split()
     memory = int(meminfo[meminfo.index("MemTotal:") + 1]) * 1024
     code = _output([*composemirror_command(), "--version"]) or "unknown version"
@@ -391,6 +411,7 @@ def machine() -> Machine:
         python=platform.python_version(),
         composemirror=code,
         date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        load=" ".join(f"{value:.2f}" for value in load),
     )
 
 

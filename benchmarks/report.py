@@ -91,13 +91,24 @@ class Usage:
     """Role -> CPU time (user + system) spent while the load ran."""
     wall_seconds: float = 0.0
     """How long the load ran (the sum of its watched periods)."""
+    host_busy: float = 0.0
+    """CPU time the whole machine spent busy meanwhile, in core-seconds (0 when unknown)."""
+    host_capacity: float = 0.0
+    """Core-seconds the machine had meanwhile: busy / capacity is how loaded it was."""
 
-    def add(self, rss: Mapping[str, int], cpu: Mapping[str, float], wall: float) -> None:
+    def add(self, rss: Mapping[str, int], cpu: Mapping[str, float], wall: float,
+            host: tuple[float, float] = (0.0, 0.0)) -> None:
         for role, value in rss.items():
             self.rss_peak[role] = max(self.rss_peak.get(role, 0), value)
         for role, seconds in cpu.items():
             self.cpu_seconds[role] = self.cpu_seconds.get(role, 0.0) + seconds
         self.wall_seconds += wall
+        self.host_busy += host[0]
+        self.host_capacity += host[1]
+
+    def host_percent(self) -> float | None:
+        """How busy the machine's CPUs were, all of them together, while the load ran."""
+        return 100.0 * self.host_busy / self.host_capacity if self.host_capacity > 0 else None
 
     def cpu_percent(self, role: str) -> float | None:
         if role not in self.cpu_seconds or self.wall_seconds <= 0:
@@ -118,6 +129,8 @@ class Machine:
     composemirror: str
     """Version and commit of the code measured."""
     date: str
+    load: str
+    """Load averages (1, 5, 15 min) as the run began: how much else the machine was doing."""
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -140,7 +153,7 @@ def number(value: float | None, unit: str = "") -> str:
     if value is None:
         return "-"
     size = abs(value)
-    if size >= 1000:
+    if size >= 1000 or (value.is_integer() and not unit):
         text = f"{value:,.0f}"
     elif size >= 100:
         text = f"{value:.0f}"
@@ -162,7 +175,7 @@ def rows(figures: Sequence[Figure]) -> list[tuple[str, ...]]:
     for section in SECTIONS:
         for figure in (f for f in figures if f.section == section):
             ratio = figure.ratio
-            result = " ".join(part for part in (figure.verdict, figure.note) if part)
+            result = "; ".join(part for part in (figure.verdict, figure.note) if part)
             table.append((
                 f"{section}: {figure.name}",
                 number(figure.value, figure.unit),
@@ -193,11 +206,13 @@ def markdown_table(cells: Sequence[Sequence[str]], header: Sequence[str]) -> str
     return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in cells)])
 
 
-USAGE_HEADER = ("load", "sidecar RSS peak", "agent RSS peak", "sidecar CPU", "agent CPU")
+USAGE_HEADER = ("load", "sidecar RSS peak", "agent RSS peak", "sidecar CPU", "agent CPU",
+                "machine CPU busy")
 
 
 def usage_rows(usage: Mapping[str, Usage]) -> list[tuple[str, ...]]:
-    """Resource use per load: peak resident memory, and CPU as % of one core while it ran."""
+    """Resource use per load: peak resident memory, CPU as % of one core while it ran, and how
+    busy all the machine's cores were meanwhile (a shared machine may be busy with other work)."""
     table = []
     for load, use in usage.items():
         cells = [load]
@@ -206,13 +221,15 @@ def usage_rows(usage: Mapping[str, Usage]) -> list[tuple[str, ...]]:
             cells.append(number(peak / MIB, "MiB") if peak is not None else "-")
         for role in ("sidecar", "agent"):
             cells.append(number(use.cpu_percent(role), "%"))
+        cells.append(number(use.host_percent(), "%"))
         table.append(tuple(cells))
     return table
 
 
 def summary(figures: Sequence[Figure]) -> str:
     """One line: how many targets passed, and which missed."""
-    targeted = [f for f in figures if f.target is not None]
+    targeted = [f for section in SECTIONS for f in figures
+                if f.section == section and f.target is not None]
     missed = [f"{f.section}: {f.name}" for f in targeted if not f.verdict.startswith("PASS")]
     line = f"targets: {len(targeted) - len(missed)} of {len(targeted)} PASS"
     return line + (f"; MISS: {'; '.join(missed)}" if missed else "")
@@ -239,7 +256,9 @@ METHOD = """\
   and of plain `docker compose up -d` on the same file, images present, each followed by its own
   `down`; alternating, median of {startup_repeats}.
 - **Memory**: VmRSS of PID 1 of the sidecar and the agent containers, sampled every 0.2 s; CPU is
-  user + system time of the same processes while each load ran, as % of one core.
+  user + system time of the same processes while each load ran, as % of one core, and "machine
+  CPU busy" is the share of all cores that were busy meanwhile (from /proc/stat: the load
+  generator, the servers, the kernel's network stack, and anything else running on the machine).
 """
 
 
@@ -266,6 +285,7 @@ def results_document(
         "",
         f"- {machine.cpus} CPUs, {memory_gib:.1f} GiB memory, Linux {machine.kernel}",
         f"- Docker engine {machine.engine}, Compose {machine.compose}, Python {machine.python}",
+        f"- load average {machine.load} (1, 5, 15 min) as the run began",
         f"- composemirror {machine.composemirror}",
         "",
         "## Results",

@@ -224,3 +224,26 @@ def test_original_destinations_are_read_from_the_kernel_formats() -> None:
             return sockaddr
 
     assert proxy.original_destination(Sock()) == ("10.96.0.21", 9999)  # type: ignore[arg-type]
+
+
+def test_cache_hits_echo_the_querys_id_rd_bit_and_letter_case() -> None:
+    tunnel = FakeTunnel({"orders.shop.svc.cluster.local": "10.96.0.21"})
+    r = resolver(tunnel)
+    ask(r, "orders.shop.svc.cluster.local")
+    query = DNSRecord.question("OrDeRs.Shop.svc.cluster.local")
+    query.header.id = 4242
+    query.header.rd = 0
+    reply = DNSRecord.parse(asyncio.run(r.answer(query.pack())))
+    assert reply.header.id == 4242 and reply.header.rd == 0 and reply.header.qr == 1
+    assert str(reply.q.qname) == "OrDeRs.Shop.svc.cluster.local."
+    assert addresses(reply) == ["10.96.0.21"]
+    assert tunnel.asked == ["orders.shop.svc.cluster.local"]
+    assert r.counters.dns_cached == 1
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\x00" * 11, b"\x12\x34\x81\x00" + b"\x00" * 13,
+                                     DNSRecord.question("a").pack()[:-3]])
+def test_garbage_never_reaches_the_cache_path(garbage: bytes) -> None:
+    assert dns.question_of(garbage) is None
+    reply = asyncio.run(resolver(FakeTunnel({})).answer(garbage))
+    assert len(reply) >= 2
