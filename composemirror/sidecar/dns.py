@@ -188,17 +188,23 @@ class Resolver:
             return Route.LOCAL
         return route_query(name, dns=self.dns_filter, outgoing=self.outgoing, scope=self.scope)
 
+    def cached(self, query: bytes) -> bytes | None:
+        """The response from the cache, synchronously, or None (then `answer` it)."""
+        parsed = question_of(query)
+        if parsed is None:
+            return None
+        end, key = parsed
+        wire = self.cache.wire(key)
+        reply = None if wire is None else splice(wire, query, end)
+        if reply is not None:
+            self.counters.dns_cached += 1
+        return reply
+
     async def answer(self, query: bytes) -> bytes:
         """The response to a raw query (always a response, never an exception)."""
-        parsed = question_of(query)
-        if parsed is not None:
-            end, key = parsed
-            cached = self.cache.wire(key)
-            if cached is not None:
-                reply = splice(cached, query, end)
-                if reply is not None:
-                    self.counters.dns_cached += 1
-                    return reply
+        cached = self.cached(query)
+        if cached is not None:
+            return cached
         try:
             request = DNSRecord.parse(query)
         except Exception:  # dnslib raises many kinds on garbage; answer FORMERR
@@ -315,13 +321,19 @@ class UdpServer(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        cached = self.resolver.cached(data)
+        if cached is not None and self.transport is not None:
+            self._send(cached, data, addr)
+            return
         task = asyncio.create_task(self._reply(data, addr))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
     async def _reply(self, data: bytes, addr: tuple[str, int]) -> None:
-        response = await self.resolver.answer(data)
-        if len(response) > 512 and len(response) > _udp_limit(data):
+        self._send(await self.resolver.answer(data), data, addr)
+
+    def _send(self, response: bytes, query: bytes, addr: tuple[str, int]) -> None:
+        if len(response) > 512 and len(response) > _udp_limit(query):
             response = _truncated(response)
         if self.transport is not None:
             self.transport.sendto(response, addr)
