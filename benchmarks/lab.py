@@ -18,18 +18,19 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from benchmarks.report import Machine, Usage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "benchmarks"
@@ -86,7 +87,8 @@ def docker(
     return run(["docker", *args], timeout=timeout, check=check)
 
 
-def wait_until(what: str, check: Any, *, timeout: float, interval: float = 0.25) -> Any:
+def wait_until(what: str, check: Callable[[], T], *, timeout: float,
+               interval: float = 0.25) -> T:
     """Poll `check()` until it returns something truthy; BenchError after `timeout` seconds."""
     retrying = Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(interval),
                         retry=retry_if_result(lambda value: not value))
@@ -236,8 +238,7 @@ class Stack:
 class Lab:
     """What the benchmarks run on; see the module docstring."""
 
-    def __init__(self, workdir: Path, loadgen: Path, base: str) -> None:
-        self.workdir = workdir
+    def __init__(self, loadgen: Path, base: str) -> None:
         self.loadgen_binary = loadgen
         self.base = base
         self.env = {**os.environ, BASE_ENV: base}
@@ -252,7 +253,7 @@ class Lab:
         if docker("info", check=False, timeout=30).returncode != 0:
             raise BenchError("no Docker engine answers: run scripts/setup (or start dockerd)")
         with tempfile.TemporaryDirectory(prefix="composemirror-bench-") as workdir:
-            lab = cls(Path(workdir), build_loadgen(Path(workdir)), base_image())
+            lab = cls(build_loadgen(Path(workdir)), base_image())
             try:
                 lab._prepare()
                 yield lab

@@ -180,7 +180,7 @@ def rows(figures: Sequence[Figure]) -> list[tuple[str, ...]]:
                 f"{section}: {figure.name}",
                 number(figure.value, figure.unit),
                 number(figure.baseline, figure.unit) if figure.baseline is not None else "-",
-                f"{ratio:.2f}x" if ratio is not None else "-",
+                number(ratio) + "x" if ratio is not None else "-",
                 figure.target.text if figure.target else "-",
                 result or "-",
             ))
