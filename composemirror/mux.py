@@ -77,7 +77,13 @@ class Handler(Protocol):
 
 
 class Endpoint(Protocol):
-    """One stream's local end: a `Bridge` or a `DatagramBridge`."""
+    """One stream's local end: a `Bridge`, a `DatagramBridge` or a UDP flow."""
+
+    def attach(self, tunnel: Tunnel, stream_id: int) -> None: ...
+
+    def opened(self) -> None: ...
+
+    def open_failed(self, failure: Failure, message: str) -> None: ...
 
     def deliver(self, data: bytes) -> None: ...
 
@@ -102,7 +108,6 @@ class Tunnel(asyncio.BufferedProtocol):
         self.handler = handler
         self.transport: asyncio.Transport | None = None
         self.endpoints: dict[int, Endpoint] = {}
-        self.opening: dict[int, asyncio.Future[None]] = {}
         self.answers: dict[int, asyncio.Future[bytes]] = {}
         self.query_ids = itertools.count(1)
         loop = asyncio.get_running_loop()
@@ -169,20 +174,16 @@ class Tunnel(asyncio.BufferedProtocol):
             self.transport.close()
         self._finish(reason)
 
-    async def open(self, proto: Proto, host: str, port: int, endpoint: Endpoint) -> int:
-        """Open a stream to host:port for `endpoint`; raises OpenFailed or TunnelClosed."""
+    def open(self, proto: Proto, host: str, port: int, endpoint: Endpoint) -> int:
+        """Ask the agent for a stream to host:port and attach `endpoint` to it at once: it may
+        send before the agent has connected (early data saves a round trip). The outcome
+        arrives as `endpoint.opened()` or `endpoint.open_failed()`. Raises TunnelClosed."""
         if not self.alive:
             raise TunnelClosed(self.done.result())
         stream_id = self.conn.open_stream(proto, host, port)
         self.endpoints[stream_id] = endpoint
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.opening[stream_id] = waiter
+        endpoint.attach(self, stream_id)
         self.flush()
-        try:
-            await waiter
-        except BaseException:
-            self.endpoints.pop(stream_id, None)
-            raise
         return stream_id
 
     async def query(self, payload: bytes) -> bytes:
@@ -229,51 +230,64 @@ class Tunnel(asyncio.BufferedProtocol):
 
     def dispatch(self, events: list[Event]) -> None:
         for event in events:
-            match event:
-                case DataReceived(stream_id, data):
+            try:
+                self._dispatch(event)
+            except Exception:
+                # A fault in one stream's handling must not take the others down with the
+                # tunnel: report it loudly, reset that stream, go on.
+                log.exception("handling %r failed", event)
+                stream_id = getattr(event, "stream_id", None)
+                if stream_id is not None:
                     endpoint = self.endpoints.get(stream_id)
-                    if endpoint is not None:
-                        endpoint.deliver(data)
-                case WindowUpdated(stream_id):
-                    endpoint = self.endpoints.get(stream_id)
-                    if endpoint is not None:
-                        endpoint.window_open()
-                case StreamEnded(stream_id):
-                    endpoint = self.endpoints.get(stream_id)
-                    if endpoint is not None:
-                        endpoint.peer_eof()
-                case StreamClosed(stream_id):
-                    endpoint = self.endpoints.pop(stream_id, None)
-                    if endpoint is not None:
-                        endpoint.stream_closed()
-                case StreamReset(stream_id, _):
-                    endpoint = self.endpoints.pop(stream_id, None)
+                    self.reset(stream_id)
                     if endpoint is not None:
                         endpoint.peer_reset()
-                case StreamOpened(stream_id):
-                    waiter = self.opening.pop(stream_id, None)
-                    if waiter is not None and not waiter.done():
-                        waiter.set_result(None)
-                case StreamFailed(stream_id, failure, message):
-                    self.endpoints.pop(stream_id, None)
-                    failed = self.opening.pop(stream_id, None)
-                    if failed is not None and not failed.done():
-                        failed.set_exception(OpenFailed(failure, message))
-                case DnsAnswerReceived(query_id, payload):
-                    answer = self.answers.get(query_id)
-                    if answer is not None and not answer.done():
-                        answer.set_result(payload)
-                case StreamRequested() if self.handler is not None:
-                    self.handler.stream_requested(self, event)
-                case DnsQueryReceived() if self.handler is not None:
-                    self.handler.dns_query(self, event)
-                case Authenticated():
-                    if not self.authenticated.done():
-                        self.authenticated.set_result(None)
-                case Rejected(reason):
-                    self.close(f"rejected: {reason}")
-                case PongReceived():
-                    pass
+
+    def _dispatch(self, event: Event) -> None:
+        match event:
+            case DataReceived(stream_id, data):
+                endpoint = self.endpoints.get(stream_id)
+                if endpoint is not None:
+                    endpoint.deliver(data)
+            case WindowUpdated(stream_id):
+                endpoint = self.endpoints.get(stream_id)
+                if endpoint is not None:
+                    endpoint.window_open()
+            case StreamEnded(stream_id):
+                endpoint = self.endpoints.get(stream_id)
+                if endpoint is not None:
+                    endpoint.peer_eof()
+            case StreamClosed(stream_id):
+                endpoint = self.endpoints.pop(stream_id, None)
+                if endpoint is not None:
+                    endpoint.stream_closed()
+            case StreamReset(stream_id, _):
+                endpoint = self.endpoints.pop(stream_id, None)
+                if endpoint is not None:
+                    endpoint.peer_reset()
+            case StreamOpened(stream_id):
+                endpoint = self.endpoints.get(stream_id)
+                if endpoint is not None:
+                    endpoint.opened()
+            case StreamFailed(stream_id, failure, message):
+                endpoint = self.endpoints.pop(stream_id, None)
+                if endpoint is not None:
+                    endpoint.open_failed(failure, message)
+            case DnsAnswerReceived(query_id, payload):
+                answer = self.answers.get(query_id)
+                if answer is not None and not answer.done():
+                    answer.set_result(payload)
+            case StreamRequested() if self.handler is not None:
+                self.handler.stream_requested(self, event)
+            case DnsQueryReceived() if self.handler is not None:
+                self.handler.dns_query(self, event)
+            case Authenticated():
+                if not self.authenticated.done():
+                    self.authenticated.set_result(None)
+            case Rejected(reason):
+                self.close(f"rejected: {reason}")
+            case PongReceived():
+                pass
 
     def _finish(self, reason: str) -> None:
         if self.done.done():
@@ -283,47 +297,59 @@ class Tunnel(asyncio.BufferedProtocol):
         if not self.authenticated.done():
             self.authenticated.set_exception(TunnelClosed(reason))
             self.authenticated.exception()  # read it, so an unawaited failure is not logged
-        for opening in self.opening.values():
-            if not opening.done():
-                opening.set_exception(TunnelClosed(reason))
         for answer in self.answers.values():
             if not answer.done():
                 answer.set_exception(TunnelClosed(reason))
-        self.opening.clear()
         endpoints, self.endpoints = self.endpoints, {}
         for endpoint in endpoints.values():
             endpoint.peer_reset()
 
 
 class Bridge(asyncio.Protocol):
-    """Relays one TCP socket to one tunnel stream. Starts paused until `start()`."""
+    """Relays one TCP socket to one tunnel stream.
 
-    def __init__(self, on_close: Any = None) -> None:
+    Life: `attach` binds it to a stream; `start` lets the socket's bytes flow into the stream
+    (the client starts at once, the agent once its connection is up). Bytes the peer sends
+    before the socket exists (early data, on the agent) are kept and written when it does.
+    """
+
+    def __init__(self) -> None:
         self.tunnel: Tunnel | None = None
         self.stream_id = 0
         self.transport: asyncio.Transport | None = None
         self.pending: deque[memoryview] = deque()
         self.eof_pending = False
+        self.eof_seen = False
+        self.early: list[bytes] = []
+        self.early_eof = False
         self.paused: set[str] = {"opening"}
         self.socket_full = False
         self.owed = 0
         self.finished = False
-        self.sent = 0
-        self.received = 0
-        self.on_close = on_close
+        self.started = False
 
-    def start(self, tunnel: Tunnel, stream_id: int) -> None:
-        """The stream is open: relay from now on, beginning with what arrived meanwhile."""
+    def attach(self, tunnel: Tunnel, stream_id: int) -> None:
         self.tunnel, self.stream_id = tunnel, stream_id
+
+    def start(self) -> None:
+        """Relay from the socket into the stream, beginning with what arrived meanwhile."""
+        assert self.tunnel is not None
+        self.started = True
         if self.finished:
-            tunnel.reset(stream_id)
+            self.tunnel.reset(self.stream_id)
             if self.transport is not None:
                 reset_transport(self.transport)
             return
-        if tunnel.writing_paused:
+        if self.tunnel.writing_paused:
             self.paused.add("tunnel")
         self.paused.discard("opening")
         self.window_open()
+
+    def opened(self) -> None:
+        pass
+
+    def open_failed(self, failure: Failure, message: str) -> None:
+        self.peer_reset()
 
     # -- socket side -------------------------------------------------------------------------
 
@@ -332,23 +358,32 @@ class Bridge(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(high=SOCKET_HIGH_WATER)
         self._apply_pause()
+        if self.early:
+            early, self.early = self.early, []
+            for data in early:
+                self.deliver(data)
+        if self.early_eof:
+            self.peer_eof()
 
     def data_received(self, data: bytes) -> None:
-        self.sent += len(data)
-        if self.tunnel is None or self.pending:
+        if not self.started or self.pending:
             # Python 3.11 may deliver data although reading was paused in connection_made.
             self.pending.append(memoryview(data))
             self._apply_pause(force=True)
             return
+        assert self.tunnel is not None
         taken = self.tunnel.send(self.stream_id, data)
         if taken < len(data):
             self.pending.append(memoryview(data)[taken:])
             self.pause_source("window")
 
     def eof_received(self) -> bool:
-        if self.tunnel is None or self.pending:
+        if self.eof_seen:
+            return True  # a reader re-armed after EOF reports it again
+        self.eof_seen = True
+        if not self.started or self.pending:
             self.eof_pending = True
-        else:
+        elif self.tunnel is not None:
             self.tunnel.send_eof(self.stream_id)
         return True  # keep the socket open for the other direction (half-close)
 
@@ -367,14 +402,14 @@ class Bridge(asyncio.Protocol):
             self.finished = True
             if self.tunnel is not None:
                 self.tunnel.reset(self.stream_id)
-        if self.on_close is not None:
-            self.on_close(self)
 
     # -- tunnel side -------------------------------------------------------------------------
 
     def deliver(self, data: bytes) -> None:
-        assert self.transport is not None and self.tunnel is not None
-        self.received += len(data)
+        if self.transport is None:
+            self.early.append(data)  # acknowledged once the socket has taken it
+            return
+        assert self.tunnel is not None
         self.transport.write(data)
         if self.socket_full:
             self.owed += len(data)
@@ -382,6 +417,8 @@ class Bridge(asyncio.Protocol):
             self.tunnel.acknowledge(self.stream_id, len(data))
 
     def window_open(self) -> None:
+        if not self.started:
+            return
         assert self.tunnel is not None
         while self.pending:
             chunk = self.pending[0]
@@ -396,7 +433,9 @@ class Bridge(asyncio.Protocol):
         self.resume_source("window")
 
     def peer_eof(self) -> None:
-        if self.transport is not None and self.transport.can_write_eof():
+        if self.transport is None:
+            self.early_eof = True
+        elif self.transport.can_write_eof():
             self.transport.write_eof()
 
     def peer_reset(self) -> None:
@@ -419,7 +458,7 @@ class Bridge(asyncio.Protocol):
 
     def _apply_pause(self, *, force: bool = False) -> None:
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self.eof_seen:
             return
         if self.paused:
             if force and not transport.is_reading():
@@ -439,11 +478,22 @@ class DatagramBridge(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.last_active = time.monotonic()
         self.backlog: deque[bytes] = deque(maxlen=64)
+        self.started = False
 
-    def start(self, tunnel: Tunnel, stream_id: int) -> None:
+    def attach(self, tunnel: Tunnel, stream_id: int) -> None:
         self.tunnel, self.stream_id = tunnel, stream_id
+
+    def start(self) -> None:
+        assert self.tunnel is not None
         while self.backlog:
-            tunnel.send(stream_id, self.backlog.popleft())
+            self.tunnel.send(self.stream_id, self.backlog.popleft())
+        self.started = True
+
+    def opened(self) -> None:
+        pass
+
+    def open_failed(self, failure: Failure, message: str) -> None:
+        self.peer_reset()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Python 3.11's selector datagram transport is not a DatagramTransport subclass.
@@ -451,7 +501,7 @@ class DatagramBridge(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.last_active = time.monotonic()
-        if self.tunnel is None:
+        if not self.started or self.tunnel is None:
             self.backlog.append(data)
         elif self.tunnel.alive:
             self.tunnel.send(self.stream_id, data)

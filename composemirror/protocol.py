@@ -438,8 +438,9 @@ class Connection:
     def open_stream(self, proto: Proto, host: str, port: int) -> int:
         """CLIENT: queue OPEN for host:port and return the new stream id.
 
-        Wait for StreamOpened (or StreamFailed) before sending data. Raises ValueError for an
-        invalid host or port.
+        Data and EOF may follow at once, before StreamOpened ("early data", which saves a round
+        trip): the agent holds them until its connection is up, and drops them if the open
+        fails (StreamFailed). Raises ValueError for an invalid host or port.
         """
         self._require_open("open_stream")
         if not self._is_client:
@@ -655,7 +656,7 @@ class Connection:
             if self._is_stale(stream_id):
                 raise ProtocolError(f"{what}: stream {stream_id} is closed or reset")
             raise ProtocolError(f"{what}: stream {stream_id} was never opened")
-        if not stream.opened:
+        if not stream.opened and not self._is_client:
             raise ProtocolError(f"{what}: stream {stream_id} is not open yet")
         if stream.local_eof:
             raise ProtocolError(f"{what}: EOF already sent on stream {stream_id}")
@@ -761,7 +762,8 @@ class Connection:
             # Late DATA after a reset or close is a normal race; a never-opened id is not.
             self._known_stream(stream_id, "DATA")
             return
-        if not stream.opened:
+        if not stream.opened and self._is_client:
+            # The agent may not send before OPENED; the client may (early data).
             raise ProtocolError(f"DATA on stream {stream_id} before it was opened")
         if stream.remote_eof:
             raise ProtocolError(f"DATA on stream {stream_id} after EOF")
@@ -803,7 +805,7 @@ class Connection:
         stream = self._known_stream(stream_id, "EOF")
         if stream is None:
             return
-        if not stream.opened:
+        if not stream.opened and self._is_client:
             raise ProtocolError(f"EOF on stream {stream_id} before it was opened")
         if stream.remote_eof:
             raise ProtocolError(f"second EOF on stream {stream_id}")

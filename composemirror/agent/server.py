@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from composemirror.agent.resolver import Resolver
-from composemirror.mux import Bridge, DatagramBridge, Tunnel
+from composemirror.mux import Bridge, DatagramBridge, Tunnel, reset_transport
 from composemirror.protocol import (
     Connection,
     DnsQueryReceived,
@@ -75,17 +75,20 @@ class Agent:
     async def _open(self, tunnel: Tunnel, event: StreamRequested) -> None:
         loop = asyncio.get_running_loop()
         stream_id = event.stream_id
+        endpoint: Bridge | DatagramBridge
+        endpoint = Bridge() if event.proto == Proto.TCP else DatagramBridge()
+        # Registered before connecting: early data from the client waits in it.
+        endpoint.attach(tunnel, stream_id)
+        tunnel.endpoints[stream_id] = endpoint
         try:
-            if event.proto == Proto.TCP:
-                bridge = Bridge()
-                tunnel.endpoints[stream_id] = bridge
+            if isinstance(endpoint, Bridge):
+                bridge = endpoint
                 await asyncio.wait_for(
                     loop.create_connection(lambda: bridge, event.host, event.port),
                     CONNECT_TIMEOUT,
                 )
             else:
-                datagrams = DatagramBridge()
-                tunnel.endpoints[stream_id] = datagrams
+                datagrams = endpoint
                 await loop.create_datagram_endpoint(lambda: datagrams,
                                                     remote_addr=(event.host, event.port))
         except Exception as e:  # every way a connect can fail is reported to the client
@@ -96,15 +99,18 @@ class Agent:
                 tunnel.conn.fail_stream(stream_id, failure, message)
                 tunnel.flush()
             return
+        if isinstance(endpoint, Bridge) and (endpoint.finished or not tunnel.alive):
+            # The client reset the stream, or the tunnel went, while we connected.
+            if endpoint.transport is not None:
+                reset_transport(endpoint.transport)
+            return
         if not tunnel.alive:
             return
         tunnel.conn.accept_stream(stream_id)
         tunnel.flush()
-        if event.proto == Proto.TCP:
-            bridge.start(tunnel, stream_id)
-        else:
-            datagrams.start(tunnel, stream_id)
-            self._spawn(_expire(datagrams))
+        endpoint.start()
+        if isinstance(endpoint, DatagramBridge):
+            self._spawn(_expire(endpoint))
 
     async def _answer(self, tunnel: Tunnel, event: DnsQueryReceived) -> None:
         answer = await self.resolver.resolve(event.payload)

@@ -15,8 +15,8 @@ import socket
 import struct
 
 from composemirror.filters import Filter, Route, Scope, route_connection
-from composemirror.mux import Bridge, OpenFailed, TunnelClosed, reset_transport
-from composemirror.protocol import Proto
+from composemirror.mux import Bridge, TunnelClosed, reset_transport
+from composemirror.protocol import Failure, Proto
 from composemirror.sidecar.dns import Book, Resolver
 from composemirror.sidecar.status import Counters
 from composemirror.sidecar.tunnel import TunnelClient
@@ -60,7 +60,8 @@ class Proxy:
     def accept(self) -> AppConnection:
         return AppConnection(self)
 
-    async def route(self, app: AppConnection) -> None:
+    def route(self, app: AppConnection) -> None:
+        """Decide where a new connection goes; remote ones are on their way before returning."""
         assert app.transport is not None
         try:
             address, port = original_destination(app.transport.get_extra_info("socket"))
@@ -69,32 +70,34 @@ class Proxy:
             return
         known = self.book.lookup(address)
         name = known[0] if known else None
-        decision = route_connection(self.outgoing, name=name, address=ipaddress.ip_address(address),
-                                    port=port, protocol="tcp", scope=self.scope)
+        decision = route_connection(self.outgoing, name=name,
+                                    address=ipaddress.ip_address(address), port=port,
+                                    protocol="tcp", scope=self.scope)
         log.debug("%s:%s (%s) -> %s", address, port, name or "no name", decision)
         if decision == Route.REMOTE:
-            await self._remote(app, address, port)
+            self._remote(app, address, port)
         else:
-            if known and known[1] == Route.REMOTE:
-                # The address is the cluster's; locally the name may mean something else.
-                address = await self.resolver.local_address(known[0]) or address
-            await self._local(app, address, port)
+            task = asyncio.create_task(self._local(app, address, port, known))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
-    async def _remote(self, app: AppConnection, address: str, port: int) -> None:
+    def _remote(self, app: AppConnection, address: str, port: int) -> None:
         assert app.transport is not None
         try:
-            tunnel = self.tunnels.current()
-            stream_id = await tunnel.open(Proto.TCP, address, port, app)
-        except (OpenFailed, TunnelClosed) as e:
+            self.tunnels.current().open(Proto.TCP, address, port, app)
+        except TunnelClosed as e:
             log.info("remote %s:%s failed: %s", address, port, e)
             self.counters.tcp_failed += 1
             reset_transport(app.transport)
             return
-        self.counters.tcp_remote += 1
-        app.start(tunnel, stream_id)
+        app.start()  # the app's first bytes go with the request (early data)
 
-    async def _local(self, app: AppConnection, address: str, port: int) -> None:
+    async def _local(self, app: AppConnection, address: str, port: int,
+                     known: tuple[str, Route] | None) -> None:
         assert app.transport is not None
+        if known and known[1] == Route.REMOTE:
+            # The address is the cluster's; locally the name may mean something else.
+            address = await self.resolver.local_address(known[0]) or address
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
@@ -107,14 +110,24 @@ class Proxy:
             self.counters.tcp_failed += 1
             reset_transport(app.transport)
             return
+        if app.finished or app.transport.is_closing():
+            sock.close()  # the app gave up meanwhile
+            return
         self.counters.tcp_local += 1
         near = Pipe()
         far = Pipe()
         near.peer, far.peer = far, near
+        await loop.create_connection(lambda: far, sock=sock)
+        assert far.transport is not None
+        # What the app sent while we connected waits in its bridge; it goes first.
+        for chunk in app.pending:
+            far.transport.write(chunk)
         app.transport.set_protocol(near)
         near.connection_made(app.transport)
-        await loop.create_connection(lambda: far, sock=sock)
-        near.transport_resume()
+        if app.eof_pending:
+            near.eof_received()
+        else:
+            near.transport_resume()
 
 
 class AppConnection(Bridge):
@@ -126,9 +139,15 @@ class AppConnection(Bridge):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        task = asyncio.create_task(self.proxy.route(self))
-        self.proxy.tasks.add(task)
-        task.add_done_callback(self.proxy.tasks.discard)
+        self.proxy.route(self)
+
+    def opened(self) -> None:
+        self.proxy.counters.tcp_remote += 1
+
+    def open_failed(self, failure: Failure, message: str) -> None:
+        log.info("remote connection failed: %s", message or failure.name.lower())
+        self.proxy.counters.tcp_failed += 1
+        super().open_failed(failure, message)
 
 
 class Pipe(asyncio.Protocol):

@@ -17,12 +17,10 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Coroutine
-from typing import Any
 
 from composemirror.filters import Filter, Route, Scope, route_connection
-from composemirror.mux import OpenFailed, Tunnel, TunnelClosed
-from composemirror.protocol import Proto
+from composemirror.mux import Tunnel, TunnelClosed
+from composemirror.protocol import Failure, Proto
 from composemirror.sidecar.dns import Book, Resolver
 from composemirror.sidecar.status import Counters
 from composemirror.sidecar.tunnel import TunnelClient
@@ -187,11 +185,22 @@ class RemoteFlow(Flow):
         self.tunnel: Tunnel | None = None
         self.stream_id = 0
 
-    def start(self, tunnel: Tunnel, stream_id: int) -> None:
-        """The stream is open: send what arrived meanwhile, then relay."""
+    # -- mux.Endpoint --------------------------------------------------------------------------
+
+    def attach(self, tunnel: Tunnel, stream_id: int) -> None:
+        """Bound to its stream: datagrams go at once (the agent holds them until connected)."""
         self.tunnel, self.stream_id = tunnel, stream_id
         while self.pending:
             tunnel.send(stream_id, self.pending.popleft())
+
+    def opened(self) -> None:
+        self.proxy.counters.udp_remote += 1
+
+    def open_failed(self, failure: Failure, message: str) -> None:
+        log.info("remote udp %s:%s failed: %s", *self.original, message or failure.name.lower())
+        self.tunnel = None
+        self.proxy.counters.udp_failed += 1
+        self.close()
 
     def forward(self, data: bytes) -> None:
         if self.tunnel is None:
@@ -203,8 +212,6 @@ class RemoteFlow(Flow):
         tunnel, self.tunnel = self.tunnel, None
         if tunnel is not None:
             tunnel.reset(self.stream_id)
-
-    # -- mux.Endpoint --------------------------------------------------------------------------
 
     def deliver(self, data: bytes) -> None:
         self.to_app(data)
@@ -373,33 +380,17 @@ class UdpProxy:
             log.warning("udp %s:%s: cannot answer the app from there: %s", address, port, e)
             self.counters.udp_failed += 1
             return None
-        flow: Flow
-        opening: Coroutine[Any, Any, None]
         if tunnel is not None:
-            flow = RemoteFlow(self, app, original, reply)
-            opening = self._remote(flow, tunnel)
-        else:
-            flow = LocalFlow(self, app, original, reply)
-            opening = self._local(flow, known)
-        self.flows[flow.key] = flow
-        task = asyncio.create_task(opening)
+            remote = RemoteFlow(self, app, original, reply)
+            self.flows[remote.key] = remote
+            tunnel.open(Proto.UDP, address, port, remote)
+            return remote
+        local = LocalFlow(self, app, original, reply)
+        self.flows[local.key] = local
+        task = asyncio.create_task(self._local(local, known))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return flow
-
-    async def _remote(self, flow: RemoteFlow, tunnel: Tunnel) -> None:
-        address, port = flow.original
-        try:
-            stream_id = await tunnel.open(Proto.UDP, address, port, flow)
-        except (OpenFailed, TunnelClosed) as e:
-            log.info("remote udp %s:%s failed: %s", address, port, e)
-            self._failed(flow)
-            return
-        if flow.closed:
-            tunnel.reset(stream_id)
-            return
-        self.counters.udp_remote += 1
-        flow.start(tunnel, stream_id)
+        return local
 
     async def _local(self, flow: LocalFlow, known: tuple[str, Route] | None) -> None:
         address, port = flow.original

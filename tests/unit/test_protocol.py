@@ -428,15 +428,31 @@ def test_data_after_peer_eof_is_an_error(pair: Pair) -> None:
         pair.agent.receive_data(frame(FrameType.DATA, sid, b"x"))
 
 
-def test_send_before_opened_is_an_error(pair: Pair) -> None:
+def test_client_sends_early_data_and_the_agent_may_not(pair: Pair) -> None:
     sid = pair.client.open_stream(Proto.TCP, "10.0.0.9", 22)
-    with pytest.raises(ProtocolError, match="not open yet"):
-        pair.client.send_data(sid, b"SSH-2.0")
-    with pytest.raises(ProtocolError, match="not open yet"):
-        pair.client.send_eof(sid)
-    pair.pump()
+    assert pair.client.send_data(sid, b"SSH-2.0") == 7
+    pair.client.send_eof(sid)
+    events = pair.agent.receive_data(pair.client.data_to_send())
+    assert events == [StreamRequested(sid, Proto.TCP, "10.0.0.9", 22),
+                      DataReceived(sid, b"SSH-2.0"), StreamEnded(sid)]
+    pair.agent.acknowledge(sid, 7)
     with pytest.raises(ProtocolError, match="not open yet"):
         pair.agent.send_data(sid, b"SSH-2.0")
+    pair.agent.accept_stream(sid)
+    assert pair.agent.send_data(sid, b"hi") == 2
+
+
+def test_early_data_of_a_failed_open_is_dropped(pair: Pair) -> None:
+    sid = pair.client.open_stream(Proto.TCP, "10.0.0.9", 22)
+    pair.client.send_data(sid, b"early")
+    pair.pump()
+    pair.agent.fail_stream(sid, Failure.REFUSED, "refused")
+    late = frame(FrameType.DATA, sid, b"late")  # sent before the client learned of it
+    assert pair.agent.receive_data(late) == []
+    events = pair.client.receive_data(pair.agent.data_to_send())
+    assert events == [StreamFailed(sid, Failure.REFUSED, "refused")]
+    with pytest.raises(ProtocolError, match="closed or reset"):
+        pair.client.send_data(sid, b"more")
 
 
 @pytest.mark.parametrize("failure", list(Failure))
@@ -966,6 +982,7 @@ class Model:
     seen_by_agent: set[int] = field(default_factory=set)
     udp: set[int] = field(default_factory=set)
     reset: set[int] = field(default_factory=set)
+    failed: set[int] = field(default_factory=set)
     sent: dict[tuple[str, int], list[bytes]] = field(default_factory=dict)
     received: dict[tuple[str, int], list[bytes]] = field(default_factory=dict)
     unacked: dict[str, dict[int, int]] = field(default_factory=lambda: {"client": {}, "agent": {}})
@@ -995,9 +1012,11 @@ class Model:
             elif isinstance(event, StreamFailed):
                 assert side == "client"
                 assert not view.pop(event.stream_id).opened
+                self.failed.add(event.stream_id)
             elif isinstance(event, DataReceived):
                 stream = view[event.stream_id]
-                assert stream.opened and not stream.eof_received
+                # The client may send before OPENED (early data); the agent may not.
+                assert (stream.opened or side == "agent") and not stream.eof_received
                 self.received.setdefault((side, event.stream_id), []).append(event.data)
                 if not stream.udp:
                     assert event.data
@@ -1096,6 +1115,7 @@ class Model:
             else:
                 agent.fail_stream(sid, failure, "failed")
                 del self.views["agent"][sid]
+                self.failed.add(sid)
             return
         side = op.side
         conn = self.conn(side)
@@ -1112,7 +1132,10 @@ class Model:
             else:
                 self.expect_error(conn.reset_stream, sid)
             return
-        usable = view is not None and view.opened and not view.eof_sent
+        # The client may send as soon as it opened a stream (early data); the agent once it
+        # accepted it.
+        usable = (view is not None and (view.opened or side == "client")
+                  and not view.eof_sent)
         if kind == "send":
             size = op.size
             self.counter += 1
@@ -1189,12 +1212,12 @@ def test_random_operations_round_trip(ops: list[Op], initial_window: int) -> Non
             if sid in model.udp:
                 # Datagram boundaries survive; a reset may cut the tail off.
                 assert got == sent[: len(got)]
-                if sid not in model.reset:
+                if sid not in model.reset | model.failed:
                     assert got == sent
             else:
                 sent_bytes, got_bytes = b"".join(sent), b"".join(got)
                 assert sent_bytes.startswith(got_bytes)
-                if sid not in model.reset:
+                if sid not in model.reset | model.failed:
                     assert got_bytes == sent_bytes
         assert model.pongs[side] == model.pings.get("sent-" + side, [])
         assert model.pings[peer] == model.pings.get("sent-" + side, [])

@@ -18,7 +18,7 @@ from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
 from composemirror.agent.resolver import ResolvConf, Resolver, candidates, parse_resolv_conf
 from composemirror.agent.server import Agent
-from composemirror.mux import Bridge, OpenFailed, Tunnel, TunnelClosed, reset_transport
+from composemirror.mux import Bridge, OpenFailed, Tunnel, reset_transport
 from composemirror.protocol import Connection, Failure, Proto, Role, new_key
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -31,22 +31,25 @@ class Harness:
     def __init__(self, tunnel: Tunnel, target: tuple[str, int]) -> None:
         self.tunnel = tunnel
         self.target = target
-        self.failures: list[BaseException] = []
+        self.failures: list[OpenFailed] = []
 
-    def accept(self) -> Bridge:
-        bridge = Bridge()
-        asyncio.get_running_loop().create_task(self._open(bridge))
-        return bridge
+    def accept(self) -> AppSide:
+        return AppSide(self)
 
-    async def _open(self, bridge: Bridge) -> None:
-        try:
-            stream_id = await self.tunnel.open(Proto.TCP, *self.target, bridge)
-        except (OpenFailed, TunnelClosed) as e:
-            self.failures.append(e)
-            assert bridge.transport is not None
-            reset_transport(bridge.transport)
-            return
-        bridge.start(self.tunnel, stream_id)
+
+class AppSide(Bridge):
+    def __init__(self, rig: Harness) -> None:
+        super().__init__()
+        self.rig = rig
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.rig.tunnel.open(Proto.TCP, *self.rig.target, self)
+        self.start()
+
+    def open_failed(self, failure: Failure, message: str) -> None:
+        self.rig.failures.append(OpenFailed(failure, message))
+        super().open_failed(failure, message)
 
 
 @contextlib.asynccontextmanager
@@ -151,9 +154,7 @@ def test_refusal_reaches_the_client_as_a_failed_open(tmp_path: Path) -> None:
             reader, _ = await asyncio.open_connection("127.0.0.1", port)
             with pytest.raises(ConnectionResetError):
                 await reader.read()
-            assert len(rig.failures) == 1
-            failure = rig.failures[0]
-            assert isinstance(failure, OpenFailed) and failure.failure == Failure.REFUSED
+            assert [f.failure for f in rig.failures] == [Failure.REFUSED]
 
     run(scenario())
 
@@ -253,3 +254,36 @@ def test_resolv_conf_is_read_as_the_libc_reads_it() -> None:
     assert conf == ResolvConf(nameservers=("127.0.0.11", "10.96.0.10"),
                               search=("a.local", "b.local"), ndots=5, timeout=1.0, attempts=3)
     assert parse_resolv_conf("").nameservers == ("127.0.0.1",)
+
+
+def test_a_server_that_speaks_first_is_heard(tmp_path: Path) -> None:
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 ready\r\n")  # arrives with (or before) the agent's OPENED
+        await writer.drain()
+        line = await reader.readline()
+        writer.write(b"250 " + line)
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> None:
+        async with harness(tmp_path, greet) as (rig, port):
+            for _ in range(20):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                assert await reader.readline() == b"220 ready\r\n"
+                writer.write(b"HELO\r\n")
+                assert await reader.read() == b"250 HELO\r\n"
+                writer.close()
+            assert rig.tunnel.alive
+
+    run(scenario())
+
+
+def test_early_data_reaches_a_server_that_waits_for_the_client(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with harness(tmp_path, echo_then_close) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"x" * 64)  # sent before the agent has connected upstream
+            writer.write_eof()
+            assert (await reader.read()).startswith(b"64 ")
+
+    run(scenario())
