@@ -21,8 +21,6 @@ from typing import Any
 
 import docker
 import docker.errors
-from python_on_whales import DockerClient
-from python_on_whales.exceptions import DockerException
 
 from composemirror.errors import ConfigError, EngineError
 
@@ -132,6 +130,10 @@ def compose_model(project: ComposeProject) -> dict[str, Any]:
 
 def compose_down(project: ComposeProject, *, volumes: bool) -> None:
     """`docker compose down --remove-orphans [-v]` for a project (files optional)."""
+    # Imported here: python-on-whales (and pydantic) add a tenth of a second to every command.
+    from python_on_whales import DockerClient
+    from python_on_whales.exceptions import DockerException
+
     whales = DockerClient(
         compose_files=list(project.files),
         compose_project_name=project.name,
@@ -282,6 +284,7 @@ def _container(attrs: Mapping[str, Any]) -> Container:
     )
 
 
-def _compose_message(error: DockerException) -> str:
+def _compose_message(error: Any) -> str:
+    """What compose printed for a python-on-whales DockerException."""
     stderr = error.stderr.decode("utf-8", "replace") if isinstance(error.stderr, bytes) else ""
     return stderr.strip() or str(error)

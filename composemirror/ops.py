@@ -180,9 +180,10 @@ def up(
     for notice in rendered.notices:
         progress(notice)
     progress(f"target: {rendered.attachment.description}")
-    if rendered.attachment.backend == "sandbox":
+    environment = {images.BASE_ENV: rendered.base_image}
+    if rendered.attachment.backend == "sandbox" and not sandbox.is_up(environment):
         progress("starting the sandbox cluster")
-        sandbox.ensure_up({images.BASE_ENV: rendered.base_image})
+        sandbox.ensure_up(environment)
     ensure_images(rendered.images, force=build, progress=progress)
     args = ["up", *(["--detach"] if detach else []), *(["--build"] if build else []), *services]
     code = engine.compose_run(rendered.compose_project(), args)

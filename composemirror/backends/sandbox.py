@@ -8,8 +8,10 @@ so rendering needs nothing running. `ensure_up` starts the sandbox when `up` nee
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import composemirror
 from composemirror import engine
@@ -36,7 +38,7 @@ def attach(target: Target, namespace: str | None, environment: Mapping[str, str]
         raise ClusterError("the sandbox cluster runs targeted sessions only",
                            hint="set `target: deployment/checkout` with `namespace: shop`")
     wanted = f"{target.kind}/{target.name}"
-    model = engine.compose_model(project(environment))
+    model = _model(tuple(environment.items()))
     available = []
     for name, service in model.get("services", {}).items():
         labels = service.get("labels") or {}
@@ -59,6 +61,17 @@ def attach(target: Target, namespace: str | None, environment: Mapping[str, str]
     )
 
 
+def is_up(environment: Mapping[str, str]) -> bool:
+    """Whether every workload of the sandbox runs (and is healthy where it has a check)."""
+    services = set(_model(tuple(environment.items())).get("services", {}))
+    running = {
+        c.labels.get("com.docker.compose.service")
+        for c in engine.containers({"com.docker.compose.project": PROJECT})
+        if c.state == "running" and c.health in (None, "healthy")
+    }
+    return services <= running
+
+
 def ensure_up(environment: Mapping[str, str]) -> None:
     """Start (or update) the sandbox and wait until its workloads are healthy."""
     code = engine.compose_run(project(environment), ["up", "--detach", "--wait"])
@@ -66,6 +79,11 @@ def ensure_up(environment: Mapping[str, str]) -> None:
         raise ClusterError("the sandbox cluster did not start",
                            hint="see compose's output above; `composemirror sandbox down` "
                                 "removes it")
+
+
+@functools.cache
+def _model(environment: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    return engine.compose_model(project(dict(environment)))
 
 
 def down() -> None:
