@@ -67,19 +67,21 @@ class Agent:
         return server
 
     def stream_requested(self, tunnel: Tunnel, event: StreamRequested) -> None:
-        self._spawn(self._open(tunnel, event))
+        endpoint: Bridge | DatagramBridge
+        endpoint = Bridge() if event.proto == Proto.TCP else DatagramBridge()
+        # Registered now, before connecting: early data in the same read waits in it.
+        endpoint.attach(tunnel, event.stream_id)
+        tunnel.endpoints[event.stream_id] = endpoint
+        self._spawn(self._open(tunnel, event, endpoint))
 
     def dns_query(self, tunnel: Tunnel, event: DnsQueryReceived) -> None:
         self._spawn(self._answer(tunnel, event))
 
-    async def _open(self, tunnel: Tunnel, event: StreamRequested) -> None:
+    async def _open(
+        self, tunnel: Tunnel, event: StreamRequested, endpoint: Bridge | DatagramBridge
+    ) -> None:
         loop = asyncio.get_running_loop()
         stream_id = event.stream_id
-        endpoint: Bridge | DatagramBridge
-        endpoint = Bridge() if event.proto == Proto.TCP else DatagramBridge()
-        # Registered before connecting: early data from the client waits in it.
-        endpoint.attach(tunnel, stream_id)
-        tunnel.endpoints[stream_id] = endpoint
         try:
             if isinstance(endpoint, Bridge):
                 bridge = endpoint

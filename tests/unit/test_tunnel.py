@@ -287,3 +287,26 @@ def test_early_data_reaches_a_server_that_waits_for_the_client(tmp_path: Path) -
             assert (await reader.read()).startswith(b"64 ")
 
     run(scenario())
+
+
+def test_early_data_in_the_same_frame_batch_as_the_open_is_kept(tmp_path: Path) -> None:
+    """OPEN and DATA reach the agent in one read: the data must wait for the connection."""
+
+    async def scenario() -> None:
+        async with harness(tmp_path, echo_then_close) as (rig, _):
+            done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+            class Collector(Bridge):
+                def deliver(self, data: bytes) -> None:
+                    done.set_result(data)
+
+            collector = Collector()
+            stream_id = rig.tunnel.conn.open_stream(Proto.TCP, *rig.target)
+            rig.tunnel.endpoints[stream_id] = collector
+            collector.attach(rig.tunnel, stream_id)
+            rig.tunnel.conn.send_data(stream_id, b"abc")
+            rig.tunnel.conn.send_eof(stream_id)
+            rig.tunnel.flush()  # OPEN, DATA and EOF leave in one write
+            assert (await asyncio.wait_for(done, 5)).startswith(b"3 ")
+
+    run(scenario())
