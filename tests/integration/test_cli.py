@@ -176,3 +176,36 @@ def test_attached_up_streams_logs_and_stops_on_ctrl_c(small_project: Path) -> No
 def _state(container: str) -> str:
     result = docker("inspect", "--format", "{{json .State.Status}}", container)
     return str(json.loads(result.stdout)) if result.returncode == 0 else "missing"
+
+
+def test_config_can_live_beside_the_compose_file_or_be_named(
+    sandbox: None, tmp_path: Path
+) -> None:
+    path = project(tmp_path, "cm-config-file", "services:" + WEB)
+    (path.parent / "composemirror.yaml").write_text(
+        "target: deployment/checkout\nnamespace: shop\nservices: [web]\n")
+    beside = cli("-f", str(path), "config")
+    assert beside.returncode == 0, beside.stderr
+    assert "network_mode: service:web-mirror" in beside.stdout
+    # A mirrord config pastes in: its feature block, with keys that mean nothing here.
+    mirrord = tmp_path / "mirrord.yaml"
+    mirrord.write_text(textwrap.dedent("""\
+        target: {path: deployment/checkout, namespace: shop}
+        services: [web]
+        feature:
+          fs: read
+          env: {include: "DATABASE_URL;ORDERS_URL"}
+          network:
+            incoming: mirror
+            outgoing: {filter: {remote: ["orders.shop.svc.cluster.local"]}}
+    """))
+    named = cli("-f", str(path), "--config", str(mirrord), "config")
+    assert named.returncode == 0, named.stderr
+    assert "ignored (no effect at the network level): x-composemirror.feature.fs" in named.stderr
+    assert "DATABASE_URL:" in named.stdout and "LOG_LEVEL" not in named.stdout
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("target: deployment/checkout\nservices: [web]\nfeature: {netwrok: {}}\n")
+    bad = cli("-f", str(path), "--config", str(broken), "config")
+    assert bad.returncode == 2
+    assert f"{broken}: x-composemirror.feature.netwrok: unknown key" in bad.stderr
+    assert "did you mean `network`?" in bad.stderr
