@@ -481,6 +481,7 @@ class DatagramBridge(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.last_active = time.monotonic()
         self.backlog: deque[bytes] = deque(maxlen=64)
+        self.early: deque[bytes] = deque(maxlen=64)
         self.started = False
 
     def attach(self, tunnel: Tunnel, stream_id: int) -> None:
@@ -501,6 +502,8 @@ class DatagramBridge(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Python 3.11's selector datagram transport is not a DatagramTransport subclass.
         self.transport = cast(asyncio.DatagramTransport, transport)
+        while self.early:  # datagrams the peer sent while this socket was being made
+            self.transport.sendto(self.early.popleft())
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.last_active = time.monotonic()
@@ -518,7 +521,9 @@ class DatagramBridge(asyncio.DatagramProtocol):
 
     def deliver(self, data: bytes) -> None:
         self.last_active = time.monotonic()
-        if self.transport is not None:
+        if self.transport is None:
+            self.early.append(data)
+        else:
             self.transport.sendto(data)
 
     def window_open(self) -> None:

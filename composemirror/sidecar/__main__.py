@@ -20,7 +20,7 @@ from pathlib import Path
 from composemirror.filters import IPNetwork, Scope
 from composemirror.protocol import key_from_text
 from composemirror.sidecar import dns, firewall, status
-from composemirror.sidecar.proxy import Proxy
+from composemirror.sidecar.proxy import Egress, Proxy
 from composemirror.sidecar.settings import (
     DNS_PORT,
     ENV_VAR,
@@ -68,8 +68,9 @@ async def run(settings: SidecarSettings) -> None:
                                         local_addr=("127.0.0.1", DNS_PORT))
     dns_tcp = await asyncio.start_server(functools.partial(dns.serve_tcp, resolver),
                                          "127.0.0.1", DNS_PORT)
-    proxy = Proxy(tunnels=tunnels, book=book, resolver=resolver, counters=counters, scope=scope,
-                  outgoing=outgoing, mark=MARK)
+    egress = Egress(tunnels=tunnels, book=book, resolver=resolver, counters=counters,
+                    scope=scope, outgoing=outgoing, mark=MARK)
+    proxy = Proxy(egress)
     proxy_server = await loop.create_server(proxy.accept, "127.0.0.1", PROXY_PORT, backlog=4096,
                                             reuse_address=True)
     for server in (dns_tcp, proxy_server):
@@ -77,8 +78,7 @@ async def run(settings: SidecarSettings) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     udp_proxy: UdpProxy | None = None
     if settings.udp:
-        udp_proxy = UdpProxy(tunnels=tunnels, book=book, resolver=resolver, counters=counters,
-                             scope=scope, outgoing=outgoing, mark=MARK)
+        udp_proxy = UdpProxy(egress)
         udp_proxy.listen(("127.0.0.1", UDP_PROXY_PORT))
     # With a remote list, the project's own addresses may be listed remote: the proxy decides.
     direct = networks if outgoing is None or outgoing.mode == "local" else []

@@ -13,8 +13,9 @@ import ipaddress
 import logging
 import socket
 import struct
+from dataclasses import dataclass
 
-from composemirror.filters import Filter, Route, Scope, route_connection
+from composemirror.filters import Filter, Protocol, Route, Scope, route_connection
 from composemirror.mux import Bridge, TunnelClosed, reset_transport
 from composemirror.protocol import Failure, Proto
 from composemirror.sidecar.dns import Book, Resolver
@@ -34,27 +35,44 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(packed), port
 
 
-class Proxy:
-    """Accepts redirected connections and routes each one."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Egress:
+    """What both proxies (TCP here, UDP in `udp`) decide with and send through."""
 
-    def __init__(
-        self,
-        *,
-        tunnels: TunnelClient,
-        book: Book,
-        resolver: Resolver,
-        counters: Counters,
-        scope: Scope,
-        outgoing: Filter | None,
-        mark: int,
-    ) -> None:
-        self.tunnels = tunnels
-        self.book = book
-        self.resolver = resolver
-        self.counters = counters
-        self.scope = scope
-        self.outgoing = outgoing
-        self.mark = mark
+    tunnels: TunnelClient
+    book: Book
+    resolver: Resolver
+    counters: Counters
+    scope: Scope
+    outgoing: Filter | None
+    mark: int
+    """Set on the sidecar's own sockets, which the firewall lets through untouched."""
+
+    def decide(
+        self, address: str, port: int, protocol: Protocol
+    ) -> tuple[Route, tuple[str, Route] | None]:
+        """Where a new flow goes, and the name (and side) its address was answered for."""
+        known = self.book.lookup(address)
+        name = known[0] if known else None
+        decision = route_connection(self.outgoing, name=name,
+                                    address=ipaddress.ip_address(address), port=port,
+                                    protocol=protocol, scope=self.scope)
+        log.debug("%s %s:%s (%s) -> %s", protocol, address, port, name or "no name", decision)
+        return decision, known
+
+    async def local_address(self, address: str, known: tuple[str, Route] | None) -> str:
+        """Where to connect locally. A remotely answered address is the cluster's: locally its
+        name may mean something else, so it is resolved again (as mirrord does)."""
+        if known and known[1] == Route.REMOTE:
+            return await self.resolver.local_address(known[0]) or address
+        return address
+
+
+class Proxy:
+    """Accepts redirected TCP connections and routes each one."""
+
+    def __init__(self, egress: Egress) -> None:
+        self.egress = egress
         self.tasks: set[asyncio.Task[None]] = set()
 
     def accept(self) -> AppConnection:
@@ -68,12 +86,7 @@ class Proxy:
         except OSError:
             reset_transport(app.transport)
             return
-        known = self.book.lookup(address)
-        name = known[0] if known else None
-        decision = route_connection(self.outgoing, name=name,
-                                    address=ipaddress.ip_address(address), port=port,
-                                    protocol="tcp", scope=self.scope)
-        log.debug("%s:%s (%s) -> %s", address, port, name or "no name", decision)
+        decision, known = self.egress.decide(address, port, "tcp")
         if decision == Route.REMOTE:
             self._remote(app, address, port)
         else:
@@ -84,10 +97,10 @@ class Proxy:
     def _remote(self, app: AppConnection, address: str, port: int) -> None:
         assert app.transport is not None
         try:
-            self.tunnels.current().open(Proto.TCP, address, port, app)
+            self.egress.tunnels.current().open(Proto.TCP, address, port, app)
         except TunnelClosed as e:
             log.info("remote %s:%s failed: %s", address, port, e)
-            self.counters.tcp_failed += 1
+            self.egress.counters.tcp_failed += 1
             reset_transport(app.transport)
             return
         app.start()  # the app's first bytes go with the request (early data)
@@ -95,25 +108,23 @@ class Proxy:
     async def _local(self, app: AppConnection, address: str, port: int,
                      known: tuple[str, Route] | None) -> None:
         assert app.transport is not None
-        if known and known[1] == Route.REMOTE:
-            # The address is the cluster's; locally the name may mean something else.
-            address = await self.resolver.local_address(known[0]) or address
+        address = await self.egress.local_address(address, known)
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.egress.mark)
         sock.setblocking(False)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, (address, port)), CONNECT_TIMEOUT)
         except (OSError, TimeoutError) as e:
             log.info("local %s:%s failed: %s", address, port, e)
             sock.close()
-            self.counters.tcp_failed += 1
+            self.egress.counters.tcp_failed += 1
             reset_transport(app.transport)
             return
         if app.finished or app.transport.is_closing():
             sock.close()  # the app gave up meanwhile
             return
-        self.counters.tcp_local += 1
+        self.egress.counters.tcp_local += 1
         near = Pipe()
         far = Pipe()
         near.peer, far.peer = far, near
@@ -142,11 +153,11 @@ class AppConnection(Bridge):
         self.proxy.route(self)
 
     def opened(self) -> None:
-        self.proxy.counters.tcp_remote += 1
+        self.proxy.egress.counters.tcp_remote += 1
 
     def open_failed(self, failure: Failure, message: str) -> None:
         log.info("remote connection failed: %s", message or failure.name.lower())
-        self.proxy.counters.tcp_failed += 1
+        self.proxy.egress.counters.tcp_failed += 1
         super().open_failed(failure, message)
 
 

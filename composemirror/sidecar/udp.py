@@ -18,12 +18,10 @@ import struct
 import time
 from collections import deque
 
-from composemirror.filters import Filter, Route, Scope, route_connection
+from composemirror.filters import Route
 from composemirror.mux import Tunnel, TunnelClosed
 from composemirror.protocol import Failure, Proto
-from composemirror.sidecar.dns import Book, Resolver
-from composemirror.sidecar.status import Counters
-from composemirror.sidecar.tunnel import TunnelClient
+from composemirror.sidecar.proxy import Egress
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +153,7 @@ class Flow(abc.ABC):
 
     def hold(self, data: bytes) -> None:
         if len(self.pending) == self.pending.maxlen:
-            self.proxy.counters.udp_dropped += 1
+            self.proxy.egress.counters.udp_dropped += 1
         self.pending.append(data)
 
     def close(self) -> None:
@@ -194,12 +192,12 @@ class RemoteFlow(Flow):
             tunnel.send(stream_id, self.pending.popleft())
 
     def opened(self) -> None:
-        self.proxy.counters.udp_remote += 1
+        self.proxy.egress.counters.udp_remote += 1
 
     def open_failed(self, failure: Failure, message: str) -> None:
         log.info("remote udp %s:%s failed: %s", *self.original, message or failure.name.lower())
         self.tunnel = None
-        self.proxy.counters.udp_failed += 1
+        self.proxy.egress.counters.udp_failed += 1
         self.close()
 
     def forward(self, data: bytes) -> None:
@@ -275,25 +273,8 @@ class LocalFlow(Flow):
 class UdpProxy:
     """Receives the app's diverted datagrams and routes each flow. Create it in the event loop."""
 
-    def __init__(
-        self,
-        *,
-        tunnels: TunnelClient,
-        book: Book,
-        resolver: Resolver,
-        counters: Counters,
-        scope: Scope,
-        outgoing: Filter | None,
-        mark: int,
-        idle_timeout: float = IDLE_TIMEOUT,
-    ) -> None:
-        self.tunnels = tunnels
-        self.book = book
-        self.resolver = resolver
-        self.counters = counters
-        self.scope = scope
-        self.outgoing = outgoing
-        self.mark = mark
+    def __init__(self, egress: Egress, idle_timeout: float = IDLE_TIMEOUT) -> None:
+        self.egress = egress
         self.idle_timeout = idle_timeout
         self.loop = asyncio.get_running_loop()
         self.flows: dict[FlowKey, Flow] = {}
@@ -336,7 +317,7 @@ class UdpProxy:
         if flow is None:
             flow = self._open(app, original)
         if flow is None:
-            self.counters.udp_dropped += 1
+            self.egress.counters.udp_dropped += 1
         else:
             flow.from_app(data)
 
@@ -362,23 +343,19 @@ class UdpProxy:
         destination = ipaddress.ip_address(address)
         if destination.is_loopback:
             return None  # sent to this socket itself, not diverted: there is nowhere to go
-        known = self.book.lookup(address)
-        name = known[0] if known else None
-        decision = route_connection(self.outgoing, name=name, address=destination, port=port,
-                                    protocol="udp", scope=self.scope)
-        log.debug("udp %s:%s (%s) -> %s", address, port, name or "no name", decision)
+        decision, known = self.egress.decide(address, port, "udp")
         tunnel: Tunnel | None = None
         if decision == Route.REMOTE:
             try:
-                tunnel = self.tunnels.current()
+                tunnel = self.egress.tunnels.current()
             except TunnelClosed as e:
                 log.debug("udp %s:%s dropped: %s", address, port, e)
                 return None
         try:
-            reply = reply_socket(original, app, self.mark)
+            reply = reply_socket(original, app, self.egress.mark)
         except OSError as e:
             log.warning("udp %s:%s: cannot answer the app from there: %s", address, port, e)
-            self.counters.udp_failed += 1
+            self.egress.counters.udp_failed += 1
             return None
         if tunnel is not None:
             remote = RemoteFlow(self, app, original, reply)
@@ -394,21 +371,19 @@ class UdpProxy:
 
     async def _local(self, flow: LocalFlow, known: tuple[str, Route] | None) -> None:
         address, port = flow.original
-        if known and known[1] == Route.REMOTE:
-            # The address is the cluster's; locally the name may mean something else.
-            address = await self.resolver.local_address(known[0]) or address
+        address = await self.egress.local_address(address, known)
         if flow.closed:
             return
         try:
-            upstream = upstream_socket((address, port), self.mark)
+            upstream = upstream_socket((address, port), self.egress.mark)
         except OSError as e:
             log.info("local udp %s:%s failed: %s", address, port, e)
             self._failed(flow)
             return
-        self.counters.udp_local += 1
+        self.egress.counters.udp_local += 1
         flow.connect(upstream)
 
     def _failed(self, flow: Flow) -> None:
-        self.counters.udp_failed += 1
-        self.counters.udp_dropped += len(flow.pending)
+        self.egress.counters.udp_failed += 1
+        self.egress.counters.udp_dropped += len(flow.pending)
         flow.close()

@@ -203,3 +203,21 @@ def test_with_the_agent_stopped_remote_fails_fast_and_local_works(example: None)
     wait_for(_sidecar_link, timeout=30)
     again = exec_in(APP, ["curl", "-fsS", "-m", "10", "http://orders:8080/orders"])
     assert again.returncode == 0 and '"source": "cluster"' in again.stdout
+
+
+@pytest.mark.parametrize("host", ["10.96.0.21", "orders.shop.svc.cluster.local"])
+def test_udp_reaches_the_cluster_and_the_reply_comes_from_there(example: None, host: str) -> None:
+    script = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "s.settimeout(5)\n"
+        f"s.connect(({host!r}, 9999))\n"
+        "for i in range(5):\n"
+        "    s.send(b'ping %d' % i)\n"
+        "    data, peer = s.recvfrom(100)\n"
+        "    assert data == b'ping %d' % i, data\n"
+        "print(peer[0], peer[1])\n"
+    )
+    result = exec_in(APP, ["python3", "-c", script])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["10.96.0.21", "9999"]

@@ -18,7 +18,7 @@ from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
 from composemirror.agent.resolver import ResolvConf, Resolver, candidates, parse_resolv_conf
 from composemirror.agent.server import Agent
-from composemirror.mux import Bridge, OpenFailed, Tunnel, reset_transport
+from composemirror.mux import Bridge, DatagramBridge, OpenFailed, Tunnel, reset_transport
 from composemirror.protocol import Connection, Failure, Proto, Role, new_key
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -308,5 +308,36 @@ def test_early_data_in_the_same_frame_batch_as_the_open_is_kept(tmp_path: Path) 
             rig.tunnel.conn.send_eof(stream_id)
             rig.tunnel.flush()  # OPEN, DATA and EOF leave in one write
             assert (await asyncio.wait_for(done, 5)).startswith(b"3 ")
+
+    run(scenario())
+
+
+def test_a_datagram_sent_with_the_open_is_echoed(tmp_path: Path) -> None:
+    class Echo(asyncio.DatagramProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            self.transport.sendto(data, addr)  # type: ignore[attr-defined]
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        echo, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+        port = echo.get_extra_info("sockname")[1]
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+
+        class Flow(DatagramBridge):
+            def deliver(self, data: bytes) -> None:
+                got.put_nowait(data)
+
+        async with harness(tmp_path, echo_then_close) as (rig, _):
+            flow = Flow()
+            rig.tunnel.open(Proto.UDP, "127.0.0.1", port, flow)
+            flow.start()
+            for n in range(3):
+                rig.tunnel.send(flow.stream_id, b"dgram %d" % n)  # the first goes with OPEN
+            assert [await asyncio.wait_for(got.get(), 5) for _ in range(3)] == [
+                b"dgram 0", b"dgram 1", b"dgram 2"]
+        echo.close()
 
     run(scenario())
