@@ -57,14 +57,6 @@ def reset_transport(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
-class OpenFailed(Exception):
-    """The agent could not open a stream."""
-
-    def __init__(self, failure: Failure, message: str) -> None:
-        super().__init__(message or failure.name.lower())
-        self.failure = failure
-
-
 class TunnelClosed(Exception):
     """The tunnel went away before the request was answered."""
 

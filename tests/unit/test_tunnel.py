@@ -18,7 +18,7 @@ from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
 from composemirror.agent.resolver import ResolvConf, Resolver, candidates, parse_resolv_conf
 from composemirror.agent.server import Agent
-from composemirror.mux import Bridge, DatagramBridge, OpenFailed, Tunnel, reset_transport
+from composemirror.mux import Bridge, DatagramBridge, Tunnel, reset_transport
 from composemirror.protocol import Connection, Failure, Proto, Role, new_key
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -31,7 +31,7 @@ class Harness:
     def __init__(self, tunnel: Tunnel, target: tuple[str, int]) -> None:
         self.tunnel = tunnel
         self.target = target
-        self.failures: list[OpenFailed] = []
+        self.failures: list[Failure] = []
 
     def accept(self) -> AppSide:
         return AppSide(self)
@@ -48,7 +48,7 @@ class AppSide(Bridge):
         self.start()
 
     def open_failed(self, failure: Failure, message: str) -> None:
-        self.rig.failures.append(OpenFailed(failure, message))
+        self.rig.failures.append(failure)
         super().open_failed(failure, message)
 
 
@@ -154,7 +154,7 @@ def test_refusal_reaches_the_client_as_a_failed_open(tmp_path: Path) -> None:
             reader, _ = await asyncio.open_connection("127.0.0.1", port)
             with pytest.raises(ConnectionResetError):
                 await reader.read()
-            assert [f.failure for f in rig.failures] == [Failure.REFUSED]
+            assert rig.failures == [Failure.REFUSED]
 
     run(scenario())
 
