@@ -221,3 +221,29 @@ def test_udp_reaches_the_cluster_and_the_reply_comes_from_there(example: None, h
     result = exec_in(APP, ["python3", "-c", script])
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["10.96.0.21", "9999"]
+
+
+def test_a_refused_cluster_port_resets_the_app_connection_at_once(example: None) -> None:
+    started = time.monotonic()
+    result = exec_in(APP, ["curl", "-sS", "-m", "20", "http://orders.shop.svc.cluster.local:1/"])
+    assert result.returncode != 0
+    assert "reset" in result.stderr.lower() or "refused" in result.stderr.lower(), result.stderr
+    assert time.monotonic() - started < 5
+
+
+def test_half_close_carries_through_the_tunnel(example: None) -> None:
+    script = (
+        "import socket\n"
+        "body = b'x' * 300000\n"
+        "s = socket.create_connection(('orders.shop.svc.cluster.local', 8080), timeout=10)\n"
+        "s.sendall(b'POST /upload HTTP/1.0\\r\\nContent-Length: %d\\r\\n\\r\\n' % len(body))\n"
+        "s.sendall(body)\n"
+        "s.shutdown(socket.SHUT_WR)\n"  # done sending; the answer must still arrive
+        "reply = b''\n"
+        "while chunk := s.recv(65536):\n"
+        "    reply += chunk\n"
+        "print(reply.split(b'\\r\\n\\r\\n', 1)[1].decode())\n"
+    )
+    result = exec_in(APP, ["python3", "-c", script])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"received": 300000}
