@@ -74,7 +74,8 @@ def is_up(environment: Mapping[str, str]) -> bool:
 
 def ensure_up(environment: Mapping[str, str]) -> None:
     """Start (or update) the sandbox and wait until its workloads are healthy."""
-    code = engine.compose_run(project(environment), ["up", "--detach", "--wait"])
+    # --build: the layer cache makes it cheap, and a newer composemirror brings a newer sandbox.
+    code = engine.compose_run(project(environment), ["up", "--detach", "--wait", "--build"])
     if code != 0:
         raise ClusterError("the sandbox cluster did not start",
                            hint="see compose's output above; `composemirror sandbox down` "
