@@ -146,17 +146,6 @@ def compose_down(project: ComposeProject, *, volumes: bool) -> None:
                           hint=ENGINE_HINT) from e
 
 
-def compose_check(path: Path, project_name: str) -> None:
-    """`docker compose config -q` on a rendered file: compose must accept it."""
-    result = subprocess.run(
-        [docker_binary(), "compose", "-f", str(path), "-p", project_name, "config", "-q"],
-        capture_output=True, text=True, timeout=120,
-    )
-    if result.returncode != 0:
-        raise EngineError(f"docker compose rejected the rendered project {path}: "
-                          f"{result.stderr.strip()}", hint="this is a composemirror bug; report it")
-
-
 def compose_run(project: ComposeProject, args: Sequence[str]) -> int:
     """Run `docker compose ARGS` attached to this terminal and return its exit code.
 
