@@ -17,14 +17,17 @@ from pathlib import Path
 import yaml
 
 import composemirror
-from composemirror import images, ops
-from composemirror.backends import sandbox
+from composemirror import ops
 from composemirror.errors import ComposeMirrorError
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, runtime: ops.Runtime | None = None) -> int:
+    """Run one command; return its exit code. `runtime` replaces the engine and backends."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (argparse printed it)
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     options = ops.Options(
@@ -36,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_file=args.config,
     )
     try:
-        return int(args.run(args, options))
+        return int(args.run(args, options, runtime or ops.Runtime()))
     except ComposeMirrorError as e:
         print(f"composemirror: {e.message}", file=sys.stderr)
         if e.hint:
@@ -48,27 +51,27 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _up(args: argparse.Namespace, options: ops.Options) -> int:
+def _up(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
     return ops.up(options, services=args.services, detach=args.detach, build=args.build,
-                  progress=_progress)
+                  progress=_progress, runtime=runtime)
 
 
-def _down(args: argparse.Namespace, options: ops.Options) -> int:
-    for line in ops.down(options, volumes=args.volumes):
+def _down(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
+    for line in ops.down(options, volumes=args.volumes, progress=_progress, runtime=runtime):
         _progress(f"removed {line}")
     return 0
 
 
-def _config(args: argparse.Namespace, options: ops.Options) -> int:
-    rendered = ops.render(options, write=False)
+def _config(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
+    rendered = ops.render(options, write=False, runtime=runtime)
     for notice in rendered.notices:
         _progress(notice)
     sys.stdout.write(yaml.safe_dump(rendered.model, sort_keys=False, width=1000))
     return 0
 
 
-def _status(args: argparse.Namespace, options: ops.Options) -> int:
-    name, rows = ops.status(options)
+def _status(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
+    name, rows = ops.status(options, runtime=runtime)
     if args.format == "json":
         print(json.dumps({"project": name, "services": [
             {"service": r.service, "container": r.container, "role": r.role, "state": r.state,
@@ -99,8 +102,8 @@ def _describe_link(row: ops.ServiceStatus) -> str:
     return ", ".join(parts)
 
 
-def _doctor(args: argparse.Namespace, options: ops.Options) -> int:
-    checks = ops.doctor(options)
+def _doctor(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
+    checks = ops.doctor(options, runtime=runtime)
     for check in checks:
         print(f"{'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
         if check.hint:
@@ -108,20 +111,17 @@ def _doctor(args: argparse.Namespace, options: ops.Options) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
-def _compose(args: argparse.Namespace, options: ops.Options) -> int:
+def _compose(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
     compose_args = list(args.args)
     if compose_args[:1] == ["--"]:
         compose_args = compose_args[1:]
     if not compose_args:
         raise ComposeMirrorError("give compose a command, e.g. `composemirror compose -- ps`")
-    return ops.compose_passthrough(options, compose_args)
+    return ops.compose_passthrough(options, compose_args, runtime=runtime)
 
 
-def _sandbox(args: argparse.Namespace, options: ops.Options) -> int:
-    if args.action == "up":
-        sandbox.ensure_up({images.BASE_ENV: ops.base_image()})
-    else:
-        sandbox.down()
+def _sandbox(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
+    ops.sandbox(args.action, progress=_progress, runtime=runtime)
     return 0
 
 

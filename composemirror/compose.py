@@ -1,8 +1,10 @@
-"""The rewrite: the compose model in, the model with sidecars and the agent out.
+"""The rewrite: the compose model in, the model with sidecars (and a local agent) out.
 
 `rewrite()` is a pure function over the model that `docker compose config --format json` returns
 (interpolated, merged, normalised). It never reads or writes files and never talks to Docker; the
-caller resolves images, the target and its environment first and passes them in a `Plan`.
+caller resolves images, the target, its environment and the agent's placement first and passes
+them in a `Plan`. A `ContainerPlacement` adds the agent as a service linked by a shared volume; a
+`ForwardedPlacement` adds no agent and points the sidecars at the forwarder's address.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from composemirror import environment
+from composemirror.backends import ContainerPlacement, ForwardedPlacement, Placement
 from composemirror.config import BLOCK, Config
 from composemirror.errors import ConfigError
-from composemirror.sidecar.settings import (
-    AGENT_SOCKET,
+from composemirror.link import (
+    AGENT_LINK,
     ENV_VAR,
     LINK_DIR,
     READY_FILE,
+    AgentSettings,
     FilterText,
+    LinkAddress,
     SidecarSettings,
 )
 
@@ -49,8 +54,8 @@ class Plan:
     version: str
     sidecar_image: str
     agent_image: str
-    agent_network_mode: str
-    """How the agent joins the target, e.g. `container:shop-checkout-1`."""
+    placement: Placement
+    """Where the agent runs and how the sidecars reach it."""
     key_file: str
     """Host path of the per-`up` tunnel key."""
     remote_env: Mapping[str, str] = field(default_factory=dict)
@@ -69,7 +74,10 @@ def rewrite(model: Mapping[str, Any], config: Config, plan: Plan) -> dict[str, A
     project = str(rendered.get("name", ""))
     services: dict[str, Any] = rendered.setdefault("services", {})
     _check(services, config)
-    names = sorted(project_names(services, config))
+    local = project_names(services, config)
+    if isinstance(plan.placement, ForwardedPlacement):
+        local |= {name.lower() for name in plan.placement.extra_hosts}
+    names = sorted(local)
     for name in config.services:
         app = services[name]
         side = sidecar_name(name)
@@ -91,18 +99,27 @@ def rewrite(model: Mapping[str, Any], config: Config, plan: Plan) -> dict[str, A
         # compose config lists only the services of the active profiles; without this the
         # rendered file would need the same --profile flags on every later compose call.
         service.pop("profiles", None)
-    services[AGENT_SERVICE] = {
-        "image": plan.agent_image,
-        "command": ["python3", "-m", "composemirror.agent", "--listen", f"unix:{AGENT_SOCKET}"],
-        "network_mode": plan.agent_network_mode,
-        "volumes": [_link_mount()],
-        "secrets": [KEY_SECRET],
-        "restart": "unless-stopped",
-        "labels": _labels(project, plan, "agent"),
-    }
-    rendered.setdefault("volumes", {})[LINK_VOLUME] = {"labels": _labels(project, plan, "link")}
+    if isinstance(plan.placement, ContainerPlacement):
+        services[AGENT_SERVICE] = {
+            "image": plan.agent_image,
+            "command": AgentSettings(listen=AGENT_LINK).command(),
+            "network_mode": plan.placement.network_mode,
+            "volumes": [_link_mount()],
+            "secrets": [KEY_SECRET],
+            "restart": "unless-stopped",
+            "labels": _labels(project, plan, "agent"),
+        }
+        rendered.setdefault("volumes", {})[LINK_VOLUME] = {
+            "labels": _labels(project, plan, "link")}
     rendered.setdefault("secrets", {})[KEY_SECRET] = {"file": plan.key_file}
     return rendered
+
+
+def link_of(placement: Placement) -> LinkAddress:
+    """Where the sidecars dial for `placement`."""
+    if isinstance(placement, ForwardedPlacement):
+        return placement.link
+    return AGENT_LINK
 
 
 def project_names(services: Mapping[str, Any], config: Config) -> set[str]:
@@ -191,8 +208,10 @@ def _sidecar(
     project: str,
     names: list[str],
 ) -> dict[str, Any]:
+    local_agent = isinstance(plan.placement, ContainerPlacement)
     settings = SidecarSettings(
         service=name,
+        link=link_of(plan.placement),
         names=tuple(names),
         hosts=dict(config.hosts),
         tcp=config.network.tcp,
@@ -206,7 +225,7 @@ def _sidecar(
         "command": ["python3", "-m", "composemirror.sidecar"],
         "cap_add": ["NET_ADMIN"],
         "environment": {ENV_VAR: escape(settings.to_json())},
-        "volumes": [_link_mount()],
+        **({"volumes": [_link_mount()]} if local_agent else {}),
         "secrets": [KEY_SECRET],
         "healthcheck": {
             "test": ["CMD", "test", "-e", READY_FILE],
@@ -214,12 +233,16 @@ def _sidecar(
             "timeout": "5s",
             "retries": 60,
         },
-        "depends_on": {AGENT_SERVICE: {"condition": "service_started", "required": True}},
+        **({"depends_on": {AGENT_SERVICE: {"condition": "service_started", "required": True}}}
+           if local_agent else {}),
         "labels": _labels(project, plan, "sidecar", name),
     }
     for key in MOVED_KEYS:
         if app.get(key) is not None:
             sidecar[key] = copy.deepcopy(app[key])
+    if isinstance(plan.placement, ForwardedPlacement) and plan.placement.extra_hosts:
+        sidecar["extra_hosts"] = _with_hosts(sidecar.get("extra_hosts"),
+                                             plan.placement.extra_hosts)
     if app.get("restart") is not None:
         sidecar["restart"] = app["restart"]
     # Other services keep finding the app under its own name (and container name).
@@ -274,6 +297,14 @@ def unescape(value: Any) -> Any:
 
 def _link_mount() -> dict[str, str]:
     return {"type": "volume", "source": LINK_VOLUME, "target": LINK_DIR}
+
+
+def _with_hosts(entries: Any, hosts: Mapping[str, str]) -> Any:
+    """The app's extra_hosts (a list or, from newer compose, a mapping) plus `hosts`."""
+    if isinstance(entries, dict):
+        return {**entries, **{name: [address] for name, address in hosts.items()}}
+    kept = [e for e in entries or () if _extra_host_name(e) not in hosts]
+    return [*kept, *(f"{name}={address}" for name, address in sorted(hosts.items()))]
 
 
 def _extra_host_name(entry: str) -> str:

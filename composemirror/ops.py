@@ -1,13 +1,17 @@
-"""The operations behind the CLI: render, up, down, status, doctor, compose passthrough.
+"""The operations behind the CLI: render, up, down, status, doctor, compose passthrough, sandbox.
 
 Each returns data (or a compose exit code) and prints nothing; progress goes through a callback.
-They find what composemirror created by label, so an interrupted `up` leaves nothing that `down`
-cannot remove, and no state file is kept.
+They act through a `Runtime` (the engine, how a backend is chosen, the environment), which tests
+replace with fakes, and know backends only by the `Backend` protocol. They find what composemirror
+created by label, so an interrupted `up` leaves nothing that `down` cannot remove, and no state
+file is kept.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -21,18 +25,45 @@ import dotenv
 import yaml
 
 import composemirror
-from composemirror import compose, engine, images
-from composemirror.backends import Attachment, choose, sandbox
-from composemirror.backends import docker as docker_backend
+from composemirror import backends, compose, images
+from composemirror.backends import (
+    RENDER_DIR,
+    Backend,
+    Check,
+    Placement,
+    Progress,
+    Resolution,
+    SessionInfo,
+)
+from composemirror.backends.sandbox import SandboxBackend
 from composemirror.config import BLOCK, CONFIG_FILE_NAME, Config, load
+from composemirror.engine import ComposeProject, Engine
 from composemirror.errors import ComposeMirrorError, ConfigError, EngineError
-from composemirror.sidecar.settings import STATUS_FILE
+from composemirror.link import STATUS_FILE
 
-Progress = Callable[[str], None]
-RENDER_DIR = ".composemirror"
+__all__ = ["Check", "Options", "Progress", "Rendered", "Runtime", "ServiceStatus"]
+
+log = logging.getLogger(__name__)
+
 COMPOSE_FILES = ("compose.yaml", "compose.yml", "docker-compose.yaml", "docker-compose.yml")
 COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
 COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
+
+Chooser = Callable[[Config, Mapping[str, str], Engine], Backend]
+"""How a backend is picked for a configuration: `backends.choose`, or a fake in tests."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Runtime:
+    """What the operations act through; the defaults are the real ones."""
+
+    engine: Engine = field(default_factory=Engine)
+    choose: Chooser = backends.choose
+    environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    """The process environment (COMPOSE_FILE, COMPOSEMIRROR_BASE_IMAGE, COMPOSEMIRROR_CLUSTER)."""
+
+    def backend(self, config: Config) -> Backend:
+        return self.choose(config, self.environ, self.engine)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,21 +88,32 @@ class Rendered:
     """The user's project directory; the rendered files live in its `.composemirror/`."""
     model: dict[str, Any]
     config: Config
-    attachment: Attachment
+    backend: Backend
+    session: SessionInfo
+    """The session as the backend sees it, its placement set."""
     images: tuple[images.ImageSpec, ...]
     base_image: str
     notices: tuple[str, ...] = ()
 
     @property
+    def resolution(self) -> Resolution:
+        return self.session.resolution
+
+    @property
+    def placement(self) -> Placement:
+        assert self.session.placement is not None
+        return self.session.placement
+
+    @property
     def path(self) -> Path:
-        return self.directory / RENDER_DIR / "compose.yaml"
+        return self.session.render_dir / "compose.yaml"
 
     @property
     def key_file(self) -> Path:
-        return self.directory / RENDER_DIR / "tunnel.key"
+        return self.session.key_file
 
-    def compose_project(self) -> engine.ComposeProject:
-        return engine.ComposeProject(files=(self.path,), name=self.name)
+    def compose_project(self) -> ComposeProject:
+        return ComposeProject(files=(self.path,), name=self.name)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,35 +130,25 @@ class ServiceStatus:
     """For sidecars: what the sidecar reports (agent link state, counters)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Check:
-    """One line of `doctor`."""
-
-    name: str
-    ok: bool
-    detail: str
-    hint: str | None = None
-
-
-def base_image() -> str:
+def base_image(runtime: Runtime) -> str:
     """The base for composemirror's images: $COMPOSEMIRROR_BASE_IMAGE, the local one, or public."""
-    chosen = os.environ.get(images.BASE_ENV)
+    chosen = runtime.environ.get(images.BASE_ENV)
     if chosen:
         return chosen
     try:
-        if engine.image_exists(images.LOCAL_BASE):
+        if runtime.engine.image_exists(images.LOCAL_BASE):
             return images.LOCAL_BASE
     except EngineError:
         pass
     return images.DEFAULT_BASE
 
 
-def compose_project(options: Options, base: str) -> engine.ComposeProject:
+def compose_project(options: Options, base: str, runtime: Runtime) -> ComposeProject:
     """The user's project; with no `-f`, found as compose finds it (COMPOSE_FILE, then upwards)."""
     files = options.files
-    if not files and not os.environ.get("COMPOSE_FILE"):
+    if not files and not runtime.environ.get("COMPOSE_FILE"):
         files = (_discover(options.project_directory or Path.cwd()),)
-    return engine.ComposeProject(
+    return ComposeProject(
         files=files,
         name=options.project_name,
         profiles=options.profiles,
@@ -126,37 +158,38 @@ def compose_project(options: Options, base: str) -> engine.ComposeProject:
     )
 
 
-def render(options: Options, *, write: bool) -> Rendered:
+def render(options: Options, *, write: bool, runtime: Runtime) -> Rendered:
     """Load the project and its configuration, resolve the target, rewrite. No engine changes."""
-    base = base_image()
-    user = compose_project(options, base)
-    model = engine.compose_model(user)
-    directory = _project_directory(options, user)
+    base = base_image(runtime)
+    user = compose_project(options, base, runtime)
+    model = runtime.engine.compose_model(user)
+    directory = _project_directory(options, user, runtime)
     config = _load_config(options, model, user, directory)
-    environment = {images.BASE_ENV: base}
-    backend = choose(config)
-    if backend == "docker":
-        attachment = docker_backend.attach(config.target)
-    else:
-        attachment = sandbox.attach(config.target, config.namespace, environment)
+    backend = runtime.backend(config)
+    resolution = backend.resolve(config)
+    session = SessionInfo(project=str(model["name"]), directory=directory, config=config,
+                          resolution=resolution, base_image=base)
+    placement = backend.place(config, resolution, session)
+    session = dataclasses.replace(session, placement=placement)
     specs = tuple(images.spec(role, base) for role in images.ROLES)
     plan = compose.Plan(
         version=composemirror.__version__,
         sidecar_image=specs[0].tag,
         agent_image=specs[1].tag,
-        agent_network_mode=attachment.network_mode,
-        key_file=str(directory / RENDER_DIR / "tunnel.key"),
-        remote_env=attachment.env,
+        placement=placement,
+        key_file=str(session.key_file),
+        remote_env=resolution.env,
         env_file=_read_env_file(config),
     )
     rendered_model = compose.rewrite(model, config, plan)
     notices = tuple(f"ignored (no effect at the network level): {key}" for key in config.ignored)
     rendered = Rendered(
-        name=str(model["name"]),
+        name=session.project,
         directory=directory,
         model=rendered_model,
         config=config,
-        attachment=attachment,
+        backend=backend,
+        session=session,
         images=specs,
         base_image=base,
         notices=notices,
@@ -173,20 +206,18 @@ def up(
     detach: bool = False,
     build: bool = False,
     progress: Progress,
+    runtime: Runtime,
 ) -> int:
-    """Render, build missing images, start the sandbox if it is the target, and start the stack."""
-    engine.client()
-    rendered = render(options, write=True)
+    """Render, prepare the backend, build missing images, and start the stack."""
+    runtime.engine.client()
+    rendered = render(options, write=True, runtime=runtime)
     for notice in rendered.notices:
         progress(notice)
-    progress(f"target: {rendered.attachment.description}")
-    environment = {images.BASE_ENV: rendered.base_image}
-    if rendered.attachment.backend == "sandbox" and not sandbox.is_up(environment):
-        progress("starting the sandbox cluster")
-        sandbox.ensure_up(environment)
-    ensure_images(rendered.images, force=build, progress=progress)
+    progress(f"target: {rendered.resolution.description}")
+    rendered.backend.prepare(rendered.session, progress)
+    ensure_images(rendered.images, force=build, progress=progress, runtime=runtime)
     args = ["up", *(["--detach"] if detach else []), *(["--build"] if build else []), *services]
-    code = engine.compose_run(rendered.compose_project(), args)
+    code = runtime.engine.compose_run(rendered.compose_project(), args)
     if code == 0 or (not detach and code == 130):
         return 0
     raise EngineError(f"docker compose up failed (exit {code})",
@@ -194,15 +225,17 @@ def up(
                            "was created")
 
 
-def ensure_images(specs: Sequence[images.ImageSpec], *, force: bool, progress: Progress) -> None:
+def ensure_images(
+    specs: Sequence[images.ImageSpec], *, force: bool, progress: Progress, runtime: Runtime
+) -> None:
     """Build each image that is missing (or all with `force`), showing the build's steps."""
     for spec in specs:
-        if not force and engine.image_exists(spec.tag):
+        if not force and runtime.engine.image_exists(spec.tag):
             continue
         progress(f"building {spec.tag} from {spec.base}")
         with tempfile.TemporaryDirectory(prefix="composemirror-build-") as context:
             images.write_context(spec, Path(context))
-            engine.build_image(
+            runtime.engine.build_image(
                 Path(context), spec.tag,
                 buildargs={"BASE_IMAGE": spec.base},
                 labels={compose.LABEL_VERSION: composemirror.__version__},
@@ -210,24 +243,34 @@ def ensure_images(specs: Sequence[images.ImageSpec], *, force: bool, progress: P
             )
 
 
-def down(options: Options, *, volumes: bool) -> list[str]:
-    """Remove everything of the project that composemirror or compose created. Idempotent."""
+def down(
+    options: Options, *, volumes: bool, progress: Progress, runtime: Runtime
+) -> list[str]:
+    """Remove everything of the project that composemirror, compose or the backend created.
+
+    Idempotent. The backend is the one the project's configuration names; when the project's
+    files are gone (`-p NAME`), only what is on this engine is removed.
+    """
+    engine = runtime.engine
     engine.client()
-    name, directory = _identify(options)
+    name, directory, config = _identify(options, runtime)
     rendered = directory / RENDER_DIR / "compose.yaml"
     files = (rendered,) if rendered.is_file() else ()
-    engine.compose_down(engine.ComposeProject(files=files, name=name), volumes=volumes)
+    engine.compose_down(ComposeProject(files=files, name=name), volumes=volumes)
     removed = engine.remove_labelled({compose.LABEL_PROJECT: name}, volumes=True)
     # compose down without files cannot know the project's networks; find them by its label.
     removed += engine.remove_labelled({COMPOSE_PROJECT_LABEL: name}, volumes=volumes)
+    if config is not None:
+        removed += runtime.backend(config).teardown(name, directory, progress)
     shutil.rmtree(directory / RENDER_DIR, ignore_errors=True)
     return removed
 
 
-def status(options: Options) -> tuple[str, list[ServiceStatus]]:
+def status(options: Options, *, runtime: Runtime) -> tuple[str, list[ServiceStatus]]:
     """The project's containers, with each sidecar's own report."""
+    engine = runtime.engine
     engine.client()
-    name, _ = _identify(options)
+    name, _, _ = _identify(options, runtime)
     rows = []
     for container in engine.containers({COMPOSE_PROJECT_LABEL: name}):
         role = container.labels.get(compose.LABEL_ROLE, "service")
@@ -248,8 +291,9 @@ def status(options: Options) -> tuple[str, list[ServiceStatus]]:
     return name, rows
 
 
-def doctor(options: Options) -> list[Check]:
+def doctor(options: Options, *, runtime: Runtime) -> list[Check]:
     """Check what `up` needs, each independently, in the order it needs them."""
+    engine = runtime.engine
     checks = []
 
     def check(name: str, probe: Callable[[], str]) -> bool:
@@ -266,18 +310,19 @@ def doctor(options: Options) -> list[Check]:
     rendered: list[Rendered] = []
 
     def configuration() -> str:
-        rendered.append(render(options, write=False))
+        rendered.append(render(options, write=False, runtime=runtime))
         mirrored = ", ".join(rendered[0].config.services)
         return f"{rendered[0].config.source}: mirrors {mirrored}"
 
     if check("configuration", configuration) and engine_ok:
         result = rendered[0]
-        check("target", lambda: result.attachment.description)
+        check("target", lambda: result.resolution.description)
+        checks.extend(result.backend.doctor(result.config))
         for spec in result.images:
             present = engine.image_exists(spec.tag)
             checks.append(Check(name=f"{spec.role} image", ok=True,
                                 detail=spec.tag if present else f"{spec.tag} (built by `up`)"))
-        _, rows = status(options)
+        _, rows = status(options, runtime=runtime)
         for row in rows:
             if row.role == "sidecar":
                 state = row.link.get("agent", "unknown")
@@ -288,10 +333,21 @@ def doctor(options: Options) -> list[Check]:
     return checks
 
 
-def compose_passthrough(options: Options, args: Sequence[str]) -> int:
+def compose_passthrough(options: Options, args: Sequence[str], *, runtime: Runtime) -> int:
     """`docker compose ARGS` on the rendered project."""
-    rendered = render(options, write=True)
-    return engine.compose_run(rendered.compose_project(), args)
+    rendered = render(options, write=True, runtime=runtime)
+    return runtime.engine.compose_run(rendered.compose_project(), args)
+
+
+def sandbox(action: str, *, progress: Progress, runtime: Runtime) -> None:
+    """`sandbox up` starts (or updates) the sandbox cluster; `sandbox down` removes it."""
+    box = SandboxBackend(runtime.engine)
+    if action == "up":
+        box.start(base_image(runtime))
+    elif action == "down":
+        box.remove()
+    else:
+        raise ConfigError(f"sandbox {action!r}: use `sandbox up` or `sandbox down`")
 
 
 def _write(rendered: Rendered) -> None:
@@ -319,16 +375,16 @@ def _discover(start: Path) -> Path:
                       hint="run in a directory with compose.yaml, or pass -f FILE")
 
 
-def _project_directory(options: Options, project: engine.ComposeProject) -> Path:
+def _project_directory(options: Options, project: ComposeProject, runtime: Runtime) -> Path:
     if options.project_directory is not None:
         return options.project_directory.resolve()
     if project.files:
         return project.files[0].resolve().parent
-    return Path(os.environ["COMPOSE_FILE"].split(os.pathsep)[0]).resolve().parent
+    return Path(runtime.environ["COMPOSE_FILE"].split(os.pathsep)[0]).resolve().parent
 
 
 def _load_config(
-    options: Options, model: Mapping[str, Any], project: engine.ComposeProject, directory: Path
+    options: Options, model: Mapping[str, Any], project: ComposeProject, directory: Path
 ) -> Config:
     if options.config_file is not None:
         return _load_file(options.config_file)
@@ -370,13 +426,20 @@ def _read_env_file(config: Config) -> dict[str, str]:
     return {k: v for k, v in dotenv.dotenv_values(path).items() if v is not None}
 
 
-def _identify(options: Options) -> tuple[str, Path]:
-    """The project's name and directory, from its files, or from `-p` when they are gone."""
+def _identify(options: Options, runtime: Runtime) -> tuple[str, Path, Config | None]:
+    """The project's name, directory and configuration, from its files, or from `-p` alone
+    when they are gone (then without a configuration)."""
     try:
-        project = compose_project(options, images.DEFAULT_BASE)
-        model = engine.compose_model(project)
-        return str(model["name"]), _project_directory(options, project)
+        project = compose_project(options, images.DEFAULT_BASE, runtime)
+        model = runtime.engine.compose_model(project)
     except ConfigError:
         if options.project_name is None:
             raise
-        return options.project_name, (options.project_directory or Path.cwd()).resolve()
+        return options.project_name, (options.project_directory or Path.cwd()).resolve(), None
+    directory = _project_directory(options, project, runtime)
+    try:
+        config: Config | None = _load_config(options, model, project, directory)
+    except ConfigError as e:
+        log.debug("no configuration for %s: %s", model["name"], e)
+        config = None
+    return str(model["name"]), directory, config

@@ -19,9 +19,10 @@ import pytest
 import yaml
 
 from composemirror import compose
+from composemirror.backends import ContainerPlacement, ForwardedPlacement
 from composemirror.config import BLOCK, Config, load
 from composemirror.errors import ConfigError
-from composemirror.sidecar.settings import ENV_VAR, SidecarSettings
+from composemirror.link import AGENT_LINK, ENV_VAR, LinkAddress, SidecarSettings
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = sorted(p.name.removesuffix(".input.json") for p in GOLDEN.glob("*.input.json"))
@@ -46,10 +47,14 @@ PLAN = compose.Plan(
     version="0.1.0",
     sidecar_image="composemirror/sidecar:test",
     agent_image="composemirror/agent:test",
-    agent_network_mode="container:target",
+    placement=ContainerPlacement(network_mode="container:target"),
     key_file="/project/.composemirror/tunnel.key",
     remote_env=REMOTE_ENV,
 )
+
+FORWARDED = ForwardedPlacement(link=LinkAddress.parse("tcp:host.docker.internal:41000"),
+                               extra_hosts={"host.docker.internal": "host-gateway"})
+"""The agent in a cluster, reached through a forwarder on the host (cases named `forwarded-*`)."""
 
 
 def read_json(path: Path) -> Any:
@@ -63,6 +68,8 @@ def load_case(name: str) -> tuple[dict[str, Any], Config, compose.Plan]:
     config = load(compose.unescape(model[BLOCK]), source=f"{BLOCK} in {name}",
                   base_dir=Path("/project"))
     plan = replace(PLAN, env_file=ENV_FILE) if config.env.env_file else PLAN
+    if name.startswith("forwarded-"):
+        plan = replace(plan, placement=FORWARDED)
     return model, config, plan
 
 
@@ -131,7 +138,9 @@ def test_rendered_model_invariants(name: str) -> None:
         assert app["network_mode"] == f"service:{app_name}-mirror"
         assert not set(compose.MOVED_KEYS) & set(app)
         for key in compose.MOVED_KEYS:
-            if key != "networks" and key in original:
+            if key == "extra_hosts" and isinstance(plan.placement, ForwardedPlacement):
+                assert set(original.get(key) or ()) <= set(sidecar[key])
+            elif key != "networks" and key in original:
                 assert sidecar[key] == original[key], key
         for network, settings in (original.get("networks") or {"default": None}).items():
             aliases = sidecar["networks"][network]["aliases"]
@@ -156,11 +165,61 @@ def test_rendered_model_invariants(name: str) -> None:
             assert mode.removeprefix("service:") not in config.services, name_
         for link in service.get("links") or ():
             assert link.partition(":")[0] not in config.services, name_
-    agent = services[compose.AGENT_SERVICE]
-    assert agent["network_mode"] == "container:target"
-    assert agent["labels"][compose.LABEL_ROLE] == "agent"
-    assert rendered["volumes"][compose.LINK_VOLUME]["labels"][compose.LABEL_PROJECT] == project
+    if isinstance(plan.placement, ContainerPlacement):
+        agent = services[compose.AGENT_SERVICE]
+        assert agent["network_mode"] == "container:target"
+        assert agent["labels"][compose.LABEL_ROLE] == "agent"
+        volume = rendered["volumes"][compose.LINK_VOLUME]
+        assert volume["labels"][compose.LABEL_PROJECT] == project
+    else:
+        assert compose.AGENT_SERVICE not in services
+        assert compose.LINK_VOLUME not in (rendered.get("volumes") or {})
+    for app_name in config.services:
+        sidecar = services[f"{app_name}-mirror"]
+        settings = SidecarSettings.from_json(sidecar["environment"][ENV_VAR])
+        assert settings.link == compose.link_of(plan.placement)
+        local_agent = isinstance(plan.placement, ContainerPlacement)
+        assert ("volumes" in sidecar) == local_agent
+        assert (compose.AGENT_SERVICE in (sidecar.get("depends_on") or {})) == local_agent
     assert rendered["secrets"][compose.KEY_SECRET] == {"file": plan.key_file}
+
+
+def test_there_is_a_golden_case_per_placement_kind() -> None:
+    kinds = {type(load_case(name)[2].placement) for name in CASES}
+    assert kinds == {ContainerPlacement, ForwardedPlacement}
+
+
+def test_forwarded_placement_adds_no_agent_and_reaches_the_forwarder() -> None:
+    model = model_of(web=service(extra_hosts=["legacy.example=192.0.2.1",
+                                              "host.docker.internal=10.0.0.1"]))
+    rendered = compose.rewrite(model, config_of(), replace(PLAN, placement=FORWARDED))
+    sidecar = rendered["services"]["web-mirror"]
+    assert compose.AGENT_SERVICE not in rendered["services"]
+    assert "volumes" not in rendered
+    assert "depends_on" not in sidecar
+    # the placement's name wins over the app's own entry for it
+    assert sidecar["extra_hosts"] == ["legacy.example=192.0.2.1",
+                                      "host.docker.internal=host-gateway"]
+    settings = SidecarSettings.from_json(sidecar["environment"][ENV_VAR])
+    assert str(settings.link) == "tcp:host.docker.internal:41000"
+    assert "host.docker.internal" in settings.names
+
+
+def test_forwarded_placement_with_extra_hosts_as_a_mapping() -> None:
+    # newer compose versions print extra_hosts as a mapping of name to addresses
+    model = model_of(web=service(extra_hosts={"legacy.example": ["192.0.2.1"]}))
+    sidecar = compose.rewrite(model, config_of(),
+                              replace(PLAN, placement=FORWARDED))["services"]["web-mirror"]
+    assert sidecar["extra_hosts"] == {"legacy.example": ["192.0.2.1"],
+                                      "host.docker.internal": ["host-gateway"]}
+
+
+def test_container_placement_links_by_the_shared_socket() -> None:
+    rendered = compose.rewrite(model_of(web=service()), config_of(), PLAN)
+    agent = rendered["services"][compose.AGENT_SERVICE]
+    assert agent["command"] == ["python3", "-m", "composemirror.agent", "--listen",
+                                str(AGENT_LINK)]
+    assert agent["volumes"] == rendered["services"]["web-mirror"]["volumes"]
 
 
 # ---------------------------------------------------------------------------------------------
