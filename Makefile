@@ -21,9 +21,13 @@ demo-down: setup
 test: setup lint unit
 	$(PY)/python -m pytest -q tests/integration tests/e2e
 
+## ruff (rules and formatting), mypy --strict over the package, benchmarks and tests, and the
+## import contracts of pyproject.toml (which package may import what).
 lint:
 	$(PY)/ruff check .
+	$(PY)/ruff format --check .
 	$(PY)/mypy
+	$(PY)/lint-imports
 
 ## Unit tests need no engine. The shell around the pure core is covered in-process (fake engine,
 ## fake backend): each of these stays at 80 % or more, and the package as a whole too.

@@ -110,7 +110,7 @@ def sdk() -> StubSDK:
 
 @pytest.fixture
 def engine(sdk: StubSDK) -> Engine:
-    return Engine(sdk)  # type: ignore[arg-type]
+    return Engine(sdk)
 
 
 def test_a_container_as_composemirror_sees_it(engine: Engine) -> None:

@@ -69,6 +69,7 @@ def test_parse_errors_name_the_address_and_the_forms(text: str, message: str) ->
 
 def test_addresses_are_frozen_values() -> None:
     address = LinkAddress.parse("tcp:example:80")
+    assert isinstance(address, TcpAddress)
     with pytest.raises(AttributeError):
         address.port = 81  # type: ignore[misc]
     assert hash(address) == hash(TcpAddress("example", 80))

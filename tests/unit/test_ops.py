@@ -14,6 +14,7 @@ import yaml
 
 from composemirror import compose, images, ops
 from composemirror.backends import Check, ForwardedPlacement, SessionInfo
+from composemirror.engine import ComposeProject
 from composemirror.errors import ClusterError, ConfigError, EngineError
 from composemirror.fakes import FakeEngine
 from composemirror.link import ENV_VAR, LinkAddress, SidecarSettings
@@ -173,7 +174,7 @@ def test_compose_file_from_the_environment(project: Project) -> None:
     assert ops.compose_project(ops.Options(), "base", runtime).files == ()
     # compose reads COMPOSE_FILE itself; the project directory follows it
     project.engine.models[Path.cwd().resolve()] = {}
-    assert ops._project_directory(ops.Options(), ops.ComposeProject(), runtime) == project.folder
+    assert ops._project_directory(ops.Options(), ComposeProject(), runtime) == project.folder
 
 
 def test_no_compose_file_anywhere(tmp_path: Path, project: Project) -> None:
