@@ -28,8 +28,10 @@ def main(argv: Sequence[str] | None = None, *, runtime: ops.Runtime | None = Non
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error (argparse printed it)
         return e.code if isinstance(e.code, int) else 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     options = ops.Options(
         files=tuple(args.file),
         project_name=args.project_name,
@@ -52,8 +54,14 @@ def _progress(message: str) -> None:
 
 
 def _up(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
-    return ops.up(options, services=args.services, detach=args.detach, build=args.build,
-                  progress=_progress, runtime=runtime)
+    return ops.up(
+        options,
+        services=args.services,
+        detach=args.detach,
+        build=args.build,
+        progress=_progress,
+        runtime=runtime,
+    )
 
 
 def _down(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
@@ -73,9 +81,25 @@ def _config(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime
 def _status(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
     name, rows = ops.status(options, runtime=runtime)
     if args.format == "json":
-        print(json.dumps({"project": name, "services": [
-            {"service": r.service, "container": r.container, "role": r.role, "state": r.state,
-             "health": r.health, "link": dict(r.link)} for r in rows]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "project": name,
+                    "services": [
+                        {
+                            "service": r.service,
+                            "container": r.container,
+                            "role": r.role,
+                            "state": r.state,
+                            "health": r.health,
+                            "link": dict(r.link),
+                        }
+                        for r in rows
+                    ],
+                },
+                indent=2,
+            )
+        )
         return 0
     if not rows:
         print(f"project {name}: nothing is running")
@@ -129,18 +153,30 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="composemirror",
         description="Run part of a system in docker compose while the rest stays in a "
-                    "Kubernetes cluster (or the sandbox cluster).",
+        "Kubernetes cluster (or the sandbox cluster).",
     )
     parser.add_argument("--version", action="version", version=composemirror.__version__)
-    parser.add_argument("-f", "--file", action="append", default=[], type=Path,
-                        help="compose file (repeatable), as for docker compose")
+    parser.add_argument(
+        "-f",
+        "--file",
+        action="append",
+        default=[],
+        type=Path,
+        help="compose file (repeatable), as for docker compose",
+    )
     parser.add_argument("-p", "--project-name", help="compose project name")
     parser.add_argument("--profile", action="append", default=[], help="compose profile")
-    parser.add_argument("--env-file", action="append", default=[], type=Path,
-                        help="compose env file for interpolation")
+    parser.add_argument(
+        "--env-file",
+        action="append",
+        default=[],
+        type=Path,
+        help="compose env file for interpolation",
+    )
     parser.add_argument("--project-directory", type=Path, help="compose project directory")
-    parser.add_argument("--config", type=Path,
-                        help="composemirror config file (instead of x-composemirror)")
+    parser.add_argument(
+        "--config", type=Path, help="composemirror config file (instead of x-composemirror)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is done")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -151,8 +187,12 @@ def _parser() -> argparse.ArgumentParser:
     up.set_defaults(run=_up)
 
     down = commands.add_parser("down", help="remove everything up created, the agent included")
-    down.add_argument("-v", "--volumes", action="store_true",
-                      help="also remove named volumes declared by the project")
+    down.add_argument(
+        "-v",
+        "--volumes",
+        action="store_true",
+        help="also remove named volumes declared by the project",
+    )
     down.set_defaults(run=_down)
 
     config = commands.add_parser("config", help="print the rewritten compose model")
@@ -166,8 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="check engine, compose, images, target, link")
     doctor.set_defaults(run=_doctor)
 
-    passthrough = commands.add_parser("compose", help="docker compose ARGS on the rendered "
-                                                      "project")
+    passthrough = commands.add_parser("compose", help="docker compose ARGS on the rendered project")
     passthrough.add_argument("args", nargs=argparse.REMAINDER)
     passthrough.set_defaults(run=_compose)
 

@@ -43,8 +43,19 @@ SIDECAR_SUFFIX = "-mirror"
 
 # Keys Docker refuses on a container that joins another's network namespace: they describe the
 # network identity, so they move to the sidecar that owns the namespace.
-MOVED_KEYS = ("networks", "ports", "expose", "hostname", "domainname", "dns", "dns_search",
-              "dns_opt", "extra_hosts", "mac_address", "links")
+MOVED_KEYS = (
+    "networks",
+    "ports",
+    "expose",
+    "hostname",
+    "domainname",
+    "dns",
+    "dns_search",
+    "dns_opt",
+    "extra_hosts",
+    "mac_address",
+    "links",
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,7 +98,9 @@ def rewrite(model: Mapping[str, Any], config: Config, plan: Plan) -> dict[str, A
         app["network_mode"] = f"service:{side}"
         # The model writes `$$` for a literal `$`: merge raw values, then write them back so.
         merged = environment.merge(
-            plan.remote_env, config.env, env_file=plan.env_file,
+            plan.remote_env,
+            config.env,
+            env_file=plan.env_file,
             compose=unescape(app.get("environment") or {}),
         )
         app["environment"] = {k: None if v is None else escape(v) for k, v in merged.items()}
@@ -109,8 +122,7 @@ def rewrite(model: Mapping[str, Any], config: Config, plan: Plan) -> dict[str, A
             "restart": "unless-stopped",
             "labels": _labels(project, plan, "agent"),
         }
-        rendered.setdefault("volumes", {})[LINK_VOLUME] = {
-            "labels": _labels(project, plan, "link")}
+        rendered.setdefault("volumes", {})[LINK_VOLUME] = {"labels": _labels(project, plan, "link")}
     rendered.setdefault("secrets", {})[KEY_SECRET] = {"file": plan.key_file}
     return rendered
 
@@ -156,8 +168,10 @@ def _check(services: Mapping[str, Any], config: Config) -> None:
     where = f"{config.source}: {BLOCK}"
     for i, name in enumerate(config.services):
         if name not in services:
-            raise ConfigError(f"{where}.services[{i}]: {name!r} is not a service of this project",
-                              hint=_suggest(name, services))
+            raise ConfigError(
+                f"{where}.services[{i}]: {name!r} is not a service of this project",
+                hint=_suggest(name, services),
+            )
         service = services[name]
         mode = service.get("network_mode")
         if mode:
@@ -173,31 +187,36 @@ def _check(services: Mapping[str, Any], config: Config) -> None:
             )
         for ours in (sidecar_name(name), AGENT_SERVICE):
             if ours in services:
-                raise ConfigError(f"the project already has a service named {ours!r}, "
-                                  "which composemirror needs for its own containers",
-                                  hint="rename that service")
+                raise ConfigError(
+                    f"the project already has a service named {ours!r}, "
+                    "which composemirror needs for its own containers",
+                    hint="rename that service",
+                )
     taken: dict[tuple[int, str], list[tuple[str, str]]] = {}
     for name in config.services:
         for host_ip, port, protocol in published_ports(services[name]):
             for other_ip, other in taken.get((port, protocol), []):
                 if other != name and (not host_ip or not other_ip or host_ip == other_ip):
                     raise ConfigError(
-                        f"services {other!r} and {name!r} both publish host port "
-                        f"{port}/{protocol}",
+                        f"services {other!r} and {name!r} both publish host port {port}/{protocol}",
                         hint="give each a different published port",
                     )
             taken.setdefault((port, protocol), []).append((host_ip, name))
     for host, target in config.hosts.items():
         key = f"{where}.hosts.{host}"
         if target not in services:
-            raise ConfigError(f"{key}: {target!r} is not a service of this project",
-                              hint=_suggest(target, services))
+            raise ConfigError(
+                f"{key}: {target!r} is not a service of this project",
+                hint=_suggest(target, services),
+            )
         target_networks = set(services[target].get("networks") or {})
         for name in config.services:
             if not target_networks & set(services[name].get("networks") or {}):
-                raise ConfigError(f"{key}: {target!r} shares no network with {name!r}, "
-                                  f"so {name!r} cannot reach it",
-                                  hint=f"put {target!r} and {name!r} on a common network")
+                raise ConfigError(
+                    f"{key}: {target!r} shares no network with {name!r}, "
+                    f"so {name!r} cannot reach it",
+                    hint=f"put {target!r} and {name!r} on a common network",
+                )
 
 
 def _sidecar(
@@ -233,16 +252,18 @@ def _sidecar(
             "timeout": "5s",
             "retries": 60,
         },
-        **({"depends_on": {AGENT_SERVICE: {"condition": "service_started", "required": True}}}
-           if local_agent else {}),
+        **(
+            {"depends_on": {AGENT_SERVICE: {"condition": "service_started", "required": True}}}
+            if local_agent
+            else {}
+        ),
         "labels": _labels(project, plan, "sidecar", name),
     }
     for key in MOVED_KEYS:
         if app.get(key) is not None:
             sidecar[key] = copy.deepcopy(app[key])
     if isinstance(plan.placement, ForwardedPlacement) and plan.placement.extra_hosts:
-        sidecar["extra_hosts"] = _with_hosts(sidecar.get("extra_hosts"),
-                                             plan.placement.extra_hosts)
+        sidecar["extra_hosts"] = _with_hosts(sidecar.get("extra_hosts"), plan.placement.extra_hosts)
     if app.get("restart") is not None:
         sidecar["restart"] = app["restart"]
     # Other services keep finding the app under its own name (and container name).
@@ -317,4 +338,3 @@ def _suggest(name: str, services: Mapping[str, Any]) -> str:
     if close:
         return f"did you mean {close[0]!r}?"
     return f"services of this project: {', '.join(sorted(services))}"
-

@@ -111,13 +111,19 @@ class Engine:
         try:
             return str(self.client().version().get("Version", "unknown"))
         except docker.errors.APIError as e:
-            raise EngineError(f"cannot ask the Docker engine its version: {e}",
-                              hint=ENGINE_HINT) from e
+            raise EngineError(
+                f"cannot ask the Docker engine its version: {e}", hint=ENGINE_HINT
+            ) from e
 
     def compose_version(self) -> str:
         try:
-            result = subprocess.run([self.docker_binary(), "compose", "version", "--short"],
-                                    capture_output=True, text=True, timeout=30, check=True)
+            result = subprocess.run(
+                [self.docker_binary(), "compose", "version", "--short"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            )
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
             raise EngineError("the docker compose plugin does not run", hint=COMPOSE_HINT) from e
         return result.stdout.strip()
@@ -126,17 +132,21 @@ class Engine:
         """`docker compose config --format json`: the interpolated, merged, normalised model."""
         command = [self.docker_binary(), "compose", *project.flags(), "config", "--format", "json"]
         try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                                    env=project.process_env())
+            result = subprocess.run(
+                command, capture_output=True, text=True, timeout=120, env=project.process_env()
+            )
         except subprocess.TimeoutExpired as e:
-            raise EngineError("docker compose config did not answer in 120 s",
-                              hint=COMPOSE_HINT) from e
+            raise EngineError(
+                "docker compose config did not answer in 120 s", hint=COMPOSE_HINT
+            ) from e
         if result.returncode != 0:
             message = result.stderr.strip()
             if "is not a docker command" in message or "unknown command" in message:
                 raise EngineError("the docker compose plugin is missing", hint=COMPOSE_HINT)
-            raise ConfigError(f"docker compose rejected the project: {message}",
-                              hint="fix the compose file(s) named above")
+            raise ConfigError(
+                f"docker compose rejected the project: {message}",
+                hint="fix the compose file(s) named above",
+            )
         model: dict[str, Any] = json.loads(result.stdout)
         return model
 
@@ -155,8 +165,9 @@ class Engine:
         try:
             whales.compose.down(remove_orphans=True, volumes=volumes)
         except DockerException as e:
-            raise EngineError(f"docker compose down failed: {_compose_message(e)}",
-                              hint=ENGINE_HINT) from e
+            raise EngineError(
+                f"docker compose down failed: {_compose_message(e)}", hint=ENGINE_HINT
+            ) from e
 
     def compose_run(self, project: ComposeProject, args: Sequence[str]) -> int:
         """Run `docker compose ARGS` attached to this terminal and return its exit code.
@@ -168,8 +179,9 @@ class Engine:
         log.debug("running %s", " ".join(command))
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            process = subprocess.Popen(command, env=project.process_env(),
-                                       preexec_fn=_default_sigint)
+            process = subprocess.Popen(
+                command, env=project.process_env(), preexec_fn=_default_sigint
+            )
             return process.wait()
         except FileNotFoundError as e:
             raise EngineError("the docker CLI is not installed", hint=ENGINE_HINT) from e
@@ -197,13 +209,20 @@ class Engine:
         """Build `context` (with its Dockerfile) into `tag`, reporting each step to `progress`."""
         try:
             stream: Iterable[dict[str, Any]] = self.client().api.build(
-                path=str(context), tag=tag, buildargs=dict(buildargs), labels=dict(labels),
-                rm=True, forcerm=True, decode=True,
+                path=str(context),
+                tag=tag,
+                buildargs=dict(buildargs),
+                labels=dict(labels),
+                rm=True,
+                forcerm=True,
+                decode=True,
             )
             for chunk in stream:
                 if "error" in chunk:
-                    raise EngineError(f"building {tag} failed: {chunk['error'].strip()}",
-                                      hint="see the build output above")
+                    raise EngineError(
+                        f"building {tag} failed: {chunk['error'].strip()}",
+                        hint="see the build output above",
+                    )
                 text = str(chunk.get("stream", "")).strip()
                 if text:
                     progress(text)
@@ -230,8 +249,7 @@ class Engine:
     def exec_output(self, container_id: str, command: Sequence[str]) -> str | None:
         """stdout of a command run inside a running container, or None when it fails."""
         try:
-            result = self.client().containers.get(container_id).exec_run(list(command),
-                                                                         demux=True)
+            result = self.client().containers.get(container_id).exec_run(list(command), demux=True)
         except docker.errors.APIError:
             return None
         if result.exit_code != 0 or result.output[0] is None:

@@ -87,8 +87,9 @@ class FakeEngine(Engine):
 
     def client(self) -> Any:
         if not self.reachable:
-            raise EngineError("cannot reach the Docker engine: connection refused",
-                              hint="start the Docker engine")
+            raise EngineError(
+                "cannot reach the Docker engine: connection refused", hint="start the Docker engine"
+            )
         return self
 
     def engine_version(self) -> str:
@@ -107,8 +108,10 @@ class FakeEngine(Engine):
                     model["name"] = project.name
                 return model
         missing = files[0] if files else "no configuration file provided"
-        raise ConfigError(f"docker compose rejected the project: {missing}: not found",
-                          hint="fix the compose file(s) named above")
+        raise ConfigError(
+            f"docker compose rejected the project: {missing}: not found",
+            hint="fix the compose file(s) named above",
+        )
 
     def compose_down(self, project: ComposeProject, *, volumes: bool) -> None:
         self.client()
@@ -137,10 +140,12 @@ class FakeEngine(Engine):
         labels: Mapping[str, str],
         progress: Callable[[str], None],
     ) -> None:
-        files = tuple(sorted(str(p.relative_to(context)) for p in context.rglob("*")
-                             if p.is_file()))
-        self.builds.append(Build(tag=tag, buildargs=dict(buildargs), labels=dict(labels),
-                                 files=files))
+        files = tuple(
+            sorted(str(p.relative_to(context)) for p in context.rglob("*") if p.is_file())
+        )
+        self.builds.append(
+            Build(tag=tag, buildargs=dict(buildargs), labels=dict(labels), files=files)
+        )
         progress(f"Successfully tagged {tag}")
         self.images.add(tag)
 
@@ -175,8 +180,15 @@ class FakeEngine(Engine):
         env: Mapping[str, str] | None = None,
         image: str = "example/app",
     ) -> Container:
-        container = Container(id=f"c{next(self._ids):04d}", name=name, labels=dict(labels or {}),
-                              state=state, health=health, env=dict(env or {}), image=image)
+        container = Container(
+            id=f"c{next(self._ids):04d}",
+            name=name,
+            labels=dict(labels or {}),
+            state=state,
+            health=health,
+            env=dict(env or {}),
+            image=image,
+        )
         self.running.append(container)
         return container
 
@@ -196,10 +208,14 @@ class FakeEngine(Engine):
             container_name = (spec or {}).get("container_name") or f"{name}-{service}-1"
             if self.inspect_container(container_name) is not None:
                 continue
-            labels = {**((spec or {}).get("labels") or {}),
-                      COMPOSE_PROJECT_LABEL: name, COMPOSE_SERVICE_LABEL: service}
-            self.add_container(container_name, labels=labels,
-                               image=str((spec or {}).get("image", "")))
+            labels = {
+                **((spec or {}).get("labels") or {}),
+                COMPOSE_PROJECT_LABEL: name,
+                COMPOSE_SERVICE_LABEL: service,
+            }
+            self.add_container(
+                container_name, labels=labels, image=str((spec or {}).get("image", ""))
+            )
 
     def _name_of(self, project: ComposeProject) -> str | None:
         try:
@@ -224,10 +240,14 @@ class FakeBackend:
     """A backend whose target is always found (unless `error` is set), recording its calls."""
 
     name: str = "fake"
-    resolution: Resolution = field(default_factory=lambda: Resolution(
-        description="fake target", target="fake-target", env={"FROM_TARGET": "yes"}))
-    placement: Placement = field(default_factory=lambda: ContainerPlacement(
-        network_mode="container:fake-target"))
+    resolution: Resolution = field(
+        default_factory=lambda: Resolution(
+            description="fake target", target="fake-target", env={"FROM_TARGET": "yes"}
+        )
+    )
+    placement: Placement = field(
+        default_factory=lambda: ContainerPlacement(network_mode="container:fake-target")
+    )
     error: Exception | None = None
     """Raised by `resolve`, e.g. a ClusterError."""
     checks: list[Check] = field(default_factory=list)

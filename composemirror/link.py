@@ -126,18 +126,21 @@ class TcpAddress(LinkAddress):
     def from_text(cls, text: str, rest: str) -> LinkAddress:
         host, colon, port = rest.rpartition(":")
         if not colon or not host:
-            raise LinkAddressError(f"link address {text!r}: use tcp:HOST:PORT "
-                                   "(tcp:[ADDRESS]:PORT for IPv6)")
+            raise LinkAddressError(
+                f"link address {text!r}: use tcp:HOST:PORT (tcp:[ADDRESS]:PORT for IPv6)"
+            )
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
             try:
                 ipaddress.IPv6Address(host)
             except ValueError:
-                raise LinkAddressError(f"link address {text!r}: {host!r} is not an IPv6 "
-                                       "address") from None
+                raise LinkAddressError(
+                    f"link address {text!r}: {host!r} is not an IPv6 address"
+                ) from None
         elif ":" in host or "[" in host or "]" in host:
-            raise LinkAddressError(f"link address {text!r}: write an IPv6 address in brackets, "
-                                   "tcp:[ADDRESS]:PORT")
+            raise LinkAddressError(
+                f"link address {text!r}: write an IPv6 address in brackets, tcp:[ADDRESS]:PORT"
+            )
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise LinkAddressError(f"link address {text!r}: {port!r} is not a port (1-65535)")
         return cls(host, int(port))

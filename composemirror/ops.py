@@ -167,8 +167,13 @@ def render(options: Options, *, write: bool, runtime: Runtime) -> Rendered:
     config = _load_config(options, model, user, directory)
     backend = runtime.backend(config)
     resolution = backend.resolve(config)
-    session = SessionInfo(project=str(model["name"]), directory=directory, config=config,
-                          resolution=resolution, base_image=base)
+    session = SessionInfo(
+        project=str(model["name"]),
+        directory=directory,
+        config=config,
+        resolution=resolution,
+        base_image=base,
+    )
     placement = backend.place(config, resolution, session)
     session = dataclasses.replace(session, placement=placement)
     specs = tuple(images.spec(role, base) for role in images.ROLES)
@@ -220,9 +225,10 @@ def up(
     code = runtime.engine.compose_run(rendered.compose_project(), args)
     if code == 0 or (not detach and code == 130):
         return 0
-    raise EngineError(f"docker compose up failed (exit {code})",
-                      hint="see compose's output above; `composemirror down` removes what "
-                           "was created")
+    raise EngineError(
+        f"docker compose up failed (exit {code})",
+        hint="see compose's output above; `composemirror down` removes what was created",
+    )
 
 
 def ensure_images(
@@ -236,16 +242,15 @@ def ensure_images(
         with tempfile.TemporaryDirectory(prefix="composemirror-build-") as context:
             images.write_context(spec, Path(context))
             runtime.engine.build_image(
-                Path(context), spec.tag,
+                Path(context),
+                spec.tag,
                 buildargs={"BASE_IMAGE": spec.base},
                 labels={compose.LABEL_VERSION: composemirror.__version__},
                 progress=lambda line: progress("  " + line),
             )
 
 
-def down(
-    options: Options, *, volumes: bool, progress: Progress, runtime: Runtime
-) -> list[str]:
+def down(options: Options, *, volumes: bool, progress: Progress, runtime: Runtime) -> list[str]:
     """Remove everything of the project that composemirror, compose or the backend created.
 
     Idempotent. The backend is the one the project's configuration names; when the project's
@@ -279,14 +284,16 @@ def status(options: Options, *, runtime: Runtime) -> tuple[str, list[ServiceStat
             report = engine.exec_output(container.id, ["cat", STATUS_FILE])
             if report:
                 link = json.loads(report)
-        rows.append(ServiceStatus(
-            service=container.labels.get(COMPOSE_SERVICE_LABEL, "?"),
-            container=container.name,
-            role=role,
-            state=container.state,
-            health=container.health,
-            link=link,
-        ))
+        rows.append(
+            ServiceStatus(
+                service=container.labels.get(COMPOSE_SERVICE_LABEL, "?"),
+                container=container.name,
+                role=role,
+                state=container.state,
+                health=container.health,
+                link=link,
+            )
+        )
     rows.sort(key=lambda r: (r.role != "agent", r.service))
     return name, rows
 
@@ -320,16 +327,25 @@ def doctor(options: Options, *, runtime: Runtime) -> list[Check]:
         checks.extend(result.backend.doctor(result.config))
         for spec in result.images:
             present = engine.image_exists(spec.tag)
-            checks.append(Check(name=f"{spec.role} image", ok=True,
-                                detail=spec.tag if present else f"{spec.tag} (built by `up`)"))
+            checks.append(
+                Check(
+                    name=f"{spec.role} image",
+                    ok=True,
+                    detail=spec.tag if present else f"{spec.tag} (built by `up`)",
+                )
+            )
         _, rows = status(options, runtime=runtime)
         for row in rows:
             if row.role == "sidecar":
                 state = row.link.get("agent", "unknown")
-                checks.append(Check(
-                    name=f"agent link of {row.service}", ok=state == "connected",
-                    detail=state, hint=None if state == "connected" else row.link.get("error"),
-                ))
+                checks.append(
+                    Check(
+                        name=f"agent link of {row.service}",
+                        ok=state == "connected",
+                        detail=state,
+                        hint=None if state == "connected" else row.link.get("error"),
+                    )
+                )
     return checks
 
 
@@ -353,11 +369,14 @@ def sandbox(action: str, *, progress: Progress, runtime: Runtime) -> None:
 def _write(rendered: Rendered) -> None:
     folder = rendered.path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / ".gitignore").write_text("# written by composemirror; `composemirror down` "
-                                       "removes it\n*\n")
+    (folder / ".gitignore").write_text(
+        "# written by composemirror; `composemirror down` removes it\n*\n"
+    )
     text = yaml.safe_dump(rendered.model, sort_keys=False, default_flow_style=False, width=1000)
-    header = ("# Rendered by composemirror from the project's compose model; do not edit.\n"
-              "# `composemirror config` prints it, `composemirror down` removes it.\n")
+    header = (
+        "# Rendered by composemirror from the project's compose model; do not edit.\n"
+        "# `composemirror config` prints it, `composemirror down` removes it.\n"
+    )
     rendered.path.write_text(header + text)
     if not rendered.key_file.exists():
         # A fresh secret per `up` (down removes it): the tunnel handshake proves both ends know it.
@@ -371,8 +390,10 @@ def _discover(start: Path) -> Path:
         for name in COMPOSE_FILES:
             if (folder / name).is_file():
                 return folder / name
-    raise ConfigError(f"no compose file in {start} or above it",
-                      hint="run in a directory with compose.yaml, or pass -f FILE")
+    raise ConfigError(
+        f"no compose file in {start} or above it",
+        hint="run in a directory with compose.yaml, or pass -f FILE",
+    )
 
 
 def _project_directory(options: Options, project: ComposeProject, runtime: Runtime) -> Path:
@@ -399,7 +420,7 @@ def _load_config(
         "no composemirror configuration: the compose model has no x-composemirror block and "
         f"there is no {CONFIG_FILE_NAME} in {directory}",
         hint="add e.g. `x-composemirror: {target: deployment/checkout, namespace: shop, "
-             "services: [web]}` to the compose file",
+        "services: [web]}` to the compose file",
     )
 
 
@@ -407,8 +428,9 @@ def _load_file(path: Path) -> Config:
     try:
         document = yaml.safe_load(path.read_text())
     except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}",
-                          hint="check the path given to --config") from e
+        raise ConfigError(
+            f"cannot read {path}: {e.strerror}", hint="check the path given to --config"
+        ) from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if isinstance(document, dict) and set(document) == {BLOCK}:
@@ -421,8 +443,10 @@ def _read_env_file(config: Config) -> dict[str, str]:
     if path is None:
         return {}
     if not path.is_file():
-        raise ConfigError(f"{config.source}: {BLOCK}.feature.env.env_file: {path} does not exist",
-                          hint="fix the path (relative paths start at the project directory)")
+        raise ConfigError(
+            f"{config.source}: {BLOCK}.feature.env.env_file: {path} does not exist",
+            hint="fix the path (relative paths start at the project directory)",
+        )
     return {k: v for k, v in dotenv.dotenv_values(path).items() if v is not None}
 
 

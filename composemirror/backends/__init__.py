@@ -165,8 +165,9 @@ def choose(
             hint=f"set {CLUSTER_ENV}=sandbox to use the sandbox cluster",
         )
     if forced not in ("sandbox", "auto"):
-        raise ConfigError(f"{CLUSTER_ENV}={forced!r} is not a choice",
-                          hint="use sandbox, kubernetes or auto")
+        raise ConfigError(
+            f"{CLUSTER_ENV}={forced!r} is not a choice", hint="use sandbox, kubernetes or auto"
+        )
     from composemirror.backends.sandbox import SandboxBackend
 
     return SandboxBackend(engine)

@@ -35,11 +35,15 @@ class DockerBackend:
         name = str(target.name)
         container = self.engine.inspect_container(name)
         if container is None:
-            raise ClusterError(f"target {target}: there is no container {name!r}",
-                               hint="start it, or check the name with `docker ps`")
+            raise ClusterError(
+                f"target {target}: there is no container {name!r}",
+                hint="start it, or check the name with `docker ps`",
+            )
         if container.state != "running":
-            raise ClusterError(f"target {target}: container {name!r} is {container.state}",
-                               hint=f"start it with `docker start {name}`")
+            raise ClusterError(
+                f"target {target}: container {name!r} is {container.state}",
+                hint=f"start it with `docker start {name}`",
+            )
         return Resolution(
             description=f"container {container.name}",
             target=container.name,

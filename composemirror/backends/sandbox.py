@@ -38,8 +38,7 @@ DEFAULT_NAMESPACE = "default"
 
 def project(base_image: str = DEFAULT_BASE) -> ComposeProject:
     """The sandbox's compose project; its image is built on `base_image`."""
-    return ComposeProject(files=(COMPOSE_FILE,), name=PROJECT,
-                          environment={BASE_ENV: base_image})
+    return ComposeProject(files=(COMPOSE_FILE,), name=PROJECT, environment={BASE_ENV: base_image})
 
 
 class SandboxBackend:
@@ -56,8 +55,10 @@ class SandboxBackend:
         target = config.target
         namespace = config.namespace or DEFAULT_NAMESPACE
         if target.kind == "targetless":
-            raise ClusterError("the sandbox cluster runs targeted sessions only",
-                               hint="set `target: deployment/checkout` with `namespace: shop`")
+            raise ClusterError(
+                "the sandbox cluster runs targeted sessions only",
+                hint="set `target: deployment/checkout` with `namespace: shop`",
+            )
         wanted = f"{target.kind}/{target.name}"
         available = []
         for name, service in self.model().get("services", {}).items():
@@ -94,8 +95,13 @@ class SandboxBackend:
 
     def doctor(self, config: Config) -> list[Check]:
         running = self.is_up()
-        return [Check(name="sandbox cluster", ok=True,
-                      detail="running" if running else "not running (`up` starts it)")]
+        return [
+            Check(
+                name="sandbox cluster",
+                ok=True,
+                detail="running" if running else "not running (`up` starts it)",
+            )
+        ]
 
     def model(self) -> dict[str, Any]:
         """The sandbox's compose model (read once)."""
@@ -116,12 +122,12 @@ class SandboxBackend:
     def start(self, base_image: str) -> None:
         """Start (or update) the sandbox and wait until its workloads are healthy."""
         # --build: the layer cache makes it cheap, and a newer composemirror brings a newer one.
-        code = self.engine.compose_run(project(base_image),
-                                       ["up", "--detach", "--wait", "--build"])
+        code = self.engine.compose_run(project(base_image), ["up", "--detach", "--wait", "--build"])
         if code != 0:
-            raise ClusterError("the sandbox cluster did not start",
-                               hint="see compose's output above; `composemirror sandbox down` "
-                                    "removes it")
+            raise ClusterError(
+                "the sandbox cluster did not start",
+                hint="see compose's output above; `composemirror sandbox down` removes it",
+            )
 
     def remove(self) -> None:
         """Remove the sandbox and its volumes."""
@@ -138,5 +144,8 @@ def _resolver(service: Mapping[str, Any]) -> Resolver | None:
         name, _, value = str(option).partition(":")
         if name == "ndots" and value.isdigit():
             ndots = int(value)
-    return Resolver(search=tuple(str(s) for s in service.get("dns_search") or ()),
-                    ndots=ndots, nameservers=nameservers)
+    return Resolver(
+        search=tuple(str(s) for s in service.get("dns_search") or ()),
+        ndots=ndots,
+        nameservers=nameservers,
+    )

@@ -16,8 +16,11 @@ MODEL: dict[str, Any] = {
     "name": "shop",
     "networks": {"default": {"name": "shop_default", "ipam": {}}},
     "services": {
-        "web": {"image": "example/web", "networks": {"default": None},
-                "environment": {"APP_MODE": "local"}},
+        "web": {
+            "image": "example/web",
+            "networks": {"default": None},
+            "environment": {"APP_MODE": "local"},
+        },
         "db": {"image": "postgres:16", "networks": {"default": None}},
     },
     "x-composemirror": {

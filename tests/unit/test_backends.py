@@ -35,10 +35,14 @@ SANDBOX_MODEL: dict[str, Any] = {
             "dns": ["10.96.0.10"],
             "dns_search": ["shop.svc.cluster.local", "svc.cluster.local", "cluster.local"],
             "dns_opt": ["ndots:5", "timeout:1"],
-            "environment": {"DATABASE_URL": "postgresql://shop:pa$$word@postgres/shop",
-                            "UNSET_IN_SHELL": None},
-            "labels": {"io.composemirror.sandbox.workload": "deployment/checkout",
-                       "io.composemirror.sandbox.namespace": "shop"},
+            "environment": {
+                "DATABASE_URL": "postgresql://shop:pa$$word@postgres/shop",
+                "UNSET_IN_SHELL": None,
+            },
+            "labels": {
+                "io.composemirror.sandbox.workload": "deployment/checkout",
+                "io.composemirror.sandbox.namespace": "shop",
+            },
         },
         "orders": {
             "image": "composemirror/sandbox:0.1",
@@ -49,25 +53,39 @@ SANDBOX_MODEL: dict[str, Any] = {
 
 
 def config(target: str, **block: Any) -> Config:
-    return load({"target": target, "services": ["web"], **block}, source="compose.yaml",
-                base_dir=Path("/project"))
+    return load(
+        {"target": target, "services": ["web"], **block},
+        source="compose.yaml",
+        base_dir=Path("/project"),
+    )
 
 
 def session(resolution: Resolution, cfg: Config) -> SessionInfo:
-    return SessionInfo(project="proj", directory=Path("/project"), config=cfg,
-                       resolution=resolution, base_image="debian:bookworm-slim")
+    return SessionInfo(
+        project="proj",
+        directory=Path("/project"),
+        config=cfg,
+        resolution=resolution,
+        base_image="debian:bookworm-slim",
+    )
 
 
 def sandbox_engine(*, up: bool = False) -> FakeEngine:
     engine = FakeEngine(models={COMPOSE_FILE: SANDBOX_MODEL})
     if up:
         for service in SANDBOX_MODEL["services"]:
-            engine.add_container(f"{PROJECT}-{service}-1", labels={
-                "com.docker.compose.project": PROJECT, "com.docker.compose.service": service})
+            engine.add_container(
+                f"{PROJECT}-{service}-1",
+                labels={
+                    "com.docker.compose.project": PROJECT,
+                    "com.docker.compose.service": service,
+                },
+            )
     return engine
 
 
 # -- choose ----------------------------------------------------------------------------------
+
 
 def no_kube(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {"KUBECONFIG": str(tmp_path / "missing"), **extra}
@@ -87,8 +105,7 @@ def test_forcing_the_sandbox_wins_over_a_kube_config(tmp_path: Path) -> None:
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text("apiVersion: v1\n")
     environ = {"KUBECONFIG": str(kubeconfig), CLUSTER_ENV: "sandbox"}
-    assert isinstance(choose(config("deployment/checkout"), environ, FakeEngine()),
-                      SandboxBackend)
+    assert isinstance(choose(config("deployment/checkout"), environ, FakeEngine()), SandboxBackend)
 
 
 @pytest.mark.parametrize("forced", ["auto", "kubernetes"])
@@ -104,8 +121,11 @@ def test_a_kubernetes_cluster_is_not_reached_yet(tmp_path: Path, forced: str) ->
 
 def test_an_unknown_cluster_choice_is_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
-        choose(config("deployment/checkout"), no_kube(tmp_path, **{CLUSTER_ENV: "minikube"}),
-               FakeEngine())
+        choose(
+            config("deployment/checkout"),
+            no_kube(tmp_path, **{CLUSTER_ENV: "minikube"}),
+            FakeEngine(),
+        )
     assert caught.value.message == f"{CLUSTER_ENV}='minikube' is not a choice"
 
 
@@ -119,8 +139,7 @@ def test_the_home_kube_config_counts(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_every_backend_and_the_fake_follow_the_protocol() -> None:
     engine = FakeEngine()
-    implementations: list[Backend] = [DockerBackend(engine), SandboxBackend(engine),
-                                      FakeBackend()]
+    implementations: list[Backend] = [DockerBackend(engine), SandboxBackend(engine), FakeBackend()]
     for backend in implementations:
         for method in ("resolve", "place", "prepare", "teardown", "doctor"):
             assert callable(getattr(backend, method)), (backend.name, method)
@@ -128,17 +147,21 @@ def test_every_backend_and_the_fake_follow_the_protocol() -> None:
 
 # -- docker:// --------------------------------------------------------------------------------
 
+
 def test_a_docker_target_is_resolved_and_placed_in_its_namespace() -> None:
     engine = FakeEngine()
     engine.add_container("shop-checkout", env={"DATABASE_URL": "postgresql://db/shop"})
     backend = DockerBackend(engine)
     cfg = config("docker://shop-checkout")
     resolution = backend.resolve(cfg)
-    assert resolution == Resolution(description="container shop-checkout",
-                                    target="shop-checkout",
-                                    env={"DATABASE_URL": "postgresql://db/shop"})
+    assert resolution == Resolution(
+        description="container shop-checkout",
+        target="shop-checkout",
+        env={"DATABASE_URL": "postgresql://db/shop"},
+    )
     assert backend.place(cfg, resolution, session(resolution, cfg)) == ContainerPlacement(
-        network_mode="container:shop-checkout")
+        network_mode="container:shop-checkout"
+    )
     lines: list[str] = []
     backend.prepare(session(resolution, cfg), lines.append)
     assert lines == [] and engine.runs == []
@@ -159,11 +182,13 @@ def test_a_stopped_docker_target() -> None:
     with pytest.raises(ClusterError) as caught:
         DockerBackend(engine).resolve(config("docker://shop-checkout"))
     assert caught.value.message == (
-        "target docker://shop-checkout: container 'shop-checkout' is exited")
+        "target docker://shop-checkout: container 'shop-checkout' is exited"
+    )
     assert caught.value.hint == "start it with `docker start shop-checkout`"
 
 
 # -- the sandbox ------------------------------------------------------------------------------
+
 
 def test_a_sandbox_workload_is_resolved_with_its_env_and_resolver() -> None:
     backend = SandboxBackend(sandbox_engine())
@@ -173,8 +198,10 @@ def test_a_sandbox_workload_is_resolved_with_its_env_and_resolver() -> None:
     assert resolution.target == "composemirror-sandbox-checkout"
     assert resolution.env == {"DATABASE_URL": "postgresql://shop:pa$word@postgres/shop"}
     assert resolution.resolver == Resolver(
-        search=("shop.svc.cluster.local", "svc.cluster.local", "cluster.local"), ndots=5,
-        nameservers=("10.96.0.10",))
+        search=("shop.svc.cluster.local", "svc.cluster.local", "cluster.local"),
+        ndots=5,
+        nameservers=("10.96.0.10",),
+    )
     placement = backend.place(cfg, resolution, session(resolution, cfg))
     assert placement == ContainerPlacement(network_mode="container:composemirror-sandbox-checkout")
 
@@ -198,9 +225,12 @@ def test_a_workload_the_sandbox_does_not_run_lists_those_it_does() -> None:
     with pytest.raises(ClusterError) as caught:
         SandboxBackend(sandbox_engine()).resolve(config("deployment/checkout"))
     assert caught.value.message == (
-        "the sandbox cluster has no deployment/checkout in namespace default")
-    assert caught.value.hint == ("its workloads: deployment/checkout in namespace shop, "
-                                 "deployment/orders in namespace default")
+        "the sandbox cluster has no deployment/checkout in namespace default"
+    )
+    assert caught.value.hint == (
+        "its workloads: deployment/checkout in namespace shop, "
+        "deployment/orders in namespace default"
+    )
 
 
 def test_the_sandbox_runs_no_targetless_sessions() -> None:
@@ -216,7 +246,7 @@ def test_prepare_starts_the_sandbox_when_it_is_not_up() -> None:
     lines: list[str] = []
     backend.prepare(session(resolution, cfg), lines.append)
     assert lines == ["starting the sandbox cluster"]
-    (project, args), = engine.runs
+    ((project, args),) = engine.runs
     assert args == ["up", "--detach", "--wait", "--build"]
     assert project.name == PROJECT and project.files == (COMPOSE_FILE,)
     assert project.environment == {"COMPOSEMIRROR_BASE_IMAGE": "debian:bookworm-slim"}
@@ -253,7 +283,7 @@ def test_the_sandbox_stays_up_after_a_project_and_goes_on_request() -> None:
     assert backend.teardown("proj", Path("/project"), lambda line: None) == []
     assert engine.running
     backend.remove()
-    (project, volumes), = engine.downs
+    ((project, volumes),) = engine.downs
     assert project.name == PROJECT and volumes
     assert engine.running == []
     assert backend.doctor(config("deployment/orders"))[0].detail.startswith("not running")

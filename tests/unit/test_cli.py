@@ -41,7 +41,8 @@ def test_up_detached_then_status_then_down(
     assert project.engine.commands() == [["up", "--detach"]]
 
     project.engine.outputs["shop-web-mirror-1"] = json.dumps(
-        {"agent": "connected", "counters": {"tcp_remote": 2, "dns_remote": 5}})
+        {"agent": "connected", "counters": {"tcp_remote": 2, "dns_remote": 5}}
+    )
     assert run(project, "status") == 0
     out, _ = capsys.readouterr()
     lines = out.splitlines()
@@ -98,8 +99,9 @@ def test_bad_configuration_exits_2_with_the_key_at_fault(
 def test_a_target_that_is_not_there_exits_1_with_a_hint(
     project: Project, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    project.backend.error = ClusterError("target docker://x: there is no container 'x'",
-                                         hint="start it")
+    project.backend.error = ClusterError(
+        "target docker://x: there is no container 'x'", hint="start it"
+    )
     assert run(project, "up") == 1
     err = capsys.readouterr().err
     assert err == "composemirror: target docker://x: there is no container 'x'\n  hint: start it\n"
@@ -118,8 +120,9 @@ def test_doctor_exit_code_follows_the_checks(
     assert run(project, "doctor") == 0
     out = capsys.readouterr().out
     assert "ok    target: fake target" in out
-    project.backend.checks = [Check(name="fake cluster", ok=False, detail="unreachable",
-                                    hint="start it")]
+    project.backend.checks = [
+        Check(name="fake cluster", ok=False, detail="unreachable", hint="start it")
+    ]
     assert run(project, "doctor") == 1
     out = capsys.readouterr().out
     assert "FAIL  fake cluster: unreachable\n      hint: start it" in out
@@ -141,14 +144,17 @@ def test_sandbox_command(project: Project) -> None:
     assert project.engine.downs[0][0].name == "composemirror-sandbox"
 
 
-@pytest.mark.parametrize(("args", "code"), [
-    (["--version"], 0),
-    (["--help"], 0),
-    ([], 2),
-    (["bogus"], 2),
-    (["sandbox", "restart"], 2),
-    (["status", "--format", "xml"], 2),
-])
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["--version"], 0),
+        (["--help"], 0),
+        ([], 2),
+        (["bogus"], 2),
+        (["sandbox", "restart"], 2),
+        (["status", "--format", "xml"], 2),
+    ],
+)
 def test_argument_handling(
     project: Project, capsys: pytest.CaptureFixture[str], args: list[str], code: int
 ) -> None:
@@ -163,10 +169,34 @@ def test_argument_handling(
 
 def test_flags_reach_compose(project: Project, tmp_path: Path) -> None:
     env_file = tmp_path / "ci.env"
-    assert cli.main(["-f", str(project.file), "-p", "ci-shop", "--profile", "debug",
-                     "--env-file", str(env_file), "--project-directory", str(project.folder),
-                     "-v", "up", "-d"], runtime=project.runtime) == 0
-    (compose_project, _), = project.engine.runs
+    assert (
+        cli.main(
+            [
+                "-f",
+                str(project.file),
+                "-p",
+                "ci-shop",
+                "--profile",
+                "debug",
+                "--env-file",
+                str(env_file),
+                "--project-directory",
+                str(project.folder),
+                "-v",
+                "up",
+                "-d",
+            ],
+            runtime=project.runtime,
+        )
+        == 0
+    )
+    ((compose_project, _),) = project.engine.runs
     assert compose_project.name == "ci-shop"
-    assert next(c.labels["io.composemirror.project"] for c in project.engine.running
-            if "io.composemirror.project" in c.labels) == "ci-shop"
+    assert (
+        next(
+            c.labels["io.composemirror.project"]
+            for c in project.engine.running
+            if "io.composemirror.project" in c.labels
+        )
+        == "ci-shop"
+    )

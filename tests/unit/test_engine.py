@@ -46,8 +46,9 @@ class Found:
 
 
 class Collection:
-    def __init__(self, items: list[Found], missing: type[Exception] = docker.errors.NotFound
-                 ) -> None:
+    def __init__(
+        self, items: list[Found], missing: type[Exception] = docker.errors.NotFound
+    ) -> None:
         self.items = items
         self.error: Exception | None = None
         self.missing = missing
@@ -92,8 +93,10 @@ class StubSDK:
     """The parts of docker.DockerClient the engine uses."""
 
     def __init__(self) -> None:
-        self.images = Collection([Found({"Id": "sha256:1", "Name": "composemirror/agent:1"})],
-                                 missing=docker.errors.ImageNotFound)
+        self.images = Collection(
+            [Found({"Id": "sha256:1", "Name": "composemirror/agent:1"})],
+            missing=docker.errors.ImageNotFound,
+        )
         self.containers = Collection([Found(dict(a)) for a in RECORDED])
         self.networks = Collection([Found({"Name": "proj_default"})])
         self.volumes = Collection([Found({"Name": "proj_data"})])
@@ -137,12 +140,16 @@ def test_a_missing_container_is_none_and_a_failing_engine_an_error(engine: Engin
 
 
 def test_containers_are_found_by_all_their_labels(engine: Engine, sdk: StubSDK) -> None:
-    found = engine.containers({"com.docker.compose.project": "composemirror-sandbox",
-                               "io.composemirror.role": "agent"})
-    assert [c.name for c in found] == ["composemirror-sandbox-checkout",
-                                       "composemirror-sandbox-postgres-1"]
-    assert sdk.containers.filters[-1] == {"label": [
-        "com.docker.compose.project=composemirror-sandbox", "io.composemirror.role=agent"]}
+    found = engine.containers(
+        {"com.docker.compose.project": "composemirror-sandbox", "io.composemirror.role": "agent"}
+    )
+    assert [c.name for c in found] == [
+        "composemirror-sandbox-checkout",
+        "composemirror-sandbox-postgres-1",
+    ]
+    assert sdk.containers.filters[-1] == {
+        "label": ["com.docker.compose.project=composemirror-sandbox", "io.composemirror.role=agent"]
+    }
     sdk.containers.error = docker.errors.APIError("boom")
     with pytest.raises(EngineError, match="cannot list containers"):
         engine.containers({})
@@ -164,11 +171,19 @@ def test_image_not_found_is_not_an_error(engine: Engine, sdk: StubSDK) -> None:
 def test_build_reports_each_step_and_fails_with_the_builds_message(
     engine: Engine, sdk: StubSDK, tmp_path: Path
 ) -> None:
-    sdk.api.chunks = [{"stream": "Step 1/2 : FROM base\n"}, {"stream": "\n"},
-                      {"stream": " ---> abc\n"}]
+    sdk.api.chunks = [
+        {"stream": "Step 1/2 : FROM base\n"},
+        {"stream": "\n"},
+        {"stream": " ---> abc\n"},
+    ]
     lines: list[str] = []
-    engine.build_image(tmp_path, "composemirror/sidecar:1", buildargs={"BASE_IMAGE": "b"},
-                       labels={"io.composemirror.version": "1"}, progress=lines.append)
+    engine.build_image(
+        tmp_path,
+        "composemirror/sidecar:1",
+        buildargs={"BASE_IMAGE": "b"},
+        labels={"io.composemirror.version": "1"},
+        progress=lines.append,
+    )
     assert lines == ["Step 1/2 : FROM base", "---> abc"]
     assert sdk.api.built[0]["buildargs"] == {"BASE_IMAGE": "b"}
     assert sdk.api.built[0]["tag"] == "composemirror/sidecar:1"
@@ -193,8 +208,11 @@ def test_exec_output(engine: Engine, sdk: StubSDK) -> None:
 
 def test_remove_labelled_says_what_went(engine: Engine, sdk: StubSDK) -> None:
     removed = engine.remove_labelled({"io.composemirror.project": "proj"}, volumes=False)
-    assert removed == ["container composemirror-sandbox-checkout",
-                       "container composemirror-sandbox-postgres-1", "network proj_default"]
+    assert removed == [
+        "container composemirror-sandbox-checkout",
+        "container composemirror-sandbox-postgres-1",
+        "network proj_default",
+    ]
     assert not sdk.volumes.items[0].removed
     removed = engine.remove_labelled({"io.composemirror.project": "proj"}, volumes=True)
     assert removed[-1] == "volume proj_data" and sdk.volumes.items[0].removed
@@ -233,21 +251,39 @@ def test_no_docker_cli(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_compose_project_flags() -> None:
-    project = ComposeProject(files=(Path("a.yaml"), Path("b.yaml")), name="p",
-                             profiles=("debug",), env_files=(Path(".env.test"),),
-                             directory=Path("/src"), environment={"ONLY_IF_UNSET": "1"})
-    assert project.flags() == ["-f", "a.yaml", "-f", "b.yaml", "-p", "p", "--profile", "debug",
-                               "--env-file", ".env.test", "--project-directory", "/src"]
+    project = ComposeProject(
+        files=(Path("a.yaml"), Path("b.yaml")),
+        name="p",
+        profiles=("debug",),
+        env_files=(Path(".env.test"),),
+        directory=Path("/src"),
+        environment={"ONLY_IF_UNSET": "1"},
+    )
+    assert project.flags() == [
+        "-f",
+        "a.yaml",
+        "-f",
+        "b.yaml",
+        "-p",
+        "p",
+        "--profile",
+        "debug",
+        "--env-file",
+        ".env.test",
+        "--project-directory",
+        "/src",
+    ]
     assert project.process_env()["ONLY_IF_UNSET"] == "1"
     assert project.process_env()["PATH"] == os.environ["PATH"]
 
 
 # -- the docker CLI, replaced by a script ---------------------------------------------------
 
+
 def docker_script(folder: Path, body: str) -> str:
     """A `docker` that logs its arguments to `calls` and runs `body` (bash, args in "$@")."""
     path = folder / "docker"
-    path.write_text("#!/bin/bash\n" f'echo "$*" >> {folder}/calls\n' + textwrap.dedent(body))
+    path.write_text(f'#!/bin/bash\necho "$*" >> {folder}/calls\n' + textwrap.dedent(body))
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
     return str(path)
 
@@ -257,33 +293,48 @@ def calls(folder: Path) -> list[str]:
 
 
 def test_compose_model_and_version(tmp_path: Path) -> None:
-    engine = Engine(docker=docker_script(tmp_path, """
+    engine = Engine(
+        docker=docker_script(
+            tmp_path,
+            """
         case "$*" in
           *"config --format json") echo '{"name": "proj", "services": {}}' ;;
           "compose version --short") echo 2.40.3 ;;
         esac
-    """))
+    """,
+        )
+    )
     assert engine.compose_model(ComposeProject(name="proj")) == {"name": "proj", "services": {}}
     assert engine.compose_version() == "2.40.3"
-    assert calls(tmp_path) == ["compose -p proj config --format json",
-                               "compose version --short"]
+    assert calls(tmp_path) == ["compose -p proj config --format json", "compose version --short"]
 
 
 def test_compose_rejecting_the_project_is_bad_input(tmp_path: Path) -> None:
-    engine = Engine(docker=docker_script(tmp_path, """
+    engine = Engine(
+        docker=docker_script(
+            tmp_path,
+            """
         echo 'yaml: line 2: did not find expected node content' >&2; exit 15
-    """))
+    """,
+        )
+    )
     with pytest.raises(ConfigError) as caught:
         engine.compose_model(ComposeProject())
-    assert caught.value.message == ("docker compose rejected the project: yaml: line 2: did not "
-                                    "find expected node content")
+    assert caught.value.message == (
+        "docker compose rejected the project: yaml: line 2: did not find expected node content"
+    )
     assert caught.value.exit_code == 2
 
 
 def test_a_missing_compose_plugin_is_an_engine_error(tmp_path: Path) -> None:
-    engine = Engine(docker=docker_script(tmp_path, """
+    engine = Engine(
+        docker=docker_script(
+            tmp_path,
+            """
         echo "docker: 'compose' is not a docker command." >&2; exit 1
-    """))
+    """,
+        )
+    )
     with pytest.raises(EngineError) as caught:
         engine.compose_model(ComposeProject())
     assert caught.value.message == "the docker compose plugin is missing"
@@ -301,14 +352,20 @@ def test_compose_run_returns_composes_exit_code(tmp_path: Path) -> None:
 
 
 def test_compose_down(tmp_path: Path) -> None:
-    engine = Engine(docker=docker_script(tmp_path, """
+    engine = Engine(
+        docker=docker_script(
+            tmp_path,
+            """
         [[ "$*" == *"--project-name gone down"* ]] && { echo 'permission denied' >&2; exit 1; }
         exit 0
-    """))
+    """,
+        )
+    )
     engine.compose_down(ComposeProject(files=(tmp_path / "c.yaml",), name="p"), volumes=True)
     down = [c for c in calls(tmp_path) if "down" in c]
-    assert down[-1] == (f"compose --file {tmp_path}/c.yaml --project-name p down "
-                        "--remove-orphans --volumes")
+    assert down[-1] == (
+        f"compose --file {tmp_path}/c.yaml --project-name p down --remove-orphans --volumes"
+    )
     with pytest.raises(EngineError) as caught:
         engine.compose_down(ComposeProject(name="gone"), volumes=False)
     # compose's stderr went to the terminal (python-on-whales does not capture it)
@@ -322,7 +379,8 @@ def test_the_fake_engine_stands_in_for_every_public_method() -> None:
 
 
 def test_container_values_are_frozen() -> None:
-    container = Container(id="1", name="n", labels={}, state="running", health=None, env={},
-                          image="i")
+    container = Container(
+        id="1", name="n", labels={}, state="running", health=None, env={}, image="i"
+    )
     with pytest.raises(AttributeError):
         container.state = "exited"  # type: ignore[misc]

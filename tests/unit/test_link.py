@@ -130,8 +130,7 @@ def test_tcp_dial_refused_is_an_oserror() -> None:
 
 
 def test_sidecar_settings_round_trip_through_json() -> None:
-    outgoing = FilterText.of(parse_filter("local", ["tcp://db:5432", "*.internal"],
-                                          protocols=True))
+    outgoing = FilterText.of(parse_filter("local", ["tcp://db:5432", "*.internal"], protocols=True))
     settings = SidecarSettings(
         service="web",
         link=LinkAddress.parse("tcp:host.docker.internal:41000"),
@@ -157,9 +156,23 @@ def test_sidecar_settings_default_to_the_local_agent() -> None:
 
 def test_agent_command_leaves_defaults_out() -> None:
     assert AgentSettings().command() == [
-        "python3", "-m", "composemirror.agent", "--listen", f"unix:{AGENT_SOCKET}"]
-    custom = AgentSettings(listen=TcpAddress("127.0.0.1", 7000), key_file="/key",
-                           resolv_conf="/tmp/resolv.conf")
+        "python3",
+        "-m",
+        "composemirror.agent",
+        "--listen",
+        f"unix:{AGENT_SOCKET}",
+    ]
+    custom = AgentSettings(
+        listen=TcpAddress("127.0.0.1", 7000), key_file="/key", resolv_conf="/tmp/resolv.conf"
+    )
     assert custom.command("python") == [
-        "python", "-m", "composemirror.agent", "--listen", "tcp:127.0.0.1:7000",
-        "--key-file", "/key", "--resolv-conf", "/tmp/resolv.conf"]
+        "python",
+        "-m",
+        "composemirror.agent",
+        "--listen",
+        "tcp:127.0.0.1:7000",
+        "--key-file",
+        "/key",
+        "--resolv-conf",
+        "/tmp/resolv.conf",
+    ]

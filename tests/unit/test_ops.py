@@ -29,6 +29,7 @@ def up(project: Project, **kwargs: Any) -> tuple[int, list[str]]:
 
 # -- render --------------------------------------------------------------------------------------
 
+
 def test_render_writes_the_rewritten_project_and_a_private_key(project: Project) -> None:
     rendered = ops.render(project.options, write=True, runtime=project.runtime)
     assert rendered.name == "shop"
@@ -37,8 +38,7 @@ def test_render_writes_the_rewritten_project_and_a_private_key(project: Project)
     assert written == rendered.model
     assert set(written["services"]) == {"web", "web-mirror", "db", compose.AGENT_SERVICE}
     assert written["services"][compose.AGENT_SERVICE]["network_mode"] == "container:fake-target"
-    assert written["services"]["web"]["environment"] == {"FROM_TARGET": "yes",
-                                                         "APP_MODE": "local"}
+    assert written["services"]["web"]["environment"] == {"FROM_TARGET": "yes", "APP_MODE": "local"}
     assert written["secrets"][compose.KEY_SECRET]["file"] == str(project.render_dir / "tunnel.key")
     key = project.render_dir / "tunnel.key"
     assert len(key.read_text().strip()) == 64
@@ -74,7 +74,8 @@ def test_render_asks_the_backend_to_resolve_then_place(project: Project) -> None
 def test_a_forwarded_agent_is_no_service_of_the_project(project: Project) -> None:
     project.backend.placement = ForwardedPlacement(
         link=LinkAddress.parse("tcp:host.docker.internal:41000"),
-        extra_hosts={"host.docker.internal": "host-gateway"})
+        extra_hosts={"host.docker.internal": "host-gateway"},
+    )
     model = ops.render(project.options, write=False, runtime=project.runtime).model
     assert compose.AGENT_SERVICE not in model["services"]
     sidecar = model["services"]["web-mirror"]
@@ -88,8 +89,9 @@ def test_ignored_mirrord_keys_are_noticed(project: Project) -> None:
     model["x-composemirror"]["feature"] = {"fs": "read"}
     project.set_model(model)
     rendered = ops.render(project.options, write=False, runtime=project.runtime)
-    assert rendered.notices == ("ignored (no effect at the network level): "
-                                "x-composemirror.feature.fs",)
+    assert rendered.notices == (
+        "ignored (no effect at the network level): x-composemirror.feature.fs",
+    )
 
 
 def test_a_target_that_cannot_be_found_is_the_backends_error(project: Project) -> None:
@@ -101,6 +103,7 @@ def test_a_target_that_cannot_be_found_is_the_backends_error(project: Project) -
 
 # -- where the configuration comes from --------------------------------------------------------
 
+
 def without_block(project: Project) -> None:
     model = copy.deepcopy(MODEL)
     del model["x-composemirror"]
@@ -110,7 +113,8 @@ def without_block(project: Project) -> None:
 def test_configuration_beside_the_compose_file(project: Project) -> None:
     without_block(project)
     (project.folder / "composemirror.yaml").write_text(
-        "target: deployment/checkout\nnamespace: shop\nservices: [web]\n")
+        "target: deployment/checkout\nnamespace: shop\nservices: [web]\n"
+    )
     rendered = ops.render(project.options, write=False, runtime=project.runtime)
     assert rendered.config.source == str(project.folder / "composemirror.yaml")
 
@@ -132,10 +136,13 @@ def test_no_configuration_at_all(project: Project) -> None:
     assert caught.value.hint is not None and "x-composemirror" in caught.value.hint
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    (None, "cannot read"),
-    ("target: [\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "cannot read"),
+        ("target: [\n", "not valid YAML"),
+    ],
+)
 def test_a_config_file_that_cannot_be_read(
     project: Project, tmp_path: Path, text: str | None, message: str
 ) -> None:
@@ -152,8 +159,9 @@ def test_env_file_values_reach_the_app(project: Project) -> None:
     model["x-composemirror"]["feature"] = {"env": {"env_file": "app.env"}}
     project.set_model(model)
     (project.folder / "app.env").write_text("QUEUE=jobs\n")
-    env = ops.render(project.options, write=False,
-                     runtime=project.runtime).model["services"]["web"]["environment"]
+    env = ops.render(project.options, write=False, runtime=project.runtime).model["services"][
+        "web"
+    ]["environment"]
     assert env["QUEUE"] == "jobs"
     (project.folder / "app.env").unlink()
     with pytest.raises(ConfigError, match=r"app\.env does not exist"):
@@ -169,8 +177,11 @@ def test_the_compose_file_is_found_as_compose_finds_it(project: Project) -> None
 
 
 def test_compose_file_from_the_environment(project: Project) -> None:
-    runtime = ops.Runtime(engine=project.engine, choose=project.backend.chooser(),
-                          environ={"COMPOSE_FILE": str(project.file)})
+    runtime = ops.Runtime(
+        engine=project.engine,
+        choose=project.backend.chooser(),
+        environ={"COMPOSE_FILE": str(project.file)},
+    )
     assert ops.compose_project(ops.Options(), "base", runtime).files == ()
     # compose reads COMPOSE_FILE itself; the project directory follows it
     project.engine.models[Path.cwd().resolve()] = {}
@@ -183,11 +194,14 @@ def test_no_compose_file_anywhere(tmp_path: Path, project: Project) -> None:
     assert caught.value.hint == "run in a directory with compose.yaml, or pass -f FILE"
 
 
-@pytest.mark.parametrize(("environ", "local", "expected"), [
-    ({images.BASE_ENV: "my/base:1"}, True, "my/base:1"),
-    ({}, True, images.LOCAL_BASE),
-    ({}, False, images.DEFAULT_BASE),
-])
+@pytest.mark.parametrize(
+    ("environ", "local", "expected"),
+    [
+        ({images.BASE_ENV: "my/base:1"}, True, "my/base:1"),
+        ({}, True, images.LOCAL_BASE),
+        ({}, False, images.DEFAULT_BASE),
+    ],
+)
 def test_base_image(environ: dict[str, str], local: bool, expected: str) -> None:
     engine = FakeEngine(images=[images.LOCAL_BASE] if local else [])
     assert ops.base_image(ops.Runtime(engine=engine, environ=environ)) == expected
@@ -200,6 +214,7 @@ def test_base_image_without_an_engine_is_the_public_one() -> None:
 
 # -- up ------------------------------------------------------------------------------------------
 
+
 def test_up_prepares_builds_and_starts_in_that_order(project: Project) -> None:
     code, lines = up(project, detach=True)
     assert code == 0
@@ -207,10 +222,11 @@ def test_up_prepares_builds_and_starts_in_that_order(project: Project) -> None:
     assert lines[1] == "prepared fake-target"
     assert [line for line in lines if line.startswith("building")] == [
         f"building {spec.tag} from {spec.base}"
-        for spec in (images.spec(role, images.DEFAULT_BASE) for role in images.ROLES)]
+        for spec in (images.spec(role, images.DEFAULT_BASE) for role in images.ROLES)
+    ]
     assert "  Successfully tagged " + images.spec("agent", images.DEFAULT_BASE).tag in lines
     assert project.engine.commands() == [["up", "--detach"]]
-    (compose_project, _), = project.engine.runs
+    ((compose_project, _),) = project.engine.runs
     assert compose_project.files == (project.render_dir / "compose.yaml",)
     assert compose_project.name == "shop"
     prepared: SessionInfo = project.backend.calls[-1][1]
@@ -240,8 +256,12 @@ def test_up_starts_the_named_services(project: Project) -> None:
 def test_up_creates_the_rewritten_services(project: Project) -> None:
     up(project, detach=True)
     roles = {c.name: c.labels.get(compose.LABEL_ROLE) for c in project.engine.running}
-    assert roles == {"shop-web-1": "app", "shop-web-mirror-1": "sidecar", "shop-db-1": None,
-                     "shop-composemirror-agent-1": "agent"}
+    assert roles == {
+        "shop-web-1": "app",
+        "shop-web-mirror-1": "sidecar",
+        "shop-db-1": None,
+        "shop-composemirror-agent-1": "agent",
+    }
 
 
 def test_up_failing_in_compose(project: Project) -> None:
@@ -269,17 +289,19 @@ def test_up_without_an_engine_renders_nothing(project: Project) -> None:
 
 # -- down ----------------------------------------------------------------------------------------
 
+
 def test_down_removes_what_up_created_and_the_rendered_files(project: Project) -> None:
     project.engine.add_container("unrelated", labels={"com.docker.compose.project": "other"})
     up(project, detach=True)
     project.backend.torn_down = ["agent in the cluster"]
     lines: list[str] = []
-    removed = ops.down(project.options, volumes=False, progress=lines.append,
-                       runtime=project.runtime)
+    removed = ops.down(
+        project.options, volumes=False, progress=lines.append, runtime=project.runtime
+    )
     assert [c.name for c in project.engine.running] == ["unrelated"]
     assert removed[-1] == "agent in the cluster"
     assert ("teardown", "shop") in project.backend.calls
-    (down_project, volumes), = project.engine.downs
+    ((down_project, volumes),) = project.engine.downs
     assert down_project.files == (project.render_dir / "compose.yaml",)
     assert down_project.name == "shop" and not volumes
     assert not project.render_dir.exists()
@@ -299,7 +321,7 @@ def test_down_by_project_name_when_the_files_are_gone(project: Project, tmp_path
     options = ops.Options(files=(project.file,), project_name="shop", project_directory=tmp_path)
     ops.down(options, volumes=False, progress=print, runtime=project.runtime)
     assert project.engine.running == []
-    (down_project, _), = project.engine.downs
+    ((down_project, _),) = project.engine.downs
     assert (down_project.name, down_project.files) == ("shop", ())
     assert not any(name == "teardown" for name, _ in project.backend.calls)
 
@@ -320,8 +342,13 @@ def test_down_of_a_project_without_configuration_removes_what_is_there(project: 
 
 # -- status and doctor ---------------------------------------------------------------------------
 
-REPORT = {"agent": "connected", "error": None, "connects": 1, "streams": 0,
-          "counters": {"dns_remote": 3}}
+REPORT = {
+    "agent": "connected",
+    "error": None,
+    "connects": 1,
+    "streams": 0,
+    "counters": {"dns_remote": 3},
+}
 
 
 def test_status_lists_the_agent_first_and_each_sidecars_report(project: Project) -> None:
@@ -330,12 +357,16 @@ def test_status_lists_the_agent_first_and_each_sidecars_report(project: Project)
     name, rows = ops.status(project.options, runtime=project.runtime)
     assert name == "shop"
     assert [(r.service, r.role) for r in rows] == [
-        ("composemirror-agent", "agent"), ("db", "service"), ("web", "app"),
-        ("web-mirror", "sidecar")]
+        ("composemirror-agent", "agent"),
+        ("db", "service"),
+        ("web", "app"),
+        ("web-mirror", "sidecar"),
+    ]
     sidecar = rows[-1]
     assert sidecar.link == REPORT
     assert [command for _, command in project.engine.execs] == [
-        ["cat", "/run/composemirror-status.json"]]
+        ["cat", "/run/composemirror-status.json"]
+    ]
 
 
 def test_status_of_a_stopped_sidecar_has_no_report(project: Project) -> None:
@@ -353,9 +384,16 @@ def checks_by_name(checks: list[Check]) -> dict[str, Check]:
 def test_doctor_before_up(project: Project) -> None:
     project.backend.checks = [Check(name="fake cluster", ok=True, detail="reachable")]
     checks = ops.doctor(project.options, runtime=project.runtime)
-    assert [c.name for c in checks] == ["docker CLI", "Docker engine", "compose plugin",
-                                        "configuration", "target", "fake cluster",
-                                        "sidecar image", "agent image"]
+    assert [c.name for c in checks] == [
+        "docker CLI",
+        "Docker engine",
+        "compose plugin",
+        "configuration",
+        "target",
+        "fake cluster",
+        "sidecar image",
+        "agent image",
+    ]
     assert all(c.ok for c in checks)
     found = checks_by_name(checks)
     assert found["configuration"].detail == "x-composemirror in compose.yaml: mirrors web"
@@ -366,9 +404,11 @@ def test_doctor_before_up(project: Project) -> None:
 def test_doctor_reports_a_broken_link(project: Project) -> None:
     up(project, detach=True)
     project.engine.outputs["shop-web-mirror-1"] = json.dumps(
-        {**REPORT, "agent": "connecting", "error": "connection refused"})
+        {**REPORT, "agent": "connecting", "error": "connection refused"}
+    )
     link = checks_by_name(ops.doctor(project.options, runtime=project.runtime))[
-        "agent link of web-mirror"]
+        "agent link of web-mirror"
+    ]
     assert (link.ok, link.detail, link.hint) == (False, "connecting", "connection refused")
 
 
@@ -385,17 +425,19 @@ def test_doctor_with_a_missing_target(project: Project) -> None:
     project.backend.error = ClusterError("no deployment/checkout", hint="check the name")
     found = checks_by_name(ops.doctor(project.options, runtime=project.runtime))
     assert (found["configuration"].ok, found["configuration"].detail) == (
-        False, "no deployment/checkout")
+        False,
+        "no deployment/checkout",
+    )
     assert found["configuration"].hint == "check the name"
 
 
 # -- compose passthrough and the sandbox ---------------------------------------------------------
 
+
 def test_compose_passthrough_runs_on_the_rendered_project(project: Project) -> None:
     project.engine.exit_codes["logs"] = 4
-    assert ops.compose_passthrough(project.options, ["logs", "web"],
-                                   runtime=project.runtime) == 4
-    (compose_project, args), = project.engine.runs
+    assert ops.compose_passthrough(project.options, ["logs", "web"], runtime=project.runtime) == 4
+    ((compose_project, args),) = project.engine.runs
     assert args == ["logs", "web"]
     assert compose_project.files == (project.render_dir / "compose.yaml",)
 
@@ -404,7 +446,7 @@ def test_sandbox_up_and_down_go_to_the_sandbox(project: Project) -> None:
     lines: list[str] = []
     ops.sandbox("up", progress=lines.append, runtime=project.runtime)
     ops.sandbox("down", progress=lines.append, runtime=project.runtime)
-    (started, args), = project.engine.runs
+    ((started, args),) = project.engine.runs
     assert started.name == "composemirror-sandbox"
     assert args == ["up", "--detach", "--wait", "--build"]
     assert project.engine.downs[0][0].name == "composemirror-sandbox"
