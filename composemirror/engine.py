@@ -1,8 +1,9 @@
-"""The only module that talks to the Docker engine and to docker compose.
+"""The only module that talks to the Docker engine and to docker compose: the `Engine` object.
 
 python-on-whales runs compose; the docker SDK builds images and finds resources by label. Their
 exceptions become `EngineError` (the engine failed) or `ConfigError` (compose rejected the input)
-here, with compose's own message. Nothing here decides what to create; `ops` does.
+here, with compose's own message. Nothing here decides what to create; `ops` does, through an
+`Engine` it is given (`composemirror.fakes.FakeEngine` in tests).
 """
 
 from __future__ import annotations

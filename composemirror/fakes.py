@@ -86,6 +86,7 @@ class FakeEngine(Engine):
         return "/usr/bin/docker"
 
     def client(self) -> Any:
+        """Raises as an unreachable engine does when `reachable` is False."""
         if not self.reachable:
             raise EngineError(
                 "cannot reach the Docker engine: connection refused", hint="start the Docker engine"
