@@ -228,6 +228,7 @@ def _sidecar(
     names: list[str],
 ) -> dict[str, Any]:
     local_agent = isinstance(plan.placement, ContainerPlacement)
+    mounts = _sidecar_mounts(plan.placement)
     settings = SidecarSettings(
         service=name,
         link=link_of(plan.placement),
@@ -244,7 +245,7 @@ def _sidecar(
         "command": ["python3", "-m", "composemirror.sidecar"],
         "cap_add": ["NET_ADMIN"],
         "environment": {ENV_VAR: escape(settings.to_json())},
-        **({"volumes": [_link_mount()]} if local_agent else {}),
+        **({"volumes": mounts} if mounts else {}),
         "secrets": [KEY_SECRET],
         "healthcheck": {
             "test": ["CMD", "test", "-e", READY_FILE],
@@ -314,6 +315,16 @@ def unescape(value: Any) -> Any:
     if isinstance(value, list):
         return [unescape(v) for v in value]
     return value
+
+
+def _sidecar_mounts(placement: Placement) -> list[dict[str, str]]:
+    """The link volume shared with a local agent, or the forwarder's bind mounts."""
+    if isinstance(placement, ContainerPlacement):
+        return [_link_mount()]
+    return [
+        {"type": "bind", "source": source, "target": target}
+        for source, target in sorted(placement.mounts.items())
+    ]
 
 
 def _link_mount() -> dict[str, str]:

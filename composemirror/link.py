@@ -8,13 +8,14 @@ listen, so a new form is a new class here and no change in the sidecar or the ag
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import ipaddress
 import json
 import os
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -257,3 +258,23 @@ class AgentSettings:
         if self.resolv_conf != RESOLV_CONF:
             argv += ["--resolv-conf", self.resolv_conf]
         return argv
+
+    @classmethod
+    def from_args(cls, args: Sequence[str] | None = None) -> AgentSettings:
+        """The settings back from the agent's arguments (`command()` without its first three);
+        a bad argument exits with argparse's usage message."""
+        parser = argparse.ArgumentParser(prog="composemirror.agent")
+        parser.add_argument(
+            "--listen", type=_link_argument, default=AGENT_LINK, help="unix:PATH or tcp:HOST:PORT"
+        )
+        parser.add_argument("--key-file", default=KEY_FILE)
+        parser.add_argument("--resolv-conf", default=RESOLV_CONF)
+        parsed = parser.parse_args(args)
+        return cls(listen=parsed.listen, key_file=parsed.key_file, resolv_conf=parsed.resolv_conf)
+
+
+def _link_argument(text: str) -> LinkAddress:
+    try:
+        return LinkAddress.parse(text)
+    except LinkAddressError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e

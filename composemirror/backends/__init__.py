@@ -86,6 +86,9 @@ class ForwardedPlacement:
     """Where sidecars dial, e.g. `tcp:host.docker.internal:41234`."""
     extra_hosts: Mapping[str, str] = field(default_factory=dict)
     """Names the sidecars need to reach it, e.g. {"host.docker.internal": "host-gateway"}."""
+    mounts: Mapping[str, str] = field(default_factory=dict)
+    """Host path -> path in the sidecars: e.g. the folder of a forwarder's unix socket under the
+    render dir, for a `unix:` link that only the project's sidecars can reach."""
 
 
 Placement = ContainerPlacement | ForwardedPlacement

@@ -188,7 +188,9 @@ def test_rendered_model_invariants(name: str) -> None:
         settings = SidecarSettings.from_json(sidecar["environment"][ENV_VAR])
         assert settings.link == compose.link_of(plan.placement)
         local_agent = isinstance(plan.placement, ContainerPlacement)
-        assert ("volumes" in sidecar) == local_agent
+        assert ("volumes" in sidecar) == (
+            local_agent or bool(getattr(plan.placement, "mounts", {}))
+        )
         assert (compose.AGENT_SERVICE in (sidecar.get("depends_on") or {})) == local_agent
     assert rendered["secrets"][compose.KEY_SECRET] == {"file": plan.key_file}
 
@@ -215,6 +217,26 @@ def test_forwarded_placement_adds_no_agent_and_reaches_the_forwarder() -> None:
     settings = SidecarSettings.from_json(sidecar["environment"][ENV_VAR])
     assert str(settings.link) == "tcp:host.docker.internal:41000"
     assert "host.docker.internal" in settings.names
+
+
+def test_a_forwarder_on_a_unix_socket_is_mounted_into_the_sidecars_only() -> None:
+    placement = ForwardedPlacement(
+        link=LinkAddress.parse("unix:/run/composemirror/forward/agent.sock"),
+        mounts={"/project/.composemirror/forward": "/run/composemirror/forward"},
+    )
+    model = model_of(web=service(), db=service())
+    services = compose.rewrite(model, config_of(), replace(PLAN, placement=placement))["services"]
+    assert services["web-mirror"]["volumes"] == [
+        {
+            "type": "bind",
+            "source": "/project/.composemirror/forward",
+            "target": "/run/composemirror/forward",
+        }
+    ]
+    assert "volumes" not in services["web"] and "volumes" not in services["db"]
+    assert "extra_hosts" not in services["web-mirror"]
+    settings = SidecarSettings.from_json(services["web-mirror"]["environment"][ENV_VAR])
+    assert str(settings.link) == "unix:/run/composemirror/forward/agent.sock"
 
 
 def test_forwarded_placement_with_extra_hosts_as_a_mapping() -> None:

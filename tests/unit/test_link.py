@@ -176,3 +176,24 @@ def test_agent_command_leaves_defaults_out() -> None:
         "--resolv-conf",
         "/tmp/resolv.conf",
     ]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        AgentSettings(),
+        AgentSettings(listen=TcpAddress("127.0.0.1", 7000), key_file="/key"),
+        AgentSettings(resolv_conf="/tmp/resolv.conf"),
+    ],
+)
+def test_the_agent_reads_back_the_command_it_is_given(settings: AgentSettings) -> None:
+    assert AgentSettings.from_args(settings.command()[3:]) == settings
+
+
+def test_the_agent_refuses_a_bad_link_address(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        AgentSettings.from_args(["--listen", "udp:1.2.3.4:53"])
+    assert caught.value.code == 2
+    assert "link address 'udp:1.2.3.4:53': use unix:PATH or tcp:HOST:PORT" in (
+        capsys.readouterr().err
+    )
