@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dotenv
 import yaml
@@ -41,13 +41,15 @@ from composemirror.engine import ComposeProject, Engine
 from composemirror.errors import ComposeMirrorError, ConfigError, EngineError
 from composemirror.link import STATUS_FILE
 
-__all__ = ["Check", "Options", "Progress", "Rendered", "Runtime", "ServiceStatus"]
+__all__ = ["Check", "Options", "Progress", "Project", "Rendered", "Runtime", "ServiceStatus"]
 
 log = logging.getLogger(__name__)
 
 COMPOSE_FILES = ("compose.yaml", "compose.yml", "docker-compose.yaml", "docker-compose.yml")
 COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
 COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
+
+_T = TypeVar("_T")
 
 Chooser = Callable[[Config, Mapping[str, str], Engine], Backend]
 """How a backend is picked for a configuration: `backends.choose`, or a fake in tests."""
@@ -158,25 +160,54 @@ def compose_project(options: Options, base: str, runtime: Runtime) -> ComposePro
     )
 
 
-def render(options: Options, *, write: bool, runtime: Runtime) -> Rendered:
-    """Load the project and its configuration, resolve the target, rewrite. No engine changes."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Project:
+    """The user's project as loaded, before a backend is involved."""
+
+    name: str
+    directory: Path
+    model: dict[str, Any]
+    """What `docker compose config` printed for it."""
+    config: Config
+    base_image: str
+
+
+def load_project(options: Options, *, runtime: Runtime) -> Project:
+    """The project's compose model and its composemirror configuration. No engine changes."""
     base = base_image(runtime)
     user = compose_project(options, base, runtime)
     model = runtime.engine.compose_model(user)
     directory = _project_directory(options, user, runtime)
     config = _load_config(options, model, user, directory)
-    backend = runtime.backend(config)
-    resolution = backend.resolve(config)
+    return Project(
+        name=str(model["name"]), directory=directory, model=model, config=config, base_image=base
+    )
+
+
+def render(options: Options, *, write: bool, runtime: Runtime) -> Rendered:
+    """Load the project and its configuration, resolve the target, rewrite. No engine changes."""
+    project = load_project(options, runtime=runtime)
+    backend = runtime.backend(project.config)
+    rendered = rewrite(project, backend, backend.resolve(project.config))
+    if write:
+        _write(rendered)
+    return rendered
+
+
+def rewrite(project: Project, backend: Backend, resolution: Resolution) -> Rendered:
+    """Place the agent for a resolved target and rewrite the project around it. Pure but for
+    reading `feature.env.env_file` and hashing the images' files."""
+    config = project.config
     session = SessionInfo(
-        project=str(model["name"]),
-        directory=directory,
+        project=project.name,
+        directory=project.directory,
         config=config,
         resolution=resolution,
-        base_image=base,
+        base_image=project.base_image,
     )
     placement = backend.place(config, resolution, session)
     session = dataclasses.replace(session, placement=placement)
-    specs = tuple(images.spec(role, base) for role in images.ROLES)
+    specs = tuple(images.spec(role, project.base_image) for role in images.ROLES)
     plan = compose.Plan(
         version=composemirror.__version__,
         sidecar_image=specs[0].tag,
@@ -186,22 +217,18 @@ def render(options: Options, *, write: bool, runtime: Runtime) -> Rendered:
         remote_env=resolution.env,
         env_file=_read_env_file(config),
     )
-    rendered_model = compose.rewrite(model, config, plan)
     notices = tuple(f"ignored (no effect at the network level): {key}" for key in config.ignored)
-    rendered = Rendered(
-        name=session.project,
-        directory=directory,
-        model=rendered_model,
+    return Rendered(
+        name=project.name,
+        directory=project.directory,
+        model=compose.rewrite(project.model, config, plan),
         config=config,
         backend=backend,
         session=session,
         images=specs,
-        base_image=base,
+        base_image=project.base_image,
         notices=notices,
     )
-    if write:
-        _write(rendered)
-    return rendered
 
 
 def up(
@@ -299,54 +326,72 @@ def status(options: Options, *, runtime: Runtime) -> tuple[str, list[ServiceStat
 
 
 def doctor(options: Options, *, runtime: Runtime) -> list[Check]:
-    """Check what `up` needs, each independently, in the order it needs them."""
+    """Check what `up` needs, each independently, in the order it needs them.
+
+    The backend's own checks run as soon as the configuration names a backend, so they can say
+    why a target cannot be found when its cluster is the reason.
+    """
     engine = runtime.engine
-    checks = []
-
-    def check(name: str, probe: Callable[[], str]) -> bool:
-        try:
-            checks.append(Check(name=name, ok=True, detail=probe()))
-        except ComposeMirrorError as e:
-            checks.append(Check(name=name, ok=False, detail=e.message, hint=e.hint))
-            return False
-        return True
-
-    check("docker CLI", engine.docker_binary)
-    engine_ok = check("Docker engine", lambda: f"engine {engine.engine_version()}")
-    check("compose plugin", lambda: f"docker compose {engine.compose_version()}")
-    rendered: list[Rendered] = []
-
-    def configuration() -> str:
-        rendered.append(render(options, write=False, runtime=runtime))
-        mirrored = ", ".join(rendered[0].config.services)
-        return f"{rendered[0].config.source}: mirrors {mirrored}"
-
-    if check("configuration", configuration) and engine_ok:
-        result = rendered[0]
-        check("target", lambda: result.resolution.description)
-        checks.extend(result.backend.doctor(result.config))
-        for spec in result.images:
-            present = engine.image_exists(spec.tag)
+    checks: list[Check] = []
+    _attempt(checks, "docker CLI", engine.docker_binary, str)
+    engine_ok = _attempt(checks, "Docker engine", engine.engine_version, "engine {}".format)
+    _attempt(checks, "compose plugin", engine.compose_version, "docker compose {}".format)
+    project = _attempt(
+        checks,
+        "configuration",
+        lambda: load_project(options, runtime=runtime),
+        lambda p: f"{p.config.source}: mirrors {', '.join(p.config.services)}",
+    )
+    if project is None or engine_ok is None:
+        return checks
+    config = project.config
+    backend = _attempt(checks, "backend", lambda: runtime.backend(config), lambda b: b.name)
+    if backend is None:
+        return checks
+    checks.extend(backend.doctor(config))
+    rendered = _attempt(
+        checks,
+        "target",
+        lambda: rewrite(project, backend, backend.resolve(config)),
+        lambda r: r.resolution.description,
+    )
+    if rendered is None:
+        return checks
+    for spec in rendered.images:
+        present = engine.image_exists(spec.tag)
+        checks.append(
+            Check(
+                name=f"{spec.role} image",
+                ok=True,
+                detail=spec.tag if present else f"{spec.tag} (built by `up`)",
+            )
+        )
+    _, rows = status(options, runtime=runtime)
+    for row in rows:
+        if row.role == "sidecar":
+            state = row.link.get("agent", "unknown")
             checks.append(
                 Check(
-                    name=f"{spec.role} image",
-                    ok=True,
-                    detail=spec.tag if present else f"{spec.tag} (built by `up`)",
+                    name=f"agent link of {row.service}",
+                    ok=state == "connected",
+                    detail=state,
+                    hint=None if state == "connected" else row.link.get("error"),
                 )
             )
-        _, rows = status(options, runtime=runtime)
-        for row in rows:
-            if row.role == "sidecar":
-                state = row.link.get("agent", "unknown")
-                checks.append(
-                    Check(
-                        name=f"agent link of {row.service}",
-                        ok=state == "connected",
-                        detail=state,
-                        hint=None if state == "connected" else row.link.get("error"),
-                    )
-                )
     return checks
+
+
+def _attempt(
+    checks: list[Check], name: str, probe: Callable[[], _T], describe: Callable[[_T], str]
+) -> _T | None:
+    """Run one check: its value, or None after recording why it failed."""
+    try:
+        value = probe()
+    except ComposeMirrorError as e:
+        checks.append(Check(name=name, ok=False, detail=e.message, hint=e.hint))
+        return None
+    checks.append(Check(name=name, ok=True, detail=describe(value)))
+    return value
 
 
 def compose_passthrough(options: Options, args: Sequence[str], *, runtime: Runtime) -> int:

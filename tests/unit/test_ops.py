@@ -16,7 +16,7 @@ from composemirror import compose, images, ops
 from composemirror.backends import Check, ForwardedPlacement, SessionInfo
 from composemirror.engine import ComposeProject
 from composemirror.errors import ClusterError, ConfigError, EngineError
-from composemirror.fakes import FakeEngine
+from composemirror.fakes import FakeBackend, FakeEngine
 from composemirror.link import ENV_VAR, LinkAddress, SidecarSettings
 from tests.unit.conftest import MODEL, Project
 
@@ -389,8 +389,9 @@ def test_doctor_before_up(project: Project) -> None:
         "Docker engine",
         "compose plugin",
         "configuration",
-        "target",
+        "backend",
         "fake cluster",
+        "target",
         "sidecar image",
         "agent image",
     ]
@@ -421,14 +422,35 @@ def test_doctor_without_an_engine_still_checks_the_rest(project: Project) -> Non
     assert "target" not in found
 
 
-def test_doctor_with_a_missing_target(project: Project) -> None:
+def test_doctor_with_a_missing_target_still_runs_the_backends_checks(project: Project) -> None:
     project.backend.error = ClusterError("no deployment/checkout", hint="check the name")
-    found = checks_by_name(ops.doctor(project.options, runtime=project.runtime))
-    assert (found["configuration"].ok, found["configuration"].detail) == (
+    project.backend.checks = [Check(name="fake cluster", ok=False, detail="unreachable")]
+    checks = ops.doctor(project.options, runtime=project.runtime)
+    assert [c.name for c in checks][-3:] == ["backend", "fake cluster", "target"]
+    found = checks_by_name(checks)
+    assert found["configuration"].ok and found["backend"].detail == "fake"
+    assert (found["target"].ok, found["target"].detail, found["target"].hint) == (
         False,
         "no deployment/checkout",
+        "check the name",
     )
-    assert found["configuration"].hint == "check the name"
+
+
+def test_doctor_when_no_backend_reaches_the_target(project: Project) -> None:
+    def refuse(*args: object) -> FakeBackend:
+        raise ClusterError("target deployment/checkout needs a Kubernetes cluster")
+
+    runtime = ops.Runtime(engine=project.engine, choose=refuse, environ={})
+    checks = ops.doctor(project.options, runtime=runtime)
+    assert (checks[-1].name, checks[-1].ok) == ("backend", False)
+    assert "needs a Kubernetes cluster" in checks[-1].detail
+
+
+def test_doctor_with_a_configuration_error(project: Project) -> None:
+    without_block(project)
+    checks = ops.doctor(project.options, runtime=project.runtime)
+    assert (checks[-1].name, checks[-1].ok) == ("configuration", False)
+    assert project.backend.calls == []
 
 
 # -- compose passthrough and the sandbox ---------------------------------------------------------
