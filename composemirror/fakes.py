@@ -125,7 +125,7 @@ class FakeEngine(Engine):
         command = args[0] if args else ""
         code = self.exit_codes.get(command, 0)
         if command == "up" and code == 0:
-            self._start(project, [a for a in args[1:] if not a.startswith("-")])
+            self._start(project)
         return code
 
     def image_exists(self, tag: str) -> bool:
@@ -200,7 +200,8 @@ class FakeEngine(Engine):
         """The compose commands run, without their project flags."""
         return [args for _, args in self.runs]
 
-    def _start(self, project: ComposeProject, only: Sequence[str]) -> None:
+    def _start(self, project: ComposeProject) -> None:
+        """Every service of the rendered file (with their dependencies, compose starts all)."""
         if not project.files or not project.files[0].is_file():
             return
         model = yaml.safe_load(project.files[0].read_text()) or {}
