@@ -58,26 +58,81 @@ _TARGET_TABLE_KINDS: dict[str, TargetKind] = {
 
 # mirrord keys that have no meaning for a network-level sidecar: accepted so that a mirrord
 # config pastes in unchanged, and reported once as ignored.
-_IGNORED_FEATURE_KEYS = ("fs", "hostname", "copy_target", "split_queues", "db_branches", "magic",
-                         "preview")
-_IGNORED_TOP_KEYS = ("agent", "operator", "kubeconfig", "accept_invalid_certificates",
-                     "skip_processes", "skip_build_tools", "telemetry", "internal_proxy",
-                     "external_proxy", "use_proxy", "sip_binaries", "pause", "connect_tcp",
-                     "experimental", "ci", "feedback")
+_IGNORED_FEATURE_KEYS = (
+    "fs",
+    "hostname",
+    "copy_target",
+    "split_queues",
+    "db_branches",
+    "magic",
+    "preview",
+)
+_IGNORED_TOP_KEYS = (
+    "agent",
+    "operator",
+    "kubeconfig",
+    "accept_invalid_certificates",
+    "skip_processes",
+    "skip_build_tools",
+    "telemetry",
+    "internal_proxy",
+    "external_proxy",
+    "use_proxy",
+    "sip_binaries",
+    "pause",
+    "connect_tcp",
+    "experimental",
+    "ci",
+    "feedback",
+)
 
 # mirrord's agent never imports these (mirrord/agent/src/env.rs); HOSTNAME and KUBERNETES_* are
 # added because inside a container they describe the pod, not the app, and would mislead it.
 DEFAULT_ENV_EXCLUDES = (
-    "BUNDLER_ORIG_BUNDLER_ORIG_MANPATH", "BUNDLER_ORIG_BUNDLER_VERSION",
-    "BUNDLER_ORIG_BUNDLE_BIN_PATH", "BUNDLER_ORIG_BUNDLE_GEMFILE", "BUNDLER_ORIG_GEM_HOME",
-    "BUNDLER_ORIG_MANPATH", "BUNDLER_ORIG_PATH", "BUNDLER_ORIG_RB_USER_INSTALL",
-    "BUNDLER_ORIG_RUBYLIB", "BUNDLER_ORIG_RUBYOPT", "BUNDLER_VERSION", "BUNDLE_APP_CONFIG",
-    "BUNDLE_BIN_PATH", "BUNDLE_FORCE_RUBY_PLATFORM", "BUNDLE_GEMFILE", "BUNDLE_GEM_PATH",
-    "BUNDLE_PATH", "BUNDLE_WITHOUT", "CATALINA_HOME", "CLASSPATH", "DOTNET_EnableDiagnostics",
-    "DOTNET_STARTUP_HOOKS", "GEM_HOME", "GEM_PATH", "GOPATH", "GOMODCACHE", "HOME", "HOMEPATH",
-    "JAVA_EXE", "JAVA_HOME", "JAVA_TOOL_OPTIONS", "PATH", "PWD", "PYTHONPATH", "RUBYLIB",
-    "RUBYOPT", "MIRRORD_LOG", "RUST_LOG", "_JAVA_OPTIONS", "TEMP", "TMP", "TMPDIR",
-    "HOSTNAME", "KUBERNETES_*",
+    "BUNDLER_ORIG_BUNDLER_ORIG_MANPATH",
+    "BUNDLER_ORIG_BUNDLER_VERSION",
+    "BUNDLER_ORIG_BUNDLE_BIN_PATH",
+    "BUNDLER_ORIG_BUNDLE_GEMFILE",
+    "BUNDLER_ORIG_GEM_HOME",
+    "BUNDLER_ORIG_MANPATH",
+    "BUNDLER_ORIG_PATH",
+    "BUNDLER_ORIG_RB_USER_INSTALL",
+    "BUNDLER_ORIG_RUBYLIB",
+    "BUNDLER_ORIG_RUBYOPT",
+    "BUNDLER_VERSION",
+    "BUNDLE_APP_CONFIG",
+    "BUNDLE_BIN_PATH",
+    "BUNDLE_FORCE_RUBY_PLATFORM",
+    "BUNDLE_GEMFILE",
+    "BUNDLE_GEM_PATH",
+    "BUNDLE_PATH",
+    "BUNDLE_WITHOUT",
+    "CATALINA_HOME",
+    "CLASSPATH",
+    "DOTNET_EnableDiagnostics",
+    "DOTNET_STARTUP_HOOKS",
+    "GEM_HOME",
+    "GEM_PATH",
+    "GOPATH",
+    "GOMODCACHE",
+    "HOME",
+    "HOMEPATH",
+    "JAVA_EXE",
+    "JAVA_HOME",
+    "JAVA_TOOL_OPTIONS",
+    "PATH",
+    "PWD",
+    "PYTHONPATH",
+    "RUBYLIB",
+    "RUBYOPT",
+    "MIRRORD_LOG",
+    "RUST_LOG",
+    "_JAVA_OPTIONS",
+    "TEMP",
+    "TMP",
+    "TMPDIR",
+    "HOSTNAME",
+    "KUBERNETES_*",
 )
 
 
@@ -218,8 +273,15 @@ class _Loader:
         return result
 
     def config(self, block: Any) -> Config:
-        known = ("target", "namespace", "kube_context", "services", "hosts", "feature",
-                 *_IGNORED_TOP_KEYS)
+        known = (
+            "target",
+            "namespace",
+            "kube_context",
+            "services",
+            "hosts",
+            "feature",
+            *_IGNORED_TOP_KEYS,
+        )
         raw = self.table(block, BLOCK, known)
         self.ignored.extend(f"{BLOCK}.{k}" for k in _IGNORED_TOP_KEYS if k in raw)
         target, namespace = self.target(raw.get("target"), raw.get("namespace"))
@@ -236,8 +298,9 @@ class _Loader:
         if len(set(services)) != len(services):
             raise self.fail(f"{BLOCK}.services", "lists a service twice")
         hosts = self.hosts(raw.get("hosts"))
-        feature = self.table(raw.get("feature"), f"{BLOCK}.feature",
-                             ("env", "network", *_IGNORED_FEATURE_KEYS))
+        feature = self.table(
+            raw.get("feature"), f"{BLOCK}.feature", ("env", "network", *_IGNORED_FEATURE_KEYS)
+        )
         self.ignored.extend(f"{BLOCK}.feature.{k}" for k in _IGNORED_FEATURE_KEYS if k in feature)
         return Config(
             source=self.source,
@@ -258,8 +321,9 @@ class _Loader:
             table = self.table(value, path, ("path", "namespace"))
             if table.get("namespace") is not None:
                 if namespace is not None and namespace != table["namespace"]:
-                    raise self.fail(path + ".namespace",
-                                    f"conflicts with {BLOCK}.namespace; keep one of them")
+                    raise self.fail(
+                        path + ".namespace", f"conflicts with {BLOCK}.namespace; keep one of them"
+                    )
                 namespace = table["namespace"]
                 namespace_path = path + ".namespace"
             value = table.get("path", "targetless")
@@ -269,9 +333,11 @@ class _Loader:
         if namespace is not None and (not isinstance(namespace, str) or not namespace):
             raise self.fail(namespace_path, "expected a namespace name")
         if value is None:
-            raise self.fail(path, "missing: name what the app impersonates",
-                            "e.g. `target: deployment/checkout`, `targetless` or "
-                            "`docker://CONTAINER`")
+            raise self.fail(
+                path,
+                "missing: name what the app impersonates",
+                "e.g. `target: deployment/checkout`, `targetless` or `docker://CONTAINER`",
+            )
         if not isinstance(value, str):
             raise self.fail(path, f"expected a string, got {_kind(value)}")
         return self.target_text(value, path), namespace
@@ -301,7 +367,8 @@ class _Loader:
         kind = _KINDS.get(parts[0].lower())
         if kind is None or len(parts) not in (2, 4) or not parts[1]:
             raise self.fail(
-                path, f"{text!r} is not a target",
+                path,
+                f"{text!r} is not a target",
                 "use pod/NAME, deployment/NAME, statefulset/NAME (optionally /container/C), "
                 "targetless, or docker://CONTAINER",
             )
@@ -329,13 +396,19 @@ class _Loader:
         path = f"{BLOCK}.feature.env"
         if isinstance(value, bool):
             return EnvSettings(enabled=value)
-        raw = self.table(value, path, ("include", "exclude", "override", "env_file", "mapping",
-                                       "unset", "load_from_process"))
+        raw = self.table(
+            value,
+            path,
+            ("include", "exclude", "override", "env_file", "mapping", "unset", "load_from_process"),
+        )
         include = self.strings(raw.get("include"), f"{path}.include")
         exclude = self.strings(raw.get("exclude"), f"{path}.exclude")
         if include and exclude:
-            raise self.fail(path, "`include` and `exclude` cannot be used together",
-                            "keep one: include lists what to import, exclude what to skip")
+            raise self.fail(
+                path,
+                "`include` and `exclude` cannot be used together",
+                "keep one: include lists what to import, exclude what to skip",
+            )
         if "load_from_process" in raw:
             self.ignored.append(f"{path}.load_from_process")
         mapping = self.string_map(raw.get("mapping"), f"{path}.mapping")
@@ -368,13 +441,17 @@ class _Loader:
         if isinstance(out, bool):
             tcp = udp = out
         else:
-            table = self.table(out, f"{path}.outgoing",
-                               ("tcp", "udp", "filter", "ignore_localhost", "unix_streams"))
+            table = self.table(
+                out,
+                f"{path}.outgoing",
+                ("tcp", "udp", "filter", "ignore_localhost", "unix_streams"),
+            )
             tcp = self.boolean(table.get("tcp"), f"{path}.outgoing.tcp", True)
             udp = self.boolean(table.get("udp"), f"{path}.outgoing.udp", True)
             outgoing = self.filter(table.get("filter"), f"{path}.outgoing.filter", protocols=True)
-            self.ignored.extend(f"{path}.outgoing.{k}" for k in ("ignore_localhost",
-                                                                   "unix_streams") if k in table)
+            self.ignored.extend(
+                f"{path}.outgoing.{k}" for k in ("ignore_localhost", "unix_streams") if k in table
+            )
         dns_enabled = True
         dns = None
         dns_raw = raw.get("dns")
@@ -384,16 +461,20 @@ class _Loader:
             table = self.table(dns_raw, f"{path}.dns", ("enabled", "filter"))
             dns_enabled = self.boolean(table.get("enabled"), f"{path}.dns.enabled", True)
             dns = self.filter(table.get("filter"), f"{path}.dns.filter", protocols=False)
-        return NetworkSettings(tcp=tcp, udp=udp, outgoing=outgoing, dns_enabled=dns_enabled,
-                               dns=dns)
+        return NetworkSettings(
+            tcp=tcp, udp=udp, outgoing=outgoing, dns_enabled=dns_enabled, dns=dns
+        )
 
     def filter(self, value: Any, path: str, *, protocols: bool) -> Filter | None:
         if value is None:
             return None
         table = self.table(value, path, ("local", "remote"))
         if len(table) != 1:
-            raise self.fail(path, "give exactly one of `local` or `remote`",
-                            "`local` lists what stays local; `remote` what goes to the cluster")
+            raise self.fail(
+                path,
+                "give exactly one of `local` or `remote`",
+                "`local` lists what stays local; `remote` what goes to the cluster",
+            )
         mode: Mode = "local" if "local" in table else "remote"
         entries = self.strings(table[mode], f"{path}.{mode}")
         if not entries:
@@ -402,14 +483,22 @@ class _Loader:
             try:
                 parse_filter(mode, [entry], protocols=protocols)
             except FilterSyntaxError as e:
-                raise self.fail(f"{path}.{mode}[{i}]", str(e),
-                                "entries look like `tcp://host:5432`, `10.0.0.0/8`, "
-                                "`*.internal` or `:53`") from None
+                raise self.fail(
+                    f"{path}.{mode}[{i}]",
+                    str(e),
+                    "entries look like `tcp://host:5432`, `10.0.0.0/8`, `*.internal` or `:53`",
+                ) from None
         return parse_filter(mode, entries, protocols=protocols)
 
 
 def _kind(value: Any) -> str:
     if value is None:
         return "nothing"
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }.get(type(value), type(value).__name__)

@@ -1,13 +1,17 @@
-"""The operations behind the CLI: render, up, down, status, doctor, compose passthrough.
+"""The operations behind the CLI: render, up, down, status, doctor, compose passthrough, sandbox.
 
 Each returns data (or a compose exit code) and prints nothing; progress goes through a callback.
-They find what composemirror created by label, so an interrupted `up` leaves nothing that `down`
-cannot remove, and no state file is kept.
+They act through a `Runtime` (the engine, how a backend is chosen, the environment), which tests
+replace with fakes, and know backends only by the `Backend` protocol. They find what composemirror
+created by label, so an interrupted `up` leaves nothing that `down` cannot remove, and no state
+file is kept.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -15,24 +19,53 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dotenv
 import yaml
 
 import composemirror
-from composemirror import compose, engine, images
-from composemirror.backends import Attachment, choose, sandbox
-from composemirror.backends import docker as docker_backend
+from composemirror import backends, compose, images
+from composemirror.backends import (
+    RENDER_DIR,
+    Backend,
+    Check,
+    Placement,
+    Progress,
+    Resolution,
+    SessionInfo,
+)
+from composemirror.backends.sandbox import SandboxBackend
 from composemirror.config import BLOCK, CONFIG_FILE_NAME, Config, load
+from composemirror.engine import ComposeProject, Engine
 from composemirror.errors import ComposeMirrorError, ConfigError, EngineError
-from composemirror.sidecar.settings import STATUS_FILE
+from composemirror.link import STATUS_FILE
 
-Progress = Callable[[str], None]
-RENDER_DIR = ".composemirror"
+__all__ = ["Check", "Options", "Progress", "Project", "Rendered", "Runtime", "ServiceStatus"]
+
+log = logging.getLogger(__name__)
+
 COMPOSE_FILES = ("compose.yaml", "compose.yml", "docker-compose.yaml", "docker-compose.yml")
 COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
 COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
+
+_T = TypeVar("_T")
+
+Chooser = Callable[[Config, Mapping[str, str], Engine], Backend]
+"""How a backend is picked for a configuration: `backends.choose`, or a fake in tests."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Runtime:
+    """What the operations act through; the defaults are the real ones."""
+
+    engine: Engine = field(default_factory=Engine)
+    choose: Chooser = backends.choose
+    environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    """The process environment (COMPOSE_FILE, COMPOSEMIRROR_BASE_IMAGE, COMPOSEMIRROR_CLUSTER)."""
+
+    def backend(self, config: Config) -> Backend:
+        return self.choose(config, self.environ, self.engine)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,21 +90,32 @@ class Rendered:
     """The user's project directory; the rendered files live in its `.composemirror/`."""
     model: dict[str, Any]
     config: Config
-    attachment: Attachment
+    backend: Backend
+    session: SessionInfo
+    """The session as the backend sees it, its placement set."""
     images: tuple[images.ImageSpec, ...]
     base_image: str
     notices: tuple[str, ...] = ()
 
     @property
+    def resolution(self) -> Resolution:
+        return self.session.resolution
+
+    @property
+    def placement(self) -> Placement:
+        assert self.session.placement is not None
+        return self.session.placement
+
+    @property
     def path(self) -> Path:
-        return self.directory / RENDER_DIR / "compose.yaml"
+        return self.session.render_dir / "compose.yaml"
 
     @property
     def key_file(self) -> Path:
-        return self.directory / RENDER_DIR / "tunnel.key"
+        return self.session.key_file
 
-    def compose_project(self) -> engine.ComposeProject:
-        return engine.ComposeProject(files=(self.path,), name=self.name)
+    def compose_project(self) -> ComposeProject:
+        return ComposeProject(files=(self.path,), name=self.name)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,35 +132,25 @@ class ServiceStatus:
     """For sidecars: what the sidecar reports (agent link state, counters)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Check:
-    """One line of `doctor`."""
-
-    name: str
-    ok: bool
-    detail: str
-    hint: str | None = None
-
-
-def base_image() -> str:
+def base_image(runtime: Runtime) -> str:
     """The base for composemirror's images: $COMPOSEMIRROR_BASE_IMAGE, the local one, or public."""
-    chosen = os.environ.get(images.BASE_ENV)
+    chosen = runtime.environ.get(images.BASE_ENV)
     if chosen:
         return chosen
     try:
-        if engine.image_exists(images.LOCAL_BASE):
+        if runtime.engine.image_exists(images.LOCAL_BASE):
             return images.LOCAL_BASE
     except EngineError:
         pass
     return images.DEFAULT_BASE
 
 
-def compose_project(options: Options, base: str) -> engine.ComposeProject:
+def compose_project(options: Options, base: str, runtime: Runtime) -> ComposeProject:
     """The user's project; with no `-f`, found as compose finds it (COMPOSE_FILE, then upwards)."""
     files = options.files
-    if not files and not os.environ.get("COMPOSE_FILE"):
+    if not files and not runtime.environ.get("COMPOSE_FILE"):
         files = (_discover(options.project_directory or Path.cwd()),)
-    return engine.ComposeProject(
+    return ComposeProject(
         files=files,
         name=options.project_name,
         profiles=options.profiles,
@@ -126,44 +160,75 @@ def compose_project(options: Options, base: str) -> engine.ComposeProject:
     )
 
 
-def render(options: Options, *, write: bool) -> Rendered:
-    """Load the project and its configuration, resolve the target, rewrite. No engine changes."""
-    base = base_image()
-    user = compose_project(options, base)
-    model = engine.compose_model(user)
-    directory = _project_directory(options, user)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Project:
+    """The user's project as loaded, before a backend is involved."""
+
+    name: str
+    directory: Path
+    model: dict[str, Any]
+    """What `docker compose config` printed for it."""
+    config: Config
+    base_image: str
+
+
+def load_project(options: Options, *, runtime: Runtime) -> Project:
+    """The project's compose model and its composemirror configuration. No engine changes."""
+    base = base_image(runtime)
+    user = compose_project(options, base, runtime)
+    model = runtime.engine.compose_model(user)
+    directory = _project_directory(options, user, runtime)
     config = _load_config(options, model, user, directory)
-    environment = {images.BASE_ENV: base}
-    backend = choose(config)
-    if backend == "docker":
-        attachment = docker_backend.attach(config.target)
-    else:
-        attachment = sandbox.attach(config.target, config.namespace, environment)
-    specs = tuple(images.spec(role, base) for role in images.ROLES)
+    return Project(
+        name=str(model["name"]), directory=directory, model=model, config=config, base_image=base
+    )
+
+
+def render(options: Options, *, write: bool, runtime: Runtime) -> Rendered:
+    """Load the project and its configuration, resolve the target, rewrite. No engine changes."""
+    project = load_project(options, runtime=runtime)
+    backend = runtime.backend(project.config)
+    rendered = rewrite(project, backend, backend.resolve(project.config))
+    if write:
+        _write(rendered)
+    return rendered
+
+
+def rewrite(project: Project, backend: Backend, resolution: Resolution) -> Rendered:
+    """Place the agent for a resolved target and rewrite the project around it. Pure but for
+    reading `feature.env.env_file` and hashing the images' files."""
+    config = project.config
+    session = SessionInfo(
+        project=project.name,
+        directory=project.directory,
+        config=config,
+        resolution=resolution,
+        base_image=project.base_image,
+    )
+    placement = backend.place(config, resolution, session)
+    session = dataclasses.replace(session, placement=placement)
+    specs = tuple(images.spec(role, project.base_image) for role in images.ROLES)
     plan = compose.Plan(
         version=composemirror.__version__,
         sidecar_image=specs[0].tag,
         agent_image=specs[1].tag,
-        agent_network_mode=attachment.network_mode,
-        key_file=str(directory / RENDER_DIR / "tunnel.key"),
-        remote_env=attachment.env,
+        placement=placement,
+        key_file=str(session.key_file),
+        remote_env=resolution.env,
         env_file=_read_env_file(config),
     )
-    rendered_model = compose.rewrite(model, config, plan)
     notices = tuple(f"ignored (no effect at the network level): {key}" for key in config.ignored)
-    rendered = Rendered(
-        name=str(model["name"]),
-        directory=directory,
-        model=rendered_model,
+    return Rendered(
+        name=project.name,
+        directory=project.directory,
+        model=compose.rewrite(project.model, config, plan),
         config=config,
-        attachment=attachment,
+        backend=backend,
+        session=session,
         images=specs,
-        base_image=base,
+        base_image=project.base_image,
         notices=notices,
     )
-    if write:
-        _write(rendered)
-    return rendered
 
 
 def up(
@@ -173,61 +238,71 @@ def up(
     detach: bool = False,
     build: bool = False,
     progress: Progress,
+    runtime: Runtime,
 ) -> int:
-    """Render, build missing images, start the sandbox if it is the target, and start the stack."""
-    engine.client()
-    rendered = render(options, write=True)
+    """Render, prepare the backend, build missing images, and start the stack."""
+    runtime.engine.client()
+    rendered = render(options, write=True, runtime=runtime)
     for notice in rendered.notices:
         progress(notice)
-    progress(f"target: {rendered.attachment.description}")
-    environment = {images.BASE_ENV: rendered.base_image}
-    if rendered.attachment.backend == "sandbox" and not sandbox.is_up(environment):
-        progress("starting the sandbox cluster")
-        sandbox.ensure_up(environment)
-    ensure_images(rendered.images, force=build, progress=progress)
+    progress(f"target: {rendered.resolution.description}")
+    rendered.backend.prepare(rendered.session, progress)
+    ensure_images(rendered.images, force=build, progress=progress, runtime=runtime)
     args = ["up", *(["--detach"] if detach else []), *(["--build"] if build else []), *services]
-    code = engine.compose_run(rendered.compose_project(), args)
+    code = runtime.engine.compose_run(rendered.compose_project(), args)
     if code == 0 or (not detach and code == 130):
         return 0
-    raise EngineError(f"docker compose up failed (exit {code})",
-                      hint="see compose's output above; `composemirror down` removes what "
-                           "was created")
+    raise EngineError(
+        f"docker compose up failed (exit {code})",
+        hint="see compose's output above; `composemirror down` removes what was created",
+    )
 
 
-def ensure_images(specs: Sequence[images.ImageSpec], *, force: bool, progress: Progress) -> None:
+def ensure_images(
+    specs: Sequence[images.ImageSpec], *, force: bool, progress: Progress, runtime: Runtime
+) -> None:
     """Build each image that is missing (or all with `force`), showing the build's steps."""
     for spec in specs:
-        if not force and engine.image_exists(spec.tag):
+        if not force and runtime.engine.image_exists(spec.tag):
             continue
         progress(f"building {spec.tag} from {spec.base}")
         with tempfile.TemporaryDirectory(prefix="composemirror-build-") as context:
             images.write_context(spec, Path(context))
-            engine.build_image(
-                Path(context), spec.tag,
+            runtime.engine.build_image(
+                Path(context),
+                spec.tag,
                 buildargs={"BASE_IMAGE": spec.base},
                 labels={compose.LABEL_VERSION: composemirror.__version__},
                 progress=lambda line: progress("  " + line),
             )
 
 
-def down(options: Options, *, volumes: bool) -> list[str]:
-    """Remove everything of the project that composemirror or compose created. Idempotent."""
+def down(options: Options, *, volumes: bool, progress: Progress, runtime: Runtime) -> list[str]:
+    """Remove everything of the project that composemirror, compose or the backend created.
+
+    Idempotent. The backend is the one the project's configuration names; when the project's
+    files are gone (`-p NAME`), only what is on this engine is removed.
+    """
+    engine = runtime.engine
     engine.client()
-    name, directory = _identify(options)
+    name, directory, config = _identify(options, runtime)
     rendered = directory / RENDER_DIR / "compose.yaml"
     files = (rendered,) if rendered.is_file() else ()
-    engine.compose_down(engine.ComposeProject(files=files, name=name), volumes=volumes)
+    engine.compose_down(ComposeProject(files=files, name=name), volumes=volumes)
     removed = engine.remove_labelled({compose.LABEL_PROJECT: name}, volumes=True)
     # compose down without files cannot know the project's networks; find them by its label.
     removed += engine.remove_labelled({COMPOSE_PROJECT_LABEL: name}, volumes=volumes)
+    if config is not None:
+        removed += runtime.backend(config).teardown(name, directory, progress)
     shutil.rmtree(directory / RENDER_DIR, ignore_errors=True)
     return removed
 
 
-def status(options: Options) -> tuple[str, list[ServiceStatus]]:
+def status(options: Options, *, runtime: Runtime) -> tuple[str, list[ServiceStatus]]:
     """The project's containers, with each sidecar's own report."""
+    engine = runtime.engine
     engine.client()
-    name, _ = _identify(options)
+    name, _, _ = _identify(options, runtime)
     rows = []
     for container in engine.containers({COMPOSE_PROJECT_LABEL: name}):
         role = container.labels.get(compose.LABEL_ROLE, "service")
@@ -236,72 +311,117 @@ def status(options: Options) -> tuple[str, list[ServiceStatus]]:
             report = engine.exec_output(container.id, ["cat", STATUS_FILE])
             if report:
                 link = json.loads(report)
-        rows.append(ServiceStatus(
-            service=container.labels.get(COMPOSE_SERVICE_LABEL, "?"),
-            container=container.name,
-            role=role,
-            state=container.state,
-            health=container.health,
-            link=link,
-        ))
+        rows.append(
+            ServiceStatus(
+                service=container.labels.get(COMPOSE_SERVICE_LABEL, "?"),
+                container=container.name,
+                role=role,
+                state=container.state,
+                health=container.health,
+                link=link,
+            )
+        )
     rows.sort(key=lambda r: (r.role != "agent", r.service))
     return name, rows
 
 
-def doctor(options: Options) -> list[Check]:
-    """Check what `up` needs, each independently, in the order it needs them."""
-    checks = []
+def doctor(options: Options, *, runtime: Runtime) -> list[Check]:
+    """Check what `up` needs, each independently, in the order it needs them.
 
-    def check(name: str, probe: Callable[[], str]) -> bool:
-        try:
-            checks.append(Check(name=name, ok=True, detail=probe()))
-        except ComposeMirrorError as e:
-            checks.append(Check(name=name, ok=False, detail=e.message, hint=e.hint))
-            return False
-        return True
-
-    check("docker CLI", engine.docker_binary)
-    engine_ok = check("Docker engine", lambda: f"engine {engine.engine_version()}")
-    check("compose plugin", lambda: f"docker compose {engine.compose_version()}")
-    rendered: list[Rendered] = []
-
-    def configuration() -> str:
-        rendered.append(render(options, write=False))
-        mirrored = ", ".join(rendered[0].config.services)
-        return f"{rendered[0].config.source}: mirrors {mirrored}"
-
-    if check("configuration", configuration) and engine_ok:
-        result = rendered[0]
-        check("target", lambda: result.attachment.description)
-        for spec in result.images:
-            present = engine.image_exists(spec.tag)
-            checks.append(Check(name=f"{spec.role} image", ok=True,
-                                detail=spec.tag if present else f"{spec.tag} (built by `up`)"))
-        _, rows = status(options)
-        for row in rows:
-            if row.role == "sidecar":
-                state = row.link.get("agent", "unknown")
-                checks.append(Check(
-                    name=f"agent link of {row.service}", ok=state == "connected",
-                    detail=state, hint=None if state == "connected" else row.link.get("error"),
-                ))
+    The backend's own checks run as soon as the configuration names a backend, so they can say
+    why a target cannot be found when its cluster is the reason.
+    """
+    engine = runtime.engine
+    checks: list[Check] = []
+    _attempt(checks, "docker CLI", engine.docker_binary, str)
+    engine_ok = _attempt(checks, "Docker engine", engine.engine_version, "engine {}".format)
+    _attempt(checks, "compose plugin", engine.compose_version, "docker compose {}".format)
+    project = _attempt(
+        checks,
+        "configuration",
+        lambda: load_project(options, runtime=runtime),
+        lambda p: f"{p.config.source}: mirrors {', '.join(p.config.services)}",
+    )
+    if project is None or engine_ok is None:
+        return checks
+    config = project.config
+    backend = _attempt(checks, "backend", lambda: runtime.backend(config), lambda b: b.name)
+    if backend is None:
+        return checks
+    checks.extend(backend.doctor(config))
+    rendered = _attempt(
+        checks,
+        "target",
+        lambda: rewrite(project, backend, backend.resolve(config)),
+        lambda r: r.resolution.description,
+    )
+    if rendered is None:
+        return checks
+    for spec in rendered.images:
+        present = engine.image_exists(spec.tag)
+        checks.append(
+            Check(
+                name=f"{spec.role} image",
+                ok=True,
+                detail=spec.tag if present else f"{spec.tag} (built by `up`)",
+            )
+        )
+    _, rows = status(options, runtime=runtime)
+    for row in rows:
+        if row.role == "sidecar":
+            state = row.link.get("agent", "unknown")
+            checks.append(
+                Check(
+                    name=f"agent link of {row.service}",
+                    ok=state == "connected",
+                    detail=state,
+                    hint=None if state == "connected" else row.link.get("error"),
+                )
+            )
     return checks
 
 
-def compose_passthrough(options: Options, args: Sequence[str]) -> int:
+def _attempt(
+    checks: list[Check], name: str, probe: Callable[[], _T], describe: Callable[[_T], str]
+) -> _T | None:
+    """Run one check: its value, or None after recording why it failed."""
+    try:
+        value = probe()
+    except ComposeMirrorError as e:
+        checks.append(Check(name=name, ok=False, detail=e.message, hint=e.hint))
+        return None
+    checks.append(Check(name=name, ok=True, detail=describe(value)))
+    return value
+
+
+def compose_passthrough(options: Options, args: Sequence[str], *, runtime: Runtime) -> int:
     """`docker compose ARGS` on the rendered project."""
-    rendered = render(options, write=True)
-    return engine.compose_run(rendered.compose_project(), args)
+    rendered = render(options, write=True, runtime=runtime)
+    return runtime.engine.compose_run(rendered.compose_project(), args)
+
+
+def sandbox(action: str, *, progress: Progress, runtime: Runtime) -> None:
+    """`sandbox up` starts (or updates) the sandbox cluster; `sandbox down` removes it."""
+    box = SandboxBackend(runtime.engine)
+    if action == "up":
+        box.start(base_image(runtime))
+    elif action == "down":
+        box.remove()
+    else:
+        raise ConfigError(f"sandbox {action!r}: use `sandbox up` or `sandbox down`")
 
 
 def _write(rendered: Rendered) -> None:
     folder = rendered.path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / ".gitignore").write_text("# written by composemirror; `composemirror down` "
-                                       "removes it\n*\n")
+    (folder / ".gitignore").write_text(
+        "# written by composemirror; `composemirror down` removes it\n*\n"
+    )
     text = yaml.safe_dump(rendered.model, sort_keys=False, default_flow_style=False, width=1000)
-    header = ("# Rendered by composemirror from the project's compose model; do not edit.\n"
-              "# `composemirror config` prints it, `composemirror down` removes it.\n")
+    header = (
+        "# Rendered by composemirror from the project's compose model; do not edit.\n"
+        "# `composemirror config` prints it, `composemirror down` removes it.\n"
+    )
     rendered.path.write_text(header + text)
     if not rendered.key_file.exists():
         # A fresh secret per `up` (down removes it): the tunnel handshake proves both ends know it.
@@ -315,20 +435,22 @@ def _discover(start: Path) -> Path:
         for name in COMPOSE_FILES:
             if (folder / name).is_file():
                 return folder / name
-    raise ConfigError(f"no compose file in {start} or above it",
-                      hint="run in a directory with compose.yaml, or pass -f FILE")
+    raise ConfigError(
+        f"no compose file in {start} or above it",
+        hint="run in a directory with compose.yaml, or pass -f FILE",
+    )
 
 
-def _project_directory(options: Options, project: engine.ComposeProject) -> Path:
+def _project_directory(options: Options, project: ComposeProject, runtime: Runtime) -> Path:
     if options.project_directory is not None:
         return options.project_directory.resolve()
     if project.files:
         return project.files[0].resolve().parent
-    return Path(os.environ["COMPOSE_FILE"].split(os.pathsep)[0]).resolve().parent
+    return Path(runtime.environ["COMPOSE_FILE"].split(os.pathsep)[0]).resolve().parent
 
 
 def _load_config(
-    options: Options, model: Mapping[str, Any], project: engine.ComposeProject, directory: Path
+    options: Options, model: Mapping[str, Any], project: ComposeProject, directory: Path
 ) -> Config:
     if options.config_file is not None:
         return _load_file(options.config_file)
@@ -343,7 +465,7 @@ def _load_config(
         "no composemirror configuration: the compose model has no x-composemirror block and "
         f"there is no {CONFIG_FILE_NAME} in {directory}",
         hint="add e.g. `x-composemirror: {target: deployment/checkout, namespace: shop, "
-             "services: [web]}` to the compose file",
+        "services: [web]}` to the compose file",
     )
 
 
@@ -351,8 +473,9 @@ def _load_file(path: Path) -> Config:
     try:
         document = yaml.safe_load(path.read_text())
     except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}",
-                          hint="check the path given to --config") from e
+        raise ConfigError(
+            f"cannot read {path}: {e.strerror}", hint="check the path given to --config"
+        ) from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if isinstance(document, dict) and set(document) == {BLOCK}:
@@ -365,18 +488,27 @@ def _read_env_file(config: Config) -> dict[str, str]:
     if path is None:
         return {}
     if not path.is_file():
-        raise ConfigError(f"{config.source}: {BLOCK}.feature.env.env_file: {path} does not exist",
-                          hint="fix the path (relative paths start at the project directory)")
+        raise ConfigError(
+            f"{config.source}: {BLOCK}.feature.env.env_file: {path} does not exist",
+            hint="fix the path (relative paths start at the project directory)",
+        )
     return {k: v for k, v in dotenv.dotenv_values(path).items() if v is not None}
 
 
-def _identify(options: Options) -> tuple[str, Path]:
-    """The project's name and directory, from its files, or from `-p` when they are gone."""
+def _identify(options: Options, runtime: Runtime) -> tuple[str, Path, Config | None]:
+    """The project's name, directory and configuration, from its files, or from `-p` alone
+    when they are gone (then without a configuration)."""
     try:
-        project = compose_project(options, images.DEFAULT_BASE)
-        model = engine.compose_model(project)
-        return str(model["name"]), _project_directory(options, project)
+        project = compose_project(options, images.DEFAULT_BASE, runtime)
+        model = runtime.engine.compose_model(project)
     except ConfigError:
         if options.project_name is None:
             raise
-        return options.project_name, (options.project_directory or Path.cwd()).resolve()
+        return options.project_name, (options.project_directory or Path.cwd()).resolve(), None
+    directory = _project_directory(options, project, runtime)
+    try:
+        config: Config | None = _load_config(options, model, project, directory)
+    except ConfigError as e:
+        log.debug("no configuration for %s: %s", model["name"], e)
+        config = None
+    return str(model["name"]), directory, config

@@ -14,10 +14,10 @@ import os
 import socket
 import time
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any
 
 from composemirror.agent.resolver import Resolver
+from composemirror.link import LinkAddress
 from composemirror.mux import Bridge, DatagramBridge, Tunnel, reset_transport
 from composemirror.protocol import (
     Connection,
@@ -47,22 +47,9 @@ class Agent:
         self.tunnels += 1
         return Tunnel(Connection(Role.AGENT, self.key), self)
 
-    async def serve(self, listen: str) -> asyncio.Server:
-        """Listen on `unix:PATH` or `tcp:HOST:PORT`."""
-        loop = asyncio.get_running_loop()
-        kind, _, where = listen.partition(":")
-        if kind == "unix":
-            path = Path(where)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.unlink(missing_ok=True)
-            server = await loop.create_unix_server(self.new_tunnel, str(path), backlog=512)
-            os.chmod(path, 0o660)
-        elif kind == "tcp":
-            host, _, port = where.rpartition(":")
-            server = await loop.create_server(self.new_tunnel, host or "0.0.0.0", int(port),
-                                              backlog=512)
-        else:
-            raise ValueError(f"cannot listen on {listen!r}: use unix:PATH or tcp:HOST:PORT")
+    async def serve(self, listen: LinkAddress) -> asyncio.Server:
+        """Listen where the link address says."""
+        server = await listen.listen(self.new_tunnel, backlog=512)
         log.info("agent listening on %s", listen)
         return server
 

@@ -18,19 +18,11 @@ import sys
 from pathlib import Path
 
 from composemirror.filters import IPNetwork, Scope
+from composemirror.link import ENV_VAR, READY_FILE, STATUS_FILE, SidecarSettings
 from composemirror.protocol import key_from_text
 from composemirror.sidecar import dns, firewall, status
 from composemirror.sidecar.proxy import Egress, Proxy
-from composemirror.sidecar.settings import (
-    DNS_PORT,
-    ENV_VAR,
-    MARK,
-    PROXY_PORT,
-    READY_FILE,
-    STATUS_FILE,
-    UDP_PROXY_PORT,
-    SidecarSettings,
-)
+from composemirror.sidecar.settings import DNS_PORT, MARK, PROXY_PORT, UDP_PROXY_PORT
 from composemirror.sidecar.tunnel import TunnelClient
 from composemirror.sidecar.udp import UdpProxy
 
@@ -58,7 +50,7 @@ async def run(settings: SidecarSettings) -> None:
     outgoing = settings.outgoing.parse(protocols=True) if settings.outgoing else None
     dns_filter = settings.dns.parse(protocols=False) if settings.dns else None
     counters = status.Counters()
-    tunnels = TunnelClient(settings.tunnel, key, mark=MARK)
+    tunnels = TunnelClient(settings.link, key, mark=MARK)
     book = dns.Book()
     resolver = dns.Resolver(
         tunnels=tunnels, book=book, counters=counters, scope=scope, hosts=dict(settings.hosts),

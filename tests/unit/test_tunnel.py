@@ -18,6 +18,7 @@ from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
 from composemirror.agent.resolver import ResolvConf, Resolver, candidates, parse_resolv_conf
 from composemirror.agent.server import Agent
+from composemirror.link import UnixAddress
 from composemirror.mux import Bridge, DatagramBridge, Tunnel, reset_transport
 from composemirror.protocol import Connection, Failure, Proto, Role, new_key
 
@@ -60,7 +61,7 @@ async def harness(tmp_path: Path, handler: Handler | None,
     key = new_key()
     agent = Agent(key, resolver or Resolver(ResolvConf()))
     path = tmp_path / "agent.sock"
-    agent_server = await agent.serve(f"unix:{path}")
+    agent_server = await agent.serve(UnixAddress(str(path)))
     if handler is not None:
         upstream = await asyncio.start_server(handler, "127.0.0.1", 0)
         target = upstream.sockets[0].getsockname()[:2]
