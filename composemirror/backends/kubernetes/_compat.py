@@ -1,0 +1,69 @@
+"""Value types of the backend interface, held here until `composemirror.backends` defines them.
+
+TO BE REPLACED: when the backend interface lands in `composemirror.backends`, import `Resolution`,
+`Resolver`, `ForwardedPlacement`, `LinkAddress`, `Check` and `Progress` from there and delete this
+module. The shapes here follow that interface field for field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resolver:
+    """How the target resolves names: resolv.conf's `search`, `ndots` and `nameserver`s."""
+
+    search: tuple[str, ...]
+    ndots: int
+    nameservers: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resolution:
+    """A resolved target: for people, its environment, and its resolver when known up front."""
+
+    description: str
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    resolver: Resolver | None = None
+
+
+LinkAddress = str
+"""Where a sidecar dials the agent: `tcp:HOST:PORT` or `unix:PATH`."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardedPlacement:
+    """The agent is reached through a host-side forwarder the sidecars dial."""
+
+    link: LinkAddress
+    extra_hosts: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Check:
+    """One line of `doctor`."""
+
+    name: str
+    ok: bool
+    detail: str
+    hint: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Session:
+    """One `up`: the project, where its files live, and the tunnel key its sidecars hold."""
+
+    project: str
+    directory: Path
+    key: bytes
+
+
+class Progress(Protocol):
+    """Where long steps report what they are doing (one short line each)."""
+
+    def __call__(self, message: str) -> None: ...
