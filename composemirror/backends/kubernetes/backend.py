@@ -19,7 +19,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_fixed,
+)
 
 from composemirror.agent.report import EnvReport, SealError, parse_ready, unseal
 from composemirror.backends.kubernetes import client, manifests, targets
@@ -270,7 +276,9 @@ class KubernetesBackend:
 
     def wait_ready(self, plan: Plan, progress: Progress) -> Any:
         """Poll until the agent printed its ready line; fail fast on pull/config errors."""
-        retrying = Retrying(stop=stop_after_delay(plan.where.settings.startup_timeout),
+        timeout = plan.where.settings.startup_timeout
+        # Bounded by time and, with the sleep injected in tests, by the number of polls.
+        retrying = Retrying(stop=stop_after_delay(timeout) | stop_after_attempt(timeout + 1),
                             wait=wait_fixed(1.0), retry=retry_if_exception_type(_NotYet),
                             sleep=self.sleep, reraise=True)
         try:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import urllib3
+import yaml
 from kubernetes import client as _client
 from kubernetes import config as _config
 from kubernetes.client.exceptions import ApiException
@@ -84,8 +85,14 @@ def connect(context: str | None = None, namespace: str | None = None,
     paths = kubeconfig_paths(os.environ if environ is None else environ)
     try:
         contexts, current = kubeconfig.list_kube_config_contexts(config_file=paths)
-        chosen = current if context is None else next(
-            (c for c in contexts if c["name"] == context), None)
+        # kubectl takes current-context from the first file that sets it; the python client's
+        # merger from the last, so it is read here.
+        wanted = context or current_context(paths) or (current or {}).get("name")
+        chosen = next((c for c in contexts if c["name"] == wanted), None)
+        if wanted is None:
+            raise ClusterError(f"the kube config ({paths}) sets no current context",
+                               hint="choose one with `kube_context`/--context, or "
+                                    "`kubectl config use-context NAME`")
         if chosen is None:
             names = ", ".join(c["name"] for c in contexts) or "none"
             raise ClusterError(f"the kube config ({paths}) has no context {context!r}",
@@ -97,7 +104,7 @@ def connect(context: str | None = None, namespace: str | None = None,
         raise ClusterError(f"cannot use the kube config ({paths}): {e}",
                            hint="check it with `kubectl config view`; set KUBECONFIG or "
                                 "--context to choose another") from e
-    except OSError as e:
+    except (OSError, yaml.YAMLError) as e:
         raise ClusterError(f"cannot read the kube config ({paths}): {e}",
                            hint="set KUBECONFIG to a readable kube config") from e
     api.configuration.retries = 0  # failing fast; callers retry with a bound where it matters
@@ -105,6 +112,20 @@ def connect(context: str | None = None, namespace: str | None = None,
     context_namespace = (chosen.get("context") or {}).get("namespace")
     return Cluster(api, context=chosen["name"],
                    namespace=namespace or context_namespace or "default")
+
+
+def current_context(paths: str) -> str | None:
+    """`current-context` of the first file in `paths` (os.pathsep-separated) that sets it.
+
+    Raises OSError or yaml.YAMLError for a file that cannot be read.
+    """
+    for path in filter(None, paths.split(os.pathsep)):
+        if not Path(path).is_file():
+            continue  # kubectl skips missing files of the list
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if isinstance(data, dict) and data.get("current-context"):
+            return str(data["current-context"])
+    return None
 
 
 class Cluster:

@@ -202,12 +202,10 @@ def _resource(pod: Obj, container: Obj, ref: Obj) -> tuple[str | None, str | Non
     kind, _, resource = ref["resource"].partition(".")
     quantity: str | None = ((target.get("resources") or {}).get(kind) or {}).get(resource)
     if quantity is None and kind == "limits":
-        requested = ((target.get("resources") or {}).get("requests") or {}).get(resource)
-        if requested is None:
-            return None, (f"{ref['resource']} is not set, and the node's allocatable it "
-                          "falls back to is not known here")
+        return None, (f"{ref['resource']} is not set, and the node's allocatable it falls back "
+                      "to is not known here")
     if quantity is None:
-        quantity = str(((target.get("resources") or {}).get("requests") or {}).get(resource, "0"))
+        quantity = "0"
     divisor = parse_quantity(str(ref.get("divisor") or "1"))
     if divisor == 0:
         return None, "resourceFieldRef divisor is 0"
