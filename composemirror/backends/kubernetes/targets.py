@@ -51,10 +51,12 @@ class TargetPod:
 
     @property
     def name(self) -> str:
+        """The pod's name."""
         return str(self.pod["metadata"]["name"])
 
     @property
     def namespace(self) -> str:
+        """The pod's namespace."""
         return str(self.pod["metadata"]["namespace"])
 
     @property
