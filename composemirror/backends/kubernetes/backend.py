@@ -232,6 +232,11 @@ class KubernetesBackend:
                 plan.cluster.add_ephemeral_container(
                     plan.target.name, plan.target.namespace, manifests.ephemeral_patch(container))
                 plan.pod = plan.target.name
+            except client.NotFoundError as e:
+                self._pod_still_there(plan)
+                progress(f"this cluster has no ephemeral containers ({e.message}); running "
+                         f"the agent as a Job instead. Warning: {manifests.JOB_WARNING}")
+                plan.mode = "job"
             except ClusterError as e:
                 progress(f"the cluster refused the ephemeral container ({e.message}); "
                          f"running the agent as a Job instead. Warning: {manifests.JOB_WARNING}")
@@ -251,6 +256,17 @@ class KubernetesBackend:
         self.forward(ForwardTarget(context=plan.cluster.context, namespace=plan.where.namespace,
                                    pod=str(plan.pod), remote_port=ready.port,
                                    local_port=plan.local_port))
+
+    @staticmethod
+    def _pod_still_there(plan: Plan) -> None:
+        """Raise ClusterError when the target pod went away since it was resolved."""
+        assert plan.target is not None
+        try:
+            plan.cluster.get("pods", plan.target.name, plan.target.namespace)
+        except client.NotFoundError as e:
+            raise ClusterError(f"the target pod {plan.target.name} went away (a rollout?)",
+                               hint="run `composemirror up` again: it picks a current "
+                                    "pod") from e
 
     def report_env(self, project: str) -> Mapping[str, str] | None:
         """The environment the agent reported after `prepare` (the target process's when it
@@ -319,6 +335,8 @@ class KubernetesBackend:
                          "cluster can pull (and `agent.image_pull_secrets`), or load it into "
                          "the cluster (kind load / minikube image load / k3d image import)")
             raise _NotYet(reason)
+        if "running" not in state and "terminated" not in state:
+            raise _NotYet("starting")  # its log cannot be read before it runs
         logs = cluster.pod_log(str(plan.pod), namespace, name)
         for line in logs.splitlines():
             ready = parse_ready(line.strip())

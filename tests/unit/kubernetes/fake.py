@@ -53,7 +53,7 @@ class FakeCluster:
 
     def __init__(self, items: list[dict[str, Any]] | None = None, *, context: str = "dev",
                  namespace: str = "shop", denied: frozenset[str] = frozenset(),
-                 refuse_ephemeral: str | None = None) -> None:
+                 refuse_ephemeral: ClusterError | None = None) -> None:
         self.context = context
         self.namespace = namespace
         self.objects: dict[str, list[dict[str, Any]]] = {}
@@ -88,7 +88,7 @@ class FakeCluster:
     def add_ephemeral_container(self, pod: str, namespace: str, patch: Mapping[str, Any], *,
                                 dry_run: bool = False) -> dict[str, Any]:
         if self.refuse_ephemeral:
-            raise ClusterError(self.refuse_ephemeral)
+            raise self.refuse_ephemeral
         target = self.get("pods", pod, namespace)
         self.patched.append((pod, patch, dry_run))
         if not dry_run:

@@ -11,6 +11,7 @@ from composemirror.agent.report import EnvReport, ready_line, seal
 from composemirror.backends.kubernetes import manifests
 from composemirror.backends.kubernetes._compat import Session
 from composemirror.backends.kubernetes.backend import KubernetesBackend
+from composemirror.backends.kubernetes.client import NotFoundError
 from composemirror.backends.kubernetes.link import ForwardTarget
 from composemirror.config import AgentSettings, Config, EnvSettings, Target
 from composemirror.errors import ClusterError
@@ -84,8 +85,14 @@ def test_place_and_prepare_an_ephemeral_agent(tmp_path: Path) -> None:
     assert any("environment from process" in m for m in h.messages)
 
 
-def test_refused_ephemeral_container_falls_back_to_a_job(tmp_path: Path) -> None:
-    cluster = FakeCluster(refuse_ephemeral="forbidden: cannot patch pods/ephemeralcontainers")
+@pytest.mark.parametrize("refusal", [
+    ClusterError("forbidden: cannot patch pods/ephemeralcontainers"),
+    ClusterError('violates PodSecurity "restricted:latest"'),
+    NotFoundError("pods/x (ephemeralcontainers) not found"),  # a cluster without them
+])
+def test_refused_ephemeral_container_falls_back_to_a_job(tmp_path: Path,
+                                                        refusal: ClusterError) -> None:
+    cluster = FakeCluster(refuse_ephemeral=refusal)
     h = Harness(tmp_path, cluster)
     cfg = config()
     h.backend.place(cfg, h.backend.resolve(cfg), h.session)
@@ -104,6 +111,18 @@ def test_refused_ephemeral_container_falls_back_to_a_job(tmp_path: Path) -> None
     assert "CMENV_DATABASE_URL" in env  # the target's env travels with the fallback
     assert any(manifests.JOB_WARNING in m for m in h.messages)
     assert h.forwarded[0].pod == f"{name}-abcde"
+
+
+def test_target_pod_gone_is_not_papered_over(tmp_path: Path) -> None:
+    cluster = FakeCluster(refuse_ephemeral=NotFoundError("pods/x not found"))
+    h = Harness(tmp_path, cluster)
+    cfg = config()
+    h.backend.place(cfg, h.backend.resolve(cfg), h.session)
+    cluster.objects["pods"] = [p for p in cluster.objects["pods"]
+                               if p["metadata"]["name"] != POD]
+    with pytest.raises(ClusterError, match="went away"):
+        h.backend.prepare(h.session, h.messages.append)
+    assert [r for r, _, _ in cluster.created] == ["secrets"]  # no Job started for nothing
 
 
 def test_image_pull_failure_stops_the_wait_at_once(tmp_path: Path) -> None:
