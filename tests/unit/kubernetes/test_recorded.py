@@ -67,3 +67,35 @@ def test_env_of_a_real_pod() -> None:
         "MEMORY_LIMIT_MI": "256",
         "GREETING": "hello checkout-68d97b7b4f-66sdx",
     }
+
+
+def running() -> FakeCluster:
+    return FakeCluster(load("recorded-running.json"), namespace=NS)
+
+
+@pytest.mark.parametrize(("target", "pod", "container"), [
+    # two ready pods created in the same second: the order is by name, so it is stable
+    (Target(kind="deployment", name="checkout"), "checkout-68d97b7b4f-66sdx", "checkout"),
+    (Target(kind="statefulset", name="cache"), "cache-0", "server"),
+    (Target(kind="statefulset", name="cache", container="metrics"), "cache-0", "metrics"),
+    (Target(kind="job", name="migrate"), "migrate-j9lm6", "migrate"),
+    (Target(kind="cronjob", name="nightly"), "nightly-29934812-9kmkv", "report"),
+    (Target(kind="pod", name="checkout-68d97b7b4f-qc6sz"), "checkout-68d97b7b4f-qc6sz",
+     "checkout"),
+])
+def test_running_workloads_resolve(target: Target, pod: str, container: str) -> None:
+    found = find_target(running(), target, NS)
+    assert (found.name, found.container) == (pod, container)
+
+
+def test_image_that_cannot_be_pulled_is_named() -> None:
+    with pytest.raises(ClusterError,
+                       match=r"broken-587bb87889-q2w29: Pending \(ErrImageNeverPull\)"):
+        find_target(running(), Target(kind="deployment", name="broken"), NS)
+
+
+def test_running_pod_has_its_ip_in_the_env() -> None:
+    cluster = running()
+    found = find_target(cluster, Target(kind="deployment", name="checkout"), NS)
+    env, _ = target_env(cluster, found)
+    assert env["POD_IP"] == found.pod["status"]["podIP"] != ""
