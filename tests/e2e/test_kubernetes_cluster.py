@@ -92,6 +92,9 @@ def cluster_ns() -> Iterator[tuple[Path, str]]:
     kubectl(path, "create", "namespace", namespace)
     kubectl(path, "label", "namespace", namespace,
             "pod-security.kubernetes.io/enforce=restricted")
+    # pods need the namespace's default ServiceAccount, which a controller adds shortly after
+    wait_for(lambda: kubectl(path, "-n", namespace, "get", "serviceaccount", "default",
+                             check=False).returncode == 0, timeout=30)
     try:
         yield path, namespace
     finally:
@@ -242,3 +245,39 @@ def test_agent_in_the_target_pod(cluster_ns: tuple[Path, str], tmp_path: Path) -
         time.sleep(1)
     else:
         pytest.fail("the agent did not exit after its ttl with no link")
+
+
+def test_limited_account_runs_the_agent_as_a_job(cluster_ns: tuple[Path, str],
+                                                 tmp_path: Path) -> None:
+    """Without `pods/ephemeralcontainers`, `up` falls back to a Job (with the warning), reached
+    through a port-forward made with the same limited credentials; `down` removes it."""
+    path, namespace = cluster_ns
+    target_pod(path, namespace)
+    admin = connect(path, namespace)
+    wait_for(lambda: targets.is_ready(admin.get("pods", "target", namespace)), timeout=90)
+    limited_path = limited_kubeconfig(path, namespace, tmp_path)
+    limited = connect(limited_path, namespace)
+    started: list[subprocess.Popen[bytes]] = []
+    messages: list[str] = []
+    backend = KubernetesBackend(connect=lambda c, n: limited,
+                                forward=port_forward(limited_path, started))
+    session = Session(project=f"e2e-job-{namespace}", directory=tmp_path, key=new_key())
+    cfg = config(namespace, ttl=10)
+    try:
+        resolution = backend.resolve(cfg)
+        assert resolution.env["POD_NAME"] == "target"  # resolved from the API
+        placement = backend.place(cfg, resolution, session)
+        backend.prepare(session, messages.append)
+        assert any(manifests.JOB_WARNING in m for m in messages), messages
+        assert backend.plans[session.project].mode == "job"
+        port = placement.link.rpartition(":")[2]
+        addresses = asyncio.run(resolve_through(f"tcp:127.0.0.1:{port}", session.key,
+                                                "kubernetes.default.svc.cluster.local"))
+        assert addresses
+    finally:
+        for process in started:
+            process.terminate()
+        removed = backend.teardown(session.project, tmp_path, messages.append)
+    assert sorted(r.split("/")[0] for r in removed) == ["job", "secret"]
+    selector = manifests.project_selector(session.project)
+    assert admin.find("jobs", namespace, selector) == []

@@ -282,12 +282,14 @@ class KubernetesBackend:
                                              plan.target.pod, env, env_from)
 
     def job(self, plan: Plan) -> dict[str, Any]:
-        """The Job for `plan`: targetless, or the fallback with the target's env copied."""
+        """The Job for `plan`: targetless, or the fallback beside the target.
+
+        The target's env is not copied into a Job: its downward-API fields would describe the
+        Job's pod, not the target's; the env `resolve` computed from the API stands.
+        """
         if plan.target is None:
             return manifests.job(plan.where, bundle())
-        env, env_from = copy_env(plan.target.spec)
-        return manifests.job(plan.where, bundle(), copied_env=env, copied_env_from=env_from,
-                             target_container=plan.target.spec,
+        return manifests.job(plan.where, bundle(), target_container=plan.target.spec,
                              pod_security=plan.target.pod["spec"].get("securityContext"))
 
     def wait_ready(self, plan: Plan, progress: Progress) -> Any:
