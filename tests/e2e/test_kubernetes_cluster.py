@@ -214,6 +214,9 @@ def test_agent_in_the_target_pod(cluster_ns: tuple[Path, str], tmp_path: Path) -
     backend = KubernetesBackend(connect=lambda c, n: cluster, forward=port_forward(path, started))
     session = Session(project=f"e2e-{namespace}", directory=tmp_path, key=new_key())
     cfg = config(namespace, ttl=10)
+    checks = backend.doctor(cfg)
+    assert all(c.ok for c in checks), checks
+    assert "v1." in checks[0].detail
     try:
         resolution = backend.resolve(cfg)
         assert resolution.env["GREETING"] == "from-the-target"

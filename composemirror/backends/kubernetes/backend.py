@@ -169,6 +169,15 @@ class KubernetesBackend:
     """Project name -> its session's plan (between `place` and `prepare`)."""
     found: dict[tuple[str | None, str | None, str], targets.TargetPod] = field(
         default_factory=dict)
+    clusters: dict[tuple[str | None, str | None], ClusterAPI] = field(default_factory=dict)
+    """One client per (context, namespace), reused across the steps of a command."""
+
+    def cluster(self, context: str | None, namespace: str | None) -> ClusterAPI:
+        """The cluster of `context`, connected once."""
+        key = (context, namespace)
+        if key not in self.clusters:
+            self.clusters[key] = self.connect(context, namespace)
+        return self.clusters[key]
 
     def resolve(self, config: Config) -> Resolution:
         """The target's description and its environment (from the API; see `report_env`).
@@ -176,7 +185,7 @@ class KubernetesBackend:
         The resolver is the target pod's own resolv.conf, which the agent reads in place, so
         none is returned. Raises ClusterError.
         """
-        cluster = self.connect(config.context, config.namespace)
+        cluster = self.cluster(config.context, config.namespace)
         namespace = config.namespace or cluster.namespace
         if config.target.kind == "targetless":
             return Resolution(description=f"targetless in namespace {namespace} (context "
@@ -194,7 +203,7 @@ class KubernetesBackend:
     def place(self, config: Config, resolution: Resolution,
               session: Session) -> ForwardedPlacement:
         """Decide the agent's objects for `session`; the sidecars dial the host's forwarder."""
-        cluster = self.connect(config.context, config.namespace)
+        cluster = self.cluster(config.context, config.namespace)
         namespace = config.namespace or cluster.namespace
         found = None
         if config.target.kind != "targetless":
@@ -358,7 +367,7 @@ class KubernetesBackend:
         context's namespace). Ephemeral containers stay (see EPHEMERAL_NOTE).
         """
         context, namespaces = _read_record(directory)
-        cluster = self.connect(context, None)
+        cluster = self.cluster(context, None)
         removed = []
         selector = manifests.project_selector(project)
         for namespace in namespaces or [cluster.namespace]:
@@ -374,7 +383,7 @@ class KubernetesBackend:
         """API reachable and version; permissions; the target; a server-side dry run."""
         checks: list[Check] = []
         try:
-            cluster = self.connect(config.context, config.namespace)
+            cluster = self.cluster(config.context, config.namespace)
             version = cluster.version()
         except ClusterError as e:
             return [Check(name="kubernetes API", ok=False, detail=e.message, hint=e.hint)]

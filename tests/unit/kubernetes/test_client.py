@@ -107,3 +107,26 @@ def test_translate(error: ApiException, cls: type[ClusterError], message: str,
     assert message in translated.message
     if hint:
         assert hint in str(translated.hint)
+
+
+def test_exec_credential_plugin_runs_on_this_host(tmp_path: Path) -> None:
+    """EKS/GKE-style `exec` users: the plugin runs here and its token is what the client sends;
+    nothing of it is written into the session's objects."""
+    plugin = tmp_path / "credential-plugin"
+    plugin.write_text("#!/bin/sh\ncat <<'EOF'\n" + json.dumps({
+        "apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
+        "status": {"token": "from-the-plugin"}}) + "\nEOF\n")
+    plugin.chmod(0o755)
+    path = tmp_path / "config"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "eks",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:9",
+                                               "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "u", "user": {"exec": {
+            "apiVersion": "client.authentication.k8s.io/v1", "command": str(plugin),
+            "interactiveMode": "Never"}}}],
+        "contexts": [{"name": "eks", "context": {"cluster": "c", "user": "u"}}],
+    }))
+    cluster = client.connect(None, None, {"KUBECONFIG": str(path)})
+    assert cluster.api.configuration.api_key["BearerToken"] == "Bearer from-the-plugin"
+    assert cluster.namespace == "default"
