@@ -84,10 +84,27 @@ def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None,
     return done
 
 
+@pytest.fixture(scope="session")
+def kubeconfig() -> Path:
+    """The test cluster's kube config (skips, or fails in CI, without one)."""
+    return kubeconfig_path()
+
+
+@pytest.fixture(scope="session")
+def agent_image(kubeconfig: Path) -> str:
+    """The agent's image on the cluster's node: without a registry, the local base image
+    (Debian's python3 3.11) is loaded with `scripts/cluster load` when that script is here."""
+    loader = ROOT / "scripts" / "cluster"
+    if "COMPOSEMIRROR_TEST_AGENT_IMAGE" not in os.environ and loader.is_file():
+        subprocess.run(["docker", "tag", "composemirror/base:bookworm", IMAGE], check=True)
+        subprocess.run([str(loader), "load", IMAGE], check=True, timeout=600)
+    return IMAGE
+
+
 @pytest.fixture
-def cluster_ns() -> Iterator[tuple[Path, str]]:
+def cluster_ns(kubeconfig: Path, agent_image: str) -> Iterator[tuple[Path, str]]:
     """A fresh namespace enforcing PodSecurity `restricted`, deleted afterwards."""
-    path = kubeconfig_path()
+    path = kubeconfig
     namespace = f"cm-e2e-{secrets.token_hex(3)}"
     kubectl(path, "create", "namespace", namespace)
     kubectl(path, "label", "namespace", namespace,
