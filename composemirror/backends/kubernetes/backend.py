@@ -246,7 +246,7 @@ class KubernetesBackend:
                 progress(f"this cluster has no ephemeral containers ({e.message}); running "
                          f"the agent as a Job instead. Warning: {manifests.JOB_WARNING}")
                 plan.mode = "job"
-            except ClusterError as e:
+            except client.RefusedError as e:
                 progress(f"the cluster refused the ephemeral container ({e.message}); "
                          f"running the agent as a Job instead. Warning: {manifests.JOB_WARNING}")
                 plan.mode = "job"

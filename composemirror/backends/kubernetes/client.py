@@ -43,6 +43,10 @@ class NotFoundError(ClusterError):
     """The API server answered 404 for the object asked for."""
 
 
+class RefusedError(ClusterError):
+    """The API server refused the request: RBAC (403), admission (403) or validation (422)."""
+
+
 class ConflictError(ClusterError):
     """The API server answered 409: the object exists already, or changed meanwhile."""
 
@@ -131,7 +135,8 @@ def current_context(paths: str) -> str | None:
 class Cluster:
     """One cluster and context, reached through the python client. Methods return plain JSON.
 
-    Every method raises ClusterError (NotFoundError for 404, ConflictError for 409).
+    Every method raises ClusterError: NotFoundError for 404, RefusedError for 403 and 422,
+    ConflictError for 409.
     """
 
     def __init__(self, api: Any, *, context: str, namespace: str) -> None:
@@ -296,12 +301,12 @@ def translate(error: ApiException, permission: Permission, namespace: str | None
                  "`gcloud container clusters get-credentials`), or choose another --context")
     if code == 403 and "cannot" in message:
         rule = render_rules([permission], namespace or "NAMESPACE")
-        return ClusterError(
+        return RefusedError(
             f"forbidden: cannot {permission.verb} {what}{where}: {message}",
             hint=f"ask your cluster admin for this Role rule (see docs/kubernetes.md for "
                  f"the whole Role):\n{rule}")
     if code == 403:
-        return ClusterError(f"the cluster refused to {permission.verb} {what}{where}: {message}",
+        return RefusedError(f"the cluster refused to {permission.verb} {what}{where}: {message}",
                             hint="an admission policy (PodSecurity, a webhook) refused it; "
                                  "its message above says which rule")
     if code == 404:
@@ -313,7 +318,7 @@ def translate(error: ApiException, permission: Permission, namespace: str | None
     if code == 422:
         causes = "; ".join(f"{c.get('field', '')}: {c.get('message', '')}"
                            for c in (status.get("details") or {}).get("causes") or [])
-        return ClusterError(f"the API server rejected {what}{where} as invalid: "
+        return RefusedError(f"the API server rejected {what}{where} as invalid: "
                             f"{causes or message}",
                             hint="this is composemirror's manifest against this cluster's "
                                  "version; please report it with the message")

@@ -11,7 +11,7 @@ from composemirror.agent.report import EnvReport, ready_line, seal
 from composemirror.backends.kubernetes import manifests
 from composemirror.backends.kubernetes._compat import Session
 from composemirror.backends.kubernetes.backend import KubernetesBackend
-from composemirror.backends.kubernetes.client import NotFoundError
+from composemirror.backends.kubernetes.client import NotFoundError, RefusedError
 from composemirror.backends.kubernetes.link import ForwardTarget
 from composemirror.config import AgentSettings, Config, EnvSettings, Target
 from composemirror.errors import ClusterError
@@ -86,8 +86,8 @@ def test_place_and_prepare_an_ephemeral_agent(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("refusal", [
-    ClusterError("forbidden: cannot patch pods/ephemeralcontainers"),
-    ClusterError('violates PodSecurity "restricted:latest"'),
+    RefusedError("forbidden: cannot patch pods/ephemeralcontainers"),
+    RefusedError('violates PodSecurity "restricted:latest"'),
     NotFoundError("pods/x (ephemeralcontainers) not found"),  # a cluster without them
 ])
 def test_refused_ephemeral_container_falls_back_to_a_job(tmp_path: Path,
@@ -125,6 +125,16 @@ def test_target_pod_gone_is_not_papered_over(tmp_path: Path) -> None:
     with pytest.raises(ClusterError, match="went away"):
         h.backend.prepare(h.session, h.messages.append)
     assert [r for r, _, _ in cluster.created] == ["secrets"]  # no Job started for nothing
+
+
+def test_other_failures_are_not_taken_for_refusals(tmp_path: Path) -> None:
+    cluster = FakeCluster(refuse_ephemeral=ClusterError("cannot reach the API server"))
+    h = Harness(tmp_path, cluster)
+    cfg = config()
+    h.backend.place(cfg, h.backend.resolve(cfg), h.session)
+    with pytest.raises(ClusterError, match="cannot reach"):
+        h.backend.prepare(h.session, h.messages.append)
+    assert "jobs" not in [r for r, _, _ in cluster.created]
 
 
 def test_image_pull_failure_stops_the_wait_at_once(tmp_path: Path) -> None:

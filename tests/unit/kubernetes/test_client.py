@@ -82,18 +82,19 @@ PATCH = Permission("patch", "pods", "ephemeralcontainers")
     (status(401, "Unauthorized"), ClusterError,
      "does not accept the credentials of context dev", "log in again"),
     (status(403, 'pods "web-1" is forbidden: User "dev" cannot patch resource "pods/'
-                 'ephemeralcontainers" in API group "" in the namespace "shop"'), ClusterError,
+                 'ephemeralcontainers" in API group "" in the namespace "shop"'),
+     client.RefusedError,
      "forbidden: cannot patch pods/web-1 (ephemeralcontainers) in namespace shop",
      "resources: [pods/ephemeralcontainers]"),
     (status(403, 'pods "web-1" is forbidden: violates PodSecurity "restricted:latest": '
-                 'runAsNonRoot != true'), ClusterError,
+                 'runAsNonRoot != true'), client.RefusedError,
      "the cluster refused to patch pods/web-1 (ephemeralcontainers) in namespace shop: pods "
      '"web-1" is forbidden: violates PodSecurity', "admission policy"),
     (status(404, 'pods "web-1" not found'), client.NotFoundError,
      "pods/web-1 (ephemeralcontainers) not found in namespace shop", "kubectl get pods -n shop"),
     (status(409, "already exists"), client.ConflictError, "already exists", None),
     (status(422, "Pod is invalid", causes=[{"field": "spec.ephemeralContainers[0].name",
-                                            "message": "Duplicate value"}]), ClusterError,
+                                            "message": "Duplicate value"}]), client.RefusedError,
      "as invalid: spec.ephemeralContainers[0].name: Duplicate value", "please report"),
     (status(500, "etcdserver: request timed out"), ClusterError,
      "failed to patch pods/web-1 (ephemeralcontainers) in namespace shop: 500 etcdserver",
