@@ -12,6 +12,7 @@ client's exception kept as the cause (kopf's `_cogs/clients/errors.py`, httpx's
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -22,18 +23,10 @@ from typing import Any
 
 import urllib3
 import yaml
-from kubernetes import client as _client
-from kubernetes import config as _config
-from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 
 from composemirror.backends.kubernetes.access import Permission, render_rules
 from composemirror.errors import ClusterError
 
-# The generated client validates its typed signatures at run time; composemirror passes and
-# receives raw JSON, so the modules are used untyped here and nowhere else.
-k8s: Any = _client
-kubeconfig: Any = _config
 Obj = dict[str, Any]
 TIMEOUT = (5.0, 30.0)
 """(connect, read) seconds for each request."""
@@ -74,6 +67,17 @@ KINDS: dict[str, _Kind] = {
 """Resource (plural, as in RBAC) -> how the client reaches it."""
 
 
+@functools.cache
+def _kubernetes() -> Any:
+    """The `kubernetes` package, imported on first use (it takes most of a second, which
+    commands for other backends need not pay). Used untyped: its generated signatures are
+    validated at run time, and composemirror passes and receives raw JSON."""
+    import kubernetes.client
+    import kubernetes.config
+
+    return kubernetes
+
+
 def kubeconfig_paths(environ: Mapping[str, str]) -> str:
     """The kube config kubectl would read: `$KUBECONFIG` (paths joined by os.pathsep) or
     ~/.kube/config."""
@@ -87,6 +91,7 @@ def connect(context: str | None = None, namespace: str | None = None,
     Raises ClusterError when the kube config is missing, unreadable or names no such context.
     """
     paths = kubeconfig_paths(os.environ if environ is None else environ)
+    kubeconfig = _kubernetes().config
     try:
         contexts, current = kubeconfig.list_kube_config_contexts(config_file=paths)
         # kubectl takes current-context from the first file that sets it; the python client's
@@ -104,7 +109,7 @@ def connect(context: str | None = None, namespace: str | None = None,
         # persist_config: a refreshed auth-provider token is written back, as kubectl does.
         api = kubeconfig.new_client_from_config(config_file=paths, context=chosen["name"],
                                                 persist_config=True)
-    except ConfigException as e:
+    except kubeconfig.ConfigException as e:
         raise ClusterError(f"cannot use the kube config ({paths}): {e}",
                            hint="check it with `kubectl config view`; set KUBECONFIG or "
                                 "--context to choose another") from e
@@ -173,7 +178,7 @@ class Cluster:
     def pod_log(self, name: str, namespace: str, container: str, *, tail: int = 50) -> str:
         """The last `tail` lines of a container's log (ephemeral containers included)."""
         with self._errors(Permission("get", "pods", "log"), namespace, name):
-            response = k8s.CoreV1Api(self.api).read_namespaced_pod_log(
+            response = _kubernetes().client.CoreV1Api(self.api).read_namespaced_pod_log(
                 name, namespace, container=container, tail_lines=tail,
                 _preload_content=False, _request_timeout=TIMEOUT)
             return bytes(response.data).decode(errors="replace")
@@ -181,8 +186,8 @@ class Cluster:
     def version(self) -> Obj:
         """The API server's /version: `gitVersion`, `major`, `minor`, ..."""
         with self._errors(Permission("get", "version"), None):
-            return self._json(k8s.VersionApi(self.api).get_code(_preload_content=False,
-                                                                _request_timeout=TIMEOUT))
+            api = _kubernetes().client.VersionApi(self.api)
+            return self._json(api.get_code(_preload_content=False, _request_timeout=TIMEOUT))
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -194,8 +199,9 @@ class Cluster:
                                       "_content_type": "application/strategic-merge-patch+json"}
             if dry_run:
                 kwargs["dry_run"] = "All"
-            return self._json(k8s.CoreV1Api(self.api).patch_namespaced_pod_ephemeralcontainers(
-                pod, namespace, patch, **kwargs))
+            api = _kubernetes().client.CoreV1Api(self.api)
+            return self._json(api.patch_namespaced_pod_ephemeralcontainers(pod, namespace, patch,
+                                                                           **kwargs))
 
     def create(self, resource: str, namespace: str, body: Mapping[str, Any], *,
                dry_run: bool = False) -> Obj:
@@ -240,7 +246,7 @@ class Cluster:
                 "spec": {"resourceAttributes": attributes}}
         with self._errors(Permission("create", "selfsubjectaccessreviews",
                                      group="authorization.k8s.io"), None):
-            review = self._json(k8s.AuthorizationV1Api(self.api).
+            review = self._json(_kubernetes().client.AuthorizationV1Api(self.api).
                                 create_self_subject_access_review(
                                     body, _preload_content=False, _request_timeout=TIMEOUT))
         status = review.get("status") or {}
@@ -250,7 +256,7 @@ class Cluster:
     # -- plumbing --------------------------------------------------------------------------
 
     def _method(self, kind: _Kind, name: str) -> Any:
-        return getattr(getattr(k8s, kind.api)(self.api), name)
+        return getattr(getattr(_kubernetes().client, kind.api)(self.api), name)
 
     @staticmethod
     def _json(response: Any) -> Obj:
@@ -263,7 +269,7 @@ class Cluster:
                 name: str = "") -> Iterator[None]:
         try:
             yield
-        except ApiException as e:
+        except _kubernetes().client.ApiException as e:  # evaluated only when something failed
             raise translate(e, permission, namespace, name, context=self.context,
                             server=self.server) from e
         except (urllib3.exceptions.HTTPError, OSError) as e:
@@ -273,15 +279,16 @@ class Cluster:
                 hint=f"is the cluster running and reachable from here? "
                      f"`kubectl --context {self.context} cluster-info` checks the same",
             ) from e
-        except ConfigException as e:  # an exec plugin or token refresh failed
+        except _kubernetes().config.ConfigException as e:  # an exec plugin or refresh failed
             raise ClusterError(f"cannot authenticate to {self.server} (context {self.context}):"
                                f" {e}", hint="log in again (your cloud CLI's login, "
                                              "`kubectl get pods` should then work)") from e
 
 
-def translate(error: ApiException, permission: Permission, namespace: str | None, name: str,
+def translate(error: Any, permission: Permission, namespace: str | None, name: str,
               *, context: str, server: str) -> ClusterError:
-    """The ClusterError for an API server's error answer (pure; exposed for tests)."""
+    """The ClusterError for an API server's error answer, a kubernetes `ApiException` (its
+    `status`, `reason` and `body`, a Status object as JSON). Pure; exposed for tests."""
     status: Obj
     try:
         status = json.loads(error.body or "{}")
