@@ -24,6 +24,8 @@ from composemirror.config import AgentSettings
 from composemirror.protocol import key_to_text
 
 Obj = Mapping[str, Any]
+ENV_PROJECT = "COMPOSEMIRROR_PROJECT"
+"""Names the project in the agent's env: ephemeral containers carry no labels of their own."""
 
 LABEL_PROJECT = "io.composemirror.project"
 LABEL_ROLE = "io.composemirror.role"
@@ -139,6 +141,7 @@ def agent_env(where: Placement, code: Bundle, *, targeted: bool,
         return {"name": name, "valueFrom": {"secretKeyRef": {"name": where.name, "key": key}}}
 
     env: list[dict[str, Any]] = [
+        {"name": ENV_PROJECT, "value": where.project},
         {"name": ENV_PORT, "value": str(where.settings.port)},
         {"name": ENV_TTL, "value": str(where.settings.ttl)},
         {"name": ENV_TARGETED, "value": "1" if targeted else "0"},
@@ -226,6 +229,32 @@ def job(where: Placement, code: Bundle, *, copied_env: Sequence[Obj] = (),
             "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
         },
     }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentEntry:
+    """An ephemeral container composemirror added to a pod, and its state."""
+
+    name: str
+    state: str
+    """`running`, `terminated (Completed)`, `waiting (ImagePullBackOff)`, or `not started`."""
+
+
+def agent_entries(pod: Obj, project: str) -> list[AgentEntry]:
+    """The ephemeral agents `project` left in `pod` (they stay until the pod is replaced)."""
+    statuses = {s["name"]: s.get("state") or {} for s in
+                (pod.get("status") or {}).get("ephemeralContainerStatuses") or []}
+    entries = []
+    for container in (pod.get("spec") or {}).get("ephemeralContainers") or []:
+        env = {e["name"]: e.get("value") for e in container.get("env") or []}
+        if env.get(ENV_PROJECT) != project:
+            continue
+        state = statuses.get(container["name"], {})
+        kind = next(iter(state), None)
+        reason = (state.get(kind) or {}).get("reason") if kind else None
+        text = "not started" if kind is None else f"{kind} ({reason})" if reason else kind
+        entries.append(AgentEntry(name=container["name"], state=text))
+    return entries
 
 
 def _label_value(text: str) -> str:

@@ -136,3 +136,18 @@ def test_names_are_dns_labels(project: str) -> None:
 def test_patch_adds_by_name() -> None:
     container = ephemeral()
     assert manifests.ephemeral_patch(container) == {"spec": {"ephemeralContainers": [container]}}
+
+
+def test_entries_left_in_the_pod_are_found_by_project() -> None:
+    pod = FakeCluster().get("pods", "checkout-7d9f8b6c5-x2x4q", "shop")
+    mine = ephemeral()
+    other = manifests.ephemeral_container(
+        manifests.placement("other", "shop", AgentSettings(), "pod/x"), bundle(),
+        pod["spec"]["containers"][0], pod)
+    pod["spec"]["ephemeralContainers"] = [mine, other]
+    pod["status"]["ephemeralContainerStatuses"] = [
+        {"name": mine["name"], "state": {"terminated": {"reason": "Completed", "exitCode": 0}}}]
+    assert manifests.agent_entries(pod, "Local Database_1") == [
+        manifests.AgentEntry(name=mine["name"], state="terminated (Completed)")]
+    assert manifests.agent_entries(pod, "other") == [
+        manifests.AgentEntry(name=other["name"], state="not started")]
