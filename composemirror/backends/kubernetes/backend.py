@@ -379,6 +379,17 @@ class KubernetesBackend:
         self.plans.pop(project, None)
         return removed
 
+    def status(self, config: Config, project: str) -> list[str]:
+        """For `status`: the ephemeral agents `project` left in the target pod, and why they
+        stay (EPHEMERAL_NOTE). Raises ClusterError."""
+        if config.target.kind == "targetless":
+            return []
+        cluster = self.cluster(config.context, config.namespace)
+        found = find_target(cluster, config.target, config.namespace or cluster.namespace)
+        entries = manifests.agent_entries(found.pod, project)
+        lines = [f"agent {e.name} in pod {found.name}: {e.state}" for e in entries]
+        return [*lines, f"note: {EPHEMERAL_NOTE}"] if entries else lines
+
     def doctor(self, config: Config) -> list[Check]:
         """API reachable and version; permissions; the target; a server-side dry run."""
         checks: list[Check] = []

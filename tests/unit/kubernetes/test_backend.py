@@ -83,6 +83,9 @@ def test_place_and_prepare_an_ephemeral_agent(tmp_path: Path) -> None:
                                          remote_port=47017, local_port=plan.local_port)]
     assert h.backend.report_env("shop-dev") == {"DATABASE_URL": "from-process"}
     assert any("environment from process" in m for m in h.messages)
+    status = h.backend.status(cfg, "shop-dev")
+    assert status[0] == f"agent {plan.where.name} in pod {POD}: running"
+    assert "cannot be removed" in status[1]
 
 
 @pytest.mark.parametrize("refusal", [
