@@ -68,7 +68,6 @@ _IGNORED_FEATURE_KEYS = (
     "preview",
 )
 _IGNORED_TOP_KEYS = (
-    "agent",
     "operator",
     "kubeconfig",
     "accept_invalid_certificates",
@@ -191,6 +190,74 @@ class NetworkSettings:
     """`dns.filter`: which names are resolved on which side."""
 
 
+# mirrord's `agent` keys that composemirror uses; the others are accepted and reported ignored.
+_AGENT_KEYS = (
+    "image",
+    "image_pull_policy",
+    "image_pull_secrets",
+    "ttl",
+    "startup_timeout",
+    "ephemeral",
+    "namespace",
+    "labels",
+    "annotations",
+    "port",
+)
+_IGNORED_AGENT_KEYS = (
+    "log_level",
+    "json_log",
+    "communication_timeout",
+    "network_interface",
+    "flush_connections",
+    "disabled_capabilities",
+    "tolerations",
+    "resources",
+    "check_out_of_pods",
+    "privileged",
+    "nftables",
+    "dns",
+    "node_selector",
+    "service_account",
+    "metrics",
+    "exclude_from_mesh",
+    "inject_headers",
+    "max_body_buffer_size",
+    "max_body_buffer_timeout",
+    "priority_class",
+    "security_context",
+    "clear_iptables_on_start",
+)
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+DEFAULT_AGENT_IMAGE = "python:3.12-slim"
+"""A stock public image: the agent's code travels in the session's Secret (Kubernetes backend)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentSettings:
+    """mirrord's `agent` block, for targets in a Kubernetes cluster."""
+
+    image: str = DEFAULT_AGENT_IMAGE
+    """Any image with python3 >= 3.11; the agent's code is carried in, so none is published."""
+    image_pull_policy: str = "IfNotPresent"
+    """Always, IfNotPresent or Never, as in a pod spec."""
+    image_pull_secrets: tuple[str, ...] = ()
+    """Names of docker-registry Secrets in the agent's namespace."""
+    ttl: int = 30
+    """Seconds the agent waits with no link connected before it exits (mirrord's `ttl`)."""
+    startup_timeout: int = 60
+    """Seconds to wait for the agent to be ready (image pull included)."""
+    ephemeral: bool = True
+    """Run the agent as an ephemeral container in the target pod (False: a Job beside it)."""
+    namespace: str | None = None
+    """Namespace of a Job agent (targetless, fallback); None for the target's."""
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """Extra labels on what composemirror creates in the cluster."""
+    annotations: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """Extra annotations on what composemirror creates in the cluster."""
+    port: int = 47017
+    """Port the agent listens on, on 127.0.0.1 inside the pod."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole x-composemirror block, validated."""
@@ -208,6 +275,7 @@ class Config:
     """Host name -> compose service that answers for it (lower-case names)."""
     env: EnvSettings = field(default_factory=EnvSettings)
     network: NetworkSettings = field(default_factory=NetworkSettings)
+    agent: AgentSettings = field(default_factory=AgentSettings)
     ignored: tuple[str, ...] = ()
     """mirrord keys that were accepted but have no effect here, as key paths."""
 
@@ -280,6 +348,7 @@ class _Loader:
             "services",
             "hosts",
             "feature",
+            "agent",
             *_IGNORED_TOP_KEYS,
         )
         raw = self.table(block, BLOCK, known)
@@ -311,6 +380,7 @@ class _Loader:
             hosts=MappingProxyType(hosts),
             env=self.env(feature.get("env")),
             network=self.network(feature.get("network")),
+            agent=self.agent(raw.get("agent")),
             ignored=tuple(self.ignored),
         )
 
@@ -429,6 +499,86 @@ class _Loader:
             unset=self.strings(raw.get("unset"), f"{path}.unset"),
         )
 
+    def agent(self, value: Any) -> AgentSettings:
+        path = f"{BLOCK}.agent"
+        raw = self.table(value, path, (*_AGENT_KEYS, *_IGNORED_AGENT_KEYS))
+        self.ignored.extend(f"{path}.{k}" for k in _IGNORED_AGENT_KEYS if k in raw)
+        defaults = AgentSettings()
+        image = raw.get("image", defaults.image)
+        if isinstance(image, dict):  # mirrord's `{registry: ..., tag: ...}` form
+            table = self.table(image, f"{path}.image", ("registry", "tag"))
+            registry, tag = table.get("registry"), table.get("tag")
+            if not isinstance(registry, str) or not registry:
+                raise self.fail(
+                    f"{path}.image.registry",
+                    "expected an image name",
+                    "e.g. `registry: registry.example.com/python`",
+                )
+            if tag is not None and (not isinstance(tag, str) or not tag):
+                raise self.fail(f"{path}.image.tag", f"expected a tag, got {_kind(tag)}")
+            image = f"{registry}:{tag}" if tag else registry
+        if not isinstance(image, str) or not re.fullmatch(r"[^\s]+", image):
+            raise self.fail(
+                f"{path}.image",
+                f"expected an image reference, got {_kind(image)}",
+                "any image with python3 >= 3.11, e.g. `python:3.12-slim`",
+            )
+        policy = raw.get("image_pull_policy", defaults.image_pull_policy)
+        if policy not in PULL_POLICIES:
+            raise self.fail(
+                f"{path}.image_pull_policy",
+                f"{policy!r} is not a pull policy",
+                f"use one of {', '.join(PULL_POLICIES)}",
+            )
+        secrets = []
+        pulls = raw.get("image_pull_secrets") or []
+        if not isinstance(pulls, list):
+            raise self.fail(
+                f"{path}.image_pull_secrets",
+                f"expected a list, got {_kind(pulls)}",
+                "e.g. `[{name: regcred}]` or `[regcred]`",
+            )
+        for i, item in enumerate(pulls):
+            name = item.get("name") if isinstance(item, dict) else item
+            if not isinstance(name, str) or not _DNS_NAME.fullmatch(name):
+                raise self.fail(
+                    f"{path}.image_pull_secrets[{i}]", "expected a Secret name or `{name: SECRET}`"
+                )
+            secrets.append(name)
+        namespace = raw.get("namespace")
+        if namespace is not None and (
+            not isinstance(namespace, str) or not _DNS_LABEL.fullmatch(namespace)
+        ):
+            raise self.fail(f"{path}.namespace", "expected a namespace name")
+        return AgentSettings(
+            image=image,
+            image_pull_policy=policy,
+            image_pull_secrets=tuple(secrets),
+            ttl=self.seconds(raw.get("ttl"), f"{path}.ttl", defaults.ttl, 1, 3600),
+            startup_timeout=self.seconds(
+                raw.get("startup_timeout"),
+                f"{path}.startup_timeout",
+                defaults.startup_timeout,
+                5,
+                1800,
+            ),
+            ephemeral=self.boolean(raw.get("ephemeral"), f"{path}.ephemeral", True),
+            namespace=namespace,
+            labels=MappingProxyType(self.string_map(raw.get("labels"), f"{path}.labels")),
+            annotations=MappingProxyType(
+                self.string_map(raw.get("annotations"), f"{path}.annotations")
+            ),
+            port=self.seconds(raw.get("port"), f"{path}.port", defaults.port, 1024, 65535),
+        )
+
+    def seconds(self, value: Any, path: str, default: int, low: int, high: int) -> int:
+        """A whole number within [low, high] (seconds, or a port)."""
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(path, f"expected a whole number from {low} to {high}, got {value!r}")
+        return value
+
     def network(self, value: Any) -> NetworkSettings:
         path = f"{BLOCK}.feature.network"
         if isinstance(value, bool):
@@ -489,6 +639,10 @@ class _Loader:
                     "entries look like `tcp://host:5432`, `10.0.0.0/8`, `*.internal` or `:53`",
                 ) from None
         return parse_filter(mode, entries, protocols=protocols)
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 
 def _kind(value: Any) -> str:

@@ -95,8 +95,8 @@ def test_full_block() -> None:
     assert network.dns is not None and network.dns.mode == "remote"
     assert [r.text for r in network.dns.rules] == ["*.svc.cluster.local", "1.1.1.0/24:53"]
 
+    assert config.agent.ttl == 30
     assert set(config.ignored) == {
-        "x-composemirror.agent",
         "x-composemirror.operator",
         "x-composemirror.feature.fs",
         "x-composemirror.feature.hostname",
