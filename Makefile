@@ -2,7 +2,7 @@
 PY := .venv/bin
 EXAMPLE := examples/local-database/compose.yaml
 
-.PHONY: setup demo demo-down test lint unit bench
+.PHONY: setup demo demo-down test lint unit bench cluster cluster-down
 
 setup:
 	@scripts/setup
@@ -16,8 +16,9 @@ demo: setup
 demo-down: setup
 	$(PY)/composemirror -f $(EXAMPLE) down
 
-## Everything CI runs: lint, types, unit, integration and end-to-end tests on the real engine.
-test: setup lint
+## Everything CI runs: lint, types, unit, integration and end-to-end tests on the real engine,
+## and the tests against the real cluster (tests/cluster/), which it builds and starts.
+test: setup cluster lint
 	$(PY)/python -m pytest -q
 
 lint:
@@ -29,3 +30,10 @@ unit:
 
 bench: setup
 	$(PY)/python -m benchmarks
+
+## A real single-node Kubernetes built from upstream components (scripts/cluster, cluster/).
+cluster:
+	@scripts/cluster up
+
+cluster-down:
+	@scripts/cluster down
