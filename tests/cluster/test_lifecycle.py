@@ -61,6 +61,9 @@ def leftovers() -> dict[str, list[str]]:
         "cgroups": [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{CGROUP}")],
         "log links": [str(p) for p in Path("/var/log/containers").glob("*")
                       if p.is_symlink() and str(p.readlink()).startswith(STATE)],
+        "files": [f for f in ("/var/lib/kubelet/device-plugins/kubelet.sock",
+                              "/run/containerd/runc/k8s.io", STATE + "/etcd", RUN)
+                  if Path(f).exists()],
     }
 
 
@@ -73,7 +76,7 @@ def test_down_leaves_nothing_and_up_starts_again(cluster: None) -> None:
     try:
         assert down.returncode == 0, down.stderr
         assert leftovers() == {"processes": [], "mounts": [], "interfaces": [], "netns": [],
-                               "chains": [], "cgroups": [], "log links": []}
+                               "chains": [], "cgroups": [], "log links": [], "files": []}
         again = make("cluster-down")
         assert again.returncode == 0, again.stderr
     finally:
