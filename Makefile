@@ -2,7 +2,7 @@
 PY := .venv/bin
 EXAMPLE := examples/local-database/compose.yaml
 
-.PHONY: setup demo demo-down test lint unit bench
+.PHONY: setup demo demo-down test lint unit bench cluster cluster-down
 
 setup:
 	@scripts/setup
@@ -17,9 +17,10 @@ demo-down: setup
 	$(PY)/composemirror -f $(EXAMPLE) down
 
 ## Everything CI runs: lint, types, unit (with its coverage floor), integration and end-to-end
-## tests on the real engine.
-test: setup lint unit
-	$(PY)/python -m pytest -q tests/integration tests/e2e
+## tests on the real engine, and the tests against the real cluster (tests/cluster/, and the
+## Kubernetes end-to-end tests), which it builds and starts.
+test: setup cluster lint unit
+	$(PY)/python -m pytest -q tests/integration tests/e2e tests/cluster
 
 ## ruff (rules and formatting), mypy --strict over the package, benchmarks and tests, and the
 ## import contracts of pyproject.toml (which package may import what).
@@ -46,3 +47,10 @@ unit:
 
 bench: setup
 	$(PY)/python -m benchmarks
+
+## A real single-node Kubernetes built from upstream components (scripts/cluster, cluster/).
+cluster:
+	@scripts/cluster up
+
+cluster-down:
+	@scripts/cluster down
