@@ -55,6 +55,7 @@ MOVED_KEYS = (
     "extra_hosts",
     "mac_address",
     "links",
+    "external_links",
 )
 
 
@@ -85,7 +86,7 @@ def rewrite(model: Mapping[str, Any], config: Config, plan: Plan) -> dict[str, A
     project = str(rendered.get("name", ""))
     services: dict[str, Any] = rendered.setdefault("services", {})
     _check(services, config)
-    local = project_names(services, config)
+    local = project_names(services, config, project)
     if isinstance(plan.placement, ForwardedPlacement):
         local |= {name.lower() for name in plan.placement.extra_hosts}
     names = sorted(local)
@@ -134,20 +135,51 @@ def link_of(placement: Placement) -> LinkAddress:
     return AGENT_LINK
 
 
-def project_names(services: Mapping[str, Any], config: Config) -> set[str]:
-    """Every name the project's own DNS answers: these stay local unless filtered remote."""
+def project_names(services: Mapping[str, Any], config: Config, project: str = "") -> set[str]:
+    """Every name the project's own DNS answers: these stay local unless filtered remote.
+
+    Service names, container names (compose's `<project>-<service>-<n>` or `container_name`),
+    aliases, links and external links, `extra_hosts`, and the `hosts` of the configuration.
+    """
     names = set(config.hosts) | {AGENT_SERVICE} | {sidecar_name(s) for s in config.services}
     for name, service in services.items():
         names.add(name)
-        if service.get("container_name"):
-            names.add(service["container_name"])
+        names.update(container_names(project, name, service))
         for network in (service.get("networks") or {}).values():
             names.update((network or {}).get("aliases") or ())
-        for link in service.get("links") or ():
+        for link in [*(service.get("links") or ()), *(service.get("external_links") or ())]:
             names.add(link.split(":")[-1])
         for entry in service.get("extra_hosts") or ():
             names.add(_extra_host_name(entry))
     return {n.lower().rstrip(".") for n in names}
+
+
+def container_names(project: str, name: str, service: Mapping[str, Any]) -> list[str]:
+    """The names compose gives a service's containers: `container_name`, else
+    `<project>-<service>-<n>` for each replica (docker compose's naming, `-` separated since
+    Compose v2; see the compose docs, "container_name")."""
+    if service.get("container_name"):
+        return [str(service["container_name"])]
+    if not project:
+        return []
+    replicas = (service.get("deploy") or {}).get("replicas") or service.get("scale") or 1
+    return [f"{project}-{name}-{n}" for n in range(1, int(replicas) + 1)]
+
+
+def notices(model: Mapping[str, Any], config: Config) -> tuple[str, ...]:
+    """What the rewrite does that the user may not expect, one sentence each: services that
+    share a mirrored app's network namespace (`network_mode: service:APP`) share its sidecar,
+    so their traffic is filtered and tunnelled as the app's is."""
+    found = []
+    for name, service in sorted((model.get("services") or {}).items()):
+        owner = str(service.get("network_mode") or "").removeprefix("service:")
+        if owner in config.services and name not in config.services:
+            found.append(
+                f"{name!r} shares the network namespace of {owner!r} (network_mode: "
+                f"service:{owner}), so its traffic goes through {sidecar_name(owner)!r} too: "
+                "names and addresses the filter does not make local reach the cluster"
+            )
+    return tuple(found)
 
 
 def published_ports(service: Mapping[str, Any]) -> Iterator[tuple[str, int, str]]:
@@ -175,9 +207,16 @@ def _check(services: Mapping[str, Any], config: Config) -> None:
         service = services[name]
         mode = service.get("network_mode")
         if mode:
+            owner = str(mode).removeprefix("service:")
+            hint = (
+                f"mirror {owner!r} instead (its sidecar serves {name!r} too, which shares its "
+                "network namespace)"
+                if str(mode).startswith("service:")
+                else f"remove network_mode from {name!r}, or remove it from {BLOCK}.services"
+            )
             raise ConfigError(
                 f"service {name!r} has `network_mode: {mode}`, so it cannot get a sidecar",
-                hint=f"remove network_mode from {name!r}, or remove it from {BLOCK}.services",
+                hint=hint,
             )
         replicas = (service.get("deploy") or {}).get("replicas") or service.get("scale") or 1
         if int(replicas) > 1:
@@ -192,16 +231,7 @@ def _check(services: Mapping[str, Any], config: Config) -> None:
                     "which composemirror needs for its own containers",
                     hint="rename that service",
                 )
-    taken: dict[tuple[int, str], list[tuple[str, str]]] = {}
-    for name in config.services:
-        for host_ip, port, protocol in published_ports(services[name]):
-            for other_ip, other in taken.get((port, protocol), []):
-                if other != name and (not host_ip or not other_ip or host_ip == other_ip):
-                    raise ConfigError(
-                        f"services {other!r} and {name!r} both publish host port {port}/{protocol}",
-                        hint="give each a different published port",
-                    )
-            taken.setdefault((port, protocol), []).append((host_ip, name))
+    _check_ports(services, config)
     for host, target in config.hosts.items():
         key = f"{where}.hosts.{host}"
         if target not in services:
@@ -217,6 +247,28 @@ def _check(services: Mapping[str, Any], config: Config) -> None:
                     f"so {name!r} cannot reach it",
                     hint=f"put {target!r} and {name!r} on a common network",
                 )
+
+
+def _check_ports(services: Mapping[str, Any], config: Config) -> None:
+    """Refuse two services publishing the same host port when one of them is mirrored.
+
+    A mirrored app's ports move to its sidecar; compose would find the clash only half-way
+    through `up`, with containers already created. An empty host address (or 0.0.0.0, ::)
+    binds every address, so it clashes with any other on the same port and protocol.
+    """
+    taken: dict[tuple[int, str], list[tuple[str, str]]] = {}
+    order = [*config.services, *(n for n in services if n not in config.services)]
+    for name in order:
+        for host_ip, port, protocol in published_ports(services[name]):
+            for other_ip, other in taken.get((port, protocol), []):
+                clash = not host_ip or not other_ip or host_ip == other_ip
+                if other != name and clash and other in config.services:
+                    raise ConfigError(
+                        f"services {other!r} and {name!r} both publish host port "
+                        f"{port}/{protocol}; compose would fail half-way through `up`",
+                        hint="give each a different published port",
+                    )
+            taken.setdefault((port, protocol), []).append((host_ip, name))
 
 
 def _sidecar(
@@ -267,8 +319,9 @@ def _sidecar(
         sidecar["extra_hosts"] = _with_hosts(sidecar.get("extra_hosts"), plan.placement.extra_hosts)
     if app.get("restart") is not None:
         sidecar["restart"] = app["restart"]
-    # Other services keep finding the app under its own name (and container name).
-    aliases = [name, *([app["container_name"]] if app.get("container_name") else [])]
+    # Other services keep finding the app under its own name and its container name (which
+    # the app's container, having no network of its own, no longer answers to).
+    aliases = [name, *container_names(project, name, app)]
     networks = sidecar.get("networks") or {"default": None}
     for network_name, network in list(networks.items()):
         network = dict(network or {})

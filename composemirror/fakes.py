@@ -30,6 +30,7 @@ from composemirror.errors import ConfigError, EngineError
 
 COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
 COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
+COMPOSE_WORKDIR_LABEL = "com.docker.compose.project.working_dir"
 
 
 @dataclass(slots=True, kw_only=True)
@@ -101,12 +102,23 @@ class FakeEngine(Engine):
         return self.compose
 
     def compose_model(self, project: ComposeProject) -> dict[str, Any]:
-        files = [f.resolve() for f in project.files]
+        """The model of the first known file; with no files, of the one nearest the project
+        directory (or the current one), as compose's own discovery would find it. A model with
+        `profiles` on a service leaves it out unless `--profile` names one of them (or `*`)."""
+        files = [f.resolve() for f in project.files] or self._discover(project)
         for path in files:
             if path in self.models:
                 model = dict(self.models[path])
                 if project.name:
                     model["name"] = project.name
+                active = set(project.profiles)
+                model["services"] = {
+                    name: spec
+                    for name, spec in (model.get("services") or {}).items()
+                    if not (spec or {}).get("profiles")
+                    or "*" in active
+                    or active & set(spec["profiles"])
+                }
                 return model
         missing = files[0] if files else "no configuration file provided"
         raise ConfigError(
@@ -214,10 +226,19 @@ class FakeEngine(Engine):
                 **((spec or {}).get("labels") or {}),
                 COMPOSE_PROJECT_LABEL: name,
                 COMPOSE_SERVICE_LABEL: service,
+                COMPOSE_WORKDIR_LABEL: str(project.files[0].resolve().parent),
             }
             self.add_container(
                 container_name, labels=labels, image=str((spec or {}).get("image", ""))
             )
+
+    def _discover(self, project: ComposeProject) -> list[Path]:
+        start = (project.directory or Path.cwd()).resolve()
+        for folder in (start, *start.parents):
+            known = sorted(path for path in self.models if path.parent == folder)
+            if known:
+                return known[:1]
+        return []
 
     def _name_of(self, project: ComposeProject) -> str | None:
         try:

@@ -45,7 +45,16 @@ __all__ = ["Check", "Options", "Progress", "Project", "Rendered", "Runtime", "Se
 
 log = logging.getLogger(__name__)
 
-COMPOSE_FILES = ("compose.yaml", "compose.yml", "docker-compose.yaml", "docker-compose.yml")
+COMPOSE_FILES = ("compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml")
+"""compose-go's `DefaultFileNames`, in its order of preference."""
+OVERRIDE_FILES = (
+    "compose.override.yml",
+    "compose.override.yaml",
+    "docker-compose.override.yml",
+    "docker-compose.override.yaml",
+)
+"""compose-go's `DefaultOverrideFileNames`: loaded after the default file found beside them."""
+COMPOSE_WORKDIR_LABEL = "com.docker.compose.project.working_dir"
 COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
 COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
 
@@ -146,18 +155,69 @@ def base_image(runtime: Runtime) -> str:
 
 
 def compose_project(options: Options, base: str, runtime: Runtime) -> ComposeProject:
-    """The user's project; with no `-f`, found as compose finds it (COMPOSE_FILE, then upwards)."""
-    files = options.files
-    if not files and not runtime.environ.get("COMPOSE_FILE"):
-        files = (_discover(options.project_directory or Path.cwd()),)
+    """The user's project as compose's own flags address it.
+
+    With no `-f`, no file is passed: compose then loads what it loads on its own (the files of
+    `COMPOSE_FILE`, or `compose.yaml` and its `compose.override.yaml` found upwards), and
+    `COMPOSE_PROJECT_NAME` and `COMPOSE_PROFILES` apply as they do for `docker compose`. Raises
+    `ConfigError` early when compose would find no file, with a hint (see `discover`).
+    """
+    if not options.files:
+        discover(options, runtime.environ)
     return ComposeProject(
-        files=files,
+        files=options.files,
         name=options.project_name,
         profiles=options.profiles,
         env_files=options.env_files,
         directory=options.project_directory,
         environment={images.BASE_ENV: base},
     )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Discovery:
+    """The files compose loads for a project, and its project directory."""
+
+    files: tuple[Path, ...]
+    directory: Path
+    """`--project-directory`, else the first file's folder (compose's working directory)."""
+
+
+def discover(options: Options, environ: Mapping[str, str]) -> Discovery:
+    """The files `docker compose` loads for these flags, found as compose finds them.
+
+    Follows compose-go's `cli/options.go` (`WithConfigFileEnv`, `WithDefaultConfigPath`,
+    `GetWorkingDir`) and the compose docs ("Set or change pre-defined environment variables"):
+    `-f` files as given; else `COMPOSE_FILE` from the environment or, below it, from the `.env`
+    of the working directory (`--env-file` instead when given), split on `COMPOSE_PATH_SEPARATOR`
+    (default `os.pathsep`), relative paths from the current directory; else the first of
+    `compose.yaml`, `compose.yml`, `docker-compose.yml`, `docker-compose.yaml` in the working
+    directory or the nearest folder above it, plus the first of `compose.override.yml`,
+    `compose.override.yaml`, `docker-compose.override.yml`, `docker-compose.override.yaml`
+    beside it. Raises `ConfigError` when there is none.
+    """
+    start = (options.project_directory or Path.cwd()).resolve()
+    files = tuple(f.resolve() for f in options.files)
+    if not files:
+        variables = {**_dotenv(options, start), **environ}
+        listed = variables.get("COMPOSE_FILE")
+        if listed:
+            separator = variables.get("COMPOSE_PATH_SEPARATOR") or os.pathsep
+            files = tuple(Path(f).resolve() for f in listed.split(separator) if f)
+    if not files:
+        files = _discover(start)
+    directory = options.project_directory.resolve() if options.project_directory else None
+    return Discovery(files=files, directory=directory or files[0].parent)
+
+
+def _dotenv(options: Options, start: Path) -> dict[str, str]:
+    """The variables of `--env-file` files, else of `.env` in `start` (compose's order)."""
+    paths = list(options.env_files) or [start / ".env"]
+    values: dict[str, str] = {}
+    for path in paths:
+        if path.is_file():
+            values.update({k: v for k, v in dotenv.dotenv_values(path).items() if v is not None})
+    return values
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,15 +233,48 @@ class Project:
 
 
 def load_project(options: Options, *, runtime: Runtime) -> Project:
-    """The project's compose model and its composemirror configuration. No engine changes."""
+    """The project's compose model and its composemirror configuration. No engine changes.
+
+    Raises `ConfigError` for a project compose rejects, a missing or invalid configuration, and
+    a mirrored service that exists only under a profile that is not active.
+    """
     base = base_image(runtime)
     user = compose_project(options, base, runtime)
     model = runtime.engine.compose_model(user)
-    directory = _project_directory(options, user, runtime)
-    config = _load_config(options, model, user, directory)
+    found = discover(options, runtime.environ)
+    config = _load_config(options, model, found)
+    _check_profiles(config, model, user, runtime)
     return Project(
-        name=str(model["name"]), directory=directory, model=model, config=config, base_image=base
+        name=str(model["name"]),
+        directory=found.directory,
+        model=model,
+        config=config,
+        base_image=base,
     )
+
+
+def _check_profiles(
+    config: Config, model: Mapping[str, Any], user: ComposeProject, runtime: Runtime
+) -> None:
+    """Refuse a mirrored service that only an inactive profile holds, saying how to enable it.
+
+    compose leaves such services out of the model; `--profile "*"` (compose's "all profiles")
+    shows them with their `profiles`.
+    """
+    present = model.get("services") or {}
+    missing = [name for name in config.services if name not in present]
+    if not missing:
+        return
+    everything = runtime.engine.compose_model(dataclasses.replace(user, profiles=("*",)))
+    for name in missing:
+        profiles = (everything.get("services") or {}).get(name, {}).get("profiles") or ()
+        if profiles:
+            first = profiles[0]
+            raise ConfigError(
+                f"{config.source}: {BLOCK}.services: {name!r} belongs to profile "
+                f"{' or '.join(repr(p) for p in profiles)}, which is not active",
+                hint=f"enable it with --profile {first} or COMPOSE_PROFILES={first}",
+            )
 
 
 def render(options: Options, *, write: bool, runtime: Runtime) -> Rendered:
@@ -217,7 +310,10 @@ def rewrite(project: Project, backend: Backend, resolution: Resolution) -> Rende
         remote_env=resolution.env,
         env_file=_read_env_file(config),
     )
-    notices = tuple(f"ignored (no effect at the network level): {key}" for key in config.ignored)
+    notices = (
+        *(f"ignored (no effect at the network level): {key}" for key in config.ignored),
+        *compose.notices(project.model, config),
+    )
     return Rendered(
         name=project.name,
         directory=project.directory,
@@ -280,29 +376,42 @@ def ensure_images(
 def down(options: Options, *, volumes: bool, progress: Progress, runtime: Runtime) -> list[str]:
     """Remove everything of the project that composemirror, compose or the backend created.
 
-    Idempotent. The backend is the one the project's configuration names; when the project's
-    files are gone (`-p NAME`), only what is on this engine is removed.
+    Idempotent. Without `-p`, this is the project the files name and every other project `up`
+    started from the same directory (found by compose's working-directory label), so a `-p`
+    given only to `up` is no obstacle. The backend is the one the project's configuration names;
+    when the project's files are gone (`-p NAME`), only what is on this engine is removed.
+    `.composemirror/` goes only once nothing started from it remains.
     """
     engine = runtime.engine
     engine.client()
-    name, directory, config = _identify(options, runtime)
+    first, directory, config = _identify(options, runtime)
     rendered = directory / RENDER_DIR / "compose.yaml"
     files = (rendered,) if rendered.is_file() else ()
-    engine.compose_down(ComposeProject(files=files, name=name), volumes=volumes)
-    removed = engine.remove_labelled({compose.LABEL_PROJECT: name}, volumes=True)
-    # compose down without files cannot know the project's networks; find them by its label.
-    removed += engine.remove_labelled({COMPOSE_PROJECT_LABEL: name}, volumes=volumes)
-    if config is not None:
-        removed += runtime.backend(config).teardown(name, directory, progress)
-    shutil.rmtree(directory / RENDER_DIR, ignore_errors=True)
+    removed: list[str] = []
+    for name in _instances(first, directory, options, runtime):
+        engine.compose_down(ComposeProject(files=files, name=name), volumes=volumes)
+        removed += engine.remove_labelled({compose.LABEL_PROJECT: name}, volumes=True)
+        # compose down without files cannot know the project's networks; find them by label.
+        removed += engine.remove_labelled({COMPOSE_PROJECT_LABEL: name}, volumes=volumes)
+        if config is not None:
+            removed += runtime.backend(config).teardown(name, directory, progress)
+    if not _started_here(directory, runtime):
+        shutil.rmtree(directory / RENDER_DIR, ignore_errors=True)
     return removed
 
 
 def status(options: Options, *, runtime: Runtime) -> tuple[str, list[ServiceStatus]]:
-    """The project's containers, with each sidecar's own report."""
+    """The project's containers, with each sidecar's own report.
+
+    Without `-p`: the project the files name, or, when nothing of it exists, the one `up`
+    started from this directory under another name (see `down`).
+    """
     engine = runtime.engine
     engine.client()
-    name, _, _ = _identify(options, runtime)
+    first, directory, _ = _identify(options, runtime)
+    name = first
+    if not engine.containers({COMPOSE_PROJECT_LABEL: first}):
+        name = next(iter(_instances(first, directory, options, runtime)[1:]), first)
     rows = []
     for container in engine.containers({COMPOSE_PROJECT_LABEL: name}):
         role = container.labels.get(compose.LABEL_ROLE, "service")
@@ -430,40 +539,32 @@ def _write(rendered: Rendered) -> None:
             key.write(secrets.token_hex(32) + "\n")
 
 
-def _discover(start: Path) -> Path:
-    for folder in (start.resolve(), *start.resolve().parents):
+def _discover(start: Path) -> tuple[Path, ...]:
+    """The default compose file nearest `start`, with its override file if there is one."""
+    for folder in (start, *start.parents):
         for name in COMPOSE_FILES:
             if (folder / name).is_file():
-                return folder / name
+                overrides = [folder / o for o in OVERRIDE_FILES if (folder / o).is_file()]
+                return (folder / name, *overrides[:1])
     raise ConfigError(
         f"no compose file in {start} or above it",
-        hint="run in a directory with compose.yaml, or pass -f FILE",
+        hint="run in a directory with compose.yaml, or pass -f FILE (or set COMPOSE_FILE)",
     )
 
 
-def _project_directory(options: Options, project: ComposeProject, runtime: Runtime) -> Path:
-    if options.project_directory is not None:
-        return options.project_directory.resolve()
-    if project.files:
-        return project.files[0].resolve().parent
-    return Path(runtime.environ["COMPOSE_FILE"].split(os.pathsep)[0]).resolve().parent
-
-
-def _load_config(
-    options: Options, model: Mapping[str, Any], project: ComposeProject, directory: Path
-) -> Config:
+def _load_config(options: Options, model: Mapping[str, Any], found: Discovery) -> Config:
     if options.config_file is not None:
         return _load_file(options.config_file)
     if BLOCK in model:
-        names = ", ".join(f.name for f in project.files) or "the compose file"
+        names = ", ".join(f.name for f in found.files) or "the compose file"
         block = compose.unescape(model[BLOCK])
-        return load(block, source=f"{BLOCK} in {names}", base_dir=directory)
-    beside = directory / CONFIG_FILE_NAME
+        return load(block, source=f"{BLOCK} in {names}", base_dir=found.directory)
+    beside = found.directory / CONFIG_FILE_NAME
     if beside.is_file():
         return _load_file(beside)
     raise ConfigError(
         "no composemirror configuration: the compose model has no x-composemirror block and "
-        f"there is no {CONFIG_FILE_NAME} in {directory}",
+        f"there is no {CONFIG_FILE_NAME} in {found.directory}",
         hint="add e.g. `x-composemirror: {target: deployment/checkout, namespace: shop, "
         "services: [web]}` to the compose file",
     )
@@ -501,14 +602,35 @@ def _identify(options: Options, runtime: Runtime) -> tuple[str, Path, Config | N
     try:
         project = compose_project(options, images.DEFAULT_BASE, runtime)
         model = runtime.engine.compose_model(project)
+        found = discover(options, runtime.environ)
     except ConfigError:
         if options.project_name is None:
             raise
         return options.project_name, (options.project_directory or Path.cwd()).resolve(), None
-    directory = _project_directory(options, project, runtime)
     try:
-        config: Config | None = _load_config(options, model, project, directory)
+        config: Config | None = _load_config(options, model, found)
     except ConfigError as e:
         log.debug("no configuration for %s: %s", model["name"], e)
         config = None
-    return str(model["name"]), directory, config
+    return str(model["name"]), found.directory, config
+
+
+def _started_here(directory: Path, runtime: Runtime) -> list[str]:
+    """The names of the projects `up` started from `directory`, found by compose's own label.
+
+    `up` runs compose on `.composemirror/compose.yaml`, so compose labels every container it
+    creates with that folder as `com.docker.compose.project.working_dir`, whatever `-p` named
+    the project; nothing else creates containers with that working directory.
+    """
+    labels = {COMPOSE_WORKDIR_LABEL: str(directory / RENDER_DIR)}
+    found = runtime.engine.containers(labels)
+    return sorted({c.labels.get(COMPOSE_PROJECT_LABEL, "") for c in found} - {""})
+
+
+def _instances(name: str, directory: Path, options: Options, runtime: Runtime) -> list[str]:
+    """The projects an identification stands for: with `-p`, that one; without it, the one the
+    files name and every other project `up` started from the same directory (a `-p` given to
+    `up` and not to `down` or `status`)."""
+    if options.project_name is not None:
+        return [name]
+    return [name, *(n for n in _started_here(directory, runtime) if n != name)]

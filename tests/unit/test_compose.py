@@ -306,7 +306,8 @@ def test_environment_precedence_in_the_app() -> None:
 def test_app_without_networks_gets_a_sidecar_on_the_default_network() -> None:
     model = model_of(web={"image": "example/app"})
     sidecar = compose.rewrite(model, config_of(), PLAN)["services"]["web-mirror"]
-    assert sidecar["networks"] == {"default": {"aliases": ["web"]}}
+    # its compose container name too: other services may address the app by it
+    assert sidecar["networks"] == {"default": {"aliases": ["proj-web-1", "web"]}}
 
 
 def test_container_name_is_kept_on_the_app_and_aliased_on_the_sidecar() -> None:
@@ -350,6 +351,8 @@ def test_sidecar_settings_carry_the_filters_and_project_names() -> None:
         "postgres.shop",
         "web-mirror",
         "composemirror-agent",
+        "proj-web-1",
+        "proj-db-1",
     }
     assert dict(settings.hosts) == {"postgres.shop": "db"}
     assert (settings.tcp, settings.udp) == (True, False)
@@ -419,13 +422,52 @@ def test_distinct_host_ports_are_accepted(
     assert rendered["services"]["api-mirror"]["ports"] == ports_api
 
 
-def test_a_port_shared_with_an_unmirrored_service_is_not_composemirrors_business() -> None:
-    # Docker itself reports that conflict, with or without composemirror.
+@pytest.mark.parametrize("other_ip", ["", "0.0.0.0", "127.0.0.1"])
+def test_a_port_shared_with_an_unmirrored_service_is_refused(other_ip: str) -> None:
+    # compose would only find it half-way through `up`, with containers already created
     model = model_of(
         web=service(ports=[{"published": "8080", "target": 80}]),
-        other=service(ports=[{"published": "8080", "target": 80}]),
+        other=service(ports=[{"published": "8080", "target": 81, "host_ip": other_ip}]),
+    )
+    error = rewrite_error(model, config_of())
+    assert "'web' and 'other' both publish host port 8080/tcp" in error.message
+
+
+def test_unmirrored_services_on_distinct_addresses_or_protocols_do_not_clash() -> None:
+    model = model_of(
+        web=service(ports=[{"published": "8080", "target": 80, "host_ip": "127.0.0.1"}]),
+        other=service(ports=[{"published": "8080", "target": 80, "host_ip": "127.0.0.2"}]),
+        dns=service(ports=[{"published": "8080", "target": 80, "protocol": "udp"}]),
     )
     assert "web-mirror" in compose.rewrite(model, config_of(), PLAN)["services"]
+
+
+def test_two_unmirrored_services_clashing_are_composes_business() -> None:
+    model = model_of(
+        web=service(),
+        a=service(ports=[{"published": "8080", "target": 80}]),
+        b=service(ports=[{"published": "8080", "target": 80}]),
+    )
+    assert "web-mirror" in compose.rewrite(model, config_of(), PLAN)["services"]
+
+
+def test_external_links_move_to_the_sidecar_and_their_names_stay_local() -> None:
+    # Docker refuses links on a container that joins another's network namespace
+    model = model_of(web=service(external_links=["legacy-db:db.legacy"]))
+    rendered = compose.rewrite(model, config_of(), PLAN)["services"]
+    assert "external_links" not in rendered["web"]
+    assert rendered["web-mirror"]["external_links"] == ["legacy-db:db.legacy"]
+    assert "db.legacy" in compose.project_names(model["services"], config_of())
+
+
+def test_services_sharing_the_apps_namespace_are_announced() -> None:
+    model = model_of(
+        web=service(), debug={"image": "busybox", "network_mode": "service:web"}, db=service()
+    )
+    (notice,) = compose.notices(model, config_of())
+    assert notice.startswith("'debug' shares the network namespace of 'web'")
+    assert "'web-mirror'" in notice
+    assert compose.notices(model_of(web=service()), config_of()) == ()
 
 
 def rewrite_error(model: dict[str, Any], config: Config) -> ConfigError:
@@ -453,7 +495,10 @@ def test_mirrored_service_with_network_mode_is_refused(mode: str) -> None:
     web = {"image": "example/app", "network_mode": mode}
     error = rewrite_error(model_of(web=web, db=service()), config_of())
     assert f"'web' has `network_mode: {mode}`" in error.message
-    assert error.hint is not None and "x-composemirror.services" in error.hint
+    if mode == "service:db":
+        assert error.hint is not None and error.hint.startswith("mirror 'db' instead")
+    else:
+        assert error.hint is not None and "x-composemirror.services" in error.hint
 
 
 @pytest.mark.parametrize("keys", [{"deploy": {"replicas": 2}}, {"scale": 3}])
@@ -529,11 +574,13 @@ def test_project_names() -> None:
         "cache": {"networks": {"default": None}},
     }
     config = config_of(hosts={"Postgres.Shop": "db"})
-    assert compose.project_names(services, config) == {
+    assert compose.project_names(services, config, "proj") == {
         "web",
         "db",
         "cache",
         "shop-web",
+        "proj-db-1",
+        "proj-cache-1",
         "www",
         "redis",
         "legacy.example",

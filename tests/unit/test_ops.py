@@ -14,7 +14,6 @@ import yaml
 
 from composemirror import compose, images, ops
 from composemirror.backends import Check, ForwardedPlacement, SessionInfo
-from composemirror.engine import ComposeProject
 from composemirror.errors import ClusterError, ConfigError, EngineError
 from composemirror.fakes import FakeBackend, FakeEngine
 from composemirror.link import ENV_VAR, LinkAddress, SidecarSettings
@@ -168,30 +167,135 @@ def test_env_file_values_reach_the_app(project: Project) -> None:
         ops.render(project.options, write=False, runtime=project.runtime)
 
 
-def test_the_compose_file_is_found_as_compose_finds_it(project: Project) -> None:
+def test_without_f_no_file_is_passed_so_compose_loads_its_own(project: Project) -> None:
     nested = project.folder / "src" / "deep"
     nested.mkdir(parents=True)
     found = ops.compose_project(ops.Options(project_directory=nested), "base", project.runtime)
-    assert found.files == (project.file,)
+    # one -f would turn off compose's own loading of compose.override.yaml
+    assert found.files == ()
     assert found.environment == {images.BASE_ENV: "base"}
-
-
-def test_compose_file_from_the_environment(project: Project) -> None:
-    runtime = ops.Runtime(
-        engine=project.engine,
-        choose=project.backend.chooser(),
-        environ={"COMPOSE_FILE": str(project.file)},
+    loaded = ops.load_project(
+        ops.Options(project_directory=project.folder), runtime=project.runtime
     )
-    assert ops.compose_project(ops.Options(), "base", runtime).files == ()
-    # compose reads COMPOSE_FILE itself; the project directory follows it
-    project.engine.models[Path.cwd().resolve()] = {}
-    assert ops._project_directory(ops.Options(), ComposeProject(), runtime) == project.folder
+    assert (loaded.name, loaded.directory) == ("shop", project.folder)
+
+
+def write(folder: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+
+
+DISCOVERY = {
+    # case: (files in the folder, environment, the files compose loads, project directory)
+    "default file": ({"compose.yaml": ""}, {}, ["compose.yaml"], "."),
+    "override file beside it": (
+        {"compose.yaml": "", "compose.override.yaml": "", "sub/x": ""},
+        {},
+        ["compose.yaml", "compose.override.yaml"],
+        ".",
+    ),
+    "compose's order of names": (
+        {"docker-compose.yaml": "", "docker-compose.yml": "", "docker-compose.override.yml": ""},
+        {},
+        ["docker-compose.yml", "docker-compose.override.yml"],
+        ".",
+    ),
+    "COMPOSE_FILE in the environment": (
+        {"compose.yaml": "", "ci/a.yaml": "", "ci/b.yaml": ""},
+        {"COMPOSE_FILE": "ci/a.yaml:ci/b.yaml"},
+        ["ci/a.yaml", "ci/b.yaml"],
+        "ci",
+    ),
+    "COMPOSE_FILE in .env": (
+        {".env": "COMPOSE_FILE=ci/a.yaml:compose.yaml\n", "compose.yaml": "", "ci/a.yaml": ""},
+        {},
+        ["ci/a.yaml", "compose.yaml"],
+        "ci",
+    ),
+    "the environment wins over .env": (
+        {".env": "COMPOSE_FILE=a.yaml\n", "a.yaml": "", "b.yaml": ""},
+        {"COMPOSE_FILE": "b.yaml"},
+        ["b.yaml"],
+        ".",
+    ),
+    "COMPOSE_PATH_SEPARATOR": (
+        {
+            ".env": "COMPOSE_PATH_SEPARATOR=;\nCOMPOSE_FILE=a.yaml;b.yaml\n",
+            "a.yaml": "",
+            "b.yaml": "",
+        },
+        {},
+        ["a.yaml", "b.yaml"],
+        ".",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DISCOVERY, ids=list(DISCOVERY))
+def test_discovery_finds_what_compose_loads(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files, environ, expected, directory = DISCOVERY[case]
+    write(tmp_path, files)
+    monkeypatch.chdir(tmp_path)  # COMPOSE_FILE's relative paths start here, as in compose
+    found = ops.discover(ops.Options(), environ)
+    assert found.files == tuple(tmp_path / f for f in expected)
+    assert found.directory == (tmp_path / directory).resolve()
+
+
+def test_discovery_searches_upwards_and_flags_win(tmp_path: Path) -> None:
+    write(tmp_path, {"compose.yml": "", "compose.override.yml": "", "other.yaml": ""})
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    found = ops.discover(ops.Options(project_directory=tmp_path / "a" / "b"), {})
+    assert found.files == (tmp_path / "compose.yml", tmp_path / "compose.override.yml")
+    assert found.directory == tmp_path / "a" / "b"
+    given = ops.Options(files=(tmp_path / "other.yaml",))
+    assert ops.discover(given, {"COMPOSE_FILE": "x.yaml"}).files == (tmp_path / "other.yaml",)
+    env_file = tmp_path / "ci.env"
+    env_file.write_text("COMPOSE_FILE=other.yaml\n")
+    with_env_file = ops.Options(project_directory=tmp_path, env_files=(env_file,))
+    assert ops.discover(with_env_file, {}).files == (Path("other.yaml").resolve(),)
+
+
+def test_the_configuration_may_live_in_the_override_file(project: Project) -> None:
+    override = project.folder / "compose.override.yaml"
+    override.write_text("# x-composemirror lives here; compose merges it into the model\n")
+    rendered = ops.render(
+        ops.Options(project_directory=project.folder), write=False, runtime=project.runtime
+    )
+    assert rendered.config.source == "x-composemirror in compose.yaml, compose.override.yaml"
 
 
 def test_no_compose_file_anywhere(tmp_path: Path, project: Project) -> None:
     with pytest.raises(ConfigError) as caught:
         ops.compose_project(ops.Options(project_directory=tmp_path), "base", project.runtime)
-    assert caught.value.hint == "run in a directory with compose.yaml, or pass -f FILE"
+    assert (
+        caught.value.hint
+        == "run in a directory with compose.yaml, or pass -f FILE (or set COMPOSE_FILE)"
+    )
+
+
+def test_a_mirrored_service_under_an_inactive_profile(project: Project) -> None:
+    model = copy.deepcopy(MODEL)
+    model["services"]["web"]["profiles"] = ["dev", "debug"]
+    project.set_model(model)
+    with pytest.raises(ConfigError) as caught:
+        ops.render(project.options, write=False, runtime=project.runtime)
+    assert "'web' belongs to profile 'dev' or 'debug', which is not active" in caught.value.message
+    assert caught.value.hint == "enable it with --profile dev or COMPOSE_PROFILES=dev"
+    active = ops.Options(files=(project.file,), profiles=("debug",))
+    assert (
+        "web-mirror" in ops.render(active, write=False, runtime=project.runtime).model["services"]
+    )
+
+
+def test_a_service_missing_from_every_profile_is_the_rewrites_error(project: Project) -> None:
+    model = copy.deepcopy(MODEL)
+    model["x-composemirror"]["services"] = ["wbe"]
+    project.set_model(model)
+    with pytest.raises(ConfigError, match="'wbe' is not a service of this project"):
+        ops.render(project.options, write=False, runtime=project.runtime)
 
 
 @pytest.mark.parametrize(
@@ -305,6 +409,30 @@ def test_down_removes_what_up_created_and_the_rendered_files(project: Project) -
     assert down_project.files == (project.render_dir / "compose.yaml",)
     assert down_project.name == "shop" and not volumes
     assert not project.render_dir.exists()
+
+
+def test_down_and_status_without_the_p_given_to_up(project: Project) -> None:
+    named = ops.Options(files=(project.file,), project_name="feature-x")
+    ops.up(named, detach=True, progress=print, runtime=project.runtime)
+    assert {c.labels["com.docker.compose.project"] for c in project.engine.running} == {"feature-x"}
+    name, rows = ops.status(project.options, runtime=project.runtime)
+    assert name == "feature-x" and {r.service for r in rows} >= {"web", "web-mirror", "db"}
+    ops.down(project.options, volumes=False, progress=print, runtime=project.runtime)
+    assert project.engine.running == []
+    assert ("teardown", "feature-x") in project.backend.calls
+    assert not project.render_dir.exists()
+
+
+def test_down_of_one_project_keeps_the_files_another_still_uses(project: Project) -> None:
+    for name in ("one", "two"):
+        options = ops.Options(files=(project.file,), project_name=name)
+        ops.up(options, detach=True, progress=print, runtime=project.runtime)
+    one = ops.Options(files=(project.file,), project_name="one")
+    ops.down(one, volumes=False, progress=print, runtime=project.runtime)
+    assert {c.labels["com.docker.compose.project"] for c in project.engine.running} == {"two"}
+    assert (project.render_dir / "compose.yaml").is_file()
+    ops.down(project.options, volumes=False, progress=print, runtime=project.runtime)
+    assert project.engine.running == [] and not project.render_dir.exists()
 
 
 def test_down_twice_is_fine(project: Project) -> None:
