@@ -189,7 +189,8 @@ def discover(options: Options, environ: Mapping[str, str]) -> Discovery:
     Follows compose-go's `cli/options.go` (`WithConfigFileEnv`, `WithDefaultConfigPath`,
     `GetWorkingDir`) and the compose docs ("Set or change pre-defined environment variables"):
     `-f` files as given; else `COMPOSE_FILE` from the environment or, below it, from the `.env`
-    of the working directory (`--env-file` instead when given), split on `COMPOSE_PATH_SEPARATOR`
+    of the working directory (`--env-file` instead when given; none with
+    `COMPOSE_DISABLE_ENV_FILE`), split on `COMPOSE_PATH_SEPARATOR`
     (default `os.pathsep`), relative paths from the current directory; else the first of
     `compose.yaml`, `compose.yml`, `docker-compose.yml`, `docker-compose.yaml` in the working
     directory or the nearest folder above it, plus the first of `compose.override.yml`,
@@ -199,7 +200,7 @@ def discover(options: Options, environ: Mapping[str, str]) -> Discovery:
     start = (options.project_directory or Path.cwd()).resolve()
     files = tuple(f.resolve() for f in options.files)
     if not files:
-        variables = {**_dotenv(options, start), **environ}
+        variables = {**_dotenv(options, start, environ), **environ}
         listed = variables.get("COMPOSE_FILE")
         if listed:
             separator = variables.get("COMPOSE_PATH_SEPARATOR") or os.pathsep
@@ -210,9 +211,11 @@ def discover(options: Options, environ: Mapping[str, str]) -> Discovery:
     return Discovery(files=files, directory=directory or files[0].parent)
 
 
-def _dotenv(options: Options, start: Path) -> dict[str, str]:
-    """The variables of `--env-file` files, else of `.env` in `start` (compose's order)."""
-    paths = list(options.env_files) or [start / ".env"]
+def _dotenv(options: Options, start: Path, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables of `--env-file` files, else of `.env` in `start` unless
+    `COMPOSE_DISABLE_ENV_FILE` is true (compose-go's `WithEnvFiles`), later files winning."""
+    disabled = environ.get("COMPOSE_DISABLE_ENV_FILE", "").lower() in ("1", "t", "true")
+    paths = list(options.env_files) or ([] if disabled else [start / ".env"])
     values: dict[str, str] = {}
     for path in paths:
         if path.is_file():

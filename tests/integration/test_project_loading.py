@@ -150,10 +150,20 @@ def test_compose_variables_of_dot_env_are_honoured(sandbox: None, tmp_path: Path
 def test_down_and_status_find_the_project_up_named_with_p(
     sandbox: None, tmp_path: Path, cleanup: list[str]
 ) -> None:
-    folder = write(tmp_path / "checkout", {"compose.yaml": MIRROR + WEB})
+    other = f"  other:\n    image: {SANDBOX_IMAGE}\n    command: [sleep, '600']\n"
+    folder = write(tmp_path / "checkout", {"compose.yaml": MIRROR + WEB + other})
     cleanup.append("cm-named")
     up = run("-p", "cm-named", "up", "-d", cwd=folder)
     assert up.returncode == 0, up.stdout + up.stderr
+    # other services still reach the app by its compose container name: the sidecar's alias
+    sidecar = docker(
+        "inspect",
+        "--format",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        "cm-named-web-mirror-1",
+    ).stdout.strip()
+    lookup = docker("exec", "cm-named-other-1", "getent", "hosts", "cm-named-web-1").stdout.split()
+    assert sidecar and lookup[:1] == [sidecar], lookup
     status = run("status", "--format", "json", cwd=folder)
     assert status.returncode == 0, status.stderr
     assert "cm-named-web-mirror-1" in status.stdout
@@ -180,3 +190,39 @@ def test_a_port_clash_with_an_unmirrored_service_is_refused_before_anything_star
     assert "Traceback" not in up.stderr
     assert not (folder / ".composemirror").exists()
     assert_nothing_of("cm-port-clash")
+
+
+def test_external_links_of_a_mirrored_app_work(
+    sandbox: None, tmp_path: Path, cleanup: list[str]
+) -> None:
+    # Docker refuses links on a container that joins another's namespace; the sidecar holds them
+    network, legacy = "cm-extlinks-net", "cm-extlinks-legacy"
+    assert docker("network", "create", network).returncode == 0
+    try:
+        started = docker(
+            "run", "-d", "--name", legacy, "--network", network, SANDBOX_IMAGE, "sleep", "600"
+        )
+        assert started.returncode == 0, started.stderr
+        body = (
+            MIRROR
+            + WEB
+            + "    external_links: ['cm-extlinks-legacy:billing.legacy']\n"
+            + f"networks:\n  default:\n    name: {network}\n    external: true\n"
+        )
+        folder = write(tmp_path / "cm-extlinks", {"compose.yaml": body})
+        cleanup.append("cm-extlinks")
+        up = run("up", "-d", cwd=folder)
+        assert up.returncode == 0, up.stdout + up.stderr
+        address = docker(
+            "inspect",
+            "--format",
+            '{{(index .NetworkSettings.Networks "' + network + '").IPAddress}}',
+            legacy,
+        ).stdout.strip()
+        lookup = docker("exec", "cm-extlinks-web-1", "getent", "hosts", "billing.legacy")
+        assert lookup.stdout.split()[:1] == [address], lookup.stdout + lookup.stderr
+        down = run("down", cwd=folder)
+        assert down.returncode == 0, down.stderr
+    finally:
+        docker("rm", "-f", legacy)
+        docker("network", "rm", network)

@@ -3,6 +3,7 @@ where (results on stdout, progress and errors on stderr)."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import composemirror
 from composemirror import cli
 from composemirror.backends import Check
 from composemirror.errors import ClusterError
-from tests.unit.conftest import Project
+from tests.unit.conftest import MODEL, Project
 
 
 def run(project: Project, *args: str) -> int:
@@ -29,6 +30,19 @@ def test_config_prints_the_rewritten_model(
     assert "web-mirror" in model["services"]
     assert err == ""
     assert not project.render_dir.exists()
+
+
+def test_config_and_up_say_which_services_share_the_apps_namespace(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = copy.deepcopy(MODEL)
+    model["services"]["debug"] = {"image": "busybox", "network_mode": "service:web"}
+    project.set_model(model)
+    for command in (["config"], ["up", "-d"]):
+        assert run(project, *command) == 0
+        err = capsys.readouterr().err
+        assert "'debug' shares the network namespace of 'web'" in err, command
+        assert "its traffic goes through 'web-mirror' too" in err, command
 
 
 def test_up_detached_then_status_then_down(

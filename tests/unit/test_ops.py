@@ -213,6 +213,12 @@ DISCOVERY = {
         ["ci/a.yaml", "compose.yaml"],
         "ci",
     ),
+    "COMPOSE_DISABLE_ENV_FILE": (
+        {".env": "COMPOSE_FILE=a.yaml\n", "a.yaml": "", "compose.yaml": ""},
+        {"COMPOSE_DISABLE_ENV_FILE": "true"},
+        ["compose.yaml"],
+        ".",
+    ),
     "the environment wins over .env": (
         {".env": "COMPOSE_FILE=a.yaml\n", "a.yaml": "", "b.yaml": ""},
         {"COMPOSE_FILE": "b.yaml"},
