@@ -6,10 +6,13 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 from pathlib import Path
 
+from composemirror import tasks
 from composemirror.agent.resolver import Resolver, parse_resolv_conf
 from composemirror.agent.server import Agent
+from composemirror.errors import AgentError, ComposeMirrorError
 from composemirror.protocol import key_from_text
 from composemirror.sidecar.settings import AGENT_SOCKET, KEY_FILE
 
@@ -20,14 +23,19 @@ async def run(listen: str, key_file: Path, resolv_conf: Path) -> None:
         "resolving with nameservers %s, search %s, ndots %d",
         ",".join(conf.nameservers), " ".join(conf.search) or "-", conf.ndots,
     )
-    agent = Agent(key_from_text(key_file.read_text()), Resolver(conf))
-    server = await agent.serve(listen)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    async with server:
-        await stop.wait()
+    try:
+        key = key_from_text(key_file.read_text())
+    except (OSError, ValueError) as e:
+        raise AgentError(f"cannot read the tunnel key {key_file}: {e}") from e
+    async with tasks.scope() as spawner:
+        agent = Agent(key, Resolver(conf), spawner)
+        server = await agent.serve(listen)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        async with server:
+            await stop.wait()  # then the scope cancels what the agent still runs
 
 
 def main() -> None:
@@ -37,7 +45,12 @@ def main() -> None:
     parser.add_argument("--resolv-conf", type=Path, default=Path("/etc/resolv.conf"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="agent %(levelname)s %(message)s")
-    asyncio.run(run(args.listen, args.key_file, args.resolv_conf))
+    try:
+        asyncio.run(run(args.listen, args.key_file, args.resolv_conf))
+    except* ComposeMirrorError as group:
+        for error in group.exceptions:
+            logging.getLogger(__name__).error("%s", error)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

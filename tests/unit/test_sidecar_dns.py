@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 import pytest
 from dnslib import QTYPE, RCODE, RR, SOA, A, DNSRecord
 
+from composemirror.errors import TunnelClosed
 from composemirror.filters import Route, Scope, parse_filter
-from composemirror.mux import TunnelClosed
 from composemirror.sidecar import dns
 from composemirror.sidecar.__main__ import local_networks
 from composemirror.sidecar.status import Counters

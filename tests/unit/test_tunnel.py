@@ -16,10 +16,13 @@ from pathlib import Path
 import pytest
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
+from composemirror import tasks
 from composemirror.agent.resolver import ResolvConf, Resolver, candidates, parse_resolv_conf
 from composemirror.agent.server import Agent
-from composemirror.mux import Bridge, DatagramBridge, Tunnel, reset_transport
+from composemirror.bridge import Bridge, reset_transport
+from composemirror.datagrams import StreamFlow
 from composemirror.protocol import Connection, Failure, Proto, Role, new_key
+from composemirror.tunnel import Tunnel
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -56,9 +59,16 @@ class AppSide(Bridge):
 async def harness(tmp_path: Path, handler: Handler | None,
                   resolver: Resolver | None = None) -> AsyncIterator[tuple[Harness, int]]:
     """Yield the harness and the port of the app listener."""
+    async with tasks.scope() as spawner, _harness(tmp_path, handler, resolver, spawner) as rig:
+        yield rig
+
+
+@contextlib.asynccontextmanager
+async def _harness(tmp_path: Path, handler: Handler | None, resolver: Resolver | None,
+                   spawner: tasks.Tasks) -> AsyncIterator[tuple[Harness, int]]:
     loop = asyncio.get_running_loop()
     key = new_key()
-    agent = Agent(key, resolver or Resolver(ResolvConf()))
+    agent = Agent(key, resolver or Resolver(ResolvConf()), spawner)
     path = tmp_path / "agent.sock"
     agent_server = await agent.serve(f"unix:{path}")
     if handler is not None:
@@ -140,9 +150,7 @@ def test_bulk_both_ways_arrives_intact(tmp_path: Path) -> None:
                 await writer.drain()
                 writer.write_eof()
 
-            sender = asyncio.create_task(send())
-            received = await reader.read()
-            await sender
+            received, _ = await asyncio.gather(reader.read(), send())
             assert received == payload
 
     run(scenario())
@@ -326,14 +334,15 @@ def test_a_datagram_sent_with_the_open_is_echoed(tmp_path: Path) -> None:
         port = echo.get_extra_info("sockname")[1]
         got: asyncio.Queue[bytes] = asyncio.Queue()
 
-        class Flow(DatagramBridge):
-            def deliver(self, data: bytes) -> None:
+        class Flow(StreamFlow):
+            def send_local(self, data: bytes) -> None:
                 got.put_nowait(data)
 
         async with harness(tmp_path, echo_then_close) as (rig, _):
             flow = Flow()
             rig.tunnel.open(Proto.UDP, "127.0.0.1", port, flow)
             flow.start()
+            flow.local_ready()
             for n in range(3):
                 rig.tunnel.send(flow.stream_id, b"dgram %d" % n)  # the first goes with OPEN
             assert [await asyncio.wait_for(got.get(), 5) for _ in range(3)] == [

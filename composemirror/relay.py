@@ -1,0 +1,393 @@
+"""Sans-IO relay of one TCP stream: a socket on one side, a tunnel stream on the other.
+
+Owns every per-stream decision: what the socket's bytes wait for (the stream being started, the
+peer's window, a full tunnel), early data either way, half-close both ways, when received bytes
+are acknowledged, and what a reset or a lost socket does to the other side. It is fed events and
+returns actions; it must do no I/O and know nothing of asyncio (`bridge` performs the actions).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+from typing import TypeAlias
+
+__all__ = [
+    "Abort",
+    "Acknowledge",
+    "Action",
+    "Close",
+    "Connected",
+    "Credit",
+    "Event",
+    "PauseReading",
+    "PeerClosed",
+    "PeerData",
+    "PeerEnded",
+    "PeerReset",
+    "Relay",
+    "Reset",
+    "ResumeReading",
+    "Send",
+    "SendEof",
+    "SocketDrained",
+    "SocketEnded",
+    "SocketFull",
+    "SocketLost",
+    "SocketRead",
+    "Started",
+    "TunnelDrained",
+    "TunnelFull",
+    "Write",
+    "WriteEof",
+]
+
+
+class Pause(enum.Enum):
+    """Why the socket is not read: any one reason is enough."""
+
+    OPENING = "opening"
+    """The stream is not started yet (the client's open is being decided, the agent connects)."""
+    WINDOW = "window"
+    """The peer's window is used up: bytes already read wait for its acknowledgement."""
+    TUNNEL = "tunnel"
+    """The tunnel's own write buffer is full: every stream waits."""
+
+
+# -- events: what happened -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """The socket exists (the app's was accepted, or the agent's connect completed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SocketRead:
+    """Bytes read from the socket."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SocketEnded:
+    """The socket's reading side reached EOF (its peer half-closed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SocketFull:
+    """The socket's write buffer went above its high-water mark."""
+
+
+@dataclass(frozen=True, slots=True)
+class SocketDrained:
+    """The socket's write buffer went back below its low-water mark."""
+
+
+@dataclass(frozen=True, slots=True)
+class SocketLost:
+    """The socket is gone (closed or failed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The socket's bytes may now go into the stream, which may take `credit` bytes."""
+
+    credit: int
+    tunnel_full: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    """The stream's send window is now `window` bytes (the peer acknowledged some)."""
+
+    window: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerData:
+    """Bytes the peer sent on the stream; they must be acknowledged once written."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PeerEnded:
+    """The peer sent EOF on the stream: it sends no more."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerReset:
+    """The stream was aborted: reset by the peer, refused, or lost with the tunnel."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerClosed:
+    """Both ends sent EOF: the stream is over."""
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelFull:
+    """The tunnel's write buffer is full: stop reading sockets."""
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelDrained:
+    """The tunnel's write buffer drained."""
+
+
+Event: TypeAlias = (
+    Connected | SocketRead | SocketEnded | SocketFull | SocketDrained | SocketLost | Started
+    | Credit | PeerData | PeerEnded | PeerReset | PeerClosed | TunnelFull | TunnelDrained
+)
+
+# -- actions: what to do ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send these bytes on the stream; they fit its window."""
+
+    data: bytes | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class SendEof:
+    """Send EOF on the stream."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """Reset the stream."""
+
+
+@dataclass(frozen=True, slots=True)
+class Acknowledge:
+    """Tell the peer that `nbytes` of its data reached the socket."""
+
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """Write these bytes to the socket."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WriteEof:
+    """Half-close the socket's writing side."""
+
+
+@dataclass(frozen=True, slots=True)
+class PauseReading:
+    """Stop reading the socket. `again`: it was paused already but still delivered bytes."""
+
+    again: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeReading:
+    """Read the socket again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """Close the socket with a reset (RST), as a refused or aborted connection does."""
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the socket in an orderly way."""
+
+
+Action: TypeAlias = (
+    Send | SendEof | Reset | Acknowledge | Write | WriteEof | PauseReading | ResumeReading
+    | Abort | Close
+)
+
+
+class Relay:
+    """One stream's relay state; `handle` an event, perform the actions it returns in order.
+
+    Life: the socket may exist before the stream is started (the app's connection, accepted while
+    its route is decided) or after (the agent's connection, made once the stream was requested).
+    Bytes read before `Started` are held, and so are bytes the peer sends before `Connected`
+    (early data both ways, saving a round trip). The socket is read only while nothing in
+    `paused` holds it; received bytes are acknowledged at once while the socket's buffer is
+    below its high-water mark and owed until it drains otherwise, so a slow socket stalls its
+    own stream and never the others.
+    """
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.started = False
+        self.finished = False
+        """The stream is over (reset, closed or its socket lost): nothing more goes into it."""
+        self.paused: set[Pause] = {Pause.OPENING}
+        self.reading = True
+        """What the socket was last told: a new socket reads."""
+        self.credit = 0
+        self.held: deque[memoryview] = deque()
+        """Read from the socket, not yet in the stream (before the start, or beyond the window)."""
+        self.eof_read = False
+        self.eof_held = False
+        """The socket's EOF, to send after what is held."""
+        self.early: list[bytes] = []
+        """The peer's bytes from before the socket existed."""
+        self.early_eof = False
+        self.socket_full = False
+        self.owed = 0
+        """Bytes written to a full socket, acknowledged once it drains."""
+
+    def handle(self, event: Event) -> list[Action]:
+        match event:
+            case SocketRead(data):
+                return self._socket_read(data)
+            case PeerData(data):
+                return self._peer_data(data)
+            case Credit(window):
+                self.credit = window
+                return self._send_held()
+            case Connected():
+                return self._connected()
+            case Started(credit, tunnel_full):
+                return self._started(credit, tunnel_full)
+            case SocketEnded():
+                return self._socket_ended()
+            case SocketFull():
+                self.socket_full = True
+                return []
+            case SocketDrained():
+                self.socket_full = False
+                owed, self.owed = self.owed, 0
+                return [Acknowledge(owed)] if owed else []
+            case SocketLost():
+                if self.finished:
+                    return []
+                self.finished = True
+                return [Reset()]
+            case PeerEnded():
+                if not self.connected:
+                    self.early_eof = True
+                    return []
+                return [WriteEof()]
+            case PeerReset():
+                self.finished = True
+                return [Abort()] if self.connected else []
+            case PeerClosed():
+                self.finished = True
+                return [Close()] if self.connected else []
+            case TunnelFull():
+                return self._pause(Pause.TUNNEL)
+            case TunnelDrained():
+                return self._resume(Pause.TUNNEL)
+        raise TypeError(f"not a relay event: {event!r}")
+
+    def unsent(self) -> tuple[list[memoryview], bool]:
+        """What the socket sent that never went into a stream, and whether its EOF came: for
+        a connection that is handed elsewhere instead of being started."""
+        return list(self.held), self.eof_held
+
+    # -- socket side ---------------------------------------------------------------------------
+
+    def _connected(self) -> list[Action]:
+        self.connected = True
+        actions = self._reconsider()
+        early, self.early = self.early, []
+        for data in early:
+            actions += self._peer_data(data)
+        if self.early_eof:
+            actions.append(WriteEof())
+        return actions
+
+    def _socket_read(self, data: bytes) -> list[Action]:
+        if not self.started or self.held:
+            self.held.append(memoryview(data))
+            # Python 3.11 may deliver bytes although reading was paused: pause it for real.
+            return [] if self.eof_read else [PauseReading(again=True)]
+        size = len(data)
+        taken = min(size, self.credit)
+        if taken == size:
+            self.credit -= size
+            return [Send(data)]
+        actions: list[Action] = []
+        view = memoryview(data)
+        if taken > 0:
+            self.credit -= taken
+            actions.append(Send(view[:taken]))
+        self.held.append(view[taken:])
+        return actions + self._pause(Pause.WINDOW)
+
+    def _socket_ended(self) -> list[Action]:
+        if self.eof_read:
+            return []  # a reader re-armed after EOF reports it again
+        self.eof_read = True
+        if not self.started or self.held:
+            self.eof_held = True
+            return []
+        return [SendEof()]
+
+    # -- stream side ---------------------------------------------------------------------------
+
+    def _started(self, credit: int, tunnel_full: bool) -> list[Action]:
+        self.started = True
+        if self.finished:
+            # The stream went (reset, or its socket lost) while it was being opened.
+            return [Reset(), Abort()] if self.connected else [Reset()]
+        self.credit = credit
+        if tunnel_full:
+            self.paused.add(Pause.TUNNEL)
+        self.paused.discard(Pause.OPENING)
+        return self._send_held()
+
+    def _send_held(self) -> list[Action]:
+        if not self.started:
+            return []
+        actions: list[Action] = []
+        held = self.held
+        while held:
+            chunk = held[0]
+            taken = min(len(chunk), self.credit)
+            if taken > 0:
+                self.credit -= taken
+                actions.append(Send(chunk[:taken] if taken < len(chunk) else chunk))
+            if taken < len(chunk):
+                held[0] = chunk[taken:]
+                return actions
+            held.popleft()
+        if self.eof_held:
+            self.eof_held = False
+            actions.append(SendEof())
+        return actions + self._resume(Pause.WINDOW)
+
+    def _peer_data(self, data: bytes) -> list[Action]:
+        if not self.connected:
+            self.early.append(data)  # acknowledged once the socket has it
+            return []
+        if self.socket_full:
+            self.owed += len(data)
+            return [Write(data)]
+        return [Write(data), Acknowledge(len(data))]
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _pause(self, reason: Pause) -> list[Action]:
+        self.paused.add(reason)
+        return self._reconsider()
+
+    def _resume(self, reason: Pause) -> list[Action]:
+        self.paused.discard(reason)
+        return self._reconsider()
+
+    def _reconsider(self) -> list[Action]:
+        # After EOF there is nothing left to read; before the socket there is nothing to tell.
+        if not self.connected or self.eof_read or self.finished:
+            return []
+        reading = not self.paused
+        if reading == self.reading:
+            return []
+        self.reading = reading
+        return [ResumeReading()] if reading else [PauseReading()]
