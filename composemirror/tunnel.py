@@ -23,10 +23,12 @@ from composemirror.protocol import (
     DnsQueryReceived,
     Event,
     Failure,
+    LocalProtocolError,
     PongReceived,
     Proto,
     ProtocolError,
     Rejected,
+    RemoteProtocolError,
     StreamClosed,
     StreamEnded,
     StreamFailed,
@@ -109,7 +111,11 @@ class Tunnel(asyncio.BufferedProtocol):
         self.last_heard = time.monotonic()
         try:
             events = self.conn.receive_data(memoryview(self._buffer)[:nbytes])
-        except ProtocolError as e:
+        except RemoteProtocolError as e:
+            self.close(f"protocol error: {e}")
+            return
+        except LocalProtocolError as e:
+            log.exception("tunnel misused")  # a bug on this end: keep its traceback
             self.close(f"protocol error: {e}")
             return
         self.dispatch(events)
