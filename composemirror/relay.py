@@ -8,10 +8,9 @@ returns actions; it must do no I/O and know nothing of asyncio (`bridge` perform
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Final, TypeAlias
 
 __all__ = [
     "Abort",
@@ -44,53 +43,55 @@ __all__ = [
 ]
 
 
-class Pause(enum.Enum):
-    """Why the socket is not read: any one reason is enough."""
+# Why the socket is not read, as bits of `Relay.paused` (any one is enough; bits, not an enum
+# in a set, because they change on every window and this is the per-chunk path):
+OPENING: Final = 1
+"""The stream is not started yet (the client's open is being decided, the agent connects)."""
+WINDOW: Final = 2
+"""The peer's window is used up: bytes already read wait for its acknowledgement."""
+TUNNEL: Final = 4
+"""The tunnel's own write buffer is full: every stream waits."""
 
-    OPENING = "opening"
-    """The stream is not started yet (the client's open is being decided, the agent connects)."""
-    WINDOW = "window"
-    """The peer's window is used up: bytes already read wait for its acknowledgement."""
-    TUNNEL = "tunnel"
-    """The tunnel's own write buffer is full: every stream waits."""
 
+# Events and actions are slotted dataclasses, not frozen ones: a frozen dataclass is several
+# times slower to make, and a few are made for every chunk relayed. Treat them as values.
 
 # -- events: what happened -------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Connected:
     """The socket exists (the app's was accepted, or the agent's connect completed)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SocketRead:
     """Bytes read from the socket."""
 
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SocketEnded:
     """The socket's reading side reached EOF (its peer half-closed)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SocketFull:
     """The socket's write buffer went above its high-water mark."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SocketDrained:
     """The socket's write buffer went back below its low-water mark."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SocketLost:
     """The socket is gone (closed or failed)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Started:
     """The socket's bytes may now go into the stream, which may take `credit` bytes."""
 
@@ -98,41 +99,41 @@ class Started:
     tunnel_full: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Credit:
     """The stream's send window is now `window` bytes (the peer acknowledged some)."""
 
     window: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PeerData:
     """Bytes the peer sent on the stream; they must be acknowledged once written."""
 
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PeerEnded:
     """The peer sent EOF on the stream: it sends no more."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PeerReset:
     """The stream was aborted: reset by the peer, refused, or lost with the tunnel."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PeerClosed:
     """Both ends sent EOF: the stream is over."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TunnelFull:
     """The tunnel's write buffer is full: stop reading sockets."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TunnelDrained:
     """The tunnel's write buffer drained."""
 
@@ -145,60 +146,60 @@ Event: TypeAlias = (
 # -- actions: what to do ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Send:
     """Send these bytes on the stream; they fit its window."""
 
     data: bytes | memoryview
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SendEof:
     """Send EOF on the stream."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reset:
     """Reset the stream."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Acknowledge:
     """Tell the peer that `nbytes` of its data reached the socket."""
 
     nbytes: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Write:
     """Write these bytes to the socket."""
 
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WriteEof:
     """Half-close the socket's writing side."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PauseReading:
     """Stop reading the socket. `again`: it was paused already but still delivered bytes."""
 
     again: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResumeReading:
     """Read the socket again."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Abort:
     """Close the socket with a reset (RST), as a refused or aborted connection does."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Close:
     """Close the socket in an orderly way."""
 
@@ -226,7 +227,8 @@ class Relay:
         self.started = False
         self.finished = False
         """The stream is over (reset, closed or its socket lost): nothing more goes into it."""
-        self.paused: set[Pause] = {Pause.OPENING}
+        self.paused = OPENING
+        """Bits: OPENING, WINDOW, TUNNEL."""
         self.reading = True
         """What the socket was last told: a new socket reads."""
         self.credit = 0
@@ -281,9 +283,9 @@ class Relay:
                 self.finished = True
                 return [Close()] if self.connected else []
             case TunnelFull():
-                return self._pause(Pause.TUNNEL)
+                return self._pause(TUNNEL)
             case TunnelDrained():
-                return self._resume(Pause.TUNNEL)
+                return self._resume(TUNNEL)
         raise TypeError(f"not a relay event: {event!r}")
 
     def unsent(self) -> tuple[list[memoryview], bool]:
@@ -319,7 +321,7 @@ class Relay:
             self.credit -= taken
             actions.append(Send(view[:taken]))
         self.held.append(view[taken:])
-        return actions + self._pause(Pause.WINDOW)
+        return actions + self._pause(WINDOW)
 
     def _socket_ended(self) -> list[Action]:
         if self.eof_read:
@@ -338,9 +340,7 @@ class Relay:
             # The stream went (reset, or its socket lost) while it was being opened.
             return [Reset(), Abort()] if self.connected else [Reset()]
         self.credit = credit
-        if tunnel_full:
-            self.paused.add(Pause.TUNNEL)
-        self.paused.discard(Pause.OPENING)
+        self.paused = (self.paused | TUNNEL if tunnel_full else self.paused) & ~OPENING
         return self._send_held()
 
     def _send_held(self) -> list[Action]:
@@ -361,7 +361,7 @@ class Relay:
         if self.eof_held:
             self.eof_held = False
             actions.append(SendEof())
-        return actions + self._resume(Pause.WINDOW)
+        return actions + self._resume(WINDOW)
 
     def _peer_data(self, data: bytes) -> list[Action]:
         if not self.connected:
@@ -374,12 +374,12 @@ class Relay:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _pause(self, reason: Pause) -> list[Action]:
-        self.paused.add(reason)
+    def _pause(self, reason: int) -> list[Action]:
+        self.paused |= reason
         return self._reconsider()
 
-    def _resume(self, reason: Pause) -> list[Action]:
-        self.paused.discard(reason)
+    def _resume(self, reason: int) -> list[Action]:
+        self.paused &= ~reason
         return self._reconsider()
 
     def _reconsider(self) -> list[Action]:
