@@ -11,33 +11,21 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections.abc import Callable
+from typing import Any
 
 from composemirror.protocol import Failure
 from composemirror.relay import (
     Abort,
     Acknowledge,
+    Action,
     Close,
-    Connected,
-    Credit,
-    Event,
     PauseReading,
-    PeerClosed,
-    PeerData,
-    PeerEnded,
-    PeerReset,
     Relay,
     Reset,
     ResumeReading,
     Send,
     SendEof,
-    SocketDrained,
-    SocketEnded,
-    SocketFull,
-    SocketLost,
-    SocketRead,
-    Started,
-    TunnelDrained,
-    TunnelFull,
     Write,
     WriteEof,
 )
@@ -81,7 +69,8 @@ class Bridge(asyncio.Protocol):
         """Relay from the socket into the stream, beginning with what arrived meanwhile."""
         tunnel = self.tunnel
         assert tunnel is not None
-        self._handle(Started(tunnel.window(self.stream_id), tunnel_full=tunnel.writing_paused))
+        self._perform(self.relay.on_started(tunnel.window(self.stream_id),
+                                            tunnel.writing_paused))
 
     # -- the socket ----------------------------------------------------------------------------
 
@@ -89,25 +78,25 @@ class Bridge(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=SOCKET_HIGH_WATER)
-        self._handle(Connected())
+        self._perform(self.relay.on_connected())
 
     def data_received(self, data: bytes) -> None:
-        self._handle(SocketRead(data))
+        self._perform(self.relay.on_socket_read(data))
 
     def eof_received(self) -> bool:
-        self._handle(SocketEnded())
+        self._perform(self.relay.on_socket_ended())
         return True  # keep the socket open for the other direction (half-close)
 
     def pause_writing(self) -> None:
-        self._handle(SocketFull())
+        self._perform(self.relay.on_socket_full())
 
     def resume_writing(self) -> None:
-        self._handle(SocketDrained())
+        self._perform(self.relay.on_socket_drained())
         if self.tunnel is not None:
             self.tunnel.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._handle(SocketLost())
+        self._perform(self.relay.on_socket_lost())
 
     # -- the stream (tunnel.Endpoint) ---------------------------------------------------------
 
@@ -115,70 +104,96 @@ class Bridge(asyncio.Protocol):
         pass
 
     def open_failed(self, failure: Failure, message: str) -> None:
-        self._handle(PeerReset())
+        self._perform(self.relay.on_peer_reset())
 
     def deliver(self, data: bytes) -> None:
-        self._handle(PeerData(data))
+        self._perform(self.relay.on_peer_data(data))
 
     def window_open(self) -> None:
         if self.tunnel is not None:
-            self._handle(Credit(self.tunnel.window(self.stream_id)))
+            self._perform(self.relay.on_credit(self.tunnel.window(self.stream_id)))
 
     def peer_eof(self) -> None:
-        self._handle(PeerEnded())
+        self._perform(self.relay.on_peer_ended())
 
     def peer_reset(self) -> None:
-        self._handle(PeerReset())
+        self._perform(self.relay.on_peer_reset())
 
     def stream_closed(self) -> None:
-        self._handle(PeerClosed())
+        self._perform(self.relay.on_peer_closed())
 
     def tunnel_full(self) -> None:
-        self._handle(TunnelFull())
+        self._perform(self.relay.on_tunnel_full())
 
     def tunnel_drained(self) -> None:
-        self._handle(TunnelDrained())
+        self._perform(self.relay.on_tunnel_drained())
 
     # -- performing the relay's actions --------------------------------------------------------
 
-    def _handle(self, event: Event) -> None:
-        tunnel, transport, stream_id = self.tunnel, self.transport, self.stream_id
-        for action in self.relay.handle(event):
-            match action:
-                case Send(data):
-                    assert tunnel is not None
-                    tunnel.send(stream_id, data)
-                case Write(data):
-                    assert transport is not None
-                    transport.write(data)
-                case Acknowledge(nbytes):
-                    assert tunnel is not None
-                    tunnel.acknowledge(stream_id, nbytes)
-                case PauseReading(again):
-                    assert transport is not None
-                    if transport.is_closing():
-                        continue
-                    if again and not transport.is_reading():
-                        # The transport believes it is paused but still reads: re-pause it.
-                        transport.resume_reading()
-                    transport.pause_reading()
-                case ResumeReading():
-                    assert transport is not None
-                    if not transport.is_closing():
-                        transport.resume_reading()
-                case SendEof():
-                    assert tunnel is not None
-                    tunnel.send_eof(stream_id)
-                case WriteEof():
-                    assert transport is not None
-                    if transport.can_write_eof():
-                        transport.write_eof()
-                case Reset():
-                    if tunnel is not None:
-                        tunnel.reset(stream_id)
-                case Abort():
-                    assert transport is not None
-                    reset_transport(transport)
-                case Close():
-                    assert transport is not None
-                    transport.close()
+    def _perform(self, actions: list[Action]) -> None:
+        for action in actions:
+            _PERFORM[type(action)](self, action)
+
+    def _send(self, action: Send) -> None:
+        assert self.tunnel is not None
+        self.tunnel.send(self.stream_id, action.data)
+
+    def _write(self, action: Write) -> None:
+        assert self.transport is not None
+        self.transport.write(action.data)
+
+    def _acknowledge(self, action: Acknowledge) -> None:
+        assert self.tunnel is not None
+        self.tunnel.acknowledge(self.stream_id, action.nbytes)
+
+    def _pause_reading(self, action: PauseReading) -> None:
+        transport = self.transport
+        assert transport is not None
+        if transport.is_closing():
+            return
+        if action.again and not transport.is_reading():
+            # The transport believes it is paused but still reads: re-pause it for real.
+            transport.resume_reading()
+        transport.pause_reading()
+
+    def _resume_reading(self, action: ResumeReading) -> None:
+        assert self.transport is not None
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _send_eof(self, action: SendEof) -> None:
+        assert self.tunnel is not None
+        self.tunnel.send_eof(self.stream_id)
+
+    def _write_eof(self, action: WriteEof) -> None:
+        assert self.transport is not None
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def _reset(self, action: Reset) -> None:
+        if self.tunnel is not None:
+            self.tunnel.reset(self.stream_id)
+
+    def _abort(self, action: Abort) -> None:
+        assert self.transport is not None
+        reset_transport(self.transport)
+
+    def _close(self, action: Close) -> None:
+        assert self.transport is not None
+        self.transport.close()
+
+
+# By type rather than by `match`: this runs for every chunk, and a dict lookup does not get
+# slower with the number of kinds of action.
+_PERFORM: dict[type, Callable[[Bridge, Any], None]] = {
+    Send: Bridge._send,
+    Write: Bridge._write,
+    Acknowledge: Bridge._acknowledge,
+    PauseReading: Bridge._pause_reading,
+    ResumeReading: Bridge._resume_reading,
+    SendEof: Bridge._send_eof,
+    WriteEof: Bridge._write_eof,
+    Reset: Bridge._reset,
+    Abort: Bridge._abort,
+    Close: Bridge._close,
+}

@@ -245,47 +245,36 @@ class Relay:
         """Bytes written to a full socket, acknowledged once it drains."""
 
     def handle(self, event: Event) -> list[Action]:
+        """Feed one event; return what to do, in order."""
         match event:
             case SocketRead(data):
-                return self._socket_read(data)
+                return self.on_socket_read(data)
             case PeerData(data):
-                return self._peer_data(data)
+                return self.on_peer_data(data)
             case Credit(window):
-                self.credit = window
-                return self._send_held()
+                return self.on_credit(window)
             case Connected():
-                return self._connected()
+                return self.on_connected()
             case Started(credit, tunnel_full):
-                return self._started(credit, tunnel_full)
+                return self.on_started(credit, tunnel_full)
             case SocketEnded():
-                return self._socket_ended()
+                return self.on_socket_ended()
             case SocketFull():
-                self.socket_full = True
-                return []
+                return self.on_socket_full()
             case SocketDrained():
-                self.socket_full = False
-                owed, self.owed = self.owed, 0
-                return [Acknowledge(owed)] if owed else []
+                return self.on_socket_drained()
             case SocketLost():
-                if self.finished:
-                    return []
-                self.finished = True
-                return [Reset()]
+                return self.on_socket_lost()
             case PeerEnded():
-                if not self.connected:
-                    self.early_eof = True
-                    return []
-                return [WriteEof()]
+                return self.on_peer_ended()
             case PeerReset():
-                self.finished = True
-                return [Abort()] if self.connected else []
+                return self.on_peer_reset()
             case PeerClosed():
-                self.finished = True
-                return [Close()] if self.connected else []
+                return self.on_peer_closed()
             case TunnelFull():
-                return self._pause(TUNNEL)
+                return self.on_tunnel_full()
             case TunnelDrained():
-                return self._resume(TUNNEL)
+                return self.on_tunnel_drained()
         raise TypeError(f"not a relay event: {event!r}")
 
     def unsent(self) -> tuple[list[memoryview], bool]:
@@ -293,19 +282,22 @@ class Relay:
         a connection that is handed elsewhere instead of being started."""
         return list(self.held), self.eof_held
 
+    # -- one method per event: `handle(Event(...))` is `on_event(...)`. An adapter on the
+    # per-chunk path calls these directly, sparing an event object and a match per call.
+
     # -- socket side ---------------------------------------------------------------------------
 
-    def _connected(self) -> list[Action]:
+    def on_connected(self) -> list[Action]:
         self.connected = True
         actions = self._reconsider()
         early, self.early = self.early, []
         for data in early:
-            actions += self._peer_data(data)
+            actions += self.on_peer_data(data)
         if self.early_eof:
             actions.append(WriteEof())
         return actions
 
-    def _socket_read(self, data: bytes) -> list[Action]:
+    def on_socket_read(self, data: bytes) -> list[Action]:
         if not self.started or self.held:
             self.held.append(memoryview(data))
             # Python 3.11 may deliver bytes although reading was paused: pause it for real.
@@ -323,7 +315,7 @@ class Relay:
         self.held.append(view[taken:])
         return actions + self._pause(WINDOW)
 
-    def _socket_ended(self) -> list[Action]:
+    def on_socket_ended(self) -> list[Action]:
         if self.eof_read:
             return []  # a reader re-armed after EOF reports it again
         self.eof_read = True
@@ -332,9 +324,24 @@ class Relay:
             return []
         return [SendEof()]
 
+    def on_socket_full(self) -> list[Action]:
+        self.socket_full = True
+        return []
+
+    def on_socket_drained(self) -> list[Action]:
+        self.socket_full = False
+        owed, self.owed = self.owed, 0
+        return [Acknowledge(owed)] if owed else []
+
+    def on_socket_lost(self) -> list[Action]:
+        if self.finished:
+            return []
+        self.finished = True
+        return [Reset()]
+
     # -- stream side ---------------------------------------------------------------------------
 
-    def _started(self, credit: int, tunnel_full: bool) -> list[Action]:
+    def on_started(self, credit: int, tunnel_full: bool = False) -> list[Action]:
         self.started = True
         if self.finished:
             # The stream went (reset, or its socket lost) while it was being opened.
@@ -363,7 +370,11 @@ class Relay:
             actions.append(SendEof())
         return actions + self._resume(WINDOW)
 
-    def _peer_data(self, data: bytes) -> list[Action]:
+    def on_credit(self, window: int) -> list[Action]:
+        self.credit = window
+        return self._send_held()
+
+    def on_peer_data(self, data: bytes) -> list[Action]:
         if not self.connected:
             self.early.append(data)  # acknowledged once the socket has it
             return []
@@ -371,6 +382,26 @@ class Relay:
             self.owed += len(data)
             return [Write(data)]
         return [Write(data), Acknowledge(len(data))]
+
+    def on_peer_ended(self) -> list[Action]:
+        if not self.connected:
+            self.early_eof = True
+            return []
+        return [WriteEof()]
+
+    def on_peer_reset(self) -> list[Action]:
+        self.finished = True
+        return [Abort()] if self.connected else []
+
+    def on_peer_closed(self) -> list[Action]:
+        self.finished = True
+        return [Close()] if self.connected else []
+
+    def on_tunnel_full(self) -> list[Action]:
+        return self._pause(TUNNEL)
+
+    def on_tunnel_drained(self) -> list[Action]:
+        return self._resume(TUNNEL)
 
     # -- reading -------------------------------------------------------------------------------
 
