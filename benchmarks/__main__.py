@@ -50,8 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BenchError as e:
             log.error("%s failed: %s", section, e)
             failed.append(section)
-            figures.append(Figure(section=section, name="could not run", unit="", value=None,
-                                  note=str(e).splitlines()[0]))
+            figures.append(
+                Figure(
+                    section=section,
+                    name="could not run",
+                    unit="",
+                    value=None,
+                    note=str(e).splitlines()[0],
+                )
+            )
 
     try:
         with Lab.open() as lab:
@@ -85,8 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text_table(usage_rows(usage), USAGE_HEADER))
     if args.write_results:
         command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
-        RESULTS.write_text(results_document(figures=figures, usage=usage, machine=machine(load),
-                                            command=command, parameters=asdict(settings)))
+        RESULTS.write_text(
+            results_document(
+                figures=figures,
+                usage=usage,
+                machine=machine(load),
+                command=command,
+                parameters=asdict(settings),
+            )
+        )
         log.info("wrote %s", RESULTS)
     return 1 if failed else 0
 
@@ -97,8 +111,9 @@ def _selection(only: str | None) -> tuple[str, ...]:
     chosen = tuple(name.strip() for name in only.split(",") if name.strip())
     unknown = [name for name in chosen if name not in SECTIONS]
     if unknown:
-        _parser().error(f"--only: unknown benchmark {', '.join(unknown)} "
-                        f"(choose from {', '.join(SECTIONS)})")
+        _parser().error(
+            f"--only: unknown benchmark {', '.join(unknown)} (choose from {', '.join(SECTIONS)})"
+        )
     return chosen
 
 
@@ -106,16 +121,24 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Measure composemirror's tunnel, DNS, start-up and memory against their "
-                    "baselines, side by side in one run, and print a table with the targets.",
+        "baselines, side by side in one run, and print a table with the targets.",
     )
-    parser.add_argument("--only", metavar="NAMES",
-                        help=f"comma-separated benchmarks to run: {','.join(SECTIONS)} "
-                             "(default: all)")
-    parser.add_argument("--write-results", action="store_true",
-                        help=f"rewrite {RESULTS.relative_to(HERE.parent)} with the table and "
-                             "the machine's description")
-    parser.add_argument("--quick", action="store_true",
-                        help="shorter runs (for trying the suite out; noisier figures)")
+    parser.add_argument(
+        "--only",
+        metavar="NAMES",
+        help=f"comma-separated benchmarks to run: {','.join(SECTIONS)} (default: all)",
+    )
+    parser.add_argument(
+        "--write-results",
+        action="store_true",
+        help=f"rewrite {RESULTS.relative_to(HERE.parent)} with the table and "
+        "the machine's description",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="shorter runs (for trying the suite out; noisier figures)",
+    )
     return parser
 
 

@@ -68,16 +68,22 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     """Run a command to completion; with `check`, a failure is a BenchError naming it."""
     try:
-        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                                env=None if env is None else dict(env))
+        result = subprocess.run(
+            list(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=None if env is None else dict(env),
+        )
     except FileNotFoundError as e:
         raise BenchError(f"{argv[0]} is not installed") from e
     except subprocess.TimeoutExpired as e:
         raise BenchError(f"`{' '.join(argv)}` did not finish in {timeout:g} s") from e
     if check and result.returncode != 0:
         output = (result.stderr or result.stdout).strip().splitlines()[-15:]
-        raise BenchError(f"`{' '.join(argv)}` failed (exit {result.returncode}):\n  "
-                         + "\n  ".join(output))
+        raise BenchError(
+            f"`{' '.join(argv)}` failed (exit {result.returncode}):\n  " + "\n  ".join(output)
+        )
     return result
 
 
@@ -87,11 +93,13 @@ def docker(
     return run(["docker", *args], timeout=timeout, check=check)
 
 
-def wait_until(what: str, check: Callable[[], T], *, timeout: float,
-               interval: float = 0.25) -> T:
+def wait_until(what: str, check: Callable[[], T], *, timeout: float, interval: float = 0.25) -> T:
     """Poll `check()` until it returns something truthy; BenchError after `timeout` seconds."""
-    retrying = Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(interval),
-                        retry=retry_if_result(lambda value: not value))
+    retrying = Retrying(
+        stop=stop_after_delay(timeout),
+        wait=wait_fixed(interval),
+        retry=retry_if_result(lambda value: not value),
+    )
     try:
         return retrying(check)
     except RetryError as e:
@@ -117,8 +125,10 @@ def composemirror_command() -> list[str]:
 def build_loadgen(directory: Path) -> Path:
     """benchmarks/loadgen.c as a static binary: it runs in any container, whatever its libc."""
     if shutil.which("musl-gcc") is None:
-        raise BenchError("musl-gcc is missing (it builds the static load generator): "
-                         "run scripts/setup, or apt-get install musl-tools")
+        raise BenchError(
+            "musl-gcc is missing (it builds the static load generator): "
+            "run scripts/setup, or apt-get install musl-tools"
+        )
     binary = directory / "loadgen"
     run(["musl-gcc", "-static", "-O2", "-pthread", "-o", str(binary), str(HERE / "loadgen.c")])
     return binary
@@ -136,8 +146,11 @@ class Probe:
         pid = docker("inspect", "--format", "{{.State.Pid}}", container).stdout.strip()
         self.host = Path(f"/proc/{pid}")
         try:
-            nspid = next(line for line in (self.host / "status").read_text().splitlines()
-                         if line.startswith("NSpid:"))
+            nspid = next(
+                line
+                for line in (self.host / "status").read_text().splitlines()
+                if line.startswith("NSpid:")
+            )
             self.local = nspid.split()[-1] == "1"
         except (OSError, StopIteration):
             self.local = False
@@ -262,17 +275,27 @@ class Lab:
 
     # -- commands ------------------------------------------------------------------------------
 
-    def composemirror(self, *args: str, timeout: float = 300,
-                      check: bool = True) -> subprocess.CompletedProcess[str]:
+    def composemirror(
+        self, *args: str, timeout: float = 300, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """`composemirror -f benchmarks/project/compose.yaml ARGS`."""
-        return run([*composemirror_command(), "-f", str(PROJECT_FILE), *args], timeout=timeout,
-                   check=check, env=self.env)
+        return run(
+            [*composemirror_command(), "-f", str(PROJECT_FILE), *args],
+            timeout=timeout,
+            check=check,
+            env=self.env,
+        )
 
-    def compose(self, *args: str, timeout: float = 300,
-                check: bool = True) -> subprocess.CompletedProcess[str]:
+    def compose(
+        self, *args: str, timeout: float = 300, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """Plain `docker compose -f benchmarks/project/compose.yaml ARGS`."""
-        return run(["docker", "compose", "-f", str(PROJECT_FILE), *args], timeout=timeout,
-                   check=check, env=self.env)
+        return run(
+            ["docker", "compose", "-f", str(PROJECT_FILE), *args],
+            timeout=timeout,
+            check=check,
+            env=self.env,
+        )
 
     def loadgen(self, container: str, *args: object, timeout: float = 120) -> dict[str, Any]:
         """Run the load generator in `container`; its JSON report."""
@@ -280,16 +303,21 @@ class Lab:
         try:
             report: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError) as e:
-            raise BenchError(f"loadgen {args[0]} in {container} printed no report: "
-                             f"{result.stdout!r} {result.stderr!r}") from e
+            raise BenchError(
+                f"loadgen {args[0]} in {container} printed no report: "
+                f"{result.stdout!r} {result.stderr!r}"
+            ) from e
         return report
 
     def await_link(self) -> None:
         """Wait until the sidecar's tunnel to the agent is up (after a drop it reconnects)."""
         assert self.stack is not None
         sidecar = self.stack.sidecar
-        wait_until("the sidecar's link to the agent", lambda: self._link(sidecar) == "connected",
-                   timeout=60)
+        wait_until(
+            "the sidecar's link to the agent",
+            lambda: self._link(sidecar) == "connected",
+            timeout=60,
+        )
 
     def nameserver(self, container: str) -> str:
         """The first nameserver of the container's resolv.conf: where its resolver asks."""
@@ -306,22 +334,30 @@ class Lab:
         """`composemirror up -d` the project, start the servers, wait until the tunnel works."""
         log.info("starting the benchmark project with composemirror")
         self.composemirror("up", "-d")
-        app = self._container(f"com.docker.compose.project={PROJECT}",
-                              "com.docker.compose.service=client")
-        peer = self._container(f"com.docker.compose.project={PROJECT}",
-                               "com.docker.compose.service=peer")
-        sidecar = self._container(f"io.composemirror.project={PROJECT}",
-                                  "io.composemirror.role=sidecar")
-        agent = self._container(f"io.composemirror.project={PROJECT}",
-                                "io.composemirror.role=agent")
+        app = self._container(
+            f"com.docker.compose.project={PROJECT}", "com.docker.compose.service=client"
+        )
+        peer = self._container(
+            f"com.docker.compose.project={PROJECT}", "com.docker.compose.service=peer"
+        )
+        sidecar = self._container(
+            f"io.composemirror.project={PROJECT}", "io.composemirror.role=sidecar"
+        )
+        agent = self._container(
+            f"io.composemirror.project={PROJECT}", "io.composemirror.role=agent"
+        )
         server = self._start("cm-bench-server", SERVER_IP, [LOADGEN, "serve"])
         direct = self._start("cm-bench-direct", DIRECT_IP, ["sleep", "infinity"])
         for container in (app, peer):
             docker("cp", str(self.loadgen_binary), f"{container}:{LOADGEN}")
-        wait_until("the sidecar's link to the agent", lambda: self._link(sidecar) == "connected",
-                   timeout=60)
-        stack = Stack(app=app, peer=peer, sidecar=sidecar, agent=agent, server=server,
-                      direct=direct)
+        wait_until(
+            "the sidecar's link to the agent",
+            lambda: self._link(sidecar) == "connected",
+            timeout=60,
+        )
+        stack = Stack(
+            app=app, peer=peer, sidecar=sidecar, agent=agent, server=server, direct=direct
+        )
         wait_until("the benchmark server", lambda: self._answers(stack), timeout=30)
         self.stack = stack
         self.monitor = Monitor({"sidecar": Probe(sidecar), "agent": Probe(agent)})
@@ -331,14 +367,28 @@ class Lab:
         filters = [arg for label in labels for arg in ("--filter", f"label={label}")]
         names = docker("ps", *filters, "--format", "{{.Names}}").stdout.split()
         if len(names) != 1:
-            raise BenchError(f"expected one running container labelled {', '.join(labels)}, "
-                             f"found {names or 'none'}")
+            raise BenchError(
+                f"expected one running container labelled {', '.join(labels)}, "
+                f"found {names or 'none'}"
+            )
         return names[0]
 
     def _start(self, name: str, ip: str, command: Sequence[str]) -> str:
         """A container of the suite's on the sandbox network at `ip`, with the load generator."""
-        docker("create", "--name", name, "--label", f"{LABEL}={PROJECT}", "--init",
-               "--network", SANDBOX_NETWORK, "--ip", ip, CLIENT_IMAGE, *command)
+        docker(
+            "create",
+            "--name",
+            name,
+            "--label",
+            f"{LABEL}={PROJECT}",
+            "--init",
+            "--network",
+            SANDBOX_NETWORK,
+            "--ip",
+            ip,
+            CLIENT_IMAGE,
+            *command,
+        )
         docker("cp", str(self.loadgen_binary), f"{name}:{LOADGEN}")
         docker("start", name)
         return name
@@ -353,8 +403,19 @@ class Lab:
     def _answers(self, stack: Stack) -> bool:
         """Both paths reach the server's echo port."""
         for container in (stack.direct, stack.app):
-            result = docker("exec", container, LOADGEN, "latency", SERVER_IP, str(ECHO_PORT),
-                            "3", "0", "64", check=False, timeout=60)
+            result = docker(
+                "exec",
+                container,
+                LOADGEN,
+                "latency",
+                SERVER_IP,
+                str(ECHO_PORT),
+                "3",
+                "0",
+                "64",
+                check=False,
+                timeout=60,
+            )
             if result.returncode != 0 or '"errors": 0' not in result.stdout:
                 return False
         return True
@@ -362,8 +423,17 @@ class Lab:
     # -- set-up and clean-up -------------------------------------------------------------------
 
     def _prepare(self) -> None:
-        if docker("container", "inspect", SANDBOX_TARGET, "--format", "{{.State.Running}}",
-                  check=False).stdout.strip() != "true":
+        if (
+            docker(
+                "container",
+                "inspect",
+                SANDBOX_TARGET,
+                "--format",
+                "{{.State.Running}}",
+                check=False,
+            ).stdout.strip()
+            != "true"
+        ):
             log.info("starting the sandbox cluster (it is removed at the end)")
             self.started_sandbox = True
             run([*composemirror_command(), "sandbox", "up"], timeout=600, env=self.env)
@@ -380,12 +450,20 @@ class Lab:
 
     def _clean_up(self) -> None:
         log.info("removing what the benchmarks started")
-        steps = [("the suite's containers", self._remove_own),
-                 ("the benchmark project", lambda: self.composemirror("down", check=False)),
-                 ("the plain compose project", lambda: self.compose("down", check=False))]
+        steps = [
+            ("the suite's containers", self._remove_own),
+            ("the benchmark project", lambda: self.composemirror("down", check=False)),
+            ("the plain compose project", lambda: self.compose("down", check=False)),
+        ]
         if self.started_sandbox:
-            steps.append(("the sandbox cluster", lambda: run(
-                [*composemirror_command(), "sandbox", "down"], timeout=300, check=False)))
+            steps.append(
+                (
+                    "the sandbox cluster",
+                    lambda: run(
+                        [*composemirror_command(), "sandbox", "down"], timeout=300, check=False
+                    ),
+                )
+            )
         for what, step in steps:
             try:
                 step()
@@ -400,8 +478,7 @@ def machine(load: Sequence[float]) -> Machine:
     code = _output([*composemirror_command(), "--version"]) or "unknown version"
     commit = _output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     if commit:
-        changed = _output(["git", "-C", str(ROOT), "status", "--porcelain",
-                           "--untracked-files=no"])
+        changed = _output(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])
         code += f" at commit {commit}" + (" with uncommitted changes" if changed else "")
     return Machine(
         cpus=os.cpu_count() or 0,

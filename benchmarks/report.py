@@ -96,8 +96,13 @@ class Usage:
     host_capacity: float = 0.0
     """Core-seconds the machine had meanwhile: busy / capacity is how loaded it was."""
 
-    def add(self, rss: Mapping[str, int], cpu: Mapping[str, float], wall: float,
-            host: tuple[float, float] = (0.0, 0.0)) -> None:
+    def add(
+        self,
+        rss: Mapping[str, int],
+        cpu: Mapping[str, float],
+        wall: float,
+        host: tuple[float, float] = (0.0, 0.0),
+    ) -> None:
         for role, value in rss.items():
             self.rss_peak[role] = max(self.rss_peak.get(role, 0), value)
         for role, seconds in cpu.items():
@@ -176,14 +181,16 @@ def rows(figures: Sequence[Figure]) -> list[tuple[str, ...]]:
         for figure in (f for f in figures if f.section == section):
             ratio = figure.ratio
             result = "; ".join(part for part in (figure.verdict, figure.note) if part)
-            table.append((
-                f"{section}: {figure.name}",
-                number(figure.value, figure.unit),
-                number(figure.baseline, figure.unit) if figure.baseline is not None else "-",
-                number(ratio) + "x" if ratio is not None else "-",
-                figure.target.text if figure.target else "-",
-                result or "-",
-            ))
+            table.append(
+                (
+                    f"{section}: {figure.name}",
+                    number(figure.value, figure.unit),
+                    number(figure.baseline, figure.unit) if figure.baseline is not None else "-",
+                    number(ratio) + "x" if ratio is not None else "-",
+                    figure.target.text if figure.target else "-",
+                    result or "-",
+                )
+            )
     return table
 
 
@@ -206,8 +213,14 @@ def markdown_table(cells: Sequence[Sequence[str]], header: Sequence[str]) -> str
     return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in cells)])
 
 
-USAGE_HEADER = ("load", "sidecar RSS peak", "agent RSS peak", "sidecar CPU", "agent CPU",
-                "machine CPU busy")
+USAGE_HEADER = (
+    "load",
+    "sidecar RSS peak",
+    "agent RSS peak",
+    "sidecar CPU",
+    "agent CPU",
+    "machine CPU busy",
+)
 
 
 def usage_rows(usage: Mapping[str, Usage]) -> list[tuple[str, ...]]:
@@ -228,8 +241,9 @@ def usage_rows(usage: Mapping[str, Usage]) -> list[tuple[str, ...]]:
 
 def summary(figures: Sequence[Figure]) -> str:
     """One line: how many targets passed, and which missed."""
-    targeted = [f for section in SECTIONS for f in figures
-                if f.section == section and f.target is not None]
+    targeted = [
+        f for section in SECTIONS for f in figures if f.section == section and f.target is not None
+    ]
     missed = [f"{f.section}: {f.name}" for f in targeted if not f.verdict.startswith("PASS")]
     line = f"targets: {len(targeted) - len(missed)} of {len(targeted)} PASS"
     return line + (f"; MISS: {'; '.join(missed)}" if missed else "")

@@ -48,12 +48,20 @@ class Settings:
     @classmethod
     def quick(cls) -> Settings:
         """Shorter runs of the same benchmarks, for trying the suite out; figures are noisier."""
-        return cls(seconds=1.5, rounds=1, latency_count=300, dns_seconds=1.0, hold_seconds=2.0,
-                   startup_repeats=1, idle_seconds=1.0)
+        return cls(
+            seconds=1.5,
+            rounds=1,
+            latency_count=300,
+            dns_seconds=1.0,
+            hold_seconds=2.0,
+            startup_repeats=1,
+            idle_seconds=1.0,
+        )
 
 
-def _measure(lab: Lab, side: str, container: str, load: str | None, *args: object,
-             timeout: float) -> dict[str, Any]:
+def _measure(
+    lab: Lab, side: str, container: str, load: str | None, *args: object, timeout: float
+) -> dict[str, Any]:
     """Run the load generator on one side; a tunnelled run is watched under `load` (if any).
 
     A tunnelled run waits for the agent link first: an earlier load may have dropped it, and it
@@ -103,22 +111,34 @@ def throughput(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
         for round_ in range(settings.rounds):
             for side, container in _sides(stack, round_):
                 log.info("throughput: %s, %d stream(s), %s", mode, streams, side)
-                report = _measure(lab, side, container, "throughput", mode, SERVER_IP, port,
-                                  streams, settings.seconds, timeout=settings.seconds + 120)
+                report = _measure(
+                    lab,
+                    side,
+                    container,
+                    "throughput",
+                    mode,
+                    SERVER_IP,
+                    port,
+                    streams,
+                    settings.seconds,
+                    timeout=settings.seconds + 120,
+                )
                 moved[side] += int(report["bytes"])
                 took[side] += float(report["seconds"])
                 errors[side] += int(report["errors"])
         rate = {side: moved[side] / took[side] / MIB if took[side] else None for side in moved}
         what = "app to server" if mode == "upload" else "server to app"
-        figures.append(Figure(
-            section="throughput",
-            name=f"{mode} ({what}), {streams} stream{'s' if streams > 1 else ''}",
-            unit="MiB/s",
-            value=rate["tunnel"],
-            baseline=rate["direct"],
-            target=target,
-            note=_errors_note(errors),
-        ))
+        figures.append(
+            Figure(
+                section="throughput",
+                name=f"{mode} ({what}), {streams} stream{'s' if streams > 1 else ''}",
+                unit="MiB/s",
+                value=rate["tunnel"],
+                baseline=rate["direct"],
+                target=target,
+                note=_errors_note(errors),
+            )
+        )
     return figures
 
 
@@ -130,8 +150,19 @@ def latency(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
     for round_ in range(settings.rounds):
         for side, container in _sides(stack, round_):
             log.info("latency: %d connections, %s", per_round, side)
-            report = _measure(lab, side, container, "latency", "latency", SERVER_IP, ECHO_PORT,
-                              per_round, 50, 64, timeout=300)
+            report = _measure(
+                lab,
+                side,
+                container,
+                "latency",
+                "latency",
+                SERVER_IP,
+                ECHO_PORT,
+                per_round,
+                50,
+                64,
+                timeout=300,
+            )
             samples[side] += [float(us) / 1000 for us in report["samples_us"]]
             errors[side] += int(report["errors"])
 
@@ -140,12 +171,24 @@ def latency(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
 
     note = _errors_note(errors)
     return [
-        Figure(section="latency", name="connect + 64 B request/response, p50", unit="ms",
-               value=at("tunnel", 0.5), baseline=at("direct", 0.5),
-               target=Target(text="added <= 0.5 ms", on="added", at_most=0.5), note=note),
-        Figure(section="latency", name="connect + 64 B request/response, p99", unit="ms",
-               value=at("tunnel", 0.99), baseline=at("direct", 0.99),
-               target=Target(text="added <= 2 ms", on="added", at_most=2.0), note=note),
+        Figure(
+            section="latency",
+            name="connect + 64 B request/response, p50",
+            unit="ms",
+            value=at("tunnel", 0.5),
+            baseline=at("direct", 0.5),
+            target=Target(text="added <= 0.5 ms", on="added", at_most=0.5),
+            note=note,
+        ),
+        Figure(
+            section="latency",
+            name="connect + 64 B request/response, p99",
+            unit="ms",
+            value=at("tunnel", 0.99),
+            baseline=at("direct", 0.99),
+            target=Target(text="added <= 2 ms", on="added", at_most=2.0),
+            note=note,
+        ),
     ]
 
 
@@ -170,12 +213,31 @@ def dns(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
         # Queries first: the cached kinds are then answered from the cache.
         _measure(lab, side, container, None, "dns", server, name, 1, 0.2, timeout=60)
         log.info("dns: %s, latency", label)
-        latency_of[key] = _measure(lab, side, container, "dns", "dns", server, name, 1,
-                                   settings.dns_seconds, timeout=settings.dns_seconds + 60)
+        latency_of[key] = _measure(
+            lab,
+            side,
+            container,
+            "dns",
+            "dns",
+            server,
+            name,
+            1,
+            settings.dns_seconds,
+            timeout=settings.dns_seconds + 60,
+        )
         log.info("dns: %s, queries per second", label)
-        rate_of[key] = _measure(lab, side, container, "dns", "dns", server, name,
-                                settings.dns_concurrency, settings.dns_seconds,
-                                timeout=settings.dns_seconds + 60)
+        rate_of[key] = _measure(
+            lab,
+            side,
+            container,
+            "dns",
+            "dns",
+            server,
+            name,
+            settings.dns_concurrency,
+            settings.dns_seconds,
+            timeout=settings.dns_seconds + 60,
+        )
 
     def qps(report: dict[str, Any]) -> float:
         return float(report["answered"]) / float(report["seconds"])
@@ -186,20 +248,35 @@ def dns(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
     docker_latency, docker_rate = latency_of["docker"], rate_of["docker"]
     figures = []
     for key, label, _, _, _, cached in cases[1:]:
-        lost = sum(int(r["timeouts"]) + int(r["failures"]) for r in (latency_of[key],
-                                                                       rate_of[key]))
+        lost = sum(int(r["timeouts"]) + int(r["failures"]) for r in (latency_of[key], rate_of[key]))
         note = f"{lost} queries unanswered or failed" if lost else ""
         figures += [
-            Figure(section="dns", name=f"{label}, p50", unit="ms",
-                   value=ms(latency_of[key], "p50_us"), baseline=ms(docker_latency, "p50_us"),
-                   target=Target(text="<= 2x Docker's DNS", on="ratio", at_most=2.0)
-                   if cached else None, note=note),
-            Figure(section="dns", name=f"{label}, p99", unit="ms",
-                   value=ms(latency_of[key], "p99_us"), baseline=ms(docker_latency, "p99_us")),
-            Figure(section="dns", name=f"{label}, queries/s ({settings.dns_concurrency} at once)",
-                   unit="q/s", value=qps(rate_of[key]), baseline=qps(docker_rate),
-                   target=Target(text=">= 5,000 q/s", on="value", at_least=5000)
-                   if cached else None),
+            Figure(
+                section="dns",
+                name=f"{label}, p50",
+                unit="ms",
+                value=ms(latency_of[key], "p50_us"),
+                baseline=ms(docker_latency, "p50_us"),
+                target=Target(text="<= 2x Docker's DNS", on="ratio", at_most=2.0)
+                if cached
+                else None,
+                note=note,
+            ),
+            Figure(
+                section="dns",
+                name=f"{label}, p99",
+                unit="ms",
+                value=ms(latency_of[key], "p99_us"),
+                baseline=ms(docker_latency, "p99_us"),
+            ),
+            Figure(
+                section="dns",
+                name=f"{label}, queries/s ({settings.dns_concurrency} at once)",
+                unit="q/s",
+                value=qps(rate_of[key]),
+                baseline=qps(docker_rate),
+                target=Target(text=">= 5,000 q/s", on="value", at_least=5000) if cached else None,
+            ),
         ]
     return figures
 
@@ -210,9 +287,19 @@ def concurrency(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
     reports = {}
     for side, container in _sides(stack, 0):
         log.info("concurrency: %d connections, %s", n, side)
-        reports[side] = _measure(lab, side, container, "concurrency", "hold", SERVER_IP,
-                                 ECHO_PORT, n, settings.hold_seconds, settings.hold_size,
-                                 timeout=settings.hold_seconds + 300)
+        reports[side] = _measure(
+            lab,
+            side,
+            container,
+            "concurrency",
+            "hold",
+            SERVER_IP,
+            ECHO_PORT,
+            n,
+            settings.hold_seconds,
+            settings.hold_size,
+            timeout=settings.hold_seconds + 300,
+        )
 
     def errors(side: str) -> float:
         return float(reports[side]["connect_errors"]) + float(reports[side]["io_errors"])
@@ -223,15 +310,34 @@ def concurrency(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
     use = lab.monitor.usage["concurrency"]
     count = f"{n:,} connections"
     return [
-        Figure(section="concurrency", name=f"errors, {count}", unit="", value=errors("tunnel"),
-               baseline=errors("direct"), target=Target(text="= 0", on="value", at_most=0)),
-        Figure(section="concurrency", name=f"echo throughput, {count}", unit="MiB/s",
-               value=rate("tunnel"), baseline=rate("direct")),
-        Figure(section="concurrency", name=f"sidecar RSS peak, {count}", unit="MiB",
-               value=use.rss_peak["sidecar"] / MIB,
-               target=Target(text="<= 150 MiB", on="value", at_most=150)),
-        Figure(section="concurrency", name=f"agent RSS peak, {count}", unit="MiB",
-               value=use.rss_peak["agent"] / MIB),
+        Figure(
+            section="concurrency",
+            name=f"errors, {count}",
+            unit="",
+            value=errors("tunnel"),
+            baseline=errors("direct"),
+            target=Target(text="= 0", on="value", at_most=0),
+        ),
+        Figure(
+            section="concurrency",
+            name=f"echo throughput, {count}",
+            unit="MiB/s",
+            value=rate("tunnel"),
+            baseline=rate("direct"),
+        ),
+        Figure(
+            section="concurrency",
+            name=f"sidecar RSS peak, {count}",
+            unit="MiB",
+            value=use.rss_peak["sidecar"] / MIB,
+            target=Target(text="<= 150 MiB", on="value", at_most=150),
+        ),
+        Figure(
+            section="concurrency",
+            name=f"agent RSS peak, {count}",
+            unit="MiB",
+            value=use.rss_peak["agent"] / MIB,
+        ),
     ]
 
 
@@ -257,9 +363,16 @@ def startup(lab: Lab, settings: Settings) -> list[Figure]:
             log.warning("start-up: composemirror built an image during a timed up; repeating")
         mirrored.append(seconds)
     name = f"up -d (baseline: docker compose up -d), median of {settings.startup_repeats}"
-    return [Figure(section="startup", name=name, unit="s", value=median(mirrored),
-                   baseline=median(plain),
-                   target=Target(text="added <= 3 s", on="added", at_most=3.0))]
+    return [
+        Figure(
+            section="startup",
+            name=name,
+            unit="s",
+            value=median(mirrored),
+            baseline=median(plain),
+            target=Target(text="added <= 3 s", on="added", at_most=3.0),
+        )
+    ]
 
 
 def memory(lab: Lab) -> list[Figure]:
@@ -267,15 +380,28 @@ def memory(lab: Lab) -> list[Figure]:
     idle_peak = lab.monitor.usage["idle"].rss_peak
     after = lab.monitor.snapshot()
     return [
-        Figure(section="memory", name="sidecar RSS, idle", unit="MiB",
-               value=idle_peak["sidecar"] / MIB,
-               target=Target(text="<= 50 MiB", on="value", at_most=50)),
-        Figure(section="memory", name="agent RSS, idle", unit="MiB",
-               value=idle_peak["agent"] / MIB),
-        Figure(section="memory", name="sidecar RSS after the loads", unit="MiB",
-               value=after["sidecar"] / MIB),
-        Figure(section="memory", name="agent RSS after the loads", unit="MiB",
-               value=after["agent"] / MIB),
+        Figure(
+            section="memory",
+            name="sidecar RSS, idle",
+            unit="MiB",
+            value=idle_peak["sidecar"] / MIB,
+            target=Target(text="<= 50 MiB", on="value", at_most=50),
+        ),
+        Figure(
+            section="memory", name="agent RSS, idle", unit="MiB", value=idle_peak["agent"] / MIB
+        ),
+        Figure(
+            section="memory",
+            name="sidecar RSS after the loads",
+            unit="MiB",
+            value=after["sidecar"] / MIB,
+        ),
+        Figure(
+            section="memory",
+            name="agent RSS after the loads",
+            unit="MiB",
+            value=after["agent"] / MIB,
+        ),
     ]
 
 

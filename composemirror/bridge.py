@@ -69,8 +69,7 @@ class Bridge(asyncio.Protocol):
         """Relay from the socket into the stream, beginning with what arrived meanwhile."""
         tunnel = self.tunnel
         assert tunnel is not None
-        self._perform(self.relay.on_started(tunnel.window(self.stream_id),
-                                            tunnel.writing_paused))
+        self._perform(self.relay.on_started(tunnel.window(self.stream_id), tunnel.writing_paused))
 
     # -- the socket ----------------------------------------------------------------------------
 

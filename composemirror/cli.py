@@ -17,16 +17,21 @@ from pathlib import Path
 import yaml
 
 import composemirror
-from composemirror import images, ops
-from composemirror.backends import sandbox
+from composemirror import ops
 from composemirror.errors import ComposeMirrorError
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, runtime: ops.Runtime | None = None) -> int:
+    """Run one command; return its exit code. `runtime` replaces the engine and backends."""
     parser = _parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (argparse printed it)
+        return e.code if isinstance(e.code, int) else 2
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     options = ops.Options(
         files=tuple(args.file),
         project_name=args.project_name,
@@ -36,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_file=args.config,
     )
     try:
-        return int(args.run(args, options))
+        return int(args.run(args, options, runtime or ops.Runtime()))
     except ComposeMirrorError as e:
         print(f"composemirror: {e.message}", file=sys.stderr)
         if e.hint:
@@ -48,31 +53,53 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _up(args: argparse.Namespace, options: ops.Options) -> int:
-    return ops.up(options, services=args.services, detach=args.detach, build=args.build,
-                  progress=_progress)
+def _up(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
+    return ops.up(
+        options,
+        services=args.services,
+        detach=args.detach,
+        build=args.build,
+        progress=_progress,
+        runtime=runtime,
+    )
 
 
-def _down(args: argparse.Namespace, options: ops.Options) -> int:
-    for line in ops.down(options, volumes=args.volumes):
+def _down(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
+    for line in ops.down(options, volumes=args.volumes, progress=_progress, runtime=runtime):
         _progress(f"removed {line}")
     return 0
 
 
-def _config(args: argparse.Namespace, options: ops.Options) -> int:
-    rendered = ops.render(options, write=False)
+def _config(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
+    rendered = ops.render(options, write=False, runtime=runtime)
     for notice in rendered.notices:
         _progress(notice)
     sys.stdout.write(yaml.safe_dump(rendered.model, sort_keys=False, width=1000))
     return 0
 
 
-def _status(args: argparse.Namespace, options: ops.Options) -> int:
-    name, rows = ops.status(options)
+def _status(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
+    name, rows = ops.status(options, runtime=runtime)
     if args.format == "json":
-        print(json.dumps({"project": name, "services": [
-            {"service": r.service, "container": r.container, "role": r.role, "state": r.state,
-             "health": r.health, "link": dict(r.link)} for r in rows]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "project": name,
+                    "services": [
+                        {
+                            "service": r.service,
+                            "container": r.container,
+                            "role": r.role,
+                            "state": r.state,
+                            "health": r.health,
+                            "link": dict(r.link),
+                        }
+                        for r in rows
+                    ],
+                },
+                indent=2,
+            )
+        )
         return 0
     if not rows:
         print(f"project {name}: nothing is running")
@@ -99,8 +126,8 @@ def _describe_link(row: ops.ServiceStatus) -> str:
     return ", ".join(parts)
 
 
-def _doctor(args: argparse.Namespace, options: ops.Options) -> int:
-    checks = ops.doctor(options)
+def _doctor(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
+    checks = ops.doctor(options, runtime=runtime)
     for check in checks:
         print(f"{'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
         if check.hint:
@@ -108,20 +135,17 @@ def _doctor(args: argparse.Namespace, options: ops.Options) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
-def _compose(args: argparse.Namespace, options: ops.Options) -> int:
+def _compose(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
     compose_args = list(args.args)
     if compose_args[:1] == ["--"]:
         compose_args = compose_args[1:]
     if not compose_args:
         raise ComposeMirrorError("give compose a command, e.g. `composemirror compose -- ps`")
-    return ops.compose_passthrough(options, compose_args)
+    return ops.compose_passthrough(options, compose_args, runtime=runtime)
 
 
-def _sandbox(args: argparse.Namespace, options: ops.Options) -> int:
-    if args.action == "up":
-        sandbox.ensure_up({images.BASE_ENV: ops.base_image()})
-    else:
-        sandbox.down()
+def _sandbox(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
+    ops.sandbox(args.action, progress=_progress, runtime=runtime)
     return 0
 
 
@@ -129,18 +153,30 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="composemirror",
         description="Run part of a system in docker compose while the rest stays in a "
-                    "Kubernetes cluster (or the sandbox cluster).",
+        "Kubernetes cluster (or the sandbox cluster).",
     )
     parser.add_argument("--version", action="version", version=composemirror.__version__)
-    parser.add_argument("-f", "--file", action="append", default=[], type=Path,
-                        help="compose file (repeatable), as for docker compose")
+    parser.add_argument(
+        "-f",
+        "--file",
+        action="append",
+        default=[],
+        type=Path,
+        help="compose file (repeatable), as for docker compose",
+    )
     parser.add_argument("-p", "--project-name", help="compose project name")
     parser.add_argument("--profile", action="append", default=[], help="compose profile")
-    parser.add_argument("--env-file", action="append", default=[], type=Path,
-                        help="compose env file for interpolation")
+    parser.add_argument(
+        "--env-file",
+        action="append",
+        default=[],
+        type=Path,
+        help="compose env file for interpolation",
+    )
     parser.add_argument("--project-directory", type=Path, help="compose project directory")
-    parser.add_argument("--config", type=Path,
-                        help="composemirror config file (instead of x-composemirror)")
+    parser.add_argument(
+        "--config", type=Path, help="composemirror config file (instead of x-composemirror)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is done")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -151,8 +187,12 @@ def _parser() -> argparse.ArgumentParser:
     up.set_defaults(run=_up)
 
     down = commands.add_parser("down", help="remove everything up created, the agent included")
-    down.add_argument("-v", "--volumes", action="store_true",
-                      help="also remove named volumes declared by the project")
+    down.add_argument(
+        "-v",
+        "--volumes",
+        action="store_true",
+        help="also remove named volumes declared by the project",
+    )
     down.set_defaults(run=_down)
 
     config = commands.add_parser("config", help="print the rewritten compose model")
@@ -166,8 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="check engine, compose, images, target, link")
     doctor.set_defaults(run=_doctor)
 
-    passthrough = commands.add_parser("compose", help="docker compose ARGS on the rendered "
-                                                      "project")
+    passthrough = commands.add_parser("compose", help="docker compose ARGS on the rendered project")
     passthrough.add_argument("args", nargs=argparse.REMAINDER)
     passthrough.set_defaults(run=_compose)
 

@@ -1,8 +1,10 @@
-"""The rewrite: the compose model in, the model with sidecars and the agent out.
+"""The rewrite: the compose model in, the model with sidecars (and a local agent) out.
 
 `rewrite()` is a pure function over the model that `docker compose config --format json` returns
 (interpolated, merged, normalised). It never reads or writes files and never talks to Docker; the
-caller resolves images, the target and its environment first and passes them in a `Plan`.
+caller resolves images, the target, its environment and the agent's placement first and passes
+them in a `Plan`. A `ContainerPlacement` adds the agent as a service linked by a shared volume; a
+`ForwardedPlacement` adds no agent and points the sidecars at the forwarder's address.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from composemirror import environment
+from composemirror.backends import ContainerPlacement, ForwardedPlacement, Placement
 from composemirror.config import BLOCK, Config
 from composemirror.errors import ConfigError
-from composemirror.sidecar.settings import (
-    AGENT_SOCKET,
+from composemirror.link import (
+    AGENT_LINK,
     ENV_VAR,
     LINK_DIR,
     READY_FILE,
+    AgentSettings,
     FilterText,
+    LinkAddress,
     SidecarSettings,
 )
 
@@ -38,8 +43,20 @@ SIDECAR_SUFFIX = "-mirror"
 
 # Keys Docker refuses on a container that joins another's network namespace: they describe the
 # network identity, so they move to the sidecar that owns the namespace.
-MOVED_KEYS = ("networks", "ports", "expose", "hostname", "domainname", "dns", "dns_search",
-              "dns_opt", "extra_hosts", "mac_address", "links")
+MOVED_KEYS = (
+    "networks",
+    "ports",
+    "expose",
+    "hostname",
+    "domainname",
+    "dns",
+    "dns_search",
+    "dns_opt",
+    "extra_hosts",
+    "mac_address",
+    "links",
+    "external_links",
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,8 +66,8 @@ class Plan:
     version: str
     sidecar_image: str
     agent_image: str
-    agent_network_mode: str
-    """How the agent joins the target, e.g. `container:shop-checkout-1`."""
+    placement: Placement
+    """Where the agent runs and how the sidecars reach it."""
     key_file: str
     """Host path of the per-`up` tunnel key."""
     remote_env: Mapping[str, str] = field(default_factory=dict)
@@ -69,7 +86,10 @@ def rewrite(model: Mapping[str, Any], config: Config, plan: Plan) -> dict[str, A
     project = str(rendered.get("name", ""))
     services: dict[str, Any] = rendered.setdefault("services", {})
     _check(services, config)
-    names = sorted(project_names(services, config))
+    local = project_names(services, config, project)
+    if isinstance(plan.placement, ForwardedPlacement):
+        local |= {name.lower() for name in plan.placement.extra_hosts}
+    names = sorted(local)
     for name in config.services:
         app = services[name]
         side = sidecar_name(name)
@@ -79,7 +99,9 @@ def rewrite(model: Mapping[str, Any], config: Config, plan: Plan) -> dict[str, A
         app["network_mode"] = f"service:{side}"
         # The model writes `$$` for a literal `$`: merge raw values, then write them back so.
         merged = environment.merge(
-            plan.remote_env, config.env, env_file=plan.env_file,
+            plan.remote_env,
+            config.env,
+            env_file=plan.env_file,
             compose=unescape(app.get("environment") or {}),
         )
         app["environment"] = {k: None if v is None else escape(v) for k, v in merged.items()}
@@ -91,34 +113,73 @@ def rewrite(model: Mapping[str, Any], config: Config, plan: Plan) -> dict[str, A
         # compose config lists only the services of the active profiles; without this the
         # rendered file would need the same --profile flags on every later compose call.
         service.pop("profiles", None)
-    services[AGENT_SERVICE] = {
-        "image": plan.agent_image,
-        "command": ["python3", "-m", "composemirror.agent", "--listen", f"unix:{AGENT_SOCKET}"],
-        "network_mode": plan.agent_network_mode,
-        "volumes": [_link_mount()],
-        "secrets": [KEY_SECRET],
-        "restart": "unless-stopped",
-        "labels": _labels(project, plan, "agent"),
-    }
-    rendered.setdefault("volumes", {})[LINK_VOLUME] = {"labels": _labels(project, plan, "link")}
+    if isinstance(plan.placement, ContainerPlacement):
+        services[AGENT_SERVICE] = {
+            "image": plan.agent_image,
+            "command": AgentSettings(listen=AGENT_LINK).command(),
+            "network_mode": plan.placement.network_mode,
+            "volumes": [_link_mount()],
+            "secrets": [KEY_SECRET],
+            "restart": "unless-stopped",
+            "labels": _labels(project, plan, "agent"),
+        }
+        rendered.setdefault("volumes", {})[LINK_VOLUME] = {"labels": _labels(project, plan, "link")}
     rendered.setdefault("secrets", {})[KEY_SECRET] = {"file": plan.key_file}
     return rendered
 
 
-def project_names(services: Mapping[str, Any], config: Config) -> set[str]:
-    """Every name the project's own DNS answers: these stay local unless filtered remote."""
+def link_of(placement: Placement) -> LinkAddress:
+    """Where the sidecars dial for `placement`."""
+    if isinstance(placement, ForwardedPlacement):
+        return placement.link
+    return AGENT_LINK
+
+
+def project_names(services: Mapping[str, Any], config: Config, project: str = "") -> set[str]:
+    """Every name the project's own DNS answers: these stay local unless filtered remote.
+
+    Service names, container names (compose's `<project>-<service>-<n>` or `container_name`),
+    aliases, links and external links, `extra_hosts`, and the `hosts` of the configuration.
+    """
     names = set(config.hosts) | {AGENT_SERVICE} | {sidecar_name(s) for s in config.services}
     for name, service in services.items():
         names.add(name)
-        if service.get("container_name"):
-            names.add(service["container_name"])
+        names.update(container_names(project, name, service))
         for network in (service.get("networks") or {}).values():
             names.update((network or {}).get("aliases") or ())
-        for link in service.get("links") or ():
+        for link in [*(service.get("links") or ()), *(service.get("external_links") or ())]:
             names.add(link.split(":")[-1])
         for entry in service.get("extra_hosts") or ():
             names.add(_extra_host_name(entry))
     return {n.lower().rstrip(".") for n in names}
+
+
+def container_names(project: str, name: str, service: Mapping[str, Any]) -> list[str]:
+    """The names compose gives a service's containers: `container_name`, else
+    `<project>-<service>-<n>` for each replica (docker compose's naming, `-` separated since
+    Compose v2; see the compose docs, "container_name")."""
+    if service.get("container_name"):
+        return [str(service["container_name"])]
+    if not project:
+        return []
+    replicas = (service.get("deploy") or {}).get("replicas") or service.get("scale") or 1
+    return [f"{project}-{name}-{n}" for n in range(1, int(replicas) + 1)]
+
+
+def notices(model: Mapping[str, Any], config: Config) -> tuple[str, ...]:
+    """What the rewrite does that the user may not expect, one sentence each: services that
+    share a mirrored app's network namespace (`network_mode: service:APP`) share its sidecar,
+    so their traffic is filtered and tunnelled as the app's is."""
+    found = []
+    for name, service in sorted((model.get("services") or {}).items()):
+        owner = str(service.get("network_mode") or "").removeprefix("service:")
+        if owner in config.services and name not in config.services:
+            found.append(
+                f"{name!r} shares the network namespace of {owner!r} (network_mode: "
+                f"service:{owner}), so its traffic goes through {sidecar_name(owner)!r} too: "
+                "names and addresses the filter does not make local reach the cluster"
+            )
+    return tuple(found)
 
 
 def published_ports(service: Mapping[str, Any]) -> Iterator[tuple[str, int, str]]:
@@ -139,14 +200,23 @@ def _check(services: Mapping[str, Any], config: Config) -> None:
     where = f"{config.source}: {BLOCK}"
     for i, name in enumerate(config.services):
         if name not in services:
-            raise ConfigError(f"{where}.services[{i}]: {name!r} is not a service of this project",
-                              hint=_suggest(name, services))
+            raise ConfigError(
+                f"{where}.services[{i}]: {name!r} is not a service of this project",
+                hint=_suggest(name, services),
+            )
         service = services[name]
         mode = service.get("network_mode")
         if mode:
+            owner = str(mode).removeprefix("service:")
+            hint = (
+                f"mirror {owner!r} instead (its sidecar serves {name!r} too, which shares its "
+                "network namespace)"
+                if str(mode).startswith("service:")
+                else f"remove network_mode from {name!r}, or remove it from {BLOCK}.services"
+            )
             raise ConfigError(
                 f"service {name!r} has `network_mode: {mode}`, so it cannot get a sidecar",
-                hint=f"remove network_mode from {name!r}, or remove it from {BLOCK}.services",
+                hint=hint,
             )
         replicas = (service.get("deploy") or {}).get("replicas") or service.get("scale") or 1
         if int(replicas) > 1:
@@ -156,31 +226,49 @@ def _check(services: Mapping[str, Any], config: Config) -> None:
             )
         for ours in (sidecar_name(name), AGENT_SERVICE):
             if ours in services:
-                raise ConfigError(f"the project already has a service named {ours!r}, "
-                                  "which composemirror needs for its own containers",
-                                  hint="rename that service")
-    taken: dict[tuple[int, str], list[tuple[str, str]]] = {}
-    for name in config.services:
-        for host_ip, port, protocol in published_ports(services[name]):
-            for other_ip, other in taken.get((port, protocol), []):
-                if other != name and (not host_ip or not other_ip or host_ip == other_ip):
-                    raise ConfigError(
-                        f"services {other!r} and {name!r} both publish host port "
-                        f"{port}/{protocol}",
-                        hint="give each a different published port",
-                    )
-            taken.setdefault((port, protocol), []).append((host_ip, name))
+                raise ConfigError(
+                    f"the project already has a service named {ours!r}, "
+                    "which composemirror needs for its own containers",
+                    hint="rename that service",
+                )
+    _check_ports(services, config)
     for host, target in config.hosts.items():
         key = f"{where}.hosts.{host}"
         if target not in services:
-            raise ConfigError(f"{key}: {target!r} is not a service of this project",
-                              hint=_suggest(target, services))
+            raise ConfigError(
+                f"{key}: {target!r} is not a service of this project",
+                hint=_suggest(target, services),
+            )
         target_networks = set(services[target].get("networks") or {})
         for name in config.services:
             if not target_networks & set(services[name].get("networks") or {}):
-                raise ConfigError(f"{key}: {target!r} shares no network with {name!r}, "
-                                  f"so {name!r} cannot reach it",
-                                  hint=f"put {target!r} and {name!r} on a common network")
+                raise ConfigError(
+                    f"{key}: {target!r} shares no network with {name!r}, "
+                    f"so {name!r} cannot reach it",
+                    hint=f"put {target!r} and {name!r} on a common network",
+                )
+
+
+def _check_ports(services: Mapping[str, Any], config: Config) -> None:
+    """Refuse two services publishing the same host port when one of them is mirrored.
+
+    A mirrored app's ports move to its sidecar; compose would find the clash only half-way
+    through `up`, with containers already created. An empty host address (or 0.0.0.0, ::)
+    binds every address, so it clashes with any other on the same port and protocol.
+    """
+    taken: dict[tuple[int, str], list[tuple[str, str]]] = {}
+    order = [*config.services, *(n for n in services if n not in config.services)]
+    for name in order:
+        for host_ip, port, protocol in published_ports(services[name]):
+            for other_ip, other in taken.get((port, protocol), []):
+                clash = not host_ip or not other_ip or host_ip == other_ip
+                if other != name and clash and other in config.services:
+                    raise ConfigError(
+                        f"services {other!r} and {name!r} both publish host port "
+                        f"{port}/{protocol}; compose would fail half-way through `up`",
+                        hint="give each a different published port",
+                    )
+            taken.setdefault((port, protocol), []).append((host_ip, name))
 
 
 def _sidecar(
@@ -191,8 +279,11 @@ def _sidecar(
     project: str,
     names: list[str],
 ) -> dict[str, Any]:
+    local_agent = isinstance(plan.placement, ContainerPlacement)
+    mounts = _sidecar_mounts(plan.placement)
     settings = SidecarSettings(
         service=name,
+        link=link_of(plan.placement),
         names=tuple(names),
         hosts=dict(config.hosts),
         tcp=config.network.tcp,
@@ -206,7 +297,7 @@ def _sidecar(
         "command": ["python3", "-m", "composemirror.sidecar"],
         "cap_add": ["NET_ADMIN"],
         "environment": {ENV_VAR: escape(settings.to_json())},
-        "volumes": [_link_mount()],
+        **({"volumes": mounts} if mounts else {}),
         "secrets": [KEY_SECRET],
         "healthcheck": {
             "test": ["CMD", "test", "-e", READY_FILE],
@@ -214,16 +305,23 @@ def _sidecar(
             "timeout": "5s",
             "retries": 60,
         },
-        "depends_on": {AGENT_SERVICE: {"condition": "service_started", "required": True}},
+        **(
+            {"depends_on": {AGENT_SERVICE: {"condition": "service_started", "required": True}}}
+            if local_agent
+            else {}
+        ),
         "labels": _labels(project, plan, "sidecar", name),
     }
     for key in MOVED_KEYS:
         if app.get(key) is not None:
             sidecar[key] = copy.deepcopy(app[key])
+    if isinstance(plan.placement, ForwardedPlacement) and plan.placement.extra_hosts:
+        sidecar["extra_hosts"] = _with_hosts(sidecar.get("extra_hosts"), plan.placement.extra_hosts)
     if app.get("restart") is not None:
         sidecar["restart"] = app["restart"]
-    # Other services keep finding the app under its own name (and container name).
-    aliases = [name, *([app["container_name"]] if app.get("container_name") else [])]
+    # Other services keep finding the app under its own name and its container name (which
+    # the app's container, having no network of its own, no longer answers to).
+    aliases = [name, *container_names(project, name, app)]
     networks = sidecar.get("networks") or {"default": None}
     for network_name, network in list(networks.items()):
         network = dict(network or {})
@@ -272,8 +370,26 @@ def unescape(value: Any) -> Any:
     return value
 
 
+def _sidecar_mounts(placement: Placement) -> list[dict[str, str]]:
+    """The link volume shared with a local agent, or the forwarder's bind mounts."""
+    if isinstance(placement, ContainerPlacement):
+        return [_link_mount()]
+    return [
+        {"type": "bind", "source": source, "target": target}
+        for source, target in sorted(placement.mounts.items())
+    ]
+
+
 def _link_mount() -> dict[str, str]:
     return {"type": "volume", "source": LINK_VOLUME, "target": LINK_DIR}
+
+
+def _with_hosts(entries: Any, hosts: Mapping[str, str]) -> Any:
+    """The app's extra_hosts (a list or, from newer compose, a mapping) plus `hosts`."""
+    if isinstance(entries, dict):
+        return {**entries, **{name: [address] for name, address in hosts.items()}}
+    kept = [e for e in entries or () if _extra_host_name(e) not in hosts]
+    return [*kept, *(f"{name}={address}" for name, address in sorted(hosts.items()))]
 
 
 def _extra_host_name(entry: str) -> str:
@@ -286,4 +402,3 @@ def _suggest(name: str, services: Mapping[str, Any]) -> str:
     if close:
         return f"did you mean {close[0]!r}?"
     return f"services of this project: {', '.join(sorted(services))}"
-

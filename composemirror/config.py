@@ -58,26 +58,80 @@ _TARGET_TABLE_KINDS: dict[str, TargetKind] = {
 
 # mirrord keys that have no meaning for a network-level sidecar: accepted so that a mirrord
 # config pastes in unchanged, and reported once as ignored.
-_IGNORED_FEATURE_KEYS = ("fs", "hostname", "copy_target", "split_queues", "db_branches", "magic",
-                         "preview")
-_IGNORED_TOP_KEYS = ("agent", "operator", "kubeconfig", "accept_invalid_certificates",
-                     "skip_processes", "skip_build_tools", "telemetry", "internal_proxy",
-                     "external_proxy", "use_proxy", "sip_binaries", "pause", "connect_tcp",
-                     "experimental", "ci", "feedback")
+_IGNORED_FEATURE_KEYS = (
+    "fs",
+    "hostname",
+    "copy_target",
+    "split_queues",
+    "db_branches",
+    "magic",
+    "preview",
+)
+_IGNORED_TOP_KEYS = (
+    "operator",
+    "kubeconfig",
+    "accept_invalid_certificates",
+    "skip_processes",
+    "skip_build_tools",
+    "telemetry",
+    "internal_proxy",
+    "external_proxy",
+    "use_proxy",
+    "sip_binaries",
+    "pause",
+    "connect_tcp",
+    "experimental",
+    "ci",
+    "feedback",
+)
 
 # mirrord's agent never imports these (mirrord/agent/src/env.rs); HOSTNAME and KUBERNETES_* are
 # added because inside a container they describe the pod, not the app, and would mislead it.
 DEFAULT_ENV_EXCLUDES = (
-    "BUNDLER_ORIG_BUNDLER_ORIG_MANPATH", "BUNDLER_ORIG_BUNDLER_VERSION",
-    "BUNDLER_ORIG_BUNDLE_BIN_PATH", "BUNDLER_ORIG_BUNDLE_GEMFILE", "BUNDLER_ORIG_GEM_HOME",
-    "BUNDLER_ORIG_MANPATH", "BUNDLER_ORIG_PATH", "BUNDLER_ORIG_RB_USER_INSTALL",
-    "BUNDLER_ORIG_RUBYLIB", "BUNDLER_ORIG_RUBYOPT", "BUNDLER_VERSION", "BUNDLE_APP_CONFIG",
-    "BUNDLE_BIN_PATH", "BUNDLE_FORCE_RUBY_PLATFORM", "BUNDLE_GEMFILE", "BUNDLE_GEM_PATH",
-    "BUNDLE_PATH", "BUNDLE_WITHOUT", "CATALINA_HOME", "CLASSPATH", "DOTNET_EnableDiagnostics",
-    "DOTNET_STARTUP_HOOKS", "GEM_HOME", "GEM_PATH", "GOPATH", "GOMODCACHE", "HOME", "HOMEPATH",
-    "JAVA_EXE", "JAVA_HOME", "JAVA_TOOL_OPTIONS", "PATH", "PWD", "PYTHONPATH", "RUBYLIB",
-    "RUBYOPT", "MIRRORD_LOG", "RUST_LOG", "_JAVA_OPTIONS", "TEMP", "TMP", "TMPDIR",
-    "HOSTNAME", "KUBERNETES_*",
+    "BUNDLER_ORIG_BUNDLER_ORIG_MANPATH",
+    "BUNDLER_ORIG_BUNDLER_VERSION",
+    "BUNDLER_ORIG_BUNDLE_BIN_PATH",
+    "BUNDLER_ORIG_BUNDLE_GEMFILE",
+    "BUNDLER_ORIG_GEM_HOME",
+    "BUNDLER_ORIG_MANPATH",
+    "BUNDLER_ORIG_PATH",
+    "BUNDLER_ORIG_RB_USER_INSTALL",
+    "BUNDLER_ORIG_RUBYLIB",
+    "BUNDLER_ORIG_RUBYOPT",
+    "BUNDLER_VERSION",
+    "BUNDLE_APP_CONFIG",
+    "BUNDLE_BIN_PATH",
+    "BUNDLE_FORCE_RUBY_PLATFORM",
+    "BUNDLE_GEMFILE",
+    "BUNDLE_GEM_PATH",
+    "BUNDLE_PATH",
+    "BUNDLE_WITHOUT",
+    "CATALINA_HOME",
+    "CLASSPATH",
+    "DOTNET_EnableDiagnostics",
+    "DOTNET_STARTUP_HOOKS",
+    "GEM_HOME",
+    "GEM_PATH",
+    "GOPATH",
+    "GOMODCACHE",
+    "HOME",
+    "HOMEPATH",
+    "JAVA_EXE",
+    "JAVA_HOME",
+    "JAVA_TOOL_OPTIONS",
+    "PATH",
+    "PWD",
+    "PYTHONPATH",
+    "RUBYLIB",
+    "RUBYOPT",
+    "MIRRORD_LOG",
+    "RUST_LOG",
+    "_JAVA_OPTIONS",
+    "TEMP",
+    "TMP",
+    "TMPDIR",
+    "HOSTNAME",
+    "KUBERNETES_*",
 )
 
 
@@ -136,6 +190,74 @@ class NetworkSettings:
     """`dns.filter`: which names are resolved on which side."""
 
 
+# mirrord's `agent` keys that composemirror uses; the others are accepted and reported ignored.
+_AGENT_KEYS = (
+    "image",
+    "image_pull_policy",
+    "image_pull_secrets",
+    "ttl",
+    "startup_timeout",
+    "ephemeral",
+    "namespace",
+    "labels",
+    "annotations",
+    "port",
+)
+_IGNORED_AGENT_KEYS = (
+    "log_level",
+    "json_log",
+    "communication_timeout",
+    "network_interface",
+    "flush_connections",
+    "disabled_capabilities",
+    "tolerations",
+    "resources",
+    "check_out_of_pods",
+    "privileged",
+    "nftables",
+    "dns",
+    "node_selector",
+    "service_account",
+    "metrics",
+    "exclude_from_mesh",
+    "inject_headers",
+    "max_body_buffer_size",
+    "max_body_buffer_timeout",
+    "priority_class",
+    "security_context",
+    "clear_iptables_on_start",
+)
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+DEFAULT_AGENT_IMAGE = "python:3.12-slim"
+"""A stock public image: the agent's code travels in the session's Secret (Kubernetes backend)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentSettings:
+    """mirrord's `agent` block, for targets in a Kubernetes cluster."""
+
+    image: str = DEFAULT_AGENT_IMAGE
+    """Any image with python3 >= 3.11; the agent's code is carried in, so none is published."""
+    image_pull_policy: str = "IfNotPresent"
+    """Always, IfNotPresent or Never, as in a pod spec."""
+    image_pull_secrets: tuple[str, ...] = ()
+    """Names of docker-registry Secrets in the agent's namespace."""
+    ttl: int = 30
+    """Seconds the agent waits with no link connected before it exits (mirrord's `ttl`)."""
+    startup_timeout: int = 60
+    """Seconds to wait for the agent to be ready (image pull included)."""
+    ephemeral: bool = True
+    """Run the agent as an ephemeral container in the target pod (False: a Job beside it)."""
+    namespace: str | None = None
+    """Namespace of a Job agent (targetless, fallback); None for the target's."""
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """Extra labels on what composemirror creates in the cluster."""
+    annotations: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """Extra annotations on what composemirror creates in the cluster."""
+    port: int = 47017
+    """Port the agent listens on, on 127.0.0.1 inside the pod."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole x-composemirror block, validated."""
@@ -153,6 +275,7 @@ class Config:
     """Host name -> compose service that answers for it (lower-case names)."""
     env: EnvSettings = field(default_factory=EnvSettings)
     network: NetworkSettings = field(default_factory=NetworkSettings)
+    agent: AgentSettings = field(default_factory=AgentSettings)
     ignored: tuple[str, ...] = ()
     """mirrord keys that were accepted but have no effect here, as key paths."""
 
@@ -218,8 +341,16 @@ class _Loader:
         return result
 
     def config(self, block: Any) -> Config:
-        known = ("target", "namespace", "kube_context", "services", "hosts", "feature",
-                 *_IGNORED_TOP_KEYS)
+        known = (
+            "target",
+            "namespace",
+            "kube_context",
+            "services",
+            "hosts",
+            "feature",
+            "agent",
+            *_IGNORED_TOP_KEYS,
+        )
         raw = self.table(block, BLOCK, known)
         self.ignored.extend(f"{BLOCK}.{k}" for k in _IGNORED_TOP_KEYS if k in raw)
         target, namespace = self.target(raw.get("target"), raw.get("namespace"))
@@ -236,8 +367,9 @@ class _Loader:
         if len(set(services)) != len(services):
             raise self.fail(f"{BLOCK}.services", "lists a service twice")
         hosts = self.hosts(raw.get("hosts"))
-        feature = self.table(raw.get("feature"), f"{BLOCK}.feature",
-                             ("env", "network", *_IGNORED_FEATURE_KEYS))
+        feature = self.table(
+            raw.get("feature"), f"{BLOCK}.feature", ("env", "network", *_IGNORED_FEATURE_KEYS)
+        )
         self.ignored.extend(f"{BLOCK}.feature.{k}" for k in _IGNORED_FEATURE_KEYS if k in feature)
         return Config(
             source=self.source,
@@ -248,6 +380,7 @@ class _Loader:
             hosts=MappingProxyType(hosts),
             env=self.env(feature.get("env")),
             network=self.network(feature.get("network")),
+            agent=self.agent(raw.get("agent")),
             ignored=tuple(self.ignored),
         )
 
@@ -258,8 +391,9 @@ class _Loader:
             table = self.table(value, path, ("path", "namespace"))
             if table.get("namespace") is not None:
                 if namespace is not None and namespace != table["namespace"]:
-                    raise self.fail(path + ".namespace",
-                                    f"conflicts with {BLOCK}.namespace; keep one of them")
+                    raise self.fail(
+                        path + ".namespace", f"conflicts with {BLOCK}.namespace; keep one of them"
+                    )
                 namespace = table["namespace"]
                 namespace_path = path + ".namespace"
             value = table.get("path", "targetless")
@@ -269,9 +403,11 @@ class _Loader:
         if namespace is not None and (not isinstance(namespace, str) or not namespace):
             raise self.fail(namespace_path, "expected a namespace name")
         if value is None:
-            raise self.fail(path, "missing: name what the app impersonates",
-                            "e.g. `target: deployment/checkout`, `targetless` or "
-                            "`docker://CONTAINER`")
+            raise self.fail(
+                path,
+                "missing: name what the app impersonates",
+                "e.g. `target: deployment/checkout`, `targetless` or `docker://CONTAINER`",
+            )
         if not isinstance(value, str):
             raise self.fail(path, f"expected a string, got {_kind(value)}")
         return self.target_text(value, path), namespace
@@ -301,7 +437,8 @@ class _Loader:
         kind = _KINDS.get(parts[0].lower())
         if kind is None or len(parts) not in (2, 4) or not parts[1]:
             raise self.fail(
-                path, f"{text!r} is not a target",
+                path,
+                f"{text!r} is not a target",
                 "use pod/NAME, deployment/NAME, statefulset/NAME (optionally /container/C), "
                 "targetless, or docker://CONTAINER",
             )
@@ -329,13 +466,19 @@ class _Loader:
         path = f"{BLOCK}.feature.env"
         if isinstance(value, bool):
             return EnvSettings(enabled=value)
-        raw = self.table(value, path, ("include", "exclude", "override", "env_file", "mapping",
-                                       "unset", "load_from_process"))
+        raw = self.table(
+            value,
+            path,
+            ("include", "exclude", "override", "env_file", "mapping", "unset", "load_from_process"),
+        )
         include = self.strings(raw.get("include"), f"{path}.include")
         exclude = self.strings(raw.get("exclude"), f"{path}.exclude")
         if include and exclude:
-            raise self.fail(path, "`include` and `exclude` cannot be used together",
-                            "keep one: include lists what to import, exclude what to skip")
+            raise self.fail(
+                path,
+                "`include` and `exclude` cannot be used together",
+                "keep one: include lists what to import, exclude what to skip",
+            )
         if "load_from_process" in raw:
             self.ignored.append(f"{path}.load_from_process")
         mapping = self.string_map(raw.get("mapping"), f"{path}.mapping")
@@ -356,6 +499,86 @@ class _Loader:
             unset=self.strings(raw.get("unset"), f"{path}.unset"),
         )
 
+    def agent(self, value: Any) -> AgentSettings:
+        path = f"{BLOCK}.agent"
+        raw = self.table(value, path, (*_AGENT_KEYS, *_IGNORED_AGENT_KEYS))
+        self.ignored.extend(f"{path}.{k}" for k in _IGNORED_AGENT_KEYS if k in raw)
+        defaults = AgentSettings()
+        image = raw.get("image", defaults.image)
+        if isinstance(image, dict):  # mirrord's `{registry: ..., tag: ...}` form
+            table = self.table(image, f"{path}.image", ("registry", "tag"))
+            registry, tag = table.get("registry"), table.get("tag")
+            if not isinstance(registry, str) or not registry:
+                raise self.fail(
+                    f"{path}.image.registry",
+                    "expected an image name",
+                    "e.g. `registry: registry.example.com/python`",
+                )
+            if tag is not None and (not isinstance(tag, str) or not tag):
+                raise self.fail(f"{path}.image.tag", f"expected a tag, got {_kind(tag)}")
+            image = f"{registry}:{tag}" if tag else registry
+        if not isinstance(image, str) or not re.fullmatch(r"[^\s]+", image):
+            raise self.fail(
+                f"{path}.image",
+                f"expected an image reference, got {_kind(image)}",
+                "any image with python3 >= 3.11, e.g. `python:3.12-slim`",
+            )
+        policy = raw.get("image_pull_policy", defaults.image_pull_policy)
+        if policy not in PULL_POLICIES:
+            raise self.fail(
+                f"{path}.image_pull_policy",
+                f"{policy!r} is not a pull policy",
+                f"use one of {', '.join(PULL_POLICIES)}",
+            )
+        secrets = []
+        pulls = raw.get("image_pull_secrets") or []
+        if not isinstance(pulls, list):
+            raise self.fail(
+                f"{path}.image_pull_secrets",
+                f"expected a list, got {_kind(pulls)}",
+                "e.g. `[{name: regcred}]` or `[regcred]`",
+            )
+        for i, item in enumerate(pulls):
+            name = item.get("name") if isinstance(item, dict) else item
+            if not isinstance(name, str) or not _DNS_NAME.fullmatch(name):
+                raise self.fail(
+                    f"{path}.image_pull_secrets[{i}]", "expected a Secret name or `{name: SECRET}`"
+                )
+            secrets.append(name)
+        namespace = raw.get("namespace")
+        if namespace is not None and (
+            not isinstance(namespace, str) or not _DNS_LABEL.fullmatch(namespace)
+        ):
+            raise self.fail(f"{path}.namespace", "expected a namespace name")
+        return AgentSettings(
+            image=image,
+            image_pull_policy=policy,
+            image_pull_secrets=tuple(secrets),
+            ttl=self.seconds(raw.get("ttl"), f"{path}.ttl", defaults.ttl, 1, 3600),
+            startup_timeout=self.seconds(
+                raw.get("startup_timeout"),
+                f"{path}.startup_timeout",
+                defaults.startup_timeout,
+                5,
+                1800,
+            ),
+            ephemeral=self.boolean(raw.get("ephemeral"), f"{path}.ephemeral", True),
+            namespace=namespace,
+            labels=MappingProxyType(self.string_map(raw.get("labels"), f"{path}.labels")),
+            annotations=MappingProxyType(
+                self.string_map(raw.get("annotations"), f"{path}.annotations")
+            ),
+            port=self.seconds(raw.get("port"), f"{path}.port", defaults.port, 1024, 65535),
+        )
+
+    def seconds(self, value: Any, path: str, default: int, low: int, high: int) -> int:
+        """A whole number within [low, high] (seconds, or a port)."""
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(path, f"expected a whole number from {low} to {high}, got {value!r}")
+        return value
+
     def network(self, value: Any) -> NetworkSettings:
         path = f"{BLOCK}.feature.network"
         if isinstance(value, bool):
@@ -368,13 +591,17 @@ class _Loader:
         if isinstance(out, bool):
             tcp = udp = out
         else:
-            table = self.table(out, f"{path}.outgoing",
-                               ("tcp", "udp", "filter", "ignore_localhost", "unix_streams"))
+            table = self.table(
+                out,
+                f"{path}.outgoing",
+                ("tcp", "udp", "filter", "ignore_localhost", "unix_streams"),
+            )
             tcp = self.boolean(table.get("tcp"), f"{path}.outgoing.tcp", True)
             udp = self.boolean(table.get("udp"), f"{path}.outgoing.udp", True)
             outgoing = self.filter(table.get("filter"), f"{path}.outgoing.filter", protocols=True)
-            self.ignored.extend(f"{path}.outgoing.{k}" for k in ("ignore_localhost",
-                                                                   "unix_streams") if k in table)
+            self.ignored.extend(
+                f"{path}.outgoing.{k}" for k in ("ignore_localhost", "unix_streams") if k in table
+            )
         dns_enabled = True
         dns = None
         dns_raw = raw.get("dns")
@@ -384,16 +611,20 @@ class _Loader:
             table = self.table(dns_raw, f"{path}.dns", ("enabled", "filter"))
             dns_enabled = self.boolean(table.get("enabled"), f"{path}.dns.enabled", True)
             dns = self.filter(table.get("filter"), f"{path}.dns.filter", protocols=False)
-        return NetworkSettings(tcp=tcp, udp=udp, outgoing=outgoing, dns_enabled=dns_enabled,
-                               dns=dns)
+        return NetworkSettings(
+            tcp=tcp, udp=udp, outgoing=outgoing, dns_enabled=dns_enabled, dns=dns
+        )
 
     def filter(self, value: Any, path: str, *, protocols: bool) -> Filter | None:
         if value is None:
             return None
         table = self.table(value, path, ("local", "remote"))
         if len(table) != 1:
-            raise self.fail(path, "give exactly one of `local` or `remote`",
-                            "`local` lists what stays local; `remote` what goes to the cluster")
+            raise self.fail(
+                path,
+                "give exactly one of `local` or `remote`",
+                "`local` lists what stays local; `remote` what goes to the cluster",
+            )
         mode: Mode = "local" if "local" in table else "remote"
         entries = self.strings(table[mode], f"{path}.{mode}")
         if not entries:
@@ -402,14 +633,26 @@ class _Loader:
             try:
                 parse_filter(mode, [entry], protocols=protocols)
             except FilterSyntaxError as e:
-                raise self.fail(f"{path}.{mode}[{i}]", str(e),
-                                "entries look like `tcp://host:5432`, `10.0.0.0/8`, "
-                                "`*.internal` or `:53`") from None
+                raise self.fail(
+                    f"{path}.{mode}[{i}]",
+                    str(e),
+                    "entries look like `tcp://host:5432`, `10.0.0.0/8`, `*.internal` or `:53`",
+                ) from None
         return parse_filter(mode, entries, protocols=protocols)
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 
 def _kind(value: Any) -> str:
     if value is None:
         return "nothing"
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }.get(type(value), type(value).__name__)

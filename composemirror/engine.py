@@ -1,13 +1,13 @@
-"""The only module that talks to the Docker engine and to docker compose.
+"""The only module that talks to the Docker engine and to docker compose: the `Engine` object.
 
 python-on-whales runs compose; the docker SDK builds images and finds resources by label. Their
 exceptions become `EngineError` (the engine failed) or `ConfigError` (compose rejected the input)
-here, with compose's own message. Nothing here decides what to create; `ops` does.
+here, with compose's own message. Nothing here decides what to create; `ops` does, through an
+`Engine` it is given (`composemirror.fakes.FakeEngine` in tests).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -78,184 +78,214 @@ class Container:
     image: str
 
 
-def docker_binary() -> str:
-    found = shutil.which("docker")
-    if found is None:
-        raise EngineError("the docker CLI is not installed", hint=ENGINE_HINT)
-    return found
+class Engine:
+    """The Docker engine and docker compose, as composemirror uses them.
 
-
-@functools.cache
-def client() -> docker.DockerClient:
-    """The docker SDK client, API version negotiated with the engine."""
-    try:
-        sdk = docker.from_env(version="auto", timeout=120)
-        sdk.ping()
-    except docker.errors.DockerException as e:
-        raise EngineError(f"cannot reach the Docker engine: {e}", hint=ENGINE_HINT) from e
-    return sdk
-
-
-def engine_version() -> str:
-    return str(client().version().get("Version", "unknown"))
-
-
-def compose_version() -> str:
-    try:
-        result = subprocess.run([docker_binary(), "compose", "version", "--short"],
-                                capture_output=True, text=True, timeout=30, check=True)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-        raise EngineError("the docker compose plugin does not run", hint=COMPOSE_HINT) from e
-    return result.stdout.strip()
-
-
-def compose_model(project: ComposeProject) -> dict[str, Any]:
-    """`docker compose config --format json`: the interpolated, merged, normalised model."""
-    command = [docker_binary(), "compose", *project.flags(), "config", "--format", "json"]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                                env=project.process_env())
-    except subprocess.TimeoutExpired as e:
-        raise EngineError("docker compose config did not answer in 120 s",
-                          hint=COMPOSE_HINT) from e
-    if result.returncode != 0:
-        message = result.stderr.strip()
-        if "is not a docker command" in message or "unknown command" in message:
-            raise EngineError("the docker compose plugin is missing", hint=COMPOSE_HINT)
-        raise ConfigError(f"docker compose rejected the project: {message}",
-                          hint="fix the compose file(s) named above")
-    model: dict[str, Any] = json.loads(result.stdout)
-    return model
-
-
-def compose_down(project: ComposeProject, *, volumes: bool) -> None:
-    """`docker compose down --remove-orphans [-v]` for a project (files optional)."""
-    # Imported here: python-on-whales (and pydantic) add a tenth of a second to every command.
-    from python_on_whales import DockerClient
-    from python_on_whales.exceptions import DockerException
-
-    whales = DockerClient(
-        compose_files=list(project.files),
-        compose_project_name=project.name,
-        compose_project_directory=project.directory,
-    )
-    try:
-        whales.compose.down(remove_orphans=True, volumes=volumes)
-    except DockerException as e:
-        raise EngineError(f"docker compose down failed: {_compose_message(e)}",
-                          hint=ENGINE_HINT) from e
-
-
-def compose_run(project: ComposeProject, args: Sequence[str]) -> int:
-    """Run `docker compose ARGS` attached to this terminal and return its exit code.
-
-    Ctrl-C reaches compose (same process group), which stops the stack as it does on its own;
-    this process waits for it instead of dying first.
+    `sdk` is a docker SDK client (made from the environment on first use when not given);
+    `docker` is the docker CLI (found on PATH when not given). Both are injectable, so the
+    translation of their errors is tested without an engine; `composemirror.fakes.FakeEngine`
+    stands in for the whole class in tests of `ops` and the CLI.
     """
-    command = [docker_binary(), "compose", *project.flags(), *args]
-    log.debug("running %s", " ".join(command))
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        process = subprocess.Popen(command, env=project.process_env(),
-                                   preexec_fn=_default_sigint)
-        return process.wait()
-    except FileNotFoundError as e:
-        raise EngineError("the docker CLI is not installed", hint=ENGINE_HINT) from e
-    finally:
-        signal.signal(signal.SIGINT, previous)
+
+    def __init__(self, sdk: docker.DockerClient | None = None, *, docker: str | None = None):
+        self._sdk = sdk
+        self._docker = docker
+
+    def docker_binary(self) -> str:
+        found = self._docker or shutil.which("docker")
+        if found is None:
+            raise EngineError("the docker CLI is not installed", hint=ENGINE_HINT)
+        return found
+
+    def client(self) -> docker.DockerClient:
+        """The docker SDK client, its API version negotiated; raises when unreachable."""
+        if self._sdk is None:
+            try:
+                sdk = docker.from_env(version="auto", timeout=120)
+                sdk.ping()
+            except docker.errors.DockerException as e:
+                raise EngineError(f"cannot reach the Docker engine: {e}", hint=ENGINE_HINT) from e
+            self._sdk = sdk
+        return self._sdk
+
+    def engine_version(self) -> str:
+        try:
+            return str(self.client().version().get("Version", "unknown"))
+        except docker.errors.APIError as e:
+            raise EngineError(
+                f"cannot ask the Docker engine its version: {e}", hint=ENGINE_HINT
+            ) from e
+
+    def compose_version(self) -> str:
+        try:
+            result = subprocess.run(
+                [self.docker_binary(), "compose", "version", "--short"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            )
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            raise EngineError("the docker compose plugin does not run", hint=COMPOSE_HINT) from e
+        return result.stdout.strip()
+
+    def compose_model(self, project: ComposeProject) -> dict[str, Any]:
+        """`docker compose config --format json`: the interpolated, merged, normalised model."""
+        command = [self.docker_binary(), "compose", *project.flags(), "config", "--format", "json"]
+        try:
+            result = subprocess.run(
+                command, capture_output=True, text=True, timeout=120, env=project.process_env()
+            )
+        except subprocess.TimeoutExpired as e:
+            raise EngineError(
+                "docker compose config did not answer in 120 s", hint=COMPOSE_HINT
+            ) from e
+        if result.returncode != 0:
+            message = result.stderr.strip()
+            if "is not a docker command" in message or "unknown command" in message:
+                raise EngineError("the docker compose plugin is missing", hint=COMPOSE_HINT)
+            raise ConfigError(
+                f"docker compose rejected the project: {message}",
+                hint="fix the compose file(s) named above",
+            )
+        model: dict[str, Any] = json.loads(result.stdout)
+        return model
+
+    def compose_down(self, project: ComposeProject, *, volumes: bool) -> None:
+        """`docker compose down --remove-orphans [-v]` for a project (files optional)."""
+        # Imported here: python-on-whales (and pydantic) add a tenth of a second to every command.
+        from python_on_whales import DockerClient
+        from python_on_whales.exceptions import DockerException
+
+        whales = DockerClient(
+            client_call=[self.docker_binary()],
+            compose_files=list(project.files),
+            compose_project_name=project.name,
+            compose_project_directory=project.directory,
+        )
+        try:
+            whales.compose.down(remove_orphans=True, volumes=volumes)
+        except DockerException as e:
+            raise EngineError(
+                f"docker compose down failed: {_compose_message(e)}", hint=ENGINE_HINT
+            ) from e
+
+    def compose_run(self, project: ComposeProject, args: Sequence[str]) -> int:
+        """Run `docker compose ARGS` attached to this terminal and return its exit code.
+
+        Ctrl-C reaches compose (same process group), which stops the stack as it does on its
+        own; this process waits for it instead of dying first.
+        """
+        command = [self.docker_binary(), "compose", *project.flags(), *args]
+        log.debug("running %s", " ".join(command))
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            process = subprocess.Popen(
+                command, env=project.process_env(), preexec_fn=_default_sigint
+            )
+            return process.wait()
+        except FileNotFoundError as e:
+            raise EngineError("the docker CLI is not installed", hint=ENGINE_HINT) from e
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def image_exists(self, tag: str) -> bool:
+        try:
+            self.client().images.get(tag)
+        except docker.errors.ImageNotFound:
+            return False
+        except docker.errors.APIError as e:
+            raise EngineError(f"cannot inspect image {tag}: {e}", hint=ENGINE_HINT) from e
+        return True
+
+    def build_image(
+        self,
+        context: Path,
+        tag: str,
+        *,
+        buildargs: Mapping[str, str],
+        labels: Mapping[str, str],
+        progress: Callable[[str], None],
+    ) -> None:
+        """Build `context` (with its Dockerfile) into `tag`, reporting each step to `progress`."""
+        try:
+            stream: Iterable[dict[str, Any]] = self.client().api.build(
+                path=str(context),
+                tag=tag,
+                buildargs=dict(buildargs),
+                labels=dict(labels),
+                rm=True,
+                forcerm=True,
+                decode=True,
+            )
+            for chunk in stream:
+                if "error" in chunk:
+                    raise EngineError(
+                        f"building {tag} failed: {chunk['error'].strip()}",
+                        hint="see the build output above",
+                    )
+                text = str(chunk.get("stream", "")).strip()
+                if text:
+                    progress(text)
+        except docker.errors.APIError as e:
+            raise EngineError(f"building {tag} failed: {e}", hint=ENGINE_HINT) from e
+
+    def containers(self, labels: Mapping[str, str]) -> list[Container]:
+        """Every container (running or not) carrying all of `labels`."""
+        try:
+            found = self.client().containers.list(all=True, filters=_label_filters(labels))
+        except docker.errors.APIError as e:
+            raise EngineError(f"cannot list containers: {e}", hint=ENGINE_HINT) from e
+        return [_container(c.attrs) for c in found]
+
+    def inspect_container(self, name: str) -> Container | None:
+        """A container by name or id, or None when there is none."""
+        try:
+            return _container(self.client().api.inspect_container(name))
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.APIError as e:
+            raise EngineError(f"cannot inspect container {name}: {e}", hint=ENGINE_HINT) from e
+
+    def exec_output(self, container_id: str, command: Sequence[str]) -> str | None:
+        """stdout of a command run inside a running container, or None when it fails."""
+        try:
+            result = self.client().containers.get(container_id).exec_run(list(command), demux=True)
+        except docker.errors.APIError:
+            return None
+        if result.exit_code != 0 or result.output[0] is None:
+            return None
+        return bytes(result.output[0]).decode("utf-8", "replace")
+
+    def remove_labelled(self, labels: Mapping[str, str], *, volumes: bool) -> list[str]:
+        """Remove every container, network (and volume) carrying `labels`; return what went."""
+        filters = _label_filters(labels)
+        sdk = self.client()
+        removed: list[str] = []
+        try:
+            for c in sdk.containers.list(all=True, filters=filters):
+                c.remove(force=True, v=True)
+                removed.append(f"container {c.name}")
+            for n in sdk.networks.list(filters=filters):
+                n.remove()
+                removed.append(f"network {n.name}")
+            if volumes:
+                for v in sdk.volumes.list(filters=filters):
+                    v.remove(force=True)
+                    removed.append(f"volume {v.name}")
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:
+            raise EngineError(f"cannot remove {labels}: {e}", hint=ENGINE_HINT) from e
+        return removed
 
 
 def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def image_exists(tag: str) -> bool:
-    try:
-        client().images.get(tag)
-    except docker.errors.ImageNotFound:
-        return False
-    except docker.errors.APIError as e:
-        raise EngineError(f"cannot inspect image {tag}: {e}", hint=ENGINE_HINT) from e
-    return True
-
-
-def build_image(
-    context: Path,
-    tag: str,
-    *,
-    buildargs: Mapping[str, str],
-    labels: Mapping[str, str],
-    progress: Callable[[str], None],
-) -> None:
-    """Build `context` (with its Dockerfile) into `tag`, reporting each step through `progress`."""
-    try:
-        stream: Iterable[dict[str, Any]] = client().api.build(
-            path=str(context), tag=tag, buildargs=dict(buildargs), labels=dict(labels),
-            rm=True, forcerm=True, decode=True,
-        )
-        for chunk in stream:
-            if "error" in chunk:
-                raise EngineError(f"building {tag} failed: {chunk['error'].strip()}",
-                                  hint="see the build output above")
-            text = str(chunk.get("stream", "")).strip()
-            if text:
-                progress(text)
-    except docker.errors.APIError as e:
-        raise EngineError(f"building {tag} failed: {e}", hint=ENGINE_HINT) from e
-
-
-def containers(labels: Mapping[str, str]) -> list[Container]:
-    """Every container (running or not) carrying all of `labels`."""
-    filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
-    try:
-        found = client().containers.list(all=True, filters=filters)
-    except docker.errors.APIError as e:
-        raise EngineError(f"cannot list containers: {e}", hint=ENGINE_HINT) from e
-    return [_container(c.attrs) for c in found]
-
-
-def inspect_container(name: str) -> Container | None:
-    """A container by name or id, or None when there is none."""
-    try:
-        return _container(client().api.inspect_container(name))
-    except docker.errors.NotFound:
-        return None
-    except docker.errors.APIError as e:
-        raise EngineError(f"cannot inspect container {name}: {e}", hint=ENGINE_HINT) from e
-
-
-def exec_output(container_id: str, command: Sequence[str]) -> str | None:
-    """stdout of a command run inside a running container, or None when it fails."""
-    try:
-        result = client().containers.get(container_id).exec_run(list(command), demux=True)
-    except docker.errors.APIError:
-        return None
-    if result.exit_code != 0 or result.output[0] is None:
-        return None
-    return bytes(result.output[0]).decode("utf-8", "replace")
-
-
-def remove_labelled(labels: Mapping[str, str], *, volumes: bool) -> list[str]:
-    """Remove every container, network (and volume) carrying `labels`; return what went."""
-    filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
-    sdk = client()
-    removed: list[str] = []
-    try:
-        for c in sdk.containers.list(all=True, filters=filters):
-            c.remove(force=True, v=True)
-            removed.append(f"container {c.name}")
-        for n in sdk.networks.list(filters=filters):
-            n.remove()
-            removed.append(f"network {n.name}")
-        if volumes:
-            for v in sdk.volumes.list(filters=filters):
-                v.remove(force=True)
-                removed.append(f"volume {v.name}")
-    except docker.errors.NotFound:
-        pass
-    except docker.errors.APIError as e:
-        raise EngineError(f"cannot remove {labels}: {e}", hint=ENGINE_HINT) from e
-    return removed
+def _label_filters(labels: Mapping[str, str]) -> dict[str, list[str]]:
+    return {"label": [f"{k}={v}" for k, v in labels.items()]}
 
 
 def _container(attrs: Mapping[str, Any]) -> Container:

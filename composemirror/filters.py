@@ -196,9 +196,7 @@ def route_connection(
     return Route.REMOTE
 
 
-def route_query(
-    name: str, *, dns: Filter | None, outgoing: Filter | None, scope: Scope
-) -> Route:
+def route_query(name: str, *, dns: Filter | None, outgoing: Filter | None, scope: Scope) -> Route:
     """Decide where a DNS query for `name` is resolved.
 
     A name listed in the DNS filter goes where it says. A name listed in the outgoing filter is

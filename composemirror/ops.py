@@ -1,13 +1,17 @@
-"""The operations behind the CLI: render, up, down, status, doctor, compose passthrough.
+"""The operations behind the CLI: render, up, down, status, doctor, compose passthrough, sandbox.
 
 Each returns data (or a compose exit code) and prints nothing; progress goes through a callback.
-They find what composemirror created by label, so an interrupted `up` leaves nothing that `down`
-cannot remove, and no state file is kept.
+They act through a `Runtime` (the engine, how a backend is chosen, the environment), which tests
+replace with fakes, and know backends only by the `Backend` protocol. They find what composemirror
+created by label, so an interrupted `up` leaves nothing that `down` cannot remove, and no state
+file is kept.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -15,24 +19,62 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dotenv
 import yaml
 
 import composemirror
-from composemirror import compose, engine, images
-from composemirror.backends import Attachment, choose, sandbox
-from composemirror.backends import docker as docker_backend
+from composemirror import backends, compose, images
+from composemirror.backends import (
+    RENDER_DIR,
+    Backend,
+    Check,
+    Placement,
+    Progress,
+    Resolution,
+    SessionInfo,
+)
+from composemirror.backends.sandbox import SandboxBackend
 from composemirror.config import BLOCK, CONFIG_FILE_NAME, Config, load
+from composemirror.engine import ComposeProject, Engine
 from composemirror.errors import ComposeMirrorError, ConfigError, EngineError
-from composemirror.sidecar.settings import STATUS_FILE
+from composemirror.link import STATUS_FILE
 
-Progress = Callable[[str], None]
-RENDER_DIR = ".composemirror"
-COMPOSE_FILES = ("compose.yaml", "compose.yml", "docker-compose.yaml", "docker-compose.yml")
+__all__ = ["Check", "Options", "Progress", "Project", "Rendered", "Runtime", "ServiceStatus"]
+
+log = logging.getLogger(__name__)
+
+COMPOSE_FILES = ("compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml")
+"""compose-go's `DefaultFileNames`, in its order of preference."""
+OVERRIDE_FILES = (
+    "compose.override.yml",
+    "compose.override.yaml",
+    "docker-compose.override.yml",
+    "docker-compose.override.yaml",
+)
+"""compose-go's `DefaultOverrideFileNames`: loaded after the default file found beside them."""
+COMPOSE_WORKDIR_LABEL = "com.docker.compose.project.working_dir"
 COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
 COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
+
+_T = TypeVar("_T")
+
+Chooser = Callable[[Config, Mapping[str, str], Engine], Backend]
+"""How a backend is picked for a configuration: `backends.choose`, or a fake in tests."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Runtime:
+    """What the operations act through; the defaults are the real ones."""
+
+    engine: Engine = field(default_factory=Engine)
+    choose: Chooser = backends.choose
+    environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    """The process environment (COMPOSE_FILE, COMPOSEMIRROR_BASE_IMAGE, COMPOSEMIRROR_CLUSTER)."""
+
+    def backend(self, config: Config) -> Backend:
+        return self.choose(config, self.environ, self.engine)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,21 +99,32 @@ class Rendered:
     """The user's project directory; the rendered files live in its `.composemirror/`."""
     model: dict[str, Any]
     config: Config
-    attachment: Attachment
+    backend: Backend
+    session: SessionInfo
+    """The session as the backend sees it, its placement set."""
     images: tuple[images.ImageSpec, ...]
     base_image: str
     notices: tuple[str, ...] = ()
 
     @property
+    def resolution(self) -> Resolution:
+        return self.session.resolution
+
+    @property
+    def placement(self) -> Placement:
+        assert self.session.placement is not None
+        return self.session.placement
+
+    @property
     def path(self) -> Path:
-        return self.directory / RENDER_DIR / "compose.yaml"
+        return self.session.render_dir / "compose.yaml"
 
     @property
     def key_file(self) -> Path:
-        return self.directory / RENDER_DIR / "tunnel.key"
+        return self.session.key_file
 
-    def compose_project(self) -> engine.ComposeProject:
-        return engine.ComposeProject(files=(self.path,), name=self.name)
+    def compose_project(self) -> ComposeProject:
+        return ComposeProject(files=(self.path,), name=self.name)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,36 +141,31 @@ class ServiceStatus:
     """For sidecars: what the sidecar reports (agent link state, counters)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Check:
-    """One line of `doctor`."""
-
-    name: str
-    ok: bool
-    detail: str
-    hint: str | None = None
-
-
-def base_image() -> str:
+def base_image(runtime: Runtime) -> str:
     """The base for composemirror's images: $COMPOSEMIRROR_BASE_IMAGE, the local one, or public."""
-    chosen = os.environ.get(images.BASE_ENV)
+    chosen = runtime.environ.get(images.BASE_ENV)
     if chosen:
         return chosen
     try:
-        if engine.image_exists(images.LOCAL_BASE):
+        if runtime.engine.image_exists(images.LOCAL_BASE):
             return images.LOCAL_BASE
     except EngineError:
         pass
     return images.DEFAULT_BASE
 
 
-def compose_project(options: Options, base: str) -> engine.ComposeProject:
-    """The user's project; with no `-f`, found as compose finds it (COMPOSE_FILE, then upwards)."""
-    files = options.files
-    if not files and not os.environ.get("COMPOSE_FILE"):
-        files = (_discover(options.project_directory or Path.cwd()),)
-    return engine.ComposeProject(
-        files=files,
+def compose_project(options: Options, base: str, runtime: Runtime) -> ComposeProject:
+    """The user's project as compose's own flags address it.
+
+    With no `-f`, no file is passed: compose then loads what it loads on its own (the files of
+    `COMPOSE_FILE`, or `compose.yaml` and its `compose.override.yaml` found upwards), and
+    `COMPOSE_PROJECT_NAME` and `COMPOSE_PROFILES` apply as they do for `docker compose`. Raises
+    `ConfigError` early when compose would find no file, with a hint (see `discover`).
+    """
+    if not options.files:
+        discover(options, runtime.environ)
+    return ComposeProject(
+        files=options.files,
         name=options.project_name,
         profiles=options.profiles,
         env_files=options.env_files,
@@ -126,44 +174,160 @@ def compose_project(options: Options, base: str) -> engine.ComposeProject:
     )
 
 
-def render(options: Options, *, write: bool) -> Rendered:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Discovery:
+    """The files compose loads for a project, and its project directory."""
+
+    files: tuple[Path, ...]
+    directory: Path
+    """`--project-directory`, else the first file's folder (compose's working directory)."""
+
+
+def discover(options: Options, environ: Mapping[str, str]) -> Discovery:
+    """The files `docker compose` loads for these flags, found as compose finds them.
+
+    Follows compose-go's `cli/options.go` (`WithConfigFileEnv`, `WithDefaultConfigPath`,
+    `GetWorkingDir`) and the compose docs ("Set or change pre-defined environment variables"):
+    `-f` files as given; else `COMPOSE_FILE` from the environment or, below it, from the `.env`
+    of the working directory (`--env-file` instead when given; none with
+    `COMPOSE_DISABLE_ENV_FILE`), split on `COMPOSE_PATH_SEPARATOR`
+    (default `os.pathsep`), relative paths from the current directory; else the first of
+    `compose.yaml`, `compose.yml`, `docker-compose.yml`, `docker-compose.yaml` in the working
+    directory or the nearest folder above it, plus the first of `compose.override.yml`,
+    `compose.override.yaml`, `docker-compose.override.yml`, `docker-compose.override.yaml`
+    beside it. Raises `ConfigError` when there is none.
+    """
+    start = (options.project_directory or Path.cwd()).resolve()
+    files = tuple(f.resolve() for f in options.files)
+    if not files:
+        variables = {**_dotenv(options, start, environ), **environ}
+        listed = variables.get("COMPOSE_FILE")
+        if listed:
+            separator = variables.get("COMPOSE_PATH_SEPARATOR") or os.pathsep
+            files = tuple(Path(f).resolve() for f in listed.split(separator) if f)
+    if not files:
+        files = _discover(start)
+    directory = options.project_directory.resolve() if options.project_directory else None
+    return Discovery(files=files, directory=directory or files[0].parent)
+
+
+def _dotenv(options: Options, start: Path, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables of `--env-file` files, else of `.env` in `start` unless
+    `COMPOSE_DISABLE_ENV_FILE` is true (compose-go's `WithEnvFiles`), later files winning."""
+    disabled = environ.get("COMPOSE_DISABLE_ENV_FILE", "").lower() in ("1", "t", "true")
+    paths = list(options.env_files) or ([] if disabled else [start / ".env"])
+    values: dict[str, str] = {}
+    for path in paths:
+        if path.is_file():
+            values.update({k: v for k, v in dotenv.dotenv_values(path).items() if v is not None})
+    return values
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Project:
+    """The user's project as loaded, before a backend is involved."""
+
+    name: str
+    directory: Path
+    model: dict[str, Any]
+    """What `docker compose config` printed for it."""
+    config: Config
+    base_image: str
+
+
+def load_project(options: Options, *, runtime: Runtime) -> Project:
+    """The project's compose model and its composemirror configuration. No engine changes.
+
+    Raises `ConfigError` for a project compose rejects, a missing or invalid configuration, and
+    a mirrored service that exists only under a profile that is not active.
+    """
+    base = base_image(runtime)
+    user = compose_project(options, base, runtime)
+    model = runtime.engine.compose_model(user)
+    found = discover(options, runtime.environ)
+    config = _load_config(options, model, found)
+    _check_profiles(config, model, user, runtime)
+    return Project(
+        name=str(model["name"]),
+        directory=found.directory,
+        model=model,
+        config=config,
+        base_image=base,
+    )
+
+
+def _check_profiles(
+    config: Config, model: Mapping[str, Any], user: ComposeProject, runtime: Runtime
+) -> None:
+    """Refuse a mirrored service that only an inactive profile holds, saying how to enable it.
+
+    compose leaves such services out of the model; `--profile "*"` (compose's "all profiles")
+    shows them with their `profiles`.
+    """
+    present = model.get("services") or {}
+    missing = [name for name in config.services if name not in present]
+    if not missing:
+        return
+    everything = runtime.engine.compose_model(dataclasses.replace(user, profiles=("*",)))
+    for name in missing:
+        profiles = (everything.get("services") or {}).get(name, {}).get("profiles") or ()
+        if profiles:
+            first = profiles[0]
+            raise ConfigError(
+                f"{config.source}: {BLOCK}.services: {name!r} belongs to profile "
+                f"{' or '.join(repr(p) for p in profiles)}, which is not active",
+                hint=f"enable it with --profile {first} or COMPOSE_PROFILES={first}",
+            )
+
+
+def render(options: Options, *, write: bool, runtime: Runtime) -> Rendered:
     """Load the project and its configuration, resolve the target, rewrite. No engine changes."""
-    base = base_image()
-    user = compose_project(options, base)
-    model = engine.compose_model(user)
-    directory = _project_directory(options, user)
-    config = _load_config(options, model, user, directory)
-    environment = {images.BASE_ENV: base}
-    backend = choose(config)
-    if backend == "docker":
-        attachment = docker_backend.attach(config.target)
-    else:
-        attachment = sandbox.attach(config.target, config.namespace, environment)
-    specs = tuple(images.spec(role, base) for role in images.ROLES)
+    project = load_project(options, runtime=runtime)
+    backend = runtime.backend(project.config)
+    rendered = rewrite(project, backend, backend.resolve(project.config))
+    if write:
+        _write(rendered)
+    return rendered
+
+
+def rewrite(project: Project, backend: Backend, resolution: Resolution) -> Rendered:
+    """Place the agent for a resolved target and rewrite the project around it. Pure but for
+    reading `feature.env.env_file` and hashing the images' files."""
+    config = project.config
+    session = SessionInfo(
+        project=project.name,
+        directory=project.directory,
+        config=config,
+        resolution=resolution,
+        base_image=project.base_image,
+    )
+    placement = backend.place(config, resolution, session)
+    session = dataclasses.replace(session, placement=placement)
+    specs = tuple(images.spec(role, project.base_image) for role in images.ROLES)
     plan = compose.Plan(
         version=composemirror.__version__,
         sidecar_image=specs[0].tag,
         agent_image=specs[1].tag,
-        agent_network_mode=attachment.network_mode,
-        key_file=str(directory / RENDER_DIR / "tunnel.key"),
-        remote_env=attachment.env,
+        placement=placement,
+        key_file=str(session.key_file),
+        remote_env=resolution.env,
         env_file=_read_env_file(config),
     )
-    rendered_model = compose.rewrite(model, config, plan)
-    notices = tuple(f"ignored (no effect at the network level): {key}" for key in config.ignored)
-    rendered = Rendered(
-        name=str(model["name"]),
-        directory=directory,
-        model=rendered_model,
+    notices = (
+        *(f"ignored (no effect at the network level): {key}" for key in config.ignored),
+        *compose.notices(project.model, config),
+    )
+    return Rendered(
+        name=project.name,
+        directory=project.directory,
+        model=compose.rewrite(project.model, config, plan),
         config=config,
-        attachment=attachment,
+        backend=backend,
+        session=session,
         images=specs,
-        base_image=base,
+        base_image=project.base_image,
         notices=notices,
     )
-    if write:
-        _write(rendered)
-    return rendered
 
 
 def up(
@@ -173,61 +337,84 @@ def up(
     detach: bool = False,
     build: bool = False,
     progress: Progress,
+    runtime: Runtime,
 ) -> int:
-    """Render, build missing images, start the sandbox if it is the target, and start the stack."""
-    engine.client()
-    rendered = render(options, write=True)
+    """Render, prepare the backend, build missing images, and start the stack."""
+    runtime.engine.client()
+    rendered = render(options, write=True, runtime=runtime)
     for notice in rendered.notices:
         progress(notice)
-    progress(f"target: {rendered.attachment.description}")
-    environment = {images.BASE_ENV: rendered.base_image}
-    if rendered.attachment.backend == "sandbox" and not sandbox.is_up(environment):
-        progress("starting the sandbox cluster")
-        sandbox.ensure_up(environment)
-    ensure_images(rendered.images, force=build, progress=progress)
+    progress(f"target: {rendered.resolution.description}")
+    rendered.backend.prepare(rendered.session, progress)
+    ensure_images(rendered.images, force=build, progress=progress, runtime=runtime)
     args = ["up", *(["--detach"] if detach else []), *(["--build"] if build else []), *services]
-    code = engine.compose_run(rendered.compose_project(), args)
+    code = runtime.engine.compose_run(rendered.compose_project(), args)
     if code == 0 or (not detach and code == 130):
         return 0
-    raise EngineError(f"docker compose up failed (exit {code})",
-                      hint="see compose's output above; `composemirror down` removes what "
-                           "was created")
+    raise EngineError(
+        f"docker compose up failed (exit {code})",
+        hint="see compose's output above; `composemirror down` removes what was created",
+    )
 
 
-def ensure_images(specs: Sequence[images.ImageSpec], *, force: bool, progress: Progress) -> None:
+def ensure_images(
+    specs: Sequence[images.ImageSpec], *, force: bool, progress: Progress, runtime: Runtime
+) -> None:
     """Build each image that is missing (or all with `force`), showing the build's steps."""
     for spec in specs:
-        if not force and engine.image_exists(spec.tag):
+        if not force and runtime.engine.image_exists(spec.tag):
             continue
         progress(f"building {spec.tag} from {spec.base}")
         with tempfile.TemporaryDirectory(prefix="composemirror-build-") as context:
             images.write_context(spec, Path(context))
-            engine.build_image(
-                Path(context), spec.tag,
+            runtime.engine.build_image(
+                Path(context),
+                spec.tag,
                 buildargs={"BASE_IMAGE": spec.base},
                 labels={compose.LABEL_VERSION: composemirror.__version__},
                 progress=lambda line: progress("  " + line),
             )
 
 
-def down(options: Options, *, volumes: bool) -> list[str]:
-    """Remove everything of the project that composemirror or compose created. Idempotent."""
+def down(options: Options, *, volumes: bool, progress: Progress, runtime: Runtime) -> list[str]:
+    """Remove everything of the project that composemirror, compose or the backend created.
+
+    Idempotent. Without `-p`, this is the project the files name and every other project `up`
+    started from the same directory (found by compose's working-directory label), so a `-p`
+    given only to `up` is no obstacle. The backend is the one the project's configuration names;
+    when the project's files are gone (`-p NAME`), only what is on this engine is removed.
+    `.composemirror/` goes only once nothing started from it remains.
+    """
+    engine = runtime.engine
     engine.client()
-    name, directory = _identify(options)
+    first, directory, config = _identify(options, runtime)
     rendered = directory / RENDER_DIR / "compose.yaml"
     files = (rendered,) if rendered.is_file() else ()
-    engine.compose_down(engine.ComposeProject(files=files, name=name), volumes=volumes)
-    removed = engine.remove_labelled({compose.LABEL_PROJECT: name}, volumes=True)
-    # compose down without files cannot know the project's networks; find them by its label.
-    removed += engine.remove_labelled({COMPOSE_PROJECT_LABEL: name}, volumes=volumes)
-    shutil.rmtree(directory / RENDER_DIR, ignore_errors=True)
+    removed: list[str] = []
+    for name in _instances(first, directory, options, runtime):
+        engine.compose_down(ComposeProject(files=files, name=name), volumes=volumes)
+        removed += engine.remove_labelled({compose.LABEL_PROJECT: name}, volumes=True)
+        # compose down without files cannot know the project's networks; find them by label.
+        removed += engine.remove_labelled({COMPOSE_PROJECT_LABEL: name}, volumes=volumes)
+        if config is not None:
+            removed += runtime.backend(config).teardown(name, directory, progress)
+    if not _started_here(directory, runtime):
+        shutil.rmtree(directory / RENDER_DIR, ignore_errors=True)
     return removed
 
 
-def status(options: Options) -> tuple[str, list[ServiceStatus]]:
-    """The project's containers, with each sidecar's own report."""
+def status(options: Options, *, runtime: Runtime) -> tuple[str, list[ServiceStatus]]:
+    """The project's containers, with each sidecar's own report.
+
+    Without `-p`: the project the files name, or, when nothing of it exists, the one `up`
+    started from this directory under another name (see `down`).
+    """
+    engine = runtime.engine
     engine.client()
-    name, _ = _identify(options)
+    first, directory, _ = _identify(options, runtime)
+    name = first
+    if not engine.containers({COMPOSE_PROJECT_LABEL: first}):
+        name = next(iter(_instances(first, directory, options, runtime)[1:]), first)
     rows = []
     for container in engine.containers({COMPOSE_PROJECT_LABEL: name}):
         role = container.labels.get(compose.LABEL_ROLE, "service")
@@ -236,72 +423,117 @@ def status(options: Options) -> tuple[str, list[ServiceStatus]]:
             report = engine.exec_output(container.id, ["cat", STATUS_FILE])
             if report:
                 link = json.loads(report)
-        rows.append(ServiceStatus(
-            service=container.labels.get(COMPOSE_SERVICE_LABEL, "?"),
-            container=container.name,
-            role=role,
-            state=container.state,
-            health=container.health,
-            link=link,
-        ))
+        rows.append(
+            ServiceStatus(
+                service=container.labels.get(COMPOSE_SERVICE_LABEL, "?"),
+                container=container.name,
+                role=role,
+                state=container.state,
+                health=container.health,
+                link=link,
+            )
+        )
     rows.sort(key=lambda r: (r.role != "agent", r.service))
     return name, rows
 
 
-def doctor(options: Options) -> list[Check]:
-    """Check what `up` needs, each independently, in the order it needs them."""
-    checks = []
+def doctor(options: Options, *, runtime: Runtime) -> list[Check]:
+    """Check what `up` needs, each independently, in the order it needs them.
 
-    def check(name: str, probe: Callable[[], str]) -> bool:
-        try:
-            checks.append(Check(name=name, ok=True, detail=probe()))
-        except ComposeMirrorError as e:
-            checks.append(Check(name=name, ok=False, detail=e.message, hint=e.hint))
-            return False
-        return True
-
-    check("docker CLI", engine.docker_binary)
-    engine_ok = check("Docker engine", lambda: f"engine {engine.engine_version()}")
-    check("compose plugin", lambda: f"docker compose {engine.compose_version()}")
-    rendered: list[Rendered] = []
-
-    def configuration() -> str:
-        rendered.append(render(options, write=False))
-        mirrored = ", ".join(rendered[0].config.services)
-        return f"{rendered[0].config.source}: mirrors {mirrored}"
-
-    if check("configuration", configuration) and engine_ok:
-        result = rendered[0]
-        check("target", lambda: result.attachment.description)
-        for spec in result.images:
-            present = engine.image_exists(spec.tag)
-            checks.append(Check(name=f"{spec.role} image", ok=True,
-                                detail=spec.tag if present else f"{spec.tag} (built by `up`)"))
-        _, rows = status(options)
-        for row in rows:
-            if row.role == "sidecar":
-                state = row.link.get("agent", "unknown")
-                checks.append(Check(
-                    name=f"agent link of {row.service}", ok=state == "connected",
-                    detail=state, hint=None if state == "connected" else row.link.get("error"),
-                ))
+    The backend's own checks run as soon as the configuration names a backend, so they can say
+    why a target cannot be found when its cluster is the reason.
+    """
+    engine = runtime.engine
+    checks: list[Check] = []
+    _attempt(checks, "docker CLI", engine.docker_binary, str)
+    engine_ok = _attempt(checks, "Docker engine", engine.engine_version, "engine {}".format)
+    _attempt(checks, "compose plugin", engine.compose_version, "docker compose {}".format)
+    project = _attempt(
+        checks,
+        "configuration",
+        lambda: load_project(options, runtime=runtime),
+        lambda p: f"{p.config.source}: mirrors {', '.join(p.config.services)}",
+    )
+    if project is None or engine_ok is None:
+        return checks
+    config = project.config
+    backend = _attempt(checks, "backend", lambda: runtime.backend(config), lambda b: b.name)
+    if backend is None:
+        return checks
+    checks.extend(backend.doctor(config))
+    rendered = _attempt(
+        checks,
+        "target",
+        lambda: rewrite(project, backend, backend.resolve(config)),
+        lambda r: r.resolution.description,
+    )
+    if rendered is None:
+        return checks
+    for spec in rendered.images:
+        present = engine.image_exists(spec.tag)
+        checks.append(
+            Check(
+                name=f"{spec.role} image",
+                ok=True,
+                detail=spec.tag if present else f"{spec.tag} (built by `up`)",
+            )
+        )
+    _, rows = status(options, runtime=runtime)
+    for row in rows:
+        if row.role == "sidecar":
+            state = row.link.get("agent", "unknown")
+            checks.append(
+                Check(
+                    name=f"agent link of {row.service}",
+                    ok=state == "connected",
+                    detail=state,
+                    hint=None if state == "connected" else row.link.get("error"),
+                )
+            )
     return checks
 
 
-def compose_passthrough(options: Options, args: Sequence[str]) -> int:
+def _attempt(
+    checks: list[Check], name: str, probe: Callable[[], _T], describe: Callable[[_T], str]
+) -> _T | None:
+    """Run one check: its value, or None after recording why it failed."""
+    try:
+        value = probe()
+    except ComposeMirrorError as e:
+        checks.append(Check(name=name, ok=False, detail=e.message, hint=e.hint))
+        return None
+    checks.append(Check(name=name, ok=True, detail=describe(value)))
+    return value
+
+
+def compose_passthrough(options: Options, args: Sequence[str], *, runtime: Runtime) -> int:
     """`docker compose ARGS` on the rendered project."""
-    rendered = render(options, write=True)
-    return engine.compose_run(rendered.compose_project(), args)
+    rendered = render(options, write=True, runtime=runtime)
+    return runtime.engine.compose_run(rendered.compose_project(), args)
+
+
+def sandbox(action: str, *, progress: Progress, runtime: Runtime) -> None:
+    """`sandbox up` starts (or updates) the sandbox cluster; `sandbox down` removes it."""
+    box = SandboxBackend(runtime.engine)
+    if action == "up":
+        box.start(base_image(runtime))
+    elif action == "down":
+        box.remove()
+    else:
+        raise ConfigError(f"sandbox {action!r}: use `sandbox up` or `sandbox down`")
 
 
 def _write(rendered: Rendered) -> None:
     folder = rendered.path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / ".gitignore").write_text("# written by composemirror; `composemirror down` "
-                                       "removes it\n*\n")
+    (folder / ".gitignore").write_text(
+        "# written by composemirror; `composemirror down` removes it\n*\n"
+    )
     text = yaml.safe_dump(rendered.model, sort_keys=False, default_flow_style=False, width=1000)
-    header = ("# Rendered by composemirror from the project's compose model; do not edit.\n"
-              "# `composemirror config` prints it, `composemirror down` removes it.\n")
+    header = (
+        "# Rendered by composemirror from the project's compose model; do not edit.\n"
+        "# `composemirror config` prints it, `composemirror down` removes it.\n"
+    )
     rendered.path.write_text(header + text)
     if not rendered.key_file.exists():
         # A fresh secret per `up` (down removes it): the tunnel handshake proves both ends know it.
@@ -310,40 +542,34 @@ def _write(rendered: Rendered) -> None:
             key.write(secrets.token_hex(32) + "\n")
 
 
-def _discover(start: Path) -> Path:
-    for folder in (start.resolve(), *start.resolve().parents):
+def _discover(start: Path) -> tuple[Path, ...]:
+    """The default compose file nearest `start`, with its override file if there is one."""
+    for folder in (start, *start.parents):
         for name in COMPOSE_FILES:
             if (folder / name).is_file():
-                return folder / name
-    raise ConfigError(f"no compose file in {start} or above it",
-                      hint="run in a directory with compose.yaml, or pass -f FILE")
+                overrides = [folder / o for o in OVERRIDE_FILES if (folder / o).is_file()]
+                return (folder / name, *overrides[:1])
+    raise ConfigError(
+        f"no compose file in {start} or above it",
+        hint="run in a directory with compose.yaml, or pass -f FILE (or set COMPOSE_FILE)",
+    )
 
 
-def _project_directory(options: Options, project: engine.ComposeProject) -> Path:
-    if options.project_directory is not None:
-        return options.project_directory.resolve()
-    if project.files:
-        return project.files[0].resolve().parent
-    return Path(os.environ["COMPOSE_FILE"].split(os.pathsep)[0]).resolve().parent
-
-
-def _load_config(
-    options: Options, model: Mapping[str, Any], project: engine.ComposeProject, directory: Path
-) -> Config:
+def _load_config(options: Options, model: Mapping[str, Any], found: Discovery) -> Config:
     if options.config_file is not None:
         return _load_file(options.config_file)
     if BLOCK in model:
-        names = ", ".join(f.name for f in project.files) or "the compose file"
+        names = ", ".join(f.name for f in found.files) or "the compose file"
         block = compose.unescape(model[BLOCK])
-        return load(block, source=f"{BLOCK} in {names}", base_dir=directory)
-    beside = directory / CONFIG_FILE_NAME
+        return load(block, source=f"{BLOCK} in {names}", base_dir=found.directory)
+    beside = found.directory / CONFIG_FILE_NAME
     if beside.is_file():
         return _load_file(beside)
     raise ConfigError(
         "no composemirror configuration: the compose model has no x-composemirror block and "
-        f"there is no {CONFIG_FILE_NAME} in {directory}",
+        f"there is no {CONFIG_FILE_NAME} in {found.directory}",
         hint="add e.g. `x-composemirror: {target: deployment/checkout, namespace: shop, "
-             "services: [web]}` to the compose file",
+        "services: [web]}` to the compose file",
     )
 
 
@@ -351,8 +577,9 @@ def _load_file(path: Path) -> Config:
     try:
         document = yaml.safe_load(path.read_text())
     except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}",
-                          hint="check the path given to --config") from e
+        raise ConfigError(
+            f"cannot read {path}: {e.strerror}", hint="check the path given to --config"
+        ) from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if isinstance(document, dict) and set(document) == {BLOCK}:
@@ -365,18 +592,48 @@ def _read_env_file(config: Config) -> dict[str, str]:
     if path is None:
         return {}
     if not path.is_file():
-        raise ConfigError(f"{config.source}: {BLOCK}.feature.env.env_file: {path} does not exist",
-                          hint="fix the path (relative paths start at the project directory)")
+        raise ConfigError(
+            f"{config.source}: {BLOCK}.feature.env.env_file: {path} does not exist",
+            hint="fix the path (relative paths start at the project directory)",
+        )
     return {k: v for k, v in dotenv.dotenv_values(path).items() if v is not None}
 
 
-def _identify(options: Options) -> tuple[str, Path]:
-    """The project's name and directory, from its files, or from `-p` when they are gone."""
+def _identify(options: Options, runtime: Runtime) -> tuple[str, Path, Config | None]:
+    """The project's name, directory and configuration, from its files, or from `-p` alone
+    when they are gone (then without a configuration)."""
     try:
-        project = compose_project(options, images.DEFAULT_BASE)
-        model = engine.compose_model(project)
-        return str(model["name"]), _project_directory(options, project)
+        project = compose_project(options, images.DEFAULT_BASE, runtime)
+        model = runtime.engine.compose_model(project)
+        found = discover(options, runtime.environ)
     except ConfigError:
         if options.project_name is None:
             raise
-        return options.project_name, (options.project_directory or Path.cwd()).resolve()
+        return options.project_name, (options.project_directory or Path.cwd()).resolve(), None
+    try:
+        config: Config | None = _load_config(options, model, found)
+    except ConfigError as e:
+        log.debug("no configuration for %s: %s", model["name"], e)
+        config = None
+    return str(model["name"]), found.directory, config
+
+
+def _started_here(directory: Path, runtime: Runtime) -> list[str]:
+    """The names of the projects `up` started from `directory`, found by compose's own label.
+
+    `up` runs compose on `.composemirror/compose.yaml`, so compose labels every container it
+    creates with that folder as `com.docker.compose.project.working_dir`, whatever `-p` named
+    the project; nothing else creates containers with that working directory.
+    """
+    labels = {COMPOSE_WORKDIR_LABEL: str(directory / RENDER_DIR)}
+    found = runtime.engine.containers(labels)
+    return sorted({c.labels.get(COMPOSE_PROJECT_LABEL, "") for c in found} - {""})
+
+
+def _instances(name: str, directory: Path, options: Options, runtime: Runtime) -> list[str]:
+    """The projects an identification stands for: with `-p`, that one; without it, the one the
+    files name and every other project `up` started from the same directory (a `-p` given to
+    `up` and not to `down` or `status`)."""
+    if options.project_name is not None:
+        return [name]
+    return [name, *(n for n in _started_here(directory, runtime) if n != name)]

@@ -82,10 +82,10 @@ _AUTH: Final = struct.Struct(f"!H{NONCE_SIZE}s{MAC_SIZE}s")
 class ProtocolError(Exception):
     """Base of the tunnel protocol's errors; catch it to end a connection for either reason.
 
-        ProtocolError
-        ├── LocalProtocolError     this end's caller misused the Connection (a bug here)
-        └── RemoteProtocolError    the peer sent something invalid, failed authentication or
-                                   is not a composemirror peer; a REJECT naming it is queued
+    ProtocolError
+    ├── LocalProtocolError     this end's caller misused the Connection (a bug here)
+    └── RemoteProtocolError    the peer sent something invalid, failed authentication or
+                               is not a composemirror peer; a REJECT naming it is queued
     """
 
 

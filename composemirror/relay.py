@@ -139,8 +139,20 @@ class TunnelDrained:
 
 
 Event: TypeAlias = (
-    Connected | SocketRead | SocketEnded | SocketFull | SocketDrained | SocketLost | Started
-    | Credit | PeerData | PeerEnded | PeerReset | PeerClosed | TunnelFull | TunnelDrained
+    Connected
+    | SocketRead
+    | SocketEnded
+    | SocketFull
+    | SocketDrained
+    | SocketLost
+    | Started
+    | Credit
+    | PeerData
+    | PeerEnded
+    | PeerReset
+    | PeerClosed
+    | TunnelFull
+    | TunnelDrained
 )
 
 # -- actions: what to do ---------------------------------------------------------------------
@@ -205,8 +217,16 @@ class Close:
 
 
 Action: TypeAlias = (
-    Send | SendEof | Reset | Acknowledge | Write | WriteEof | PauseReading | ResumeReading
-    | Abort | Close
+    Send
+    | SendEof
+    | Reset
+    | Acknowledge
+    | Write
+    | WriteEof
+    | PauseReading
+    | ResumeReading
+    | Abort
+    | Close
 )
 
 

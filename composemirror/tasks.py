@@ -32,8 +32,7 @@ class Tasks:
         the others go on."""
         return self._group.create_task(_logged(coroutine, name), name=name)
 
-    def service(self, coroutine: Coroutine[Any, Any, None], *,
-                name: str) -> asyncio.Task[None]:
+    def service(self, coroutine: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
         """A task the process lives by (the tunnel link, the status file): if it fails, the
         scope ends and the failure leaves the process."""
         return self._group.create_task(coroutine, name=name)

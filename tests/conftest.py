@@ -19,8 +19,13 @@ def cli(
     *args: str, cwd: Path | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
     """`composemirror ARGS`, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "composemirror", *args], cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "composemirror", *args],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def docker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -84,8 +89,17 @@ def sandbox(engine: None) -> None:
 def static_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/clients/httpget.c built with musl-gcc -static: its own resolver, no libc hooks."""
     binary = tmp_path_factory.mktemp("clients") / "httpget"
-    subprocess.run(["musl-gcc", "-static", "-O2", "-o", str(binary),
-                    str(ROOT / "tests" / "clients" / "httpget.c")], check=True)
+    subprocess.run(
+        [
+            "musl-gcc",
+            "-static",
+            "-O2",
+            "-o",
+            str(binary),
+            str(ROOT / "tests" / "clients" / "httpget.c"),
+        ],
+        check=True,
+    )
     return binary
 
 

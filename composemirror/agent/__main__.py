@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
@@ -13,15 +12,17 @@ from composemirror import tasks
 from composemirror.agent.resolver import Resolver, parse_resolv_conf
 from composemirror.agent.server import Agent
 from composemirror.errors import AgentError, ComposeMirrorError
+from composemirror.link import AgentSettings, LinkAddress
 from composemirror.protocol import key_from_text
-from composemirror.sidecar.settings import AGENT_SOCKET, KEY_FILE
 
 
-async def run(listen: str, key_file: Path, resolv_conf: Path) -> None:
+async def run(listen: LinkAddress, key_file: Path, resolv_conf: Path) -> None:
     conf = parse_resolv_conf(resolv_conf.read_text() if resolv_conf.exists() else "")
     logging.getLogger(__name__).info(
         "resolving with nameservers %s, search %s, ndots %d",
-        ",".join(conf.nameservers), " ".join(conf.search) or "-", conf.ndots,
+        ",".join(conf.nameservers),
+        " ".join(conf.search) or "-",
+        conf.ndots,
     )
     try:
         key = key_from_text(key_file.read_text())
@@ -39,14 +40,10 @@ async def run(listen: str, key_file: Path, resolv_conf: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="composemirror.agent")
-    parser.add_argument("--listen", default=f"unix:{AGENT_SOCKET}")
-    parser.add_argument("--key-file", type=Path, default=Path(KEY_FILE))
-    parser.add_argument("--resolv-conf", type=Path, default=Path("/etc/resolv.conf"))
-    args = parser.parse_args()
+    settings = AgentSettings.from_args()
     logging.basicConfig(level=logging.INFO, format="agent %(levelname)s %(message)s")
     try:
-        asyncio.run(run(args.listen, args.key_file, args.resolv_conf))
+        asyncio.run(run(settings.listen, Path(settings.key_file), Path(settings.resolv_conf)))
     except* ComposeMirrorError as group:
         for error in group.exceptions:
             logging.getLogger(__name__).error("%s", error)

@@ -12,12 +12,12 @@ import errno
 import logging
 import os
 import socket
-from pathlib import Path
 from typing import Any, cast
 
 from composemirror.agent.resolver import Resolver
 from composemirror.bridge import Bridge, reset_transport
 from composemirror.datagrams import FlowTable, StreamFlow
+from composemirror.link import LinkAddress
 from composemirror.protocol import (
     Connection,
     DnsQueryReceived,
@@ -83,22 +83,9 @@ class Agent:
         self.tunnels += 1
         return Tunnel(Connection(Role.AGENT, self.key), self)
 
-    async def serve(self, listen: str) -> asyncio.Server:
-        """Listen on `unix:PATH` or `tcp:HOST:PORT`."""
-        loop = asyncio.get_running_loop()
-        kind, _, where = listen.partition(":")
-        if kind == "unix":
-            path = Path(where)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.unlink(missing_ok=True)
-            server = await loop.create_unix_server(self.new_tunnel, str(path), backlog=512)
-            os.chmod(path, 0o660)
-        elif kind == "tcp":
-            host, _, port = where.rpartition(":")
-            server = await loop.create_server(self.new_tunnel, host or "0.0.0.0", int(port),
-                                              backlog=512)
-        else:
-            raise ValueError(f"cannot listen on {listen!r}: use unix:PATH or tcp:HOST:PORT")
+    async def serve(self, listen: LinkAddress) -> asyncio.Server:
+        """Listen where the link address says."""
+        server = await listen.listen(self.new_tunnel, backlog=512)
         log.info("agent listening on %s", listen)
         return server
 
@@ -108,8 +95,9 @@ class Agent:
         # Registered now, before connecting: early data in the same read waits in it.
         endpoint.attach(tunnel, event.stream_id)
         tunnel.endpoints[event.stream_id] = endpoint
-        self.tasks.spawn(self._open(tunnel, event, endpoint),
-                         name=f"open {event.host}:{event.port}")
+        self.tasks.spawn(
+            self._open(tunnel, event, endpoint), name=f"open {event.host}:{event.port}"
+        )
 
     def dns_query(self, tunnel: Tunnel, event: DnsQueryReceived) -> None:
         self.tasks.spawn(self._answer(tunnel, event), name=f"dns query {event.query_id}")
@@ -129,8 +117,9 @@ class Agent:
             else:
                 datagrams = endpoint
                 self.flows.add(datagrams)
-                await loop.create_datagram_endpoint(lambda: datagrams,
-                                                    remote_addr=(event.host, event.port))
+                await loop.create_datagram_endpoint(
+                    lambda: datagrams, remote_addr=(event.host, event.port)
+                )
         except Exception as e:  # every way a connect can fail is reported to the client
             tunnel.endpoints.pop(stream_id, None)
             if isinstance(endpoint, Datagrams):

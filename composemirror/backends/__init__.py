@@ -1,59 +1,179 @@
-"""Where the target lives, and how the agent joins it.
+"""Where the target lives: the `Backend` protocol, the values it returns, and `choose()`.
 
-A backend turns a configured target into an `Attachment`: how the agent container joins the
-target's network namespace and what environment the target runs with. `choose()` picks the
-backend: `docker://` targets are local containers; other targets go to the Kubernetes cluster of
-the kube config, or to the sandbox cluster where none is configured.
+A backend resolves the configured target (what it is, its environment and resolver), says where
+the agent goes as pure data for the rewrite (a `Placement`), prepares what must run before the
+stack starts, tears down by label what it created, and adds its own `doctor` checks. `ops` and the
+CLI know only this protocol; `choose()` is the one place that maps a target to an implementation.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Protocol
 
 from composemirror.config import Config
 from composemirror.errors import ClusterError, ConfigError
+from composemirror.link import LinkAddress
 
-Backend = Literal["sandbox", "docker", "kubernetes"]
+if TYPE_CHECKING:
+    from composemirror.engine import Engine
+
 CLUSTER_ENV = "COMPOSEMIRROR_CLUSTER"
+"""`sandbox`, `kubernetes` or `auto` (the default: Kubernetes when a kube config exists)."""
+RENDER_DIR = ".composemirror"
+"""Where, in the project directory, the rewritten project and the session's files live."""
+KEY_FILE_NAME = "tunnel.key"
+
+Progress = Callable[[str], None]
+"""Reports a step to the person waiting (one line, no newline)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Attachment:
+class Check:
+    """One line of `doctor`."""
+
+    name: str
+    ok: bool
+    detail: str
+    hint: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resolver:
+    """The target's resolver configuration (its resolv.conf), as the app should see it."""
+
+    search: tuple[str, ...] = ()
+    ndots: int = 1
+    nameservers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resolution:
     """A resolved target."""
 
-    backend: Backend
     description: str
     """For people, e.g. `deployment/checkout in namespace shop (sandbox cluster)`."""
-    network_mode: str
-    """The agent's compose `network_mode`, e.g. `container:shop-checkout`."""
+    target: str
+    """What the target resolved to, in its backend's terms: a container name, a pod's name."""
     env: Mapping[str, str] = field(default_factory=dict)
     """The target's environment, raw (not compose-escaped)."""
+    resolver: Resolver | None = None
+    """The target's resolver settings, where the backend can read them."""
 
 
-def choose(config: Config, environ: Mapping[str, str] | None = None) -> Backend:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ContainerPlacement:
+    """The agent is a compose service on this engine in a container's network namespace.
+
+    Sidecars reach it through the unix socket in the volume they share with it.
+    """
+
+    network_mode: str
+    """The agent's compose `network_mode`, e.g. `container:shop-checkout-1`."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardedPlacement:
+    """The agent runs elsewhere (in a cluster); a forwarder started by `prepare` listens at `link`.
+
+    The rewrite adds no agent service and no link volume; sidecars dial `link`.
+    """
+
+    link: LinkAddress
+    """Where sidecars dial, e.g. `tcp:host.docker.internal:41234`."""
+    extra_hosts: Mapping[str, str] = field(default_factory=dict)
+    """Names the sidecars need to reach it, e.g. {"host.docker.internal": "host-gateway"}."""
+    mounts: Mapping[str, str] = field(default_factory=dict)
+    """Host path -> path in the sidecars: e.g. the folder of a forwarder's unix socket under the
+    render dir, for a `unix:` link that only the project's sidecars can reach."""
+
+
+Placement = ContainerPlacement | ForwardedPlacement
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionInfo:
+    """One `up` of one project, as a backend's `place` and `prepare` see it."""
+
+    project: str
+    """The compose project's name."""
+    directory: Path
+    """The user's project directory."""
+    config: Config
+    resolution: Resolution
+    base_image: str
+    """The base of composemirror's images (the sandbox builds its own image on it)."""
+    placement: Placement | None = None
+    """What `place` returned; set before `prepare` is called."""
+
+    @property
+    def render_dir(self) -> Path:
+        """`.composemirror/` in the project directory: the rendered project and session files."""
+        return self.directory / RENDER_DIR
+
+    @property
+    def key_file(self) -> Path:
+        """The session's tunnel key (written before `prepare`, removed by `down`)."""
+        return self.render_dir / KEY_FILE_NAME
+
+
+class Backend(Protocol):
+    """A place where targets live: this engine's containers, the sandbox, a Kubernetes cluster."""
+
+    name: str
+    """Short, for messages: `docker`, `sandbox`, `kubernetes`."""
+
+    def resolve(self, config: Config) -> Resolution:
+        """Find the target. No side effects; raises ClusterError or ConfigError."""
+        ...
+
+    def place(self, config: Config, resolution: Resolution, session: SessionInfo) -> Placement:
+        """Where the agent goes and how sidecars reach it. Pure."""
+        ...
+
+    def prepare(self, session: SessionInfo, progress: Progress) -> None:
+        """Start or create what must run before compose starts the stack, and wait for it."""
+        ...
+
+    def teardown(self, project: str, directory: Path, progress: Progress) -> list[str]:
+        """Remove, by label, what this backend created for `project`; what went. Idempotent."""
+        ...
+
+    def doctor(self, config: Config) -> list[Check]:
+        """The backend's own checks (cluster reachable, permissions, ...)."""
+        ...
+
+
+def choose(
+    config: Config, environ: Mapping[str, str] | None = None, engine: Engine | None = None
+) -> Backend:
     """The backend for `config`'s target. COMPOSEMIRROR_CLUSTER=sandbox|kubernetes forces one."""
+    # Imported here: a backend brings its client library, and only the chosen one is needed.
+    from composemirror.engine import Engine
+
     environ = os.environ if environ is None else environ
+    engine = Engine() if engine is None else engine
     if config.target.kind == "docker":
-        return "docker"
+        from composemirror.backends.docker import DockerBackend
+
+        return DockerBackend(engine)
     forced = environ.get(CLUSTER_ENV, "auto")
-    if forced in ("sandbox", "kubernetes"):
-        backend: Backend = "sandbox" if forced == "sandbox" else "kubernetes"
-    elif forced == "auto":
-        backend = "kubernetes" if kubeconfig_present(environ) else "sandbox"
-    else:
-        raise ConfigError(f"{CLUSTER_ENV}={forced!r} is not a choice",
-                          hint="use sandbox, kubernetes or auto")
-    if backend == "kubernetes":
+    if forced == "kubernetes" or (forced == "auto" and kubeconfig_present(environ)):
         raise ClusterError(
             f"target {config.target} needs a Kubernetes cluster, and this version of "
             "composemirror reaches only the sandbox cluster and docker:// targets",
             hint=f"set {CLUSTER_ENV}=sandbox to use the sandbox cluster",
         )
-    return backend
+    if forced not in ("sandbox", "auto"):
+        raise ConfigError(
+            f"{CLUSTER_ENV}={forced!r} is not a choice", hint="use sandbox, kubernetes or auto"
+        )
+    from composemirror.backends.sandbox import SandboxBackend
+
+    return SandboxBackend(engine)
 
 
 def kubeconfig_present(environ: Mapping[str, str]) -> bool:

@@ -2,20 +2,28 @@
 # Starts PostgreSQL the way the official postgres image does: POSTGRES_USER, POSTGRES_PASSWORD,
 # POSTGRES_DB and /docker-entrypoint-initdb.d/*.sql on first start. A compose file written for
 # `image: postgres` therefore works unchanged with this image, which builds with no registry.
+# Started as root it drops to the `postgres` user; started as that user (a Kubernetes pod with
+# runAsUser, PodSecurity `restricted`) it runs as it is.
 set -eu
 bin=$(ls -d /usr/lib/postgresql/*/bin | tail -n 1)
 data=${PGDATA:-/var/lib/postgresql/data}
 user=${POSTGRES_USER:-postgres}
 db=${POSTGRES_DB:-$user}
-as_postgres() { setpriv --reuid=postgres --regid=postgres --init-groups "$@"; }
+if [ "$(id -u)" = 0 ]; then
+  as_postgres() { setpriv --reuid=postgres --regid=postgres --init-groups "$@"; }
+else
+  as_postgres() { "$@"; }
+fi
 
 if [ ! -s "$data/PG_VERSION" ]; then
   mkdir -p "$data" /var/run/postgresql
-  chown postgres:postgres "$data" /var/run/postgresql
+  if [ "$(id -u)" = 0 ]; then
+    chown postgres:postgres "$data" /var/run/postgresql
+  fi
   chmod 700 "$data"
   pwfile=$(mktemp)
   printf '%s\n' "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD}" >"$pwfile"
-  chown postgres "$pwfile"
+  [ "$(id -u)" = 0 ] && chown postgres "$pwfile"
   as_postgres "$bin/initdb" -D "$data" -U "$user" --pwfile="$pwfile" \
     --auth-local=trust --auth-host=scram-sha-256 >/dev/null
   rm -f "$pwfile"
@@ -30,4 +38,7 @@ if [ ! -s "$data/PG_VERSION" ]; then
   done
   as_postgres "$bin/pg_ctl" -D "$data" -m fast -w stop >/dev/null
 fi
-exec setpriv --reuid=postgres --regid=postgres --init-groups "$bin/postgres" -D "$data"
+if [ "$(id -u)" = 0 ]; then
+  exec setpriv --reuid=postgres --regid=postgres --init-groups "$bin/postgres" -D "$data"
+fi
+exec "$bin/postgres" -D "$data"

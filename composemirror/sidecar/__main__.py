@@ -20,19 +20,11 @@ from pathlib import Path
 from composemirror import tasks
 from composemirror.errors import ComposeMirrorError, SidecarError
 from composemirror.filters import IPNetwork, Scope
+from composemirror.link import ENV_VAR, READY_FILE, STATUS_FILE, SidecarSettings
 from composemirror.protocol import key_from_text
 from composemirror.sidecar import dns, firewall, status
 from composemirror.sidecar.proxy import Egress, Proxy
-from composemirror.sidecar.settings import (
-    DNS_PORT,
-    ENV_VAR,
-    MARK,
-    PROXY_PORT,
-    READY_FILE,
-    STATUS_FILE,
-    UDP_PROXY_PORT,
-    SidecarSettings,
-)
+from composemirror.sidecar.settings import DNS_PORT, MARK, PROXY_PORT, UDP_PROXY_PORT
 from composemirror.sidecar.tunnel import TunnelClient
 from composemirror.sidecar.udp import UdpProxy
 
@@ -69,21 +61,38 @@ async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
     outgoing = settings.outgoing.parse(protocols=True) if settings.outgoing else None
     dns_filter = settings.dns.parse(protocols=False) if settings.dns else None
     counters = status.Counters()
-    tunnels = TunnelClient(settings.tunnel, key, mark=MARK)
+    tunnels = TunnelClient(settings.link, key, mark=MARK)
     book = dns.Book()
     resolver = dns.Resolver(
-        tunnels=tunnels, book=book, counters=counters, scope=scope, hosts=dict(settings.hosts),
-        dns_filter=dns_filter, outgoing=outgoing, remote_enabled=settings.dns_enabled, mark=MARK,
+        tunnels=tunnels,
+        book=book,
+        counters=counters,
+        scope=scope,
+        hosts=dict(settings.hosts),
+        dns_filter=dns_filter,
+        outgoing=outgoing,
+        remote_enabled=settings.dns_enabled,
+        mark=MARK,
     )
-    await loop.create_datagram_endpoint(lambda: dns.UdpServer(resolver, spawner),
-                                        local_addr=("127.0.0.1", DNS_PORT))
-    dns_tcp = await asyncio.start_server(functools.partial(dns.serve_tcp, resolver),
-                                         "127.0.0.1", DNS_PORT)
-    egress = Egress(tunnels=tunnels, book=book, resolver=resolver, counters=counters,
-                    scope=scope, outgoing=outgoing, mark=MARK)
+    await loop.create_datagram_endpoint(
+        lambda: dns.UdpServer(resolver, spawner), local_addr=("127.0.0.1", DNS_PORT)
+    )
+    dns_tcp = await asyncio.start_server(
+        functools.partial(dns.serve_tcp, resolver), "127.0.0.1", DNS_PORT
+    )
+    egress = Egress(
+        tunnels=tunnels,
+        book=book,
+        resolver=resolver,
+        counters=counters,
+        scope=scope,
+        outgoing=outgoing,
+        mark=MARK,
+    )
     proxy = Proxy(egress, spawner)
-    proxy_server = await loop.create_server(proxy.accept, "127.0.0.1", PROXY_PORT, backlog=4096,
-                                            reuse_address=True)
+    proxy_server = await loop.create_server(
+        proxy.accept, "127.0.0.1", PROXY_PORT, backlog=4096, reuse_address=True
+    )
     for server in (dns_tcp, proxy_server):
         for sock in server.sockets:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -93,12 +102,25 @@ async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
         udp_proxy.listen(("127.0.0.1", UDP_PROXY_PORT))
     # With a remote list, the project's own addresses may be listed remote: the proxy decides.
     direct = networks if outgoing is None or outgoing.mode == "local" else []
-    backend = firewall.apply(firewall.Plan(mark=MARK, dns_port=DNS_PORT, proxy_port=PROXY_PORT,
-                                           tcp=settings.tcp, udp=settings.udp,
-                                           udp_port=UDP_PROXY_PORT, direct=direct))
-    log.info("%s: firewall set (%s; tcp %s, udp %s); local networks %s", settings.service,
-             backend, "proxied" if settings.tcp else "direct",
-             "proxied" if settings.udp else "direct", ", ".join(map(str, networks)) or "none")
+    backend = firewall.apply(
+        firewall.Plan(
+            mark=MARK,
+            dns_port=DNS_PORT,
+            proxy_port=PROXY_PORT,
+            tcp=settings.tcp,
+            udp=settings.udp,
+            udp_port=UDP_PROXY_PORT,
+            direct=direct,
+        )
+    )
+    log.info(
+        "%s: firewall set (%s; tcp %s, udp %s); local networks %s",
+        settings.service,
+        backend,
+        "proxied" if settings.tcp else "direct",
+        "proxied" if settings.udp else "direct",
+        ", ".join(map(str, networks)) or "none",
+    )
     Path(READY_FILE).touch()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -114,8 +136,11 @@ async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("COMPOSEMIRROR_LOG", "INFO"),
-                        format="sidecar %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=os.environ.get("COMPOSEMIRROR_LOG", "INFO"),
+        format="sidecar %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
     settings = SidecarSettings.from_json(os.environ[ENV_VAR])
     try:
         asyncio.run(run(settings))

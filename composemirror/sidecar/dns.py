@@ -244,9 +244,10 @@ class Resolver:
     async def ask_local(self, request: DNSRecord, alias_of: str | None = None) -> DNSRecord:
         """Ask Docker's DNS; for a `hosts` name, ask for its compose service instead."""
         question = request.q
-        asked = DNSRecord(DNSHeader(id=request.header.id, rd=1),
-                          q=DNSQuestion(alias_of or question.qname, question.qtype,
-                                        question.qclass))
+        asked = DNSRecord(
+            DNSHeader(id=request.header.id, rd=1),
+            q=DNSQuestion(alias_of or question.qname, question.qtype, question.qclass),
+        )
         data = await asyncio.wait_for(self._udp(asked.pack()), UPSTREAM_TIMEOUT)
         response = DNSRecord.parse(data)
         if alias_of is not None:
@@ -338,8 +339,9 @@ class UdpServer(asyncio.DatagramProtocol):
             self.transport.sendto(response, addr)
 
 
-async def serve_tcp(resolver: Resolver, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> None:
+async def serve_tcp(
+    resolver: Resolver, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     """DNS over TCP: length-prefixed messages, several per connection."""
     try:
         while True:

@@ -69,8 +69,10 @@ def jumps(plan: Plan) -> list[Jump]:
     needed = [Jump("nat", "OUTPUT", f"-j {CHAIN}")]
     if plan.udp:
         # Only UDP enters the mangle chains: TCP packets are not slowed by them.
-        needed += [Jump("mangle", "OUTPUT", f"-p udp -j {CHAIN}"),
-                   Jump("mangle", "PREROUTING", f"-p udp -j {TPROXY_CHAIN}")]
+        needed += [
+            Jump("mangle", "OUTPUT", f"-p udp -j {CHAIN}"),
+            Jump("mangle", "PREROUTING", f"-p udp -j {TPROXY_CHAIN}"),
+        ]
     return needed
 
 
@@ -81,8 +83,9 @@ def render(plan: Plan, *, saved: Mapping[str, str] | None = None) -> str:
     the same namespace) is not added again. Our own chains are flushed by their declaration.
     """
     saved = saved or {}
-    missing = [jump for jump in jumps(plan)
-               if jump.line not in saved.get(jump.table, "").splitlines()]
+    missing = [
+        jump for jump in jumps(plan) if jump.line not in saved.get(jump.table, "").splitlines()
+    ]
     rules = [
         "*nat",
         f":{CHAIN} - [0:0]",
@@ -125,11 +128,24 @@ def route_commands(plan: Plan, rules: str) -> list[list[str]]:
     """
     if not plan.udp:
         return []
-    commands = [["ip", "-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo",
-                 "table", str(plan.table)]]
+    commands = [
+        [
+            "ip",
+            "-4",
+            "route",
+            "replace",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            str(plan.table),
+        ]
+    ]
     if not _has_rule(rules, plan.udp_mark, plan.table):
-        commands.append(["ip", "-4", "rule", "add", "fwmark", f"{plan.udp_mark:#x}",
-                         "lookup", str(plan.table)])
+        commands.append(
+            ["ip", "-4", "rule", "add", "fwmark", f"{plan.udp_mark:#x}", "lookup", str(plan.table)]
+        )
     return commands
 
 
@@ -143,15 +159,16 @@ def apply(plan: Plan) -> str:
     saved = {table: _run([f"{backend}-save", "-t", table]).stdout for table in tables}
     result = _run([f"{backend}-restore", "--noflush"], stdin=render(plan, saved=saved))
     if result.returncode != 0:
-        raise SidecarError(f"{backend}-restore failed: {result.stderr.strip()} "
-                           "(the sidecar needs the NET_ADMIN capability; UDP interception "
-                           "also needs the kernel's TPROXY support)")
+        raise SidecarError(
+            f"{backend}-restore failed: {result.stderr.strip()} "
+            "(the sidecar needs the NET_ADMIN capability; UDP interception "
+            "also needs the kernel's TPROXY support)"
+        )
     return backend
 
 
 def _skip_direct(plan: Plan) -> list[str]:
-    return [f"-A {CHAIN} -d {network} -j RETURN" for network in plan.direct
-            if network.version == 4]
+    return [f"-A {CHAIN} -d {network} -j RETURN" for network in plan.direct if network.version == 4]
 
 
 def _insert(missing: Sequence[Jump], table: str) -> list[str]:
@@ -175,12 +192,16 @@ def _route(plan: Plan) -> None:
         for command in route_commands(plan, listed.stdout):
             result = _run(command)
             if result.returncode != 0:
-                raise SidecarError(f"`{' '.join(command)}` failed: {result.stderr.strip()} "
-                                   "(the sidecar needs the NET_ADMIN capability)")
+                raise SidecarError(
+                    f"`{' '.join(command)}` failed: {result.stderr.strip()} "
+                    "(the sidecar needs the NET_ADMIN capability)"
+                )
     except FileNotFoundError:
-        raise SidecarError("UDP interception needs `ip` (iproute2) in the sidecar image; "
-                           "install it there, or set x-composemirror.feature.network.outgoing."
-                           "udp: false") from None
+        raise SidecarError(
+            "UDP interception needs `ip` (iproute2) in the sidecar image; "
+            "install it there, or set x-composemirror.feature.network.outgoing."
+            "udp: false"
+        ) from None
 
 
 def _backend() -> str:

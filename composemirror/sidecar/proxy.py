@@ -56,9 +56,14 @@ class Egress:
         """Where a new flow goes, and the name (and side) its address was answered for."""
         known = self.book.lookup(address)
         name = known[0] if known else None
-        decision = route_connection(self.outgoing, name=name,
-                                    address=ipaddress.ip_address(address), port=port,
-                                    protocol=protocol, scope=self.scope)
+        decision = route_connection(
+            self.outgoing,
+            name=name,
+            address=ipaddress.ip_address(address),
+            port=port,
+            protocol=protocol,
+            scope=self.scope,
+        )
         log.debug("%s %s:%s (%s) -> %s", protocol, address, port, name or "no name", decision)
         return decision, known
 
@@ -92,8 +97,7 @@ class Proxy:
         if decision == Route.REMOTE:
             self._remote(app, address, port)
         else:
-            self.tasks.spawn(self._local(app, address, port, known),
-                             name=f"local {address}:{port}")
+            self.tasks.spawn(self._local(app, address, port, known), name=f"local {address}:{port}")
 
     def _remote(self, app: AppConnection, address: str, port: int) -> None:
         assert app.transport is not None
@@ -106,8 +110,9 @@ class Proxy:
             return
         app.start()  # the app's first bytes go with the request (early data)
 
-    async def _local(self, app: AppConnection, address: str, port: int,
-                     known: tuple[str, Route] | None) -> None:
+    async def _local(
+        self, app: AppConnection, address: str, port: int, known: tuple[str, Route] | None
+    ) -> None:
         assert app.transport is not None
         address = await self.egress.local_address(address, known)
         loop = asyncio.get_running_loop()

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from composemirror.errors import TunnelClosed
+from composemirror.link import LinkAddress
 from composemirror.protocol import Connection, Role
 from composemirror.tunnel import Tunnel
 
@@ -31,7 +31,7 @@ SILENCE_LIMIT = 20.0
 class TunnelClient:
     """Keeps one tunnel to the agent up; hands it out while it is."""
 
-    def __init__(self, address: str, key: bytes, mark: int | None = None) -> None:
+    def __init__(self, address: LinkAddress, key: bytes, mark: int | None = None) -> None:
         self.address = address
         self.key = key
         self.mark = mark
@@ -48,8 +48,12 @@ class TunnelClient:
         return tunnel
 
     def report(self) -> dict[str, Any]:
-        return {"agent": self.state, "error": self.error, "connects": self.connects,
-                "streams": len(self.tunnel.endpoints) if self.tunnel else 0}
+        return {
+            "agent": self.state,
+            "error": self.error,
+            "connects": self.connects,
+            "streams": len(self.tunnel.endpoints) if self.tunnel else 0,
+        }
 
     async def run(self) -> None:
         """Connect, serve until the link drops, reconnect; forever."""
@@ -74,20 +78,8 @@ class TunnelClient:
         raise AssertionError("unreachable: the retry loop never stops")
 
     async def _open(self) -> Tunnel:
-        loop = asyncio.get_running_loop()
-        kind, _, where = self.address.partition(":")
         conn = Connection(Role.CLIENT, self.key)
-        if kind == "unix":
-            _, tunnel = await loop.create_unix_connection(lambda: Tunnel(conn), where)
-        else:
-            host, _, port = where.rpartition(":")
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            if self.mark is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, (host, int(port)))
-            _, tunnel = await loop.create_connection(lambda: Tunnel(conn), sock=sock)
+        _, tunnel = await self.address.dial(lambda: Tunnel(conn), mark=self.mark)
         try:
             await tunnel.authenticated
         except TunnelClosed:

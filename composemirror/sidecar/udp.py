@@ -116,8 +116,14 @@ def _read(sock: socket.socket) -> list[bytes]:
 class AppSide:
     """A flow's end at the app: the socket its datagrams arrive on and its replies leave from."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, app: Address, original: Address,
-                 reply: socket.socket, received: Callable[[bytes], None]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        app: Address,
+        original: Address,
+        reply: socket.socket,
+        received: Callable[[bytes], None],
+    ) -> None:
         self.loop = loop
         self.app = app
         self.original = original
@@ -143,8 +149,9 @@ class AppSide:
 class RemoteFlow(StreamFlow):
     """A flow through the tunnel: the app's datagrams go into a UDP stream, its answers back."""
 
-    def __init__(self, proxy: UdpProxy, app: Address, original: Address,
-                 reply: socket.socket) -> None:
+    def __init__(
+        self, proxy: UdpProxy, app: Address, original: Address, reply: socket.socket
+    ) -> None:
         super().__init__()
         self.proxy = proxy
         self.original = original
@@ -173,8 +180,9 @@ class RemoteFlow(StreamFlow):
 class LocalFlow(Flow):
     """A flow sent directly from the sidecar."""
 
-    def __init__(self, proxy: UdpProxy, app: Address, original: Address,
-                 reply: socket.socket) -> None:
+    def __init__(
+        self, proxy: UdpProxy, app: Address, original: Address, reply: socket.socket
+    ) -> None:
         super().__init__()
         self.proxy = proxy
         self.original = original
@@ -257,8 +265,7 @@ class UdpProxy:
         assert self.sock is not None
         for _ in range(READ_BURST):
             try:
-                data, ancdata, _, app = self.sock.recvmsg(MAX_DATAGRAM,
-                                                          socket.CMSG_SPACE(16))
+                data, ancdata, _, app = self.sock.recvmsg(MAX_DATAGRAM, socket.CMSG_SPACE(16))
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:

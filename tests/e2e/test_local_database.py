@@ -89,8 +89,10 @@ def _sidecar_link() -> dict[str, object] | None:
 
 
 def test_psql_with_the_cluster_hostname_reads_the_local_rows(example: None) -> None:
-    result = exec_in(APP, ["psql", DATABASE_URL, "-Atc", "SELECT source, count(*) FROM "
-                                                         "customers GROUP BY source"])
+    result = exec_in(
+        APP,
+        ["psql", DATABASE_URL, "-Atc", "SELECT source, count(*) FROM customers GROUP BY source"],
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "local|3"
 
@@ -142,7 +144,8 @@ def test_dig_straight_at_port_53_follows_the_filter(example: None) -> None:
     assert dig("TXT", "orders.shop.svc.cluster.local") == '"owner=team-orders"'
     assert dig("AAAA", "orders-v6.shop.svc.cluster.local") == "fd00:96::21"
     assert dig("shop-db.shop.svc.cluster.local").splitlines() == [
-        "postgres.shop.svc.cluster.local.", "10.96.0.20",
+        "postgres.shop.svc.cluster.local.",
+        "10.96.0.20",
     ]
     missing = exec_in(APP, ["dig", "+time=5", "+tries=1", "nothere.shop.svc.cluster.local"])
     assert "status: NXDOMAIN" in missing.stdout
@@ -166,8 +169,9 @@ def _cluster_dns_log(since: str, expected: str) -> str | None:
 
 
 def test_imported_env_follows_the_documented_precedence(example: None) -> None:
-    env = dict(line.split("=", 1) for line in exec_in(APP, ["env"]).stdout.splitlines()
-               if "=" in line)
+    env = dict(
+        line.split("=", 1) for line in exec_in(APP, ["env"]).stdout.splitlines() if "=" in line
+    )
     assert env["DATABASE_URL"] == DATABASE_URL  # imported from the deployed app
     assert env["ORDERS_URL"] == "http://orders.shop.svc.cluster.local:8080/orders"
     assert env["LOG_LEVEL"] == "debug"  # compose's own environment wins over the remote one
@@ -191,12 +195,16 @@ def test_with_the_agent_stopped_remote_fails_fast_and_local_works(example: None)
         assert local.stdout.strip() == "3"
         # No path around the tunnel: from the shared namespace, a socket that the firewall lets
         # through untouched (the sidecar's mark) cannot reach the sandbox network.
-        direct = exec_in(SIDECAR, [
-            "python3", "-c",
-            "import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, "
-            "socket.SO_MARK, 0x434D); s.settimeout(3); "
-            "sys.exit(0 if s.connect_ex(('10.96.0.21', 8080)) else 1)",
-        ])
+        direct = exec_in(
+            SIDECAR,
+            [
+                "python3",
+                "-c",
+                "import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, "
+                "socket.SO_MARK, 0x434D); s.settimeout(3); "
+                "sys.exit(0 if s.connect_ex(('10.96.0.21', 8080)) else 1)",
+            ],
+        )
         assert direct.returncode == 0, "the sandbox was reachable without the tunnel"
     finally:
         assert docker("start", AGENT).returncode == 0

@@ -48,8 +48,10 @@ def assert_nothing_of(name: str) -> None:
 
 
 BAD_INPUT = {
-    "network-mode": (MIRROR + "services:\n  web:\n    image: x\n    network_mode: host\n",
-                     "has `network_mode: host`"),
+    "network-mode": (
+        MIRROR + "services:\n  web:\n    image: x\n    network_mode: host\n",
+        "has `network_mode: host`",
+    ),
     "port-collision": (
         MIRROR.replace("[web]", "[web, api]")
         + "services:\n  web:\n    image: x\n    ports: ['18090:80']\n"
@@ -57,23 +59,31 @@ BAD_INPUT = {
         "both publish host port 18090/tcp",
     ),
     "hosts-missing-service": (
-        MIRROR + "  hosts:\n    postgres.shop.svc.cluster.local: dbb\n"
+        MIRROR
+        + "  hosts:\n    postgres.shop.svc.cluster.local: dbb\n"
         + "services:\n  web:\n    image: x\n  db:\n    image: x\n",
         "'dbb' is not a service of this project",
     ),
-    "unknown-key": (MIRROR.replace("services:", "servces:") + "services:\n  web:\n    image: x\n",
-                    "x-composemirror.servces: unknown key"),
+    "unknown-key": (
+        MIRROR.replace("services:", "servces:") + "services:\n  web:\n    image: x\n",
+        "x-composemirror.servces: unknown key",
+    ),
     "bad-filter": (
-        MIRROR + "  feature:\n    network:\n      outgoing:\n        filter:\n"
+        MIRROR
+        + "  feature:\n    network:\n      outgoing:\n        filter:\n"
         + "          local: ['tcp://db:5432', 'meow://x']\n"
         + "services:\n  web:\n    image: x\n",
         "x-composemirror.feature.network.outgoing.filter.local[1]",
     ),
     "no-config": ("services:\n  web:\n    image: x\n", "no composemirror configuration"),
-    "bad-target": (MIRROR.replace("deployment/checkout", "checkout")
-                   + "services:\n  web:\n    image: x\n", "'checkout' is not a target"),
-    "unknown-service": (MIRROR.replace("[web]", "[wbe]") + "services:\n  web:\n    image: x\n",
-                        "did you mean 'web'?"),
+    "bad-target": (
+        MIRROR.replace("deployment/checkout", "checkout") + "services:\n  web:\n    image: x\n",
+        "'checkout' is not a target",
+    ),
+    "unknown-service": (
+        MIRROR.replace("[web]", "[wbe]") + "services:\n  web:\n    image: x\n",
+        "did you mean 'web'?",
+    ),
     "bad-yaml": ("services:\n  web: [\n", "docker compose rejected the project"),
 }
 
@@ -105,7 +115,8 @@ def test_a_docker_target_that_does_not_exist_is_a_runtime_error(
     engine: None, tmp_path: Path
 ) -> None:
     body = MIRROR.replace("deployment/checkout", "docker://cm-no-such-container") + (
-        "services:" + WEB)
+        "services:" + WEB
+    )
     path = project(tmp_path, "cm-no-target", body)
     result = cli("-f", str(path), "up", "-d")
     assert result.returncode == 1
@@ -127,9 +138,7 @@ def test_config_prints_the_rewritten_model_and_changes_nothing(
 
 
 @pytest.fixture
-def small_project(
-    sandbox: None, tmp_path: Path, project_cleanup: Callable[[Path], None]
-) -> Path:
+def small_project(sandbox: None, tmp_path: Path, project_cleanup: Callable[[Path], None]) -> Path:
     body = MIRROR + "services:" + WEB + "    ports: ['18081:8080']\n"
     path = project(tmp_path, "cm-lifecycle", body)
     project_cleanup(path)
@@ -157,7 +166,10 @@ def test_down_removes_everything_and_is_safe_twice(small_project: Path) -> None:
 def test_attached_up_streams_logs_and_stops_on_ctrl_c(small_project: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "composemirror", "-f", str(small_project), "up"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
     try:
@@ -178,18 +190,18 @@ def _state(container: str) -> str:
     return str(json.loads(result.stdout)) if result.returncode == 0 else "missing"
 
 
-def test_config_can_live_beside_the_compose_file_or_be_named(
-    sandbox: None, tmp_path: Path
-) -> None:
+def test_config_can_live_beside_the_compose_file_or_be_named(sandbox: None, tmp_path: Path) -> None:
     path = project(tmp_path, "cm-config-file", "services:" + WEB)
     (path.parent / "composemirror.yaml").write_text(
-        "target: deployment/checkout\nnamespace: shop\nservices: [web]\n")
+        "target: deployment/checkout\nnamespace: shop\nservices: [web]\n"
+    )
     beside = cli("-f", str(path), "config")
     assert beside.returncode == 0, beside.stderr
     assert "network_mode: service:web-mirror" in beside.stdout
     # A mirrord config pastes in: its feature block, with keys that mean nothing here.
     mirrord = tmp_path / "mirrord.yaml"
-    mirrord.write_text(textwrap.dedent("""\
+    mirrord.write_text(
+        textwrap.dedent("""\
         target: {path: deployment/checkout, namespace: shop}
         services: [web]
         feature:
@@ -198,7 +210,8 @@ def test_config_can_live_beside_the_compose_file_or_be_named(
           network:
             incoming: mirror
             outgoing: {filter: {remote: ["orders.shop.svc.cluster.local"]}}
-    """))
+    """)
+    )
     named = cli("-f", str(path), "--config", str(mirrord), "config")
     assert named.returncode == 0, named.stderr
     assert "ignored (no effect at the network level): x-composemirror.feature.fs" in named.stderr

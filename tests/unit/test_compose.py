@@ -19,9 +19,10 @@ import pytest
 import yaml
 
 from composemirror import compose
+from composemirror.backends import ContainerPlacement, ForwardedPlacement
 from composemirror.config import BLOCK, Config, load
 from composemirror.errors import ConfigError
-from composemirror.sidecar.settings import ENV_VAR, SidecarSettings
+from composemirror.link import AGENT_LINK, ENV_VAR, LinkAddress, SidecarSettings
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = sorted(p.name.removesuffix(".input.json") for p in GOLDEN.glob("*.input.json"))
@@ -46,10 +47,16 @@ PLAN = compose.Plan(
     version="0.1.0",
     sidecar_image="composemirror/sidecar:test",
     agent_image="composemirror/agent:test",
-    agent_network_mode="container:target",
+    placement=ContainerPlacement(network_mode="container:target"),
     key_file="/project/.composemirror/tunnel.key",
     remote_env=REMOTE_ENV,
 )
+
+FORWARDED = ForwardedPlacement(
+    link=LinkAddress.parse("tcp:host.docker.internal:41000"),
+    extra_hosts={"host.docker.internal": "host-gateway"},
+)
+"""The agent in a cluster, reached through a forwarder on the host (cases named `forwarded-*`)."""
 
 
 def read_json(path: Path) -> Any:
@@ -60,9 +67,12 @@ def load_case(name: str) -> tuple[dict[str, Any], Config, compose.Plan]:
     """The input model, its x-composemirror config, and the plan (env_file values if it has one)."""
     model = read_json(GOLDEN / f"{name}.input.json")
     # As ops does: the model's block holds `$$` for `$`; the config holds raw values.
-    config = load(compose.unescape(model[BLOCK]), source=f"{BLOCK} in {name}",
-                  base_dir=Path("/project"))
+    config = load(
+        compose.unescape(model[BLOCK]), source=f"{BLOCK} in {name}", base_dir=Path("/project")
+    )
     plan = replace(PLAN, env_file=ENV_FILE) if config.env.env_file else PLAN
+    if name.startswith("forwarded-"):
+        plan = replace(plan, placement=FORWARDED)
     return model, config, plan
 
 
@@ -131,7 +141,9 @@ def test_rendered_model_invariants(name: str) -> None:
         assert app["network_mode"] == f"service:{app_name}-mirror"
         assert not set(compose.MOVED_KEYS) & set(app)
         for key in compose.MOVED_KEYS:
-            if key != "networks" and key in original:
+            if key == "extra_hosts" and isinstance(plan.placement, ForwardedPlacement):
+                assert set(original.get(key) or ()) <= set(sidecar[key])
+            elif key != "networks" and key in original:
                 assert sidecar[key] == original[key], key
         for network, settings in (original.get("networks") or {"default": None}).items():
             aliases = sidecar["networks"][network]["aliases"]
@@ -141,10 +153,16 @@ def test_rendered_model_invariants(name: str) -> None:
                 if key != "aliases":
                     assert sidecar["networks"][network][key] == value
         assert app["depends_on"][f"{app_name}-mirror"] == {
-            "condition": "service_healthy", "restart": True, "required": True}
+            "condition": "service_healthy",
+            "restart": True,
+            "required": True,
+        }
         assert sidecar["labels"] == {
-            compose.LABEL_PROJECT: project, compose.LABEL_ROLE: "sidecar",
-            compose.LABEL_VERSION: "0.1.0", compose.LABEL_SERVICE: app_name}
+            compose.LABEL_PROJECT: project,
+            compose.LABEL_ROLE: "sidecar",
+            compose.LABEL_VERSION: "0.1.0",
+            compose.LABEL_SERVICE: app_name,
+        }
         assert app["labels"][compose.LABEL_ROLE] == "app"
         settings_json = SidecarSettings.from_json(sidecar["environment"][ENV_VAR])
         assert settings_json.service == app_name
@@ -156,16 +174,94 @@ def test_rendered_model_invariants(name: str) -> None:
             assert mode.removeprefix("service:") not in config.services, name_
         for link in service.get("links") or ():
             assert link.partition(":")[0] not in config.services, name_
-    agent = services[compose.AGENT_SERVICE]
-    assert agent["network_mode"] == "container:target"
-    assert agent["labels"][compose.LABEL_ROLE] == "agent"
-    assert rendered["volumes"][compose.LINK_VOLUME]["labels"][compose.LABEL_PROJECT] == project
+    if isinstance(plan.placement, ContainerPlacement):
+        agent = services[compose.AGENT_SERVICE]
+        assert agent["network_mode"] == "container:target"
+        assert agent["labels"][compose.LABEL_ROLE] == "agent"
+        volume = rendered["volumes"][compose.LINK_VOLUME]
+        assert volume["labels"][compose.LABEL_PROJECT] == project
+    else:
+        assert compose.AGENT_SERVICE not in services
+        assert compose.LINK_VOLUME not in (rendered.get("volumes") or {})
+    for app_name in config.services:
+        sidecar = services[f"{app_name}-mirror"]
+        settings = SidecarSettings.from_json(sidecar["environment"][ENV_VAR])
+        assert settings.link == compose.link_of(plan.placement)
+        local_agent = isinstance(plan.placement, ContainerPlacement)
+        assert ("volumes" in sidecar) == (
+            local_agent or bool(getattr(plan.placement, "mounts", {}))
+        )
+        assert (compose.AGENT_SERVICE in (sidecar.get("depends_on") or {})) == local_agent
     assert rendered["secrets"][compose.KEY_SECRET] == {"file": plan.key_file}
+
+
+def test_there_is_a_golden_case_per_placement_kind() -> None:
+    kinds = {type(load_case(name)[2].placement) for name in CASES}
+    assert kinds == {ContainerPlacement, ForwardedPlacement}
+
+
+def test_forwarded_placement_adds_no_agent_and_reaches_the_forwarder() -> None:
+    model = model_of(
+        web=service(extra_hosts=["legacy.example=192.0.2.1", "host.docker.internal=10.0.0.1"])
+    )
+    rendered = compose.rewrite(model, config_of(), replace(PLAN, placement=FORWARDED))
+    sidecar = rendered["services"]["web-mirror"]
+    assert compose.AGENT_SERVICE not in rendered["services"]
+    assert "volumes" not in rendered
+    assert "depends_on" not in sidecar
+    # the placement's name wins over the app's own entry for it
+    assert sidecar["extra_hosts"] == [
+        "legacy.example=192.0.2.1",
+        "host.docker.internal=host-gateway",
+    ]
+    settings = SidecarSettings.from_json(sidecar["environment"][ENV_VAR])
+    assert str(settings.link) == "tcp:host.docker.internal:41000"
+    assert "host.docker.internal" in settings.names
+
+
+def test_a_forwarder_on_a_unix_socket_is_mounted_into_the_sidecars_only() -> None:
+    placement = ForwardedPlacement(
+        link=LinkAddress.parse("unix:/run/composemirror/forward/agent.sock"),
+        mounts={"/project/.composemirror/forward": "/run/composemirror/forward"},
+    )
+    model = model_of(web=service(), db=service())
+    services = compose.rewrite(model, config_of(), replace(PLAN, placement=placement))["services"]
+    assert services["web-mirror"]["volumes"] == [
+        {
+            "type": "bind",
+            "source": "/project/.composemirror/forward",
+            "target": "/run/composemirror/forward",
+        }
+    ]
+    assert "volumes" not in services["web"] and "volumes" not in services["db"]
+    assert "extra_hosts" not in services["web-mirror"]
+    settings = SidecarSettings.from_json(services["web-mirror"]["environment"][ENV_VAR])
+    assert str(settings.link) == "unix:/run/composemirror/forward/agent.sock"
+
+
+def test_forwarded_placement_with_extra_hosts_as_a_mapping() -> None:
+    # newer compose versions print extra_hosts as a mapping of name to addresses
+    model = model_of(web=service(extra_hosts={"legacy.example": ["192.0.2.1"]}))
+    sidecar = compose.rewrite(model, config_of(), replace(PLAN, placement=FORWARDED))["services"][
+        "web-mirror"
+    ]
+    assert sidecar["extra_hosts"] == {
+        "legacy.example": ["192.0.2.1"],
+        "host.docker.internal": ["host-gateway"],
+    }
+
+
+def test_container_placement_links_by_the_shared_socket() -> None:
+    rendered = compose.rewrite(model_of(web=service()), config_of(), PLAN)
+    agent = rendered["services"][compose.AGENT_SERVICE]
+    assert agent["command"] == ["python3", "-m", "composemirror.agent", "--listen", str(AGENT_LINK)]
+    assert agent["volumes"] == rendered["services"]["web-mirror"]["volumes"]
 
 
 # ---------------------------------------------------------------------------------------------
 # Behaviour on hand-made models
 # ---------------------------------------------------------------------------------------------
+
 
 def service(**keys: Any) -> dict[str, Any]:
     return {"image": "example/app", "networks": {"default": None}, **keys}
@@ -180,17 +276,20 @@ def model_of(**services: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_of(**block: Any) -> Config:
-    return load({"target": "targetless", "services": ["web"], **block}, source="compose.yaml",
-                base_dir=Path("/project"))
+    return load(
+        {"target": "targetless", "services": ["web"], **block},
+        source="compose.yaml",
+        base_dir=Path("/project"),
+    )
 
 
 def test_dollar_in_remote_and_env_file_values_is_escaped() -> None:
     model = model_of(web=service(environment={"LOCAL": "x$$y"}), db=service())
-    plan = replace(PLAN, remote_env={"PASSWORD": "pa$word", "PRICE": "$5"},
-                   env_file={"FROM_FILE": "a$b"})
+    plan = replace(
+        PLAN, remote_env={"PASSWORD": "pa$word", "PRICE": "$5"}, env_file={"FROM_FILE": "a$b"}
+    )
     env = compose.rewrite(model, config_of(), plan)["services"]["web"]["environment"]
-    assert env == {"PASSWORD": "pa$$word", "PRICE": "$$5", "FROM_FILE": "a$$b",
-                   "LOCAL": "x$$y"}
+    assert env == {"PASSWORD": "pa$$word", "PRICE": "$$5", "FROM_FILE": "a$$b", "LOCAL": "x$$y"}
 
 
 def test_environment_precedence_in_the_app() -> None:
@@ -207,7 +306,8 @@ def test_environment_precedence_in_the_app() -> None:
 def test_app_without_networks_gets_a_sidecar_on_the_default_network() -> None:
     model = model_of(web={"image": "example/app"})
     sidecar = compose.rewrite(model, config_of(), PLAN)["services"]["web-mirror"]
-    assert sidecar["networks"] == {"default": {"aliases": ["web"]}}
+    # its compose container name too: other services may address the app by it
+    assert sidecar["networks"] == {"default": {"aliases": ["proj-web-1", "web"]}}
 
 
 def test_container_name_is_kept_on_the_app_and_aliased_on_the_sidecar() -> None:
@@ -234,14 +334,26 @@ def test_sidecar_settings_carry_the_filters_and_project_names() -> None:
     model = model_of(web=service(), db=service(networks={"default": {"aliases": ["pg"]}}))
     config = config_of(
         hosts={"postgres.shop": "db"},
-        feature={"network": {"outgoing": {"udp": False, "filter": {"local": ["*.internal"]}},
-                             "dns": {"filter": {"remote": ["*.svc.cluster.local"]}}}},
+        feature={
+            "network": {
+                "outgoing": {"udp": False, "filter": {"local": ["*.internal"]}},
+                "dns": {"filter": {"remote": ["*.svc.cluster.local"]}},
+            }
+        },
     )
     sidecar = compose.rewrite(model, config, PLAN)["services"]["web-mirror"]
     settings = SidecarSettings.from_json(sidecar["environment"][ENV_VAR])
     assert settings.service == "web"
-    assert set(settings.names) == {"web", "db", "pg", "postgres.shop", "web-mirror",
-                                   "composemirror-agent"}
+    assert set(settings.names) == {
+        "web",
+        "db",
+        "pg",
+        "postgres.shop",
+        "web-mirror",
+        "composemirror-agent",
+        "proj-web-1",
+        "proj-db-1",
+    }
     assert dict(settings.hosts) == {"postgres.shop": "db"}
     assert (settings.tcp, settings.udp) == (True, False)
     assert settings.outgoing is not None and settings.outgoing.entries == ("*.internal",)
@@ -253,17 +365,27 @@ def test_sidecar_settings_carry_the_filters_and_project_names() -> None:
     ("ports_web", "ports_api"),
     [
         ([{"published": "8080", "target": 80}], [{"published": "8080", "target": 81}]),
-        ([{"published": "8080", "target": 80, "host_ip": "0.0.0.0"}],
-         [{"published": "8080", "target": 81, "host_ip": "127.0.0.1"}]),
-        ([{"published": "8080", "target": 80, "host_ip": "127.0.0.1"}],
-         [{"published": "8080", "target": 81}]),
-        ([{"published": "8080", "target": 80, "host_ip": "::"}],
-         [{"published": "8080", "target": 81, "host_ip": "127.0.0.1"}]),
-        ([{"published": "8080", "target": 80, "host_ip": "127.0.0.1"}],
-         [{"published": "8080", "target": 81, "host_ip": "127.0.0.1"}]),
+        (
+            [{"published": "8080", "target": 80, "host_ip": "0.0.0.0"}],
+            [{"published": "8080", "target": 81, "host_ip": "127.0.0.1"}],
+        ),
+        (
+            [{"published": "8080", "target": 80, "host_ip": "127.0.0.1"}],
+            [{"published": "8080", "target": 81}],
+        ),
+        (
+            [{"published": "8080", "target": 80, "host_ip": "::"}],
+            [{"published": "8080", "target": 81, "host_ip": "127.0.0.1"}],
+        ),
+        (
+            [{"published": "8080", "target": 80, "host_ip": "127.0.0.1"}],
+            [{"published": "8080", "target": 81, "host_ip": "127.0.0.1"}],
+        ),
         ([{"published": "8000-8010", "target": 80}], [{"published": "8005", "target": 81}]),
-        ([{"published": "53", "target": 53, "protocol": "udp"}],
-         [{"published": "53", "target": 53, "protocol": "udp"}]),
+        (
+            [{"published": "53", "target": 53, "protocol": "udp"}],
+            [{"published": "53", "target": 53, "protocol": "udp"}],
+        ),
     ],
 )
 def test_two_mirrored_services_publishing_one_host_port(
@@ -279,10 +401,14 @@ def test_two_mirrored_services_publishing_one_host_port(
 @pytest.mark.parametrize(
     ("ports_web", "ports_api"),
     [
-        ([{"published": "8080", "target": 80, "host_ip": "127.0.0.1"}],
-         [{"published": "8080", "target": 81, "host_ip": "127.0.0.2"}]),
-        ([{"published": "53", "target": 53, "protocol": "udp"}],
-         [{"published": "53", "target": 53, "protocol": "tcp"}]),
+        (
+            [{"published": "8080", "target": 80, "host_ip": "127.0.0.1"}],
+            [{"published": "8080", "target": 81, "host_ip": "127.0.0.2"}],
+        ),
+        (
+            [{"published": "53", "target": 53, "protocol": "udp"}],
+            [{"published": "53", "target": 53, "protocol": "tcp"}],
+        ),
         ([{"published": "8000-8004", "target": 80}], [{"published": "8005", "target": 81}]),
         ([{"target": 80}], [{"target": 80}]),  # unpublished: the engine picks the host ports
     ],
@@ -296,11 +422,52 @@ def test_distinct_host_ports_are_accepted(
     assert rendered["services"]["api-mirror"]["ports"] == ports_api
 
 
-def test_a_port_shared_with_an_unmirrored_service_is_not_composemirrors_business() -> None:
-    # Docker itself reports that conflict, with or without composemirror.
-    model = model_of(web=service(ports=[{"published": "8080", "target": 80}]),
-                     other=service(ports=[{"published": "8080", "target": 80}]))
+@pytest.mark.parametrize("other_ip", ["", "0.0.0.0", "127.0.0.1"])
+def test_a_port_shared_with_an_unmirrored_service_is_refused(other_ip: str) -> None:
+    # compose would only find it half-way through `up`, with containers already created
+    model = model_of(
+        web=service(ports=[{"published": "8080", "target": 80}]),
+        other=service(ports=[{"published": "8080", "target": 81, "host_ip": other_ip}]),
+    )
+    error = rewrite_error(model, config_of())
+    assert "'web' and 'other' both publish host port 8080/tcp" in error.message
+
+
+def test_unmirrored_services_on_distinct_addresses_or_protocols_do_not_clash() -> None:
+    model = model_of(
+        web=service(ports=[{"published": "8080", "target": 80, "host_ip": "127.0.0.1"}]),
+        other=service(ports=[{"published": "8080", "target": 80, "host_ip": "127.0.0.2"}]),
+        dns=service(ports=[{"published": "8080", "target": 80, "protocol": "udp"}]),
+    )
     assert "web-mirror" in compose.rewrite(model, config_of(), PLAN)["services"]
+
+
+def test_two_unmirrored_services_clashing_are_composes_business() -> None:
+    model = model_of(
+        web=service(),
+        a=service(ports=[{"published": "8080", "target": 80}]),
+        b=service(ports=[{"published": "8080", "target": 80}]),
+    )
+    assert "web-mirror" in compose.rewrite(model, config_of(), PLAN)["services"]
+
+
+def test_external_links_move_to_the_sidecar_and_their_names_stay_local() -> None:
+    # Docker refuses links on a container that joins another's network namespace
+    model = model_of(web=service(external_links=["legacy-db:db.legacy"]))
+    rendered = compose.rewrite(model, config_of(), PLAN)["services"]
+    assert "external_links" not in rendered["web"]
+    assert rendered["web-mirror"]["external_links"] == ["legacy-db:db.legacy"]
+    assert "db.legacy" in compose.project_names(model["services"], config_of())
+
+
+def test_services_sharing_the_apps_namespace_are_announced() -> None:
+    model = model_of(
+        web=service(), debug={"image": "busybox", "network_mode": "service:web"}, db=service()
+    )
+    (notice,) = compose.notices(model, config_of())
+    assert notice.startswith("'debug' shares the network namespace of 'web'")
+    assert "'web-mirror'" in notice
+    assert compose.notices(model_of(web=service()), config_of()) == ()
 
 
 def rewrite_error(model: dict[str, Any], config: Config) -> ConfigError:
@@ -313,7 +480,8 @@ def rewrite_error(model: dict[str, Any], config: Config) -> ConfigError:
 def test_unknown_mirrored_service_suggests_a_close_name() -> None:
     error = rewrite_error(model_of(web=service(), db=service()), config_of(services=["db", "wbe"]))
     assert error.message == (
-        "compose.yaml: x-composemirror.services[1]: 'wbe' is not a service of this project")
+        "compose.yaml: x-composemirror.services[1]: 'wbe' is not a service of this project"
+    )
     assert error.hint == "did you mean 'web'?"
 
 
@@ -327,12 +495,13 @@ def test_mirrored_service_with_network_mode_is_refused(mode: str) -> None:
     web = {"image": "example/app", "network_mode": mode}
     error = rewrite_error(model_of(web=web, db=service()), config_of())
     assert f"'web' has `network_mode: {mode}`" in error.message
-    assert error.hint is not None and "x-composemirror.services" in error.hint
+    if mode == "service:db":
+        assert error.hint is not None and error.hint.startswith("mirror 'db' instead")
+    else:
+        assert error.hint is not None and "x-composemirror.services" in error.hint
 
 
-@pytest.mark.parametrize(
-    "keys", [{"deploy": {"replicas": 2}}, {"scale": 3}]
-)
+@pytest.mark.parametrize("keys", [{"deploy": {"replicas": 2}}, {"scale": 3}])
 def test_mirrored_service_with_replicas_is_refused(keys: dict[str, Any]) -> None:
     error = rewrite_error(model_of(web=service(**keys)), config_of())
     assert "'web' runs" in error.message and "replicas" in error.message
@@ -340,23 +509,29 @@ def test_mirrored_service_with_replicas_is_refused(keys: dict[str, Any]) -> None
 
 @pytest.mark.parametrize("keys", [{"deploy": {"replicas": 1}}, {"scale": 1}, {"deploy": {}}])
 def test_mirrored_service_with_one_replica_is_fine(keys: dict[str, Any]) -> None:
-    assert "web-mirror" in compose.rewrite(model_of(web=service(**keys)), config_of(),
-                                           PLAN)["services"]
+    assert (
+        "web-mirror"
+        in compose.rewrite(model_of(web=service(**keys)), config_of(), PLAN)["services"]
+    )
 
 
 def test_hosts_naming_a_missing_service() -> None:
-    error = rewrite_error(model_of(web=service(), db=service()),
-                          config_of(hosts={"postgres.shop": "dbb"}))
+    error = rewrite_error(
+        model_of(web=service(), db=service()), config_of(hosts={"postgres.shop": "dbb"})
+    )
     assert error.message == (
-        "compose.yaml: x-composemirror.hosts.postgres.shop: 'dbb' is not a service of this project")
+        "compose.yaml: x-composemirror.hosts.postgres.shop: 'dbb' is not a service of this project"
+    )
     assert error.hint == "did you mean 'db'?"
 
 
 def test_hosts_target_sharing_no_network_with_a_mirrored_service() -> None:
     model = model_of(web=service(networks={"front": None}), db=service(networks={"back": None}))
     error = rewrite_error(model, config_of(hosts={"postgres.shop": "db"}))
-    assert error.message == ("compose.yaml: x-composemirror.hosts.postgres.shop: 'db' shares no "
-                             "network with 'web', so 'web' cannot reach it")
+    assert error.message == (
+        "compose.yaml: x-composemirror.hosts.postgres.shop: 'db' shares no "
+        "network with 'web', so 'web' cannot reach it"
+    )
     assert error.hint == "put 'db' and 'web' on a common network"
 
 
@@ -373,24 +548,44 @@ def test_an_unmirrored_service_named_like_a_sidecar_of_nothing_is_fine() -> None
 
 
 def test_published_ports() -> None:
-    svc = {"ports": [
-        {"target": 80, "published": "8080", "protocol": "tcp"},
-        {"target": 53, "published": "5353", "protocol": "udp", "host_ip": "127.0.0.1"},
-        {"target": 90, "published": "9000-9001", "host_ip": "0.0.0.0"},
-        {"target": 70},
-    ]}
+    svc = {
+        "ports": [
+            {"target": 80, "published": "8080", "protocol": "tcp"},
+            {"target": 53, "published": "5353", "protocol": "udp", "host_ip": "127.0.0.1"},
+            {"target": 90, "published": "9000-9001", "host_ip": "0.0.0.0"},
+            {"target": 70},
+        ]
+    }
     assert list(compose.published_ports(svc)) == [
-        ("", 8080, "tcp"), ("127.0.0.1", 5353, "udp"), ("", 9000, "tcp"), ("", 9001, "tcp")]
+        ("", 8080, "tcp"),
+        ("127.0.0.1", 5353, "udp"),
+        ("", 9000, "tcp"),
+        ("", 9001, "tcp"),
+    ]
 
 
 def test_project_names() -> None:
     services = {
         "web": {"container_name": "Shop-Web", "networks": {"default": {"aliases": ["www."]}}},
-        "db": {"links": ["cache:redis"], "extra_hosts": ["legacy.example=192.0.2.1",
-                                                          "old.example:192.0.2.2"]},
+        "db": {
+            "links": ["cache:redis"],
+            "extra_hosts": ["legacy.example=192.0.2.1", "old.example:192.0.2.2"],
+        },
         "cache": {"networks": {"default": None}},
     }
     config = config_of(hosts={"Postgres.Shop": "db"})
-    assert compose.project_names(services, config) == {
-        "web", "db", "cache", "shop-web", "www", "redis", "legacy.example", "old.example",
-        "postgres.shop", "web-mirror", "composemirror-agent"}
+    assert compose.project_names(services, config, "proj") == {
+        "web",
+        "db",
+        "cache",
+        "shop-web",
+        "proj-db-1",
+        "proj-cache-1",
+        "www",
+        "redis",
+        "legacy.example",
+        "old.example",
+        "postgres.shop",
+        "web-mirror",
+        "composemirror-agent",
+    }

@@ -55,15 +55,17 @@ MIRRORD_FEATURE: dict[str, Any] = {
 
 
 def test_full_block() -> None:
-    config = load_block({
-        "target": {"path": "deploy/checkout/container/app", "namespace": "shop"},
-        "kube_context": "staging",
-        "services": ["web", "worker"],
-        "hosts": {"Postgres.Shop.svc.cluster.local.": "db", "redis.shop": "cache"},
-        "feature": MIRRORD_FEATURE,
-        "agent": {"ttl": 30},
-        "operator": False,
-    })
+    config = load_block(
+        {
+            "target": {"path": "deploy/checkout/container/app", "namespace": "shop"},
+            "kube_context": "staging",
+            "services": ["web", "worker"],
+            "hosts": {"Postgres.Shop.svc.cluster.local.": "db", "redis.shop": "cache"},
+            "feature": MIRRORD_FEATURE,
+            "agent": {"ttl": 30},
+            "operator": False,
+        }
+    )
     assert config.source == SOURCE
     assert config.target == Target(kind="deployment", name="checkout", container="app")
     assert str(config.target) == "deployment/checkout/container/app"
@@ -85,12 +87,16 @@ def test_full_block() -> None:
     assert (network.tcp, network.udp, network.dns_enabled) == (True, False, True)
     assert network.outgoing is not None and network.outgoing.mode == "local"
     assert [r.text for r in network.outgoing.rules] == [
-        "tcp://1.1.1.0/24:1337", "1.1.5.0/24", "google.com", ":53"]
+        "tcp://1.1.1.0/24:1337",
+        "1.1.5.0/24",
+        "google.com",
+        ":53",
+    ]
     assert network.dns is not None and network.dns.mode == "remote"
     assert [r.text for r in network.dns.rules] == ["*.svc.cluster.local", "1.1.1.0/24:53"]
 
+    assert config.agent.ttl == 30
     assert set(config.ignored) == {
-        "x-composemirror.agent",
         "x-composemirror.operator",
         "x-composemirror.feature.fs",
         "x-composemirror.feature.hostname",
@@ -140,16 +146,24 @@ def test_config_is_immutable() -> None:
         ("cronjob/nightly", Target(kind="cronjob", name="nightly"), "cronjob/nightly"),
         ("targetless", Target(kind="targetless"), "targetless"),
         ("docker://name", Target(kind="docker", name="name"), "docker://name"),
-        ("docker://3f2a9c_b.1-x", Target(kind="docker", name="3f2a9c_b.1-x"),
-         "docker://3f2a9c_b.1-x"),
+        (
+            "docker://3f2a9c_b.1-x",
+            Target(kind="docker", name="3f2a9c_b.1-x"),
+            "docker://3f2a9c_b.1-x",
+        ),
         ({"path": "deploy/x"}, Target(kind="deployment", name="x"), "deployment/x"),
-        ({"path": {"deployment": "x", "container": "c"}},
-         Target(kind="deployment", name="x", container="c"), "deployment/x/container/c"),
+        (
+            {"path": {"deployment": "x", "container": "c"}},
+            Target(kind="deployment", name="x", container="c"),
+            "deployment/x/container/c",
+        ),
         ({"path": {"pod": "x", "container": None}}, Target(kind="pod", name="x"), "pod/x"),
-        ({"path": {"stateful_set": "db"}}, Target(kind="statefulset", name="db"),
-         "statefulset/db"),
-        ({"path": {"cron_job": "nightly"}}, Target(kind="cronjob", name="nightly"),
-         "cronjob/nightly"),
+        ({"path": {"stateful_set": "db"}}, Target(kind="statefulset", name="db"), "statefulset/db"),
+        (
+            {"path": {"cron_job": "nightly"}},
+            Target(kind="cronjob", name="nightly"),
+            "cronjob/nightly",
+        ),
         ({"namespace": "shop"}, Target(kind="targetless"), "targetless"),
     ],
 )
@@ -174,8 +188,12 @@ def test_namespace(block: dict[str, Any], namespace: str | None) -> None:
 
 @pytest.mark.parametrize(
     ("services", "expected"),
-    [(["web"], ("web",)), ("web", ("web",)), ("web; worker", ("web", "worker")),
-     (["web", "worker"], ("web", "worker"))],
+    [
+        (["web"], ("web",)),
+        ("web", ("web",)),
+        ("web; worker", ("web", "worker")),
+        (["web", "worker"], ("web", "worker")),
+    ],
 )
 def test_services_as_list_or_string(services: Any, expected: tuple[str, ...]) -> None:
     assert load_block(minimal(services=services)).services == expected
@@ -224,10 +242,16 @@ def test_network_switches(network: Any, expected: tuple[bool, bool, bool]) -> No
 
 
 def test_filter_entries_as_single_string() -> None:
-    network = load_block(minimal(feature={"network": {
-        "outgoing": {"filter": {"remote": "orders.shop:8080; 10.96.0.0/12"}},
-        "dns": {"filter": {"local": "*.local.test"}},
-    }})).network
+    network = load_block(
+        minimal(
+            feature={
+                "network": {
+                    "outgoing": {"filter": {"remote": "orders.shop:8080; 10.96.0.0/12"}},
+                    "dns": {"filter": {"local": "*.local.test"}},
+                }
+            }
+        )
+    ).network
     assert network.outgoing is not None and network.outgoing.mode == "remote"
     assert [r.text for r in network.outgoing.rules] == ["orders.shop:8080", "10.96.0.0/12"]
     assert network.dns is not None and [r.name for r in network.dns.rules] == ["local.test"]
@@ -236,6 +260,7 @@ def test_filter_entries_as_single_string() -> None:
 # ---------------------------------------------------------------------------------------------
 # Errors: each one is a ConfigError (exit 2) starting with the source and naming the key path.
 # ---------------------------------------------------------------------------------------------
+
 
 def feature(**features: Any) -> dict[str, Any]:
     return minimal(feature=features)
@@ -255,33 +280,60 @@ ERRORS = [
     (minimal(target="checkout"), "x-composemirror.target", "'checkout' is not a target"),
     (minimal(target="deployment/"), "x-composemirror.target", "is not a target"),
     (minimal(target="daemonset/x"), "x-composemirror.target", "is not a target"),
-    (minimal(target="pod/x/cont/c"), "x-composemirror.target",
-     "expected KIND/NAME/container/CONTAINER"),
-    (minimal(target="pod/x/container/"), "x-composemirror.target",
-     "expected KIND/NAME/container/CONTAINER"),
+    (
+        minimal(target="pod/x/cont/c"),
+        "x-composemirror.target",
+        "expected KIND/NAME/container/CONTAINER",
+    ),
+    (
+        minimal(target="pod/x/container/"),
+        "x-composemirror.target",
+        "expected KIND/NAME/container/CONTAINER",
+    ),
     (minimal(target="pod/a/b"), "x-composemirror.target", "is not a target"),
     (minimal(target="docker://"), "x-composemirror.target", "expected docker://CONTAINER"),
     (minimal(target="docker://a b"), "x-composemirror.target", "expected docker://CONTAINER"),
     (minimal(target=5), "x-composemirror.target", "expected a string, got a number"),
     (minimal(target={"path": 5}), "x-composemirror.target.path", "expected a string"),
     (minimal(target={"path": {}}), "x-composemirror.target.path", "name exactly one workload"),
-    (minimal(target={"path": {"deployment": "a", "pod": "b"}}), "x-composemirror.target.path",
-     "name exactly one workload"),
-    (minimal(target={"path": {"deployment": None}}), "x-composemirror.target.path.deployment",
-     "expected a name"),
-    (minimal(target={"path": {"deployment": ["x"]}}), "x-composemirror.target.path.deployment",
-     "expected a name"),
-    (minimal(target={"path": {"pod": "x", "container": 3}}),
-     "x-composemirror.target.path.container", "expected a name"),
-    (minimal(target={"path": {"deploymnt": "x"}}), "x-composemirror.target.path.deploymnt",
-     "unknown key"),
+    (
+        minimal(target={"path": {"deployment": "a", "pod": "b"}}),
+        "x-composemirror.target.path",
+        "name exactly one workload",
+    ),
+    (
+        minimal(target={"path": {"deployment": None}}),
+        "x-composemirror.target.path.deployment",
+        "expected a name",
+    ),
+    (
+        minimal(target={"path": {"deployment": ["x"]}}),
+        "x-composemirror.target.path.deployment",
+        "expected a name",
+    ),
+    (
+        minimal(target={"path": {"pod": "x", "container": 3}}),
+        "x-composemirror.target.path.container",
+        "expected a name",
+    ),
+    (
+        minimal(target={"path": {"deploymnt": "x"}}),
+        "x-composemirror.target.path.deploymnt",
+        "unknown key",
+    ),
     (minimal(target={"pth": "pod/x"}), "x-composemirror.target.pth", "unknown key"),
-    (minimal(target={"path": "pod/x", "namespace": "a"}, namespace="b"),
-     "x-composemirror.target.namespace", "conflicts with x-composemirror.namespace"),
+    (
+        minimal(target={"path": "pod/x", "namespace": "a"}, namespace="b"),
+        "x-composemirror.target.namespace",
+        "conflicts with x-composemirror.namespace",
+    ),
     (minimal(namespace=""), "x-composemirror.namespace", "expected a namespace name"),
     (minimal(namespace=["shop"]), "x-composemirror.namespace", "expected a namespace name"),
-    (minimal(target={"path": "pod/x", "namespace": 5}), "x-composemirror.target.namespace",
-     "expected a namespace name"),
+    (
+        minimal(target={"path": "pod/x", "namespace": 5}),
+        "x-composemirror.target.namespace",
+        "expected a namespace name",
+    ),
     (minimal(kube_context=1), "x-composemirror.kube_context", "expected a string"),
     # services
     ({"target": "targetless"}, "x-composemirror.services", "missing"),
@@ -290,87 +342,171 @@ ERRORS = [
     (minimal(services=["web", "web"]), "x-composemirror.services", "lists a service twice"),
     (minimal(services="web;web"), "x-composemirror.services", "lists a service twice"),
     (minimal(services=["web", 2]), "x-composemirror.services[1]", "expected a string"),
-    (minimal(services={"web": True}), "x-composemirror.services",
-     "expected a string or a list of strings, got a mapping"),
+    (
+        minimal(services={"web": True}),
+        "x-composemirror.services",
+        "expected a string or a list of strings, got a mapping",
+    ),
     # hosts
     (minimal(hosts=["db"]), "x-composemirror.hosts", "expected a mapping, got a list"),
-    (minimal(hosts={"*.shop.svc": "db"}), "x-composemirror.hosts.*.shop.svc",
-     "expected a plain host name"),
-    (minimal(hosts={"db.shop:5432": "db"}), "x-composemirror.hosts.db.shop:5432",
-     "expected a plain host name"),
-    (minimal(hosts={"10.0.0.1": "db"}), "x-composemirror.hosts.10.0.0.1",
-     "expected a plain host name"),
-    (minimal(hosts={"tcp://db.shop": "db"}), "x-composemirror.hosts.tcp://db.shop",
-     "takes no protocol prefix"),
-    (minimal(hosts={"bad name": "db"}), "x-composemirror.hosts.bad name",
-     "is not a valid host name"),
+    (
+        minimal(hosts={"*.shop.svc": "db"}),
+        "x-composemirror.hosts.*.shop.svc",
+        "expected a plain host name",
+    ),
+    (
+        minimal(hosts={"db.shop:5432": "db"}),
+        "x-composemirror.hosts.db.shop:5432",
+        "expected a plain host name",
+    ),
+    (
+        minimal(hosts={"10.0.0.1": "db"}),
+        "x-composemirror.hosts.10.0.0.1",
+        "expected a plain host name",
+    ),
+    (
+        minimal(hosts={"tcp://db.shop": "db"}),
+        "x-composemirror.hosts.tcp://db.shop",
+        "takes no protocol prefix",
+    ),
+    (
+        minimal(hosts={"bad name": "db"}),
+        "x-composemirror.hosts.bad name",
+        "is not a valid host name",
+    ),
     (minimal(hosts={"db.shop": None}), "x-composemirror.hosts.db.shop", "expected a string"),
     (minimal(hosts={"db.shop": ["db"]}), "x-composemirror.hosts.db.shop", "expected a string"),
     # feature
     (minimal(feature=["env"]), "x-composemirror.feature", "expected a mapping, got a list"),
     # env
     (feature(env="yes"), "x-composemirror.feature.env", "expected a mapping, got a string"),
-    (feature(env={"include": "A", "exclude": "B"}), "x-composemirror.feature.env",
-     "`include` and `exclude` cannot be used together"),
-    (feature(env={"include": ["A", 1]}), "x-composemirror.feature.env.include[1]",
-     "expected a string"),
-    (feature(env={"exclude": 5}), "x-composemirror.feature.env.exclude",
-     "expected a string or a list of strings"),
-    (feature(env={"override": {"A": ["x"]}}), "x-composemirror.feature.env.override.A",
-     "expected a string, got a list"),
-    (feature(env={"override": {"A": True}}), "x-composemirror.feature.env.override.A",
-     "expected a string, got a boolean"),
-    (feature(env={"override": "A=1"}), "x-composemirror.feature.env.override",
-     "expected a mapping"),
-    (feature(env={"mapping": {"(": "x"}}), "x-composemirror.feature.env.mapping",
-     "'(' is not a regex"),
-    (feature(env={"mapping": {"A": None}}), "x-composemirror.feature.env.mapping.A",
-     "expected a string"),
+    (
+        feature(env={"include": "A", "exclude": "B"}),
+        "x-composemirror.feature.env",
+        "`include` and `exclude` cannot be used together",
+    ),
+    (
+        feature(env={"include": ["A", 1]}),
+        "x-composemirror.feature.env.include[1]",
+        "expected a string",
+    ),
+    (
+        feature(env={"exclude": 5}),
+        "x-composemirror.feature.env.exclude",
+        "expected a string or a list of strings",
+    ),
+    (
+        feature(env={"override": {"A": ["x"]}}),
+        "x-composemirror.feature.env.override.A",
+        "expected a string, got a list",
+    ),
+    (
+        feature(env={"override": {"A": True}}),
+        "x-composemirror.feature.env.override.A",
+        "expected a string, got a boolean",
+    ),
+    (
+        feature(env={"override": "A=1"}),
+        "x-composemirror.feature.env.override",
+        "expected a mapping",
+    ),
+    (
+        feature(env={"mapping": {"(": "x"}}),
+        "x-composemirror.feature.env.mapping",
+        "'(' is not a regex",
+    ),
+    (
+        feature(env={"mapping": {"A": None}}),
+        "x-composemirror.feature.env.mapping.A",
+        "expected a string",
+    ),
     (feature(env={"env_file": 5}), "x-composemirror.feature.env.env_file", "expected a path"),
-    (feature(env={"unset": [None]}), "x-composemirror.feature.env.unset[0]",
-     "expected a string"),
+    (feature(env={"unset": [None]}), "x-composemirror.feature.env.unset[0]", "expected a string"),
     # network
     (feature(network=5), "x-composemirror.feature.network", "expected a mapping"),
-    (feature(network={"outgoing": "yes"}), "x-composemirror.feature.network.outgoing",
-     "expected a mapping"),
-    (feature(network={"outgoing": {"tcp": "yes"}}),
-     "x-composemirror.feature.network.outgoing.tcp", "expected true or false"),
-    (feature(network={"outgoing": {"udp": 0}}),
-     "x-composemirror.feature.network.outgoing.udp", "expected true or false"),
-    (feature(network={"dns": "no"}), "x-composemirror.feature.network.dns",
-     "expected a mapping"),
-    (feature(network={"dns": {"enabled": 1}}), "x-composemirror.feature.network.dns.enabled",
-     "expected true or false"),
+    (
+        feature(network={"outgoing": "yes"}),
+        "x-composemirror.feature.network.outgoing",
+        "expected a mapping",
+    ),
+    (
+        feature(network={"outgoing": {"tcp": "yes"}}),
+        "x-composemirror.feature.network.outgoing.tcp",
+        "expected true or false",
+    ),
+    (
+        feature(network={"outgoing": {"udp": 0}}),
+        "x-composemirror.feature.network.outgoing.udp",
+        "expected true or false",
+    ),
+    (feature(network={"dns": "no"}), "x-composemirror.feature.network.dns", "expected a mapping"),
+    (
+        feature(network={"dns": {"enabled": 1}}),
+        "x-composemirror.feature.network.dns.enabled",
+        "expected true or false",
+    ),
     # filters
-    (outgoing_filter({"local": ["a"], "remote": ["b"]}),
-     "x-composemirror.feature.network.outgoing.filter",
-     "give exactly one of `local` or `remote`"),
-    (outgoing_filter({}), "x-composemirror.feature.network.outgoing.filter",
-     "give exactly one of `local` or `remote`"),
-    (outgoing_filter(["a"]), "x-composemirror.feature.network.outgoing.filter",
-     "expected a mapping"),
-    (outgoing_filter({"local": []}), "x-composemirror.feature.network.outgoing.filter.local",
-     "is empty"),
-    (outgoing_filter({"remote": None}), "x-composemirror.feature.network.outgoing.filter.remote",
-     "is empty"),
-    (outgoing_filter({"local": ["db", "tcp://google.com/24:7777"]}),
-     "x-composemirror.feature.network.outgoing.filter.local[1]",
-     "a subnet needs an IP address"),
-    (outgoing_filter({"remote": ["meow://x"]}),
-     "x-composemirror.feature.network.outgoing.filter.remote[0]", "unknown protocol"),
-    (outgoing_filter({"local": "db; ::1"}),
-     "x-composemirror.feature.network.outgoing.filter.local[1]", "in brackets"),
-    (outgoing_filter({"local": ["db", 5432]}),
-     "x-composemirror.feature.network.outgoing.filter.local[1]", "expected a string"),
-    (feature(network={"dns": {"filter": {"local": ["tcp://db"]}}}),
-     "x-composemirror.feature.network.dns.filter.local[0]", "takes no protocol prefix"),
-    (feature(network={"dns": {"filter": {"remote": ["ok.example", ""]}}}),
-     "x-composemirror.feature.network.dns.filter.remote[1]", "matches nothing"),
+    (
+        outgoing_filter({"local": ["a"], "remote": ["b"]}),
+        "x-composemirror.feature.network.outgoing.filter",
+        "give exactly one of `local` or `remote`",
+    ),
+    (
+        outgoing_filter({}),
+        "x-composemirror.feature.network.outgoing.filter",
+        "give exactly one of `local` or `remote`",
+    ),
+    (
+        outgoing_filter(["a"]),
+        "x-composemirror.feature.network.outgoing.filter",
+        "expected a mapping",
+    ),
+    (
+        outgoing_filter({"local": []}),
+        "x-composemirror.feature.network.outgoing.filter.local",
+        "is empty",
+    ),
+    (
+        outgoing_filter({"remote": None}),
+        "x-composemirror.feature.network.outgoing.filter.remote",
+        "is empty",
+    ),
+    (
+        outgoing_filter({"local": ["db", "tcp://google.com/24:7777"]}),
+        "x-composemirror.feature.network.outgoing.filter.local[1]",
+        "a subnet needs an IP address",
+    ),
+    (
+        outgoing_filter({"remote": ["meow://x"]}),
+        "x-composemirror.feature.network.outgoing.filter.remote[0]",
+        "unknown protocol",
+    ),
+    (
+        outgoing_filter({"local": "db; ::1"}),
+        "x-composemirror.feature.network.outgoing.filter.local[1]",
+        "in brackets",
+    ),
+    (
+        outgoing_filter({"local": ["db", 5432]}),
+        "x-composemirror.feature.network.outgoing.filter.local[1]",
+        "expected a string",
+    ),
+    (
+        feature(network={"dns": {"filter": {"local": ["tcp://db"]}}}),
+        "x-composemirror.feature.network.dns.filter.local[0]",
+        "takes no protocol prefix",
+    ),
+    (
+        feature(network={"dns": {"filter": {"remote": ["ok.example", ""]}}}),
+        "x-composemirror.feature.network.dns.filter.remote[1]",
+        "matches nothing",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("block", "path", "message"), ERRORS,
-                         ids=[f"{i}-{p}" for i, (_, p, _) in enumerate(ERRORS)])
+@pytest.mark.parametrize(
+    ("block", "path", "message"), ERRORS, ids=[f"{i}-{p}" for i, (_, p, _) in enumerate(ERRORS)]
+)
 def test_errors_name_source_and_key_path(block: Any, path: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_block(block)
@@ -384,20 +520,33 @@ UNKNOWN_KEYS = [
     (minimal(servces=["web"]), "x-composemirror.servces", "did you mean `services`?"),
     (minimal(taget="pod/x"), "x-composemirror.taget", "did you mean `target`?"),
     (feature(netwrok={}), "x-composemirror.feature.netwrok", "did you mean `network`?"),
-    (feature(env={"overide": {}}), "x-composemirror.feature.env.overide",
-     "did you mean `override`?"),
-    (feature(network={"outgoing": {"filtr": {"local": ["a"]}}}),
-     "x-composemirror.feature.network.outgoing.filtr", "did you mean `filter`?"),
-    (outgoing_filter({"locals": ["a"]}),
-     "x-composemirror.feature.network.outgoing.filter.locals", "did you mean `local`?"),
-    (feature(network={"dns": {"enable": True}}), "x-composemirror.feature.network.dns.enable",
-     "did you mean `enabled`?"),
+    (
+        feature(env={"overide": {}}),
+        "x-composemirror.feature.env.overide",
+        "did you mean `override`?",
+    ),
+    (
+        feature(network={"outgoing": {"filtr": {"local": ["a"]}}}),
+        "x-composemirror.feature.network.outgoing.filtr",
+        "did you mean `filter`?",
+    ),
+    (
+        outgoing_filter({"locals": ["a"]}),
+        "x-composemirror.feature.network.outgoing.filter.locals",
+        "did you mean `local`?",
+    ),
+    (
+        feature(network={"dns": {"enable": True}}),
+        "x-composemirror.feature.network.dns.enable",
+        "did you mean `enabled`?",
+    ),
     (feature(zzz=1), "x-composemirror.feature.zzz", "known keys: env, network"),
 ]
 
 
-@pytest.mark.parametrize(("block", "path", "hint"), UNKNOWN_KEYS,
-                         ids=[p for _, p, _ in UNKNOWN_KEYS])
+@pytest.mark.parametrize(
+    ("block", "path", "hint"), UNKNOWN_KEYS, ids=[p for _, p, _ in UNKNOWN_KEYS]
+)
 def test_unknown_keys_say_what_was_meant(block: Any, path: str, hint: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_block(block)

@@ -61,8 +61,17 @@ def test_select_remote_globs(settings: EnvSettings, expected: set[str]) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["PATH", "HOME", "HOSTNAME", "KUBERNETES_SERVICE_HOST", "KUBERNETES_PORT_443_TCP",
-     "PYTHONPATH", "JAVA_HOME", "TMPDIR", "RUST_LOG"],
+    [
+        "PATH",
+        "HOME",
+        "HOSTNAME",
+        "KUBERNETES_SERVICE_HOST",
+        "KUBERNETES_PORT_443_TCP",
+        "PYTHONPATH",
+        "JAVA_HOME",
+        "TMPDIR",
+        "RUST_LOG",
+    ],
 )
 def test_default_excludes(name: str) -> None:
     assert select_remote({name: "x", "KEEP": "y"}, env()) == {"KEEP": "y"}
@@ -80,13 +89,26 @@ def merged(
 
 def test_precedence_each_layer_wins_over_the_ones_below() -> None:
     # X is set in every layer, each other name in one fewer; each ends with its top layer's value.
-    remote = {"X": "remote", "E": "remote", "M_VAR": "remote", "C": "remote", "O": "remote",
-              "R": "remote"}
-    env_file = {"X": "env_file", "E": "env_file", "M_VAR": "env_file", "C": "env_file",
-                "O": "env_file"}
+    remote = {
+        "X": "remote",
+        "E": "remote",
+        "M_VAR": "remote",
+        "C": "remote",
+        "O": "remote",
+        "R": "remote",
+    }
+    env_file = {
+        "X": "env_file",
+        "E": "env_file",
+        "M_VAR": "env_file",
+        "C": "env_file",
+        "O": "env_file",
+    }
     compose: dict[str, str | None] = {"X": "compose", "C": "compose", "O": "compose"}
-    settings = env(mapping={"^M_": "mapping", "^X$": "mapping", "^C$": "mapping"},
-                   override={"X": "override", "O": "override"})
+    settings = env(
+        mapping={"^M_": "mapping", "^X$": "mapping", "^C$": "mapping"},
+        override={"X": "override", "O": "override"},
+    )
     assert merged(settings, remote=remote, env_file=env_file, compose=compose) == {
         "R": "remote",
         "E": "env_file",
@@ -99,12 +121,18 @@ def test_precedence_each_layer_wins_over_the_ones_below() -> None:
 
 def test_mapping_is_a_regex_search_on_names_and_spares_compose_values() -> None:
     settings = env(mapping={"_TIMEOUT$": "1000"})
-    result = merged(settings,
-                    remote={"READ_TIMEOUT": "30", "TIMEOUT_MODE": "strict"},
-                    env_file={"WRITE_TIMEOUT": "60"},
-                    compose={"LOCAL_TIMEOUT": "5"})
-    assert result == {"READ_TIMEOUT": "1000", "TIMEOUT_MODE": "strict",
-                      "WRITE_TIMEOUT": "1000", "LOCAL_TIMEOUT": "5"}
+    result = merged(
+        settings,
+        remote={"READ_TIMEOUT": "30", "TIMEOUT_MODE": "strict"},
+        env_file={"WRITE_TIMEOUT": "60"},
+        compose={"LOCAL_TIMEOUT": "5"},
+    )
+    assert result == {
+        "READ_TIMEOUT": "1000",
+        "TIMEOUT_MODE": "strict",
+        "WRITE_TIMEOUT": "1000",
+        "LOCAL_TIMEOUT": "5",
+    }
 
 
 def test_mapping_does_not_create_variables() -> None:
@@ -113,16 +141,19 @@ def test_mapping_does_not_create_variables() -> None:
 
 def test_unset_is_last_and_case_insensitive() -> None:
     settings = env(unset=("debug", "Token"), override={"DEBUG": "1", "KEEP": "1"})
-    result = merged(settings,
-                    remote={"TOKEN": "secret", "token": "secret2", "OTHER": "x"},
-                    compose={"Debug": "true"})
+    result = merged(
+        settings,
+        remote={"TOKEN": "secret", "token": "secret2", "OTHER": "x"},
+        compose={"Debug": "true"},
+    )
     assert result == {"KEEP": "1", "OTHER": "x"}
 
 
 def test_compose_none_values_are_kept() -> None:
     # `environment: {FROM_SHELL: null}` means "take it from the shell"; composemirror keeps that.
-    result = merged(env(), remote={"FROM_SHELL": "remote"}, compose={"FROM_SHELL": None,
-                                                                       "OTHER": None})
+    result = merged(
+        env(), remote={"FROM_SHELL": "remote"}, compose={"FROM_SHELL": None, "OTHER": None}
+    )
     assert result == {"FROM_SHELL": None, "OTHER": None}
 
 
@@ -131,8 +162,9 @@ def test_override_wins_over_a_compose_none() -> None:
 
 
 def test_excluded_remote_values_do_not_leak_through_any_layer() -> None:
-    result = merged(env(exclude=("SECRET_*",)), remote={"SECRET_KEY": "k", "PATH": "/x"},
-                    compose={"APP": "1"})
+    result = merged(
+        env(exclude=("SECRET_*",)), remote={"SECRET_KEY": "k", "PATH": "/x"}, compose={"APP": "1"}
+    )
     assert result == {"APP": "1"}
 
 

@@ -46,8 +46,10 @@ def fields(rule: Rule) -> tuple[str, str | None, bool, str | None, int]:
 VALID = [
     # mirrord's documented examples
     ("tcp://1.2.3.0/24:7777", ("tcp", None, False, "1.2.3.0/24", 7777)),
-    ("tcp://[2800:3f0:4001:81e::2004]:7777",
-     ("tcp", None, False, "2800:3f0:4001:81e::2004/128", 7777)),
+    (
+        "tcp://[2800:3f0:4001:81e::2004]:7777",
+        ("tcp", None, False, "2800:3f0:4001:81e::2004/128", 7777),
+    ),
     ("tcp://", ("tcp", None, False, None, 0)),
     ("tcp://google.com:7777", ("tcp", "google.com", False, None, 7777)),
     ("rust-lang.org", ("any", "rust-lang.org", False, None, 0)),
@@ -63,10 +65,14 @@ VALID = [
     ("Udp://dns.example:53", ("udp", "dns.example", False, None, 53)),
     ("ANY://cache", ("any", "cache", False, None, 0)),
     # host names: lower-cased, trailing dot dropped, underscores allowed (compose service names)
-    ("postgres.shop.svc.cluster.local:5432",
-     ("any", "postgres.shop.svc.cluster.local", False, None, 5432)),
-    ("Postgres.Shop.SVC.cluster.local.",
-     ("any", "postgres.shop.svc.cluster.local", False, None, 0)),
+    (
+        "postgres.shop.svc.cluster.local:5432",
+        ("any", "postgres.shop.svc.cluster.local", False, None, 5432),
+    ),
+    (
+        "Postgres.Shop.SVC.cluster.local.",
+        ("any", "postgres.shop.svc.cluster.local", False, None, 0),
+    ),
     ("my_service", ("any", "my_service", False, None, 0)),
     ("xn--bcher-kva.example", ("any", "xn--bcher-kva.example", False, None, 0)),
     ("1.2.3", ("any", "1.2.3", False, None, 0)),  # three numbers are not an IPv4 address
@@ -228,6 +234,7 @@ def test_parse_filter_keeps_order_and_stops_at_the_first_bad_entry() -> None:
 # Rule.matches
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Conn:
     """A connection as the sidecar sees it: the query name it answered, if any, and the address."""
@@ -239,8 +246,7 @@ class Conn:
 
     def kwargs(self) -> dict[str, object]:
         address = None if self.address is None else ip(self.address)
-        return {"name": self.name, "address": address, "port": self.port,
-                "protocol": self.protocol}
+        return {"name": self.name, "address": address, "port": self.port, "protocol": self.protocol}
 
 
 MATCHES = [
@@ -287,8 +293,9 @@ MATCHES = [
 ]
 
 
-@pytest.mark.parametrize(("entry", "conn", "expected"), MATCHES,
-                         ids=[f"{e or '<empty>'}-{c}" for e, c, _ in MATCHES])
+@pytest.mark.parametrize(
+    ("entry", "conn", "expected"), MATCHES, ids=[f"{e or '<empty>'}-{c}" for e, c, _ in MATCHES]
+)
 def test_rule_matches(entry: str, conn: Conn, expected: bool) -> None:
     assert parse_rule(entry).matches(**conn.kwargs()) is expected  # type: ignore[arg-type]
 
@@ -336,10 +343,16 @@ CONNECTIONS = [
     (filt("local", "udp://:53"), Conn(None, "8.8.8.8", 53, "tcp"), R),
     (filt("local", "[2001:db8::]/32:443"), Conn(None, "2001:db8::7", 443), L),
     # a remote list: what it names is remote, everything else local
-    (filt("remote", "orders.shop.svc.cluster.local"),
-     Conn("orders.shop.svc.cluster.local", "10.96.0.21", 8080), R),
-    (filt("remote", "orders.shop.svc.cluster.local"),
-     Conn("payments.shop.svc.cluster.local", "10.96.0.30", 8080), L),
+    (
+        filt("remote", "orders.shop.svc.cluster.local"),
+        Conn("orders.shop.svc.cluster.local", "10.96.0.21", 8080),
+        R,
+    ),
+    (
+        filt("remote", "orders.shop.svc.cluster.local"),
+        Conn("payments.shop.svc.cluster.local", "10.96.0.30", 8080),
+        L,
+    ),
     (filt("remote", "orders.shop.svc.cluster.local"), Conn("db", "172.18.0.3", 5432), L),
     (filt("remote", "orders.shop.svc.cluster.local"), Conn(None, "127.0.0.1", 80), L),
     # ... and a remote list that names a project name or subnet sends it remote
@@ -366,6 +379,7 @@ def test_route_connection_without_scope_sends_project_names_remote() -> None:
 # ---------------------------------------------------------------------------------------------
 # route_query
 # ---------------------------------------------------------------------------------------------
+
 
 def dns(mode: Mode, *entries: str) -> Filter:
     return parse_filter(mode, entries, protocols=False)
@@ -414,6 +428,7 @@ def test_route_query(
 # Properties
 # ---------------------------------------------------------------------------------------------
 
+
 def parses_or_rejects(text: str, *, protocols: bool) -> None:
     try:
         rule = parse_rule(text, protocols=protocols)
@@ -443,9 +458,32 @@ def test_parse_rule_on_grammar_like_text_returns_a_rule_or_a_syntax_error(
 
 
 @given(
-    st.lists(st.sampled_from(["tcp://", "udp://", "any://", "[", "]", ":", "/", "*.", ".",
-                              "::", "0.0.0.0", "1.2.3.4", "fd00::1", "host", "24", "128",
-                              "65535", "65536", "0"]), max_size=8),
+    st.lists(
+        st.sampled_from(
+            [
+                "tcp://",
+                "udp://",
+                "any://",
+                "[",
+                "]",
+                ":",
+                "/",
+                "*.",
+                ".",
+                "::",
+                "0.0.0.0",
+                "1.2.3.4",
+                "fd00::1",
+                "host",
+                "24",
+                "128",
+                "65535",
+                "65536",
+                "0",
+            ]
+        ),
+        max_size=8,
+    ),
     st.booleans(),
 )
 def test_parse_rule_on_grammar_fragments_returns_a_rule_or_a_syntax_error(
@@ -463,11 +501,10 @@ def entries(draw: st.DrawFn) -> tuple[str, tuple[str, str | None, bool, str | No
     protocol = draw(st.sampled_from([None, "tcp", "udp", "any"]))
     prefix_text = ""
     if protocol is not None:
-        prefix_text = "".join(
-            c.upper() if draw(st.booleans()) else c for c in protocol
-        ) + "://"
-    kind = draw(st.sampled_from(["none", "name", "wildcard", "ipv4", "ipv4-cidr", "ipv6",
-                                 "ipv6-cidr"]))
+        prefix_text = "".join(c.upper() if draw(st.booleans()) else c for c in protocol) + "://"
+    kind = draw(
+        st.sampled_from(["none", "name", "wildcard", "ipv4", "ipv4-cidr", "ipv6", "ipv6-cidr"])
+    )
     name: str | None = None
     wildcard = False
     network: str | None = None
@@ -507,7 +544,7 @@ def entries(draw: st.DrawFn) -> tuple[str, tuple[str, str | None, bool, str | No
 
 @given(entries())
 def test_parse_rule_round_trip(
-    generated: tuple[str, tuple[str, str | None, bool, str | None, int]]
+    generated: tuple[str, tuple[str, str | None, bool, str | None, int]],
 ) -> None:
     text, expected = generated
     rule = parse_rule(text)
@@ -517,7 +554,7 @@ def test_parse_rule_round_trip(
 
 @given(entries())
 def test_a_parsed_rule_matches_what_it_was_built_from(
-    generated: tuple[str, tuple[str, str | None, bool, str | None, int]]
+    generated: tuple[str, tuple[str, str | None, bool, str | None, int]],
 ) -> None:
     text, (protocol, name, wildcard, network, port) = generated
     rule = parse_rule(text)

@@ -54,10 +54,15 @@ SAVED_MANGLE = (
 )
 
 
-def plan(*, tcp: bool = True, udp: bool = False,
-         direct: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()) -> Plan:
-    return Plan(mark=MARK, dns_port=53, proxy_port=15001, tcp=tcp, udp=udp, udp_port=15002,
-                direct=direct)
+def plan(
+    *,
+    tcp: bool = True,
+    udp: bool = False,
+    direct: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
+) -> Plan:
+    return Plan(
+        mark=MARK, dns_port=53, proxy_port=15001, tcp=tcp, udp=udp, udp_port=15002, direct=direct
+    )
 
 
 def skip(*networks: str) -> list[str]:
@@ -68,46 +73,78 @@ def skip(*networks: str) -> list[str]:
     ("given", "saved", "expected"),
     [
         pytest.param(
-            plan(), None,
+            plan(),
+            None,
             [*NAT_HEAD, TCP_TO_PROXY, NAT_JUMP, "COMMIT"],
             id="tcp only, first run: the rules as they always were",
         ),
         pytest.param(
-            plan(tcp=False), None,
+            plan(tcp=False),
+            None,
             [*NAT_HEAD, NAT_JUMP, "COMMIT"],
             id="tcp off: only DNS is redirected",
         ),
         pytest.param(
-            plan(direct=(PROJECT, IPV6, SECOND)), None,
+            plan(direct=(PROJECT, IPV6, SECOND)),
+            None,
             [*NAT_HEAD, *skip("172.20.0.0/16", "10.5.0.0/24"), TCP_TO_PROXY, NAT_JUMP, "COMMIT"],
             id="direct networks skip the proxy; IPv6 ones are left out",
         ),
         pytest.param(
-            plan(), {"nat": SAVED_NAT},
+            plan(),
+            {"nat": SAVED_NAT},
             [*NAT_HEAD, TCP_TO_PROXY, "COMMIT"],
             id="restart: the OUTPUT jump is not added twice",
         ),
         pytest.param(
-            plan(udp=True), None,
-            [*NAT_HEAD, TCP_TO_PROXY, NAT_JUMP, "COMMIT",
-             *MANGLE_HEAD, *MANGLE_TAIL, *MANGLE_JUMPS, "COMMIT"],
+            plan(udp=True),
+            None,
+            [
+                *NAT_HEAD,
+                TCP_TO_PROXY,
+                NAT_JUMP,
+                "COMMIT",
+                *MANGLE_HEAD,
+                *MANGLE_TAIL,
+                *MANGLE_JUMPS,
+                "COMMIT",
+            ],
             id="udp: datagrams are marked in OUTPUT and handed to TPROXY in PREROUTING",
         ),
         pytest.param(
-            plan(udp=True, tcp=False, direct=(PROJECT,)), None,
-            [*NAT_HEAD, *skip("172.20.0.0/16"), NAT_JUMP, "COMMIT",
-             *MANGLE_HEAD, *skip("172.20.0.0/16"), *MANGLE_TAIL, *MANGLE_JUMPS, "COMMIT"],
+            plan(udp=True, tcp=False, direct=(PROJECT,)),
+            None,
+            [
+                *NAT_HEAD,
+                *skip("172.20.0.0/16"),
+                NAT_JUMP,
+                "COMMIT",
+                *MANGLE_HEAD,
+                *skip("172.20.0.0/16"),
+                *MANGLE_TAIL,
+                *MANGLE_JUMPS,
+                "COMMIT",
+            ],
             id="udp without tcp, direct networks skipped in both tables",
         ),
         pytest.param(
-            plan(udp=True), {"nat": SAVED_NAT, "mangle": SAVED_MANGLE},
+            plan(udp=True),
+            {"nat": SAVED_NAT, "mangle": SAVED_MANGLE},
             [*NAT_HEAD, TCP_TO_PROXY, "COMMIT", *MANGLE_HEAD, *MANGLE_TAIL, "COMMIT"],
             id="udp restart: no jump is added twice",
         ),
         pytest.param(
-            plan(udp=True), {"nat": SAVED_NAT, "mangle": "*mangle\nCOMMIT\n"},
-            [*NAT_HEAD, TCP_TO_PROXY, "COMMIT", *MANGLE_HEAD, *MANGLE_TAIL, *MANGLE_JUMPS,
-             "COMMIT"],
+            plan(udp=True),
+            {"nat": SAVED_NAT, "mangle": "*mangle\nCOMMIT\n"},
+            [
+                *NAT_HEAD,
+                TCP_TO_PROXY,
+                "COMMIT",
+                *MANGLE_HEAD,
+                *MANGLE_TAIL,
+                *MANGLE_JUMPS,
+                "COMMIT",
+            ],
             id="udp turned on in a namespace that had only tcp: the mangle jumps are added",
         ),
     ],
@@ -125,8 +162,11 @@ def test_udp_rules_never_catch_the_sidecars_own_datagrams_or_dns() -> None:
 
 
 def test_marks_and_ports_come_from_the_plan() -> None:
-    text = render(Plan(mark=0x10, dns_port=5353, proxy_port=1, tcp=True, udp=True,
-                       udp_port=2000, udp_mark=0x20))
+    text = render(
+        Plan(
+            mark=0x10, dns_port=5353, proxy_port=1, tcp=True, udp=True, udp_port=2000, udp_mark=0x20
+        )
+    )
     assert "-A COMPOSEMIRROR -m mark --mark 0x10 -j RETURN" in text
     assert "-A COMPOSEMIRROR -p udp --dport 53 -j REDIRECT --to-ports 5353" in text
     assert "-A COMPOSEMIRROR -p udp -j MARK --set-mark 0x20" in text
@@ -146,16 +186,22 @@ FRESH_RULES = (
         pytest.param(plan(), FRESH_RULES, [], id="no udp: no routing"),
         pytest.param(plan(udp=True), FRESH_RULES, [ROUTE, RULE], id="first run"),
         pytest.param(
-            plan(udp=True), FRESH_RULES + "32765:\tfrom all fwmark 0x434e lookup 100\n",
-            [ROUTE], id="restart: the rule is there already",
+            plan(udp=True),
+            FRESH_RULES + "32765:\tfrom all fwmark 0x434e lookup 100\n",
+            [ROUTE],
+            id="restart: the rule is there already",
         ),
         pytest.param(
-            plan(udp=True), "32765:\tfrom all fwmark 0x434e lookup 200\n",
-            [ROUTE, RULE], id="a rule for another table does not count",
+            plan(udp=True),
+            "32765:\tfrom all fwmark 0x434e lookup 200\n",
+            [ROUTE, RULE],
+            id="a rule for another table does not count",
         ),
         pytest.param(
-            plan(udp=True), "32765:\tfrom all fwmark 0x434d lookup 100\n",
-            [ROUTE, RULE], id="a rule for another mark does not count",
+            plan(udp=True),
+            "32765:\tfrom all fwmark 0x434d lookup 100\n",
+            [ROUTE, RULE],
+            id="a rule for another mark does not count",
         ),
     ],
 )

@@ -451,8 +451,11 @@ def test_client_sends_early_data_and_the_agent_may_not(pair: Pair) -> None:
     assert pair.client.send_data(sid, b"SSH-2.0") == 7
     pair.client.send_eof(sid)
     events = pair.agent.receive_data(pair.client.data_to_send())
-    assert events == [StreamRequested(sid, Proto.TCP, "10.0.0.9", 22),
-                      DataReceived(sid, b"SSH-2.0"), StreamEnded(sid)]
+    assert events == [
+        StreamRequested(sid, Proto.TCP, "10.0.0.9", 22),
+        DataReceived(sid, b"SSH-2.0"),
+        StreamEnded(sid),
+    ]
     pair.agent.acknowledge(sid, 7)
     with pytest.raises(ProtocolError, match="not open yet"):
         pair.agent.send_data(sid, b"SSH-2.0")
@@ -1152,8 +1155,7 @@ class Model:
             return
         # The client may send as soon as it opened a stream (early data); the agent once it
         # accepted it.
-        usable = (view is not None and (view.opened or side == "client")
-                  and not view.eof_sent)
+        usable = view is not None and (view.opened or side == "client") and not view.eof_sent
         if kind == "send":
             size = op.size
             self.counter += 1

@@ -83,136 +83,198 @@ class Playbook:
 
 def started(credit: int = 1 << 20) -> Playbook:
     """The sidecar's usual start: the app's connection is accepted, then its stream opened."""
-    return (Playbook()
-            >> Connected() << PauseReading()
-            >> Started(credit) << ResumeReading())
+    return Playbook() >> Connected() << PauseReading() >> Started(credit) << ResumeReading()
 
 
 # -- early data --------------------------------------------------------------------------------
 
 
 def test_the_apps_first_bytes_wait_for_the_start_then_go_first() -> None:
-    assert (Playbook()
-            >> Connected() << PauseReading()
-            >> SocketRead(b"GET /") << PauseReading(again=True)
-            >> SocketRead(b" HTTP/1.1") << PauseReading(again=True)
-            >> Started(100) << Send(b"GET /") << Send(b" HTTP/1.1") << ResumeReading()
-            >> SocketRead(b"\r\n") << Send(b"\r\n"))
+    assert (
+        Playbook()
+        >> Connected()
+        << PauseReading()
+        >> SocketRead(b"GET /")
+        << PauseReading(again=True)
+        >> SocketRead(b" HTTP/1.1")
+        << PauseReading(again=True)
+        >> Started(100)
+        << Send(b"GET /")
+        << Send(b" HTTP/1.1")
+        << ResumeReading()
+        >> SocketRead(b"\r\n")
+        << Send(b"\r\n")
+    )
 
 
 def test_the_peers_early_data_and_eof_wait_for_the_socket_and_are_acknowledged_then() -> None:
-    assert (Playbook()
-            >> PeerData(b"hello")
-            >> PeerData(b" there")
-            >> PeerEnded()
-            >> Connected() << PauseReading() << Write(b"hello") << Acknowledge(5)
-            << Write(b" there") << Acknowledge(6) << WriteEof()
-            >> Started(10) << ResumeReading())
+    assert (
+        Playbook()
+        >> PeerData(b"hello")
+        >> PeerData(b" there")
+        >> PeerEnded()
+        >> Connected()
+        << PauseReading()
+        << Write(b"hello")
+        << Acknowledge(5)
+        << Write(b" there")
+        << Acknowledge(6)
+        << WriteEof()
+        >> Started(10)
+        << ResumeReading()
+    )
 
 
 def test_an_eof_read_before_the_start_follows_the_held_bytes() -> None:
-    assert (Playbook()
-            >> Connected() << PauseReading()
-            >> SocketRead(b"abc") << PauseReading(again=True)
-            >> SocketEnded()
-            >> Started(10) << Send(b"abc") << SendEof())
+    assert (
+        Playbook()
+        >> Connected()
+        << PauseReading()
+        >> SocketRead(b"abc")
+        << PauseReading(again=True)
+        >> SocketEnded()
+        >> Started(10)
+        << Send(b"abc")
+        << SendEof()
+    )
 
 
 # -- half-close both ways ----------------------------------------------------------------------
 
 
 def test_the_socket_half_closes_and_the_peer_still_answers() -> None:
-    assert (started()
-            >> SocketRead(b"request") << Send(b"request")
-            >> SocketEnded() << SendEof()
-            >> SocketEnded()  # a re-armed reader reports EOF again: nothing more
-            >> PeerData(b"answer") << Write(b"answer") << Acknowledge(6)
-            >> PeerEnded() << WriteEof()
-            >> PeerClosed() << Close()
-            >> SocketLost())
+    assert (
+        started()
+        >> SocketRead(b"request")
+        << Send(b"request")
+        >> SocketEnded()
+        << SendEof()
+        >> SocketEnded()  # a re-armed reader reports EOF again: nothing more
+        >> PeerData(b"answer")
+        << Write(b"answer")
+        << Acknowledge(6)
+        >> PeerEnded()
+        << WriteEof()
+        >> PeerClosed()
+        << Close()
+        >> SocketLost()
+    )
 
 
 def test_the_peer_half_closes_and_the_socket_still_sends() -> None:
-    assert (started()
-            >> PeerEnded() << WriteEof()
-            >> SocketRead(b"more") << Send(b"more")
-            >> SocketEnded() << SendEof()
-            >> PeerClosed() << Close())
+    assert (
+        started()
+        >> PeerEnded()
+        << WriteEof()
+        >> SocketRead(b"more")
+        << Send(b"more")
+        >> SocketEnded()
+        << SendEof()
+        >> PeerClosed()
+        << Close()
+    )
 
 
 # -- resets and refusal ------------------------------------------------------------------------
 
 
 def test_a_reset_by_the_peer_aborts_the_socket_and_nothing_goes_back() -> None:
-    assert (started()
-            >> SocketRead(b"x") << Send(b"x")
-            >> PeerReset() << Abort()
-            >> SocketLost())
+    assert started() >> SocketRead(b"x") << Send(b"x") >> PeerReset() << Abort() >> SocketLost()
 
 
 def test_a_lost_socket_resets_the_stream_once() -> None:
-    assert (started()
-            >> SocketLost() << Reset()
-            >> SocketLost())
+    assert started() >> SocketLost() << Reset() >> SocketLost()
 
 
 def test_a_refused_open_aborts_the_apps_connection_even_with_early_data_sent() -> None:
-    assert (started()
-            >> SocketRead(b"early") << Send(b"early")
-            >> SocketEnded() << SendEof()
-            >> PeerReset() << Abort())  # what open_failed feeds
+    assert (
+        started()
+        >> SocketRead(b"early")
+        << Send(b"early")
+        >> SocketEnded()
+        << SendEof()
+        >> PeerReset()
+        << Abort()
+    )  # what open_failed feeds
 
 
 def test_a_stream_reset_while_the_agent_connected_is_reset_when_started() -> None:
-    assert (Playbook()
-            >> PeerReset()
-            >> Connected()
-            >> Started(10) << Reset() << Abort())
+    assert Playbook() >> PeerReset() >> Connected() >> Started(10) << Reset() << Abort()
 
 
 # -- windows, acknowledgements and pause reasons -----------------------------------------------
 
 
 def test_the_window_bounds_what_is_sent_and_reading_pauses_until_credit() -> None:
-    assert (started(credit=4)
-            >> SocketRead(b"abcdef") << Send(b"abcd") << PauseReading()
-            >> SocketRead(b"gh") << PauseReading(again=True)
-            >> SocketEnded()
-            >> Credit(1) << Send(b"e")
-            >> Credit(10) << Send(b"f") << Send(b"gh") << SendEof())
+    assert (
+        started(credit=4)
+        >> SocketRead(b"abcdef")
+        << Send(b"abcd")
+        << PauseReading()
+        >> SocketRead(b"gh")
+        << PauseReading(again=True)
+        >> SocketEnded()
+        >> Credit(1)
+        << Send(b"e")
+        >> Credit(10)
+        << Send(b"f")
+        << Send(b"gh")
+        << SendEof()
+    )
 
 
 def test_a_full_socket_owes_its_acknowledgements_until_it_drains() -> None:
-    assert (started()
-            >> SocketFull()
-            >> PeerData(b"abc") << Write(b"abc")
-            >> PeerData(b"de") << Write(b"de")
-            >> SocketDrained() << Acknowledge(5)
-            >> PeerData(b"f") << Write(b"f") << Acknowledge(1)
-            >> SocketFull()
-            >> SocketDrained())
+    assert (
+        started()
+        >> SocketFull()
+        >> PeerData(b"abc")
+        << Write(b"abc")
+        >> PeerData(b"de")
+        << Write(b"de")
+        >> SocketDrained()
+        << Acknowledge(5)
+        >> PeerData(b"f")
+        << Write(b"f")
+        << Acknowledge(1)
+        >> SocketFull()
+        >> SocketDrained()
+    )
 
 
 def test_reading_resumes_only_when_every_pause_reason_is_gone() -> None:
-    assert (started(credit=2)
-            >> TunnelFull() << PauseReading()
-            >> SocketRead(b"abc") << Send(b"ab")  # a read already under way still goes
-            >> Credit(5) << Send(b"c")  # the window opened, the tunnel is still full
-            >> TunnelDrained() << ResumeReading())
+    assert (
+        started(credit=2)
+        >> TunnelFull()
+        << PauseReading()
+        >> SocketRead(b"abc")
+        << Send(b"ab")  # a read already under way still goes
+        >> Credit(5)
+        << Send(b"c")  # the window opened, the tunnel is still full
+        >> TunnelDrained()
+        << ResumeReading()
+    )
 
 
 def test_a_full_tunnel_at_the_start_keeps_the_socket_paused() -> None:
-    assert (Playbook()
-            >> Connected() << PauseReading()
-            >> Started(10, tunnel_full=True)
-            >> TunnelDrained() << ResumeReading())
+    assert (
+        Playbook()
+        >> Connected()
+        << PauseReading()
+        >> Started(10, tunnel_full=True)
+        >> TunnelDrained()
+        << ResumeReading()
+    )
 
 
 def test_a_connection_handed_elsewhere_keeps_what_it_read() -> None:
-    playbook = (Playbook()
-                >> Connected() << PauseReading()
-                >> SocketRead(b"abc") << PauseReading(again=True)
-                >> SocketEnded())
+    playbook = (
+        Playbook()
+        >> Connected()
+        << PauseReading()
+        >> SocketRead(b"abc")
+        << PauseReading(again=True)
+        >> SocketEnded()
+    )
     assert playbook
     held, eof = playbook.relay.unsent()
     assert b"".join(held) == b"abc" and eof
@@ -322,8 +384,8 @@ class Wire:
         socket = self.sockets["client", stream_id]
         read = 0
         while read < len(data) and socket.reading:
-            self.feed("client", stream_id, SocketRead(data[read:read + chunk]))
-            read += len(data[read:read + chunk])
+            self.feed("client", stream_id, SocketRead(data[read : read + chunk]))
+            read += len(data[read : read + chunk])
             self.pump()
         return read
 
@@ -464,8 +526,11 @@ class RelayMachine(RuleBasedStateMachine):
         self.credit = credit
         self.do(Started(credit, tunnel_full=tunnel_full))
 
-    @precondition(lambda self: self.connected and not self.socket_eof and not self.lost
-                  and not self.closed_socket)
+    @precondition(
+        lambda self: (
+            self.connected and not self.socket_eof and not self.lost and not self.closed_socket
+        )
+    )
     @rule(data=st.binary(min_size=1, max_size=40))
     def socket_read(self, data: bytes) -> None:
         self.read += data

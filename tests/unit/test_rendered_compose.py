@@ -33,8 +33,10 @@ def docker_compose(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
         pytest.fail("the `docker` CLI is not installed; run scripts/setup")
     result = run([docker, "compose", "version"], tmp_path_factory.mktemp("version"))
     if result.returncode != 0:
-        pytest.fail(f"`docker compose version` failed ({result.stderr.strip()}); "
-                    "run scripts/setup to install the compose plugin")
+        pytest.fail(
+            f"`docker compose version` failed ({result.stderr.strip()}); "
+            "run scripts/setup to install the compose plugin"
+        )
     return [docker, "compose"]
 
 
@@ -64,8 +66,9 @@ def test_compose_accepts_the_rendered_model(
 
     # compose's own reading of it: every service is there, and each one that joins another's
     # network namespace depends on it, so compose recreates it whenever that one is recreated.
-    printed = run([*docker_compose, "-f", str(path), "-p", name, "config", "--format", "json"],
-                  tmp_path)
+    printed = run(
+        [*docker_compose, "-f", str(path), "-p", name, "config", "--format", "json"], tmp_path
+    )
     assert printed.returncode == 0, printed.stderr
     normalised = json.loads(printed.stdout)
     assert set(normalised["services"]) == set(model["services"])

@@ -31,7 +31,8 @@ def test_what_still_runs_when_the_scope_ends_is_cancelled() -> None:
 
 
 def test_a_failed_connection_task_is_logged_and_the_others_go_on(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def fail() -> None:
         raise ValueError("one connection's bug")
 
@@ -58,4 +59,4 @@ def test_a_failed_service_ends_the_scope_with_its_error() -> None:
 
     with pytest.raises(ExceptionGroup) as caught:
         asyncio.run(asyncio.wait_for(scenario(), 5))
-    assert caught.group_contains(OSError, match="disk is gone")  # type: ignore[attr-defined]
+    assert caught.group_contains(OSError, match="disk is gone")

@@ -16,13 +16,19 @@ def customers() -> dict[str, object]:
     try:
         out = subprocess.run(
             ["psql", url, "-AtF", "\t", "-c", "SELECT name, source FROM customers ORDER BY id"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout
     except (subprocess.SubprocessError, OSError) as e:
         return {"host": urlsplit(url).hostname, "error": str(e)}
     rows = [line.split("\t") for line in out.splitlines() if line]
-    return {"host": urlsplit(url).hostname, "source": rows[0][1] if rows else "empty",
-            "names": [name for name, _ in rows]}
+    return {
+        "host": urlsplit(url).hostname,
+        "source": rows[0][1] if rows else "empty",
+        "names": [name for name, _ in rows],
+    }
 
 
 def orders() -> dict[str, object]:
@@ -32,8 +38,12 @@ def orders() -> dict[str, object]:
             body = json.load(response)
     except OSError as e:
         return {"url": url, "error": str(e)}
-    return {"url": url, "source": body["source"], "pod": body["pod"],
-            "orders": [f"#{o['id']} {o['item']}: {o['status']}" for o in body["orders"]]}
+    return {
+        "url": url,
+        "source": body["source"],
+        "pod": body["pod"],
+        "orders": [f"#{o['id']} {o['item']}: {o['status']}" for o in body["orders"]],
+    }
 
 
 def report() -> str:
@@ -42,14 +52,18 @@ def report() -> str:
     if "error" in db:
         lines.append(f"customers  ERROR from {db['host']}: {db['error']}")
     else:
-        lines.append(f"customers  from the {str(db['source']).upper()} database "
-                     f"(DATABASE_URL host {db['host']})")
+        lines.append(
+            f"customers  from the {str(db['source']).upper()} database "
+            f"(DATABASE_URL host {db['host']})"
+        )
         lines += [f"  - {name}" for name in db["names"]]  # type: ignore[attr-defined]
     if "error" in remote:
         lines.append(f"orders     ERROR from {remote['url']}: {remote['error']}")
     else:
-        lines.append(f"orders     from the {str(remote['source']).upper()} "
-                     f"(ORDERS_URL {remote['url']}, pod {remote['pod']})")
+        lines.append(
+            f"orders     from the {str(remote['source']).upper()} "
+            f"(ORDERS_URL {remote['url']}, pod {remote['pod']})"
+        )
         lines += [f"  - {line}" for line in remote["orders"]]  # type: ignore[attr-defined]
     return "\n".join(lines) + "\n"
 

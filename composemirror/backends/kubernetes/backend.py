@@ -1,0 +1,568 @@
+"""The Kubernetes backend: resolve a target in a cluster, place the agent there, remove it.
+
+`KubernetesBackend` follows the backend interface of `composemirror.backends`: `resolve` finds
+the target pod and its environment, `place` decides the agent's objects and the link address the
+sidecars dial, `prepare` creates them and waits for the agent's ready line, `teardown` deletes
+them by label, `doctor` checks access. Decisions are the pure modules' (`targets`, `manifests`,
+`environment`, `access`); this module sequences calls to a `Cluster` (the only I/O), which tests
+replace with a fake over recorded objects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_fixed,
+)
+
+from composemirror.backends.kubernetes import client, manifests, targets
+from composemirror.backends.kubernetes._compat import (
+    Check,
+    ForwardedPlacement,
+    Progress,
+    Resolution,
+    Session,
+)
+from composemirror.backends.kubernetes.access import PERMISSIONS, Permission, render_rules
+from composemirror.backends.kubernetes.carry import bundle
+from composemirror.backends.kubernetes.environment import copy_env, referenced, resolve_env
+from composemirror.backends.kubernetes.link import (
+    HOST_ALIAS,
+    Forwarder,
+    ForwardTarget,
+    free_port,
+    not_built,
+)
+from composemirror.config import Config, Target
+from composemirror.errors import ClusterError
+from composemirror.podagent import EnvReport, SealError, parse_ready, unseal
+
+log = logging.getLogger(__name__)
+
+Obj = Mapping[str, Any]
+RECORD_FILE = "kubernetes.json"
+"""In the project's `.composemirror/` directory: the context and namespaces `down` cleans."""
+EPHEMERAL_NOTE = (
+    "an ephemeral container cannot be removed: each `up` leaves a terminated entry "
+    "in the target pod until the pod is replaced (a rollout, a restart)"
+)
+PULL_FAILURES = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    }
+)
+"""Waiting reasons that will not resolve themselves: the wait stops at once."""
+
+
+class ClusterAPI(Protocol):
+    """What the backend needs of `client.Cluster` (a fake implements it in tests)."""
+
+    context: str
+    namespace: str
+
+    @property
+    def server(self) -> str: ...
+    def get(self, resource: str, name: str, namespace: str) -> dict[str, Any]: ...
+    def find(
+        self, resource: str, namespace: str, selector: str | None = None
+    ) -> list[dict[str, Any]]: ...
+    def pod_log(self, name: str, namespace: str, container: str, *, tail: int = 50) -> str: ...
+    def version(self) -> dict[str, Any]: ...
+    def add_ephemeral_container(
+        self, pod: str, namespace: str, patch: Obj, *, dry_run: bool = False
+    ) -> dict[str, Any]: ...
+    def create(
+        self, resource: str, namespace: str, body: Obj, *, dry_run: bool = False
+    ) -> dict[str, Any]: ...
+    def delete_labelled(self, resource: str, namespace: str, selector: str) -> list[str]: ...
+    def can(self, permission: Permission, namespace: str) -> tuple[bool, str]: ...
+
+
+Connect = Callable[[str | None, str | None], ClusterAPI]
+
+_RESOURCES = {
+    "deployment": "deployments",
+    "statefulset": "statefulsets",
+    "replicaset": "replicasets",
+    "job": "jobs",
+    "cronjob": "cronjobs",
+    "pod": "pods",
+}
+
+
+def find_target(cluster: ClusterAPI, target: Target, namespace: str) -> targets.TargetPod:
+    """The pod and container `target` names in `namespace`, read through `cluster`.
+
+    Raises ClusterError: no such workload, no ready pod (with each pod's state), an ambiguous
+    or missing container, or a target kind this backend does not place agents for.
+    """
+    if target.kind not in _RESOURCES:
+        raise ClusterError(
+            f"target {target}: {target.kind} targets are not supported on Kubernetes yet",
+            hint="name the workload behind it, e.g. `deployment/NAME`",
+        )
+    resource, name = _RESOURCES[target.kind], str(target.name)
+    try:
+        workload: Obj = cluster.get(resource, name, namespace)
+    except client.NotFoundError as e:
+        raise ClusterError(
+            f"target {target}: there is no {target.kind} {name!r} in namespace {namespace}",
+            hint=f"`kubectl get {resource} -n {namespace}` lists them; "
+            "`namespace:` or the context's namespace chooses where",
+        ) from e
+    what = f"{target.kind}/{name}"
+    if target.kind == "pod":
+        pod = targets.pick_pod(what, [workload])
+    else:
+        if target.kind == "cronjob":
+            workload = targets.newest_job(workload, cluster.find("jobs", namespace))
+            what += f" (its newest job {workload['metadata']['name']})"
+        selector = targets.selector_text(workload)
+        pods = cluster.find("pods", namespace, selector)
+        sets = (
+            cluster.find("replicasets", namespace, selector) if target.kind == "deployment" else []
+        )
+        kind = "job" if target.kind == "cronjob" else target.kind
+        pod = targets.pick_pod(what, targets.workload_pods(kind, workload, pods, sets))
+    return targets.resolve(target, pod)
+
+
+def target_env(cluster: ClusterAPI, found: targets.TargetPod) -> tuple[dict[str, str], list[str]]:
+    """The target container's env computed from the API; (env, notes on what was left out)."""
+    configmap_names, secret_names = referenced(found.spec)
+    objects: dict[str, dict[str, Obj]] = {"configmaps": {}, "secrets": {}}
+    notes = []
+    for resource, names in (("configmaps", configmap_names), ("secrets", secret_names)):
+        for name in sorted(names):
+            try:
+                objects[resource][name] = cluster.get(resource, name, found.namespace)
+            except client.NotFoundError:
+                continue
+            except ClusterError as e:  # forbidden: import what can be imported, say the rest
+                notes.append(e.message)
+    resolved = resolve_env(
+        found.pod, found.container, configmaps=objects["configmaps"], secrets=objects["secrets"]
+    )
+    return resolved.env, notes + resolved.unresolved
+
+
+@dataclass(slots=True, kw_only=True)
+class Plan:
+    """What `place` decided and `prepare` creates, for one session."""
+
+    cluster: ClusterAPI
+    where: manifests.Placement
+    target: targets.TargetPod | None
+    local_port: int
+    mode: str = "ephemeral"
+    """`ephemeral` or `job`."""
+    pod: str | None = None
+    """The pod the agent runs in, once known."""
+    env: EnvReport | None = None
+    """The environment the agent reported (see composemirror.podagent)."""
+
+
+@dataclass(slots=True)
+class KubernetesBackend:
+    """Targets in a Kubernetes cluster, reached through the kube config as kubectl does."""
+
+    name = "kubernetes"
+    connect: Connect = field(default=lambda context, namespace: _connect(context, namespace))
+    forward: Forwarder = not_built
+    sleep: Callable[[float], None] = time.sleep
+    plans: dict[str, Plan] = field(default_factory=dict)
+    """Project name -> its session's plan (between `place` and `prepare`)."""
+    found: dict[tuple[str | None, str | None, str], targets.TargetPod] = field(default_factory=dict)
+    clusters: dict[tuple[str | None, str | None], ClusterAPI] = field(default_factory=dict)
+    """One client per (context, namespace), reused across the steps of a command."""
+
+    def cluster(self, context: str | None, namespace: str | None) -> ClusterAPI:
+        """The cluster of `context`, connected once."""
+        key = (context, namespace)
+        if key not in self.clusters:
+            self.clusters[key] = self.connect(context, namespace)
+        return self.clusters[key]
+
+    def resolve(self, config: Config) -> Resolution:
+        """The target's description and its environment (from the API; see `report_env`).
+
+        The resolver is the target pod's own resolv.conf, which the agent reads in place, so
+        none is returned. Raises ClusterError.
+        """
+        cluster = self.cluster(config.context, config.namespace)
+        namespace = config.namespace or cluster.namespace
+        if config.target.kind == "targetless":
+            return Resolution(
+                description=f"targetless in namespace {namespace} (context {cluster.context})"
+            )
+        found = find_target(cluster, config.target, namespace)
+        self.found[(config.context, config.namespace, str(config.target))] = found
+        env: dict[str, str] = {}
+        if config.env.enabled:
+            env, notes = target_env(cluster, found)
+            for note in notes:
+                log.warning("environment: %s", note)
+        return Resolution(
+            description=f"{found.description} (context {cluster.context})",
+            env=MappingProxyType(env),
+        )
+
+    def place(self, config: Config, resolution: Resolution, session: Session) -> ForwardedPlacement:
+        """Decide the agent's objects for `session`; the sidecars dial the host's forwarder."""
+        cluster = self.cluster(config.context, config.namespace)
+        namespace = config.namespace or cluster.namespace
+        found = None
+        if config.target.kind != "targetless":
+            key = (config.context, config.namespace, str(config.target))
+            found = self.found.get(key) or find_target(cluster, config.target, namespace)
+        agent_namespace = namespace if found else (config.agent.namespace or namespace)
+        where = manifests.placement(
+            session.project, agent_namespace, config.agent, str(config.target)
+        )
+        mode = "ephemeral" if found is not None and config.agent.ephemeral else "job"
+        plan = Plan(cluster=cluster, where=where, target=found, local_port=free_port(), mode=mode)
+        self.plans[session.project] = plan
+        _record(session.directory, cluster.context, agent_namespace)
+        return ForwardedPlacement(
+            link=f"tcp:{HOST_ALIAS}:{plan.local_port}",
+            extra_hosts=MappingProxyType({HOST_ALIAS: "host-gateway"}),
+        )
+
+    def prepare(self, session: Session, progress: Progress) -> None:
+        """Create the Secret and the agent, wait for its ready line, start the forwarder.
+
+        Falls back from an ephemeral container to a Job when the cluster refuses the former
+        (RBAC, admission, no such subresource), saying why and what differs. Raises ClusterError
+        on refusal, on an image that cannot be pulled, or after `agent.startup_timeout`.
+        """
+        plan = self.plans[session.project]
+        code = bundle()
+        owner = plan.target.pod if plan.target and plan.mode == "ephemeral" else None
+        progress(f"creating Secret {plan.where.name} in namespace {plan.where.namespace}")
+        plan.cluster.create(
+            "secrets", plan.where.namespace, manifests.secret(plan.where, session.key, code, owner)
+        )
+        if plan.mode == "ephemeral" and plan.target is not None:
+            container = self.ephemeral(plan)
+            progress(
+                f"adding the agent to pod {plan.target.name} as ephemeral container "
+                f"{plan.where.name}"
+            )
+            try:
+                plan.cluster.add_ephemeral_container(
+                    plan.target.name, plan.target.namespace, manifests.ephemeral_patch(container)
+                )
+                plan.pod = plan.target.name
+            except client.NotFoundError as e:
+                self._pod_still_there(plan)
+                progress(
+                    f"this cluster has no ephemeral containers ({e.message}); running "
+                    f"the agent as a Job instead. Warning: {manifests.JOB_WARNING}"
+                )
+                plan.mode = "job"
+            except client.RefusedError as e:
+                progress(
+                    f"the cluster refused the ephemeral container ({e.message}); "
+                    f"running the agent as a Job instead. Warning: {manifests.JOB_WARNING}"
+                )
+                plan.mode = "job"
+        if plan.mode == "job":
+            progress(f"creating Job {plan.where.name} in namespace {plan.where.namespace}")
+            plan.cluster.create("jobs", plan.where.namespace, self.job(plan))
+        ready = self.wait_ready(plan, progress)
+        try:
+            plan.env = unseal(session.key, ready.env)
+        except SealError as e:
+            raise ClusterError(
+                f"the agent's environment report does not verify: {e}",
+                hint="another agent answered; run `composemirror down` and `up` again",
+            ) from e
+        progress(
+            f"agent {ready.version} ready in pod {plan.pod} (environment from {plan.env.source})"
+        )
+        self.forward(
+            ForwardTarget(
+                context=plan.cluster.context,
+                namespace=plan.where.namespace,
+                pod=str(plan.pod),
+                remote_port=ready.port,
+                local_port=plan.local_port,
+            )
+        )
+
+    @staticmethod
+    def _pod_still_there(plan: Plan) -> None:
+        """Raise ClusterError when the target pod went away since it was resolved."""
+        assert plan.target is not None
+        try:
+            plan.cluster.get("pods", plan.target.name, plan.target.namespace)
+        except client.NotFoundError as e:
+            raise ClusterError(
+                f"the target pod {plan.target.name} went away (a rollout?)",
+                hint="run `composemirror up` again: it picks a current pod",
+            ) from e
+
+    def report_env(self, project: str) -> Mapping[str, str] | None:
+        """The environment the agent reported after `prepare` (the target process's when it
+        could read it), or None. Raw: selection is composemirror.environment's."""
+        plan = self.plans.get(project)
+        return None if plan is None or plan.env is None else MappingProxyType(plan.env.env)
+
+    def ephemeral(self, plan: Plan) -> dict[str, Any]:
+        """The ephemeral container for `plan` (env and envFrom of the target copied)."""
+        assert plan.target is not None
+        env, env_from = copy_env(plan.target.spec)
+        return manifests.ephemeral_container(
+            plan.where, bundle(), plan.target.spec, plan.target.pod, env, env_from
+        )
+
+    def job(self, plan: Plan) -> dict[str, Any]:
+        """The Job for `plan`: targetless, or the fallback beside the target.
+
+        The target's env is not copied into a Job: its downward-API fields would describe the
+        Job's pod, not the target's; the env `resolve` computed from the API stands.
+        """
+        if plan.target is None:
+            return manifests.job(plan.where, bundle())
+        return manifests.job(
+            plan.where,
+            bundle(),
+            target_container=plan.target.spec,
+            pod_security=plan.target.pod["spec"].get("securityContext"),
+        )
+
+    def wait_ready(self, plan: Plan, progress: Progress) -> Any:
+        """Poll until the agent printed its ready line; fail fast on pull/config errors."""
+        timeout = plan.where.settings.startup_timeout
+        # Bounded by time and, with the sleep injected in tests, by the number of polls.
+        retrying = Retrying(
+            stop=stop_after_delay(timeout) | stop_after_attempt(timeout + 1),
+            wait=wait_fixed(1.0),
+            retry=retry_if_exception_type(_NotYet),
+            sleep=self.sleep,
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    return self._ready_once(plan)
+        except _NotYet as e:
+            raise ClusterError(
+                f"the agent did not become ready within {plan.where.settings.startup_timeout} s"
+                f" ({e})",
+                hint="raise `agent.startup_timeout` if its image pulls slowly; `kubectl "
+                f"describe pod -n {plan.where.namespace} {plan.pod or plan.where.name}` "
+                "says what it waits for",
+            ) from e
+        raise AssertionError("unreachable")
+
+    def _ready_once(self, plan: Plan) -> Any:
+        cluster, namespace, name = plan.cluster, plan.where.namespace, plan.where.name
+        if plan.mode == "ephemeral":
+            pod = cluster.get("pods", str(plan.pod), namespace)
+            statuses = (pod.get("status") or {}).get("ephemeralContainerStatuses") or []
+        else:
+            pods = cluster.find("pods", namespace, f"job-name={name}")
+            if not pods:
+                raise _NotYet("its Job has no pod yet")
+            pod = pods[0]
+            plan.pod = pod["metadata"]["name"]
+            statuses = (pod.get("status") or {}).get("containerStatuses") or []
+        status = next((s for s in statuses if s.get("name") == name), None)
+        if status is None:
+            raise _NotYet("not scheduled yet")
+        state = status.get("state") or {}
+        if "waiting" in state:
+            reason = state["waiting"].get("reason") or "waiting"
+            if reason in PULL_FAILURES:
+                raise ClusterError(
+                    f"the agent cannot start: {reason}: {state['waiting'].get('message', '')}",
+                    hint=f"image {plan.where.settings.image!r}: set `agent.image` to one the "
+                    "cluster can pull (and `agent.image_pull_secrets`), or load it into "
+                    "the cluster (kind load / minikube image load / k3d image import)",
+                )
+            raise _NotYet(reason)
+        if "running" not in state and "terminated" not in state:
+            raise _NotYet("starting")  # its log cannot be read before it runs
+        logs = cluster.pod_log(str(plan.pod), namespace, name)
+        for line in logs.splitlines():
+            ready = parse_ready(line.strip())
+            if ready is not None:
+                return ready
+        if "terminated" in state:
+            raise ClusterError(
+                f"the agent exited before it was ready "
+                f"({state['terminated'].get('reason', '')}): "
+                f"{logs.strip()[-800:]}",
+                hint="its image needs python3 >= 3.11",
+            )
+        raise _NotYet("started, not ready yet")
+
+    def teardown(self, project: str, directory: Path, progress: Progress) -> list[str]:
+        """Delete the project's Jobs and Secrets by label; what was removed, for people.
+
+        The namespaces and context come from the record `place` wrote (else the current
+        context's namespace). Ephemeral containers stay (see EPHEMERAL_NOTE).
+        """
+        context, namespaces = _read_record(directory)
+        cluster = self.cluster(context, None)
+        removed = []
+        selector = manifests.project_selector(project)
+        for namespace in namespaces or [cluster.namespace]:
+            for resource in ("jobs", "secrets"):
+                for name in cluster.delete_labelled(resource, namespace, selector):
+                    removed.append(f"{resource[:-1]}/{name} in namespace {namespace}")
+                    progress(f"deleted {removed[-1]}")
+        progress(f"note: {EPHEMERAL_NOTE}")
+        self.plans.pop(project, None)
+        return removed
+
+    def status(self, config: Config, project: str) -> list[str]:
+        """For `status`: the ephemeral agents `project` left in the target pod, and why they
+        stay (EPHEMERAL_NOTE). Raises ClusterError."""
+        if config.target.kind == "targetless":
+            return []
+        cluster = self.cluster(config.context, config.namespace)
+        found = find_target(cluster, config.target, config.namespace or cluster.namespace)
+        entries = manifests.agent_entries(found.pod, project)
+        lines = [f"agent {e.name} in pod {found.name}: {e.state}" for e in entries]
+        return [*lines, f"note: {EPHEMERAL_NOTE}"] if entries else lines
+
+    def doctor(self, config: Config) -> list[Check]:
+        """API reachable and version; permissions; the target; a server-side dry run."""
+        checks: list[Check] = []
+        try:
+            cluster = self.cluster(config.context, config.namespace)
+            version = cluster.version()
+        except ClusterError as e:
+            return [Check(name="kubernetes API", ok=False, detail=e.message, hint=e.hint)]
+        namespace = config.namespace or cluster.namespace
+        checks.append(
+            Check(
+                name="kubernetes API",
+                ok=True,
+                detail=f"{cluster.server} (context {cluster.context}), "
+                f"Kubernetes {version.get('gitVersion', '?')}",
+            )
+        )
+        checks.append(permissions_check(cluster, namespace, config))
+        found = None
+        if config.target.kind != "targetless":
+            try:
+                found = find_target(cluster, config.target, namespace)
+                checks.append(Check(name="target", ok=True, detail=found.description))
+            except ClusterError as e:
+                checks.append(Check(name="target", ok=False, detail=e.message, hint=e.hint))
+                return checks
+        checks.append(self.dry_run_check(cluster, config, namespace, found))
+        return checks
+
+    def dry_run_check(
+        self, cluster: ClusterAPI, config: Config, namespace: str, found: targets.TargetPod | None
+    ) -> Check:
+        """A server-side dry run of the agent's objects (PodSecurity, webhooks, quotas)."""
+        where = manifests.placement(
+            "doctor",
+            namespace if found else (config.agent.namespace or namespace),
+            config.agent,
+            str(config.target),
+        )
+        plan = Plan(
+            cluster=cluster,
+            where=where,
+            target=found,
+            local_port=0,
+            mode="ephemeral" if found and config.agent.ephemeral else "job",
+        )
+        try:
+            cluster.create(
+                "secrets",
+                where.namespace,
+                manifests.secret(where, b"\0" * 32, bundle()),
+                dry_run=True,
+            )
+            if plan.mode == "ephemeral" and found is not None:
+                cluster.add_ephemeral_container(
+                    found.name,
+                    found.namespace,
+                    manifests.ephemeral_patch(self.ephemeral(plan)),
+                    dry_run=True,
+                )
+                detail = f"an ephemeral container in pod {found.name} is accepted"
+            else:
+                cluster.create("jobs", where.namespace, self.job(plan), dry_run=True)
+                detail = f"a Job in namespace {where.namespace} is accepted"
+        except ClusterError as e:
+            return Check(name="agent placement (dry run)", ok=False, detail=e.message, hint=e.hint)
+        return Check(name="agent placement (dry run)", ok=True, detail=detail)
+
+
+def permissions_check(cluster: ClusterAPI, namespace: str, config: Config) -> Check:
+    """SelfSubjectAccessReviews for `access.PERMISSIONS`; the missing Role rules as a hint."""
+    denied = [p for p in PERMISSIONS if not cluster.can(p, namespace)[0]]
+    ephemeral_denied = any(p.subresource == "ephemeralcontainers" for p in denied)
+    job_denied = any(p.resource == "jobs" and p.verb == "create" for p in denied)
+    fatal = [p for p in denied if not p.optional]
+    if config.target.kind == "targetless" or not config.agent.ephemeral:
+        fatal += [p for p in denied if p.resource == "jobs" and p.verb == "create"]
+    elif ephemeral_denied and job_denied:
+        fatal += [p for p in denied if p.subresource == "ephemeralcontainers"]
+    if not denied:
+        return Check(
+            name="permissions",
+            ok=True,
+            detail=f"all {len(PERMISSIONS)} permissions in namespace {namespace}",
+        )
+    listed = ", ".join(str(p) for p in denied)
+    detail = f"denied in namespace {namespace}: {listed}"
+    if ephemeral_denied and not job_denied:
+        detail += " (the agent will run as a Job beside the target)"
+    return Check(
+        name="permissions", ok=not fatal, detail=detail, hint=render_rules(denied, namespace)
+    )
+
+
+def _connect(context: str | None, namespace: str | None) -> ClusterAPI:
+    return client.connect(context, namespace)
+
+
+class _NotYet(Exception):
+    """The agent is not ready yet; the wait goes on."""
+
+
+def _record(directory: Path, context: str, namespace: str) -> None:
+    path = directory / RECORD_FILE
+    record: dict[str, Any] = {"context": context, "namespaces": []}
+    if path.is_file():
+        record = json.loads(path.read_text())
+    if namespace not in record["namespaces"]:
+        record["namespaces"].append(namespace)
+    record["context"] = context
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _read_record(directory: Path) -> tuple[str | None, list[str]]:
+    path = directory / RECORD_FILE
+    if not path.is_file():
+        return None, []
+    record = json.loads(path.read_text())
+    return record.get("context"), list(record.get("namespaces") or [])

@@ -1,0 +1,121 @@
+"""The carried agent code: it runs from a bare python3 with nothing installed, and reports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from composemirror.agent.pod import target_environment
+from composemirror.backends.kubernetes.carry import BOOTSTRAP, bundle, strip
+from composemirror.podagent import SPEC_ENV_PREFIX, parse_ready, unseal
+from composemirror.protocol import key_to_text, new_key
+
+
+def test_bootstrap_runs_the_agent_from_memory(tmp_path: Path) -> None:
+    """A python3 in isolated mode, in an empty directory, with only the environment variables
+    the container spec sets: the agent starts, reports, and exits when idle."""
+    python = shutil.which("python3") or sys.executable
+    key = new_key()
+    code = bundle()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "COMPOSEMIRROR_AGENT_KEY": key_to_text(key),
+        "COMPOSEMIRROR_AGENT_PORT": "0",
+        "COMPOSEMIRROR_AGENT_TTL": "1",
+        "COMPOSEMIRROR_AGENT_TARGETED": "0",
+        "COMPOSEMIRROR_CODE_PARTS": str(len(code.parts)),
+        f"{SPEC_ENV_PREFIX}DATABASE_URL": "postgres://db/shop",
+    }
+    env.update({f"COMPOSEMIRROR_CODE_{i}": part for i, part in enumerate(code.parts)})
+    done = subprocess.run(
+        [python, "-I", "-c", BOOTSTRAP],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    ready = parse_ready(done.stdout.strip())
+    assert ready is not None and ready.version == "0.1.0"
+    report = unseal(key, ready.env)
+    assert (report.source, dict(report.env)) == ("spec", {"DATABASE_URL": "postgres://db/shop"})
+    assert "no link for 1 s: exiting" in done.stderr
+    assert key_to_text(key) not in done.stdout + done.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_bundle_is_small_and_whole() -> None:
+    code = bundle()
+    assert code.size < 64 * 1024 < code.source_bytes
+    assert len(code.parts) == 1
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        '"""Doc."""\nx = 1\n',
+        'class A:\n    """Doc."""\n',
+        'def f():\n    """Doc."""\n    # comment\n    return f"{1!r:>3}"\n',
+    ],
+)
+def test_strip_keeps_behaviour(source: str) -> None:
+    stripped = strip(source)
+    assert "Doc." not in stripped and "comment" not in stripped
+    before: dict[str, object] = {}
+    after: dict[str, object] = {}
+    exec(compile(source, "s", "exec"), before)
+    exec(compile(stripped, "s", "exec"), after)
+    if "f" in before:
+        assert before["f"]() == after["f"]()  # type: ignore[operator]
+
+
+def fake_proc(root: Path, processes: dict[int, tuple[bytes, bytes | None]]) -> Path:
+    for pid, (cmdline, environ) in processes.items():
+        folder = root / str(pid)
+        folder.mkdir(parents=True)
+        (folder / "cmdline").write_bytes(cmdline)
+        if environ is not None:
+            (folder / "environ").write_bytes(environ)
+    (root / "self").mkdir()
+    return root
+
+
+@pytest.mark.parametrize(
+    ("processes", "source", "env"),
+    [
+        # the target's entrypoint is PID 1 of the shared process namespace
+        (
+            {1: (b"/app/server\0", b"A=1\0B=x=y\0"), 40: (b"python3\0", b"")},
+            "process",
+            {"A": "1", "B": "x=y"},
+        ),
+        # a pod sharing one namespace: the pause container is PID 1, the app the next
+        ({1: (b"/pause\0", b""), 7: (b"/app/server\0", b"A=2\0")}, "process", {"A": "2"}),
+        # not readable (another uid): the spec copy
+        ({1: (b"/app/server\0", None)}, "spec", {"DATABASE_URL": "x"}),
+    ],
+)
+def test_target_environment(
+    tmp_path: Path,
+    processes: dict[int, tuple[bytes, bytes | None]],
+    source: str,
+    env: dict[str, str],
+) -> None:
+    proc = fake_proc(tmp_path, processes)
+    report = target_environment(
+        {"CMENV_DATABASE_URL": "x", "PATH": "/bin"}, targeted=True, proc=proc, own_pid=40
+    )
+    assert (report.source, dict(report.env)) == (source, env)
+
+
+def test_job_agent_reads_no_process(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, {1: (b"python3\0", b"SECRET=1\0")})
+    report = target_environment({"PATH": "/bin"}, targeted=False, proc=proc, own_pid=1)
+    assert (report.source, dict(report.env)) == ("none", {})

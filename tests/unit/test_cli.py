@@ -1,0 +1,216 @@
+"""`cli.main()` in-process on a fake engine and backend: arguments, exit codes, what is printed
+where (results on stdout, progress and errors on stderr)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import composemirror
+from composemirror import cli
+from composemirror.backends import Check
+from composemirror.errors import ClusterError
+from tests.unit.conftest import MODEL, Project
+
+
+def run(project: Project, *args: str) -> int:
+    return cli.main(["-f", str(project.file), *args], runtime=project.runtime)
+
+
+def test_config_prints_the_rewritten_model(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(project, "config") == 0
+    out, err = capsys.readouterr()
+    model = yaml.safe_load(out)
+    assert "web-mirror" in model["services"]
+    assert err == ""
+    assert not project.render_dir.exists()
+
+
+def test_config_and_up_say_which_services_share_the_apps_namespace(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = copy.deepcopy(MODEL)
+    model["services"]["debug"] = {"image": "busybox", "network_mode": "service:web"}
+    project.set_model(model)
+    for command in (["config"], ["up", "-d"]):
+        assert run(project, *command) == 0
+        err = capsys.readouterr().err
+        assert "'debug' shares the network namespace of 'web'" in err, command
+        assert "its traffic goes through 'web-mirror' too" in err, command
+
+
+def test_up_detached_then_status_then_down(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(project, "up", "-d") == 0
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "target: fake target" in err
+    assert project.engine.commands() == [["up", "--detach"]]
+
+    project.engine.outputs["shop-web-mirror-1"] = json.dumps(
+        {"agent": "connected", "counters": {"tcp_remote": 2, "dns_remote": 5}}
+    )
+    assert run(project, "status") == 0
+    out, _ = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0].split() == ["SERVICE", "ROLE", "STATE", "LINK"]
+    assert lines[1].split()[:3] == ["composemirror-agent", "agent", "running"]
+    assert lines[-1].endswith("agent connected, dns_remote 5, tcp_remote 2")
+
+    assert run(project, "ps", "--format", "json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["project"] == "shop"
+    assert {s["role"] for s in data["services"]} == {"agent", "app", "sidecar", "service"}
+
+    assert run(project, "down") == 0
+    _, err = capsys.readouterr()
+    assert "removed container" not in err  # compose down removed them; nothing was left over
+    assert run(project, "status") == 0
+    assert capsys.readouterr().out == "project shop: nothing is running\n"
+
+
+def test_down_says_what_it_removed(project: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    project.backend.torn_down = ["deployment agent"]
+    assert run(project, "down", "-v") == 0
+    assert capsys.readouterr().err == "removed deployment agent\n"
+    assert project.engine.downs[0][1] is True
+
+
+def test_up_attached_with_build_and_services(project: Project) -> None:
+    assert run(project, "up", "--build", "web") == 0
+    assert project.engine.commands() == [["up", "--build", "web"]]
+
+
+def test_a_status_row_without_a_report(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(project, "up", "-d")
+    capsys.readouterr()
+    run(project, "status")
+    sidecar_line = capsys.readouterr().out.splitlines()[-1]
+    assert sidecar_line.endswith("no report")
+
+
+def test_bad_configuration_exits_2_with_the_key_at_fault(
+    project: Project, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    broken = tmp_path / "mirror.yaml"
+    broken.write_text("target: deployment/checkout\nservices: [web]\nfeature: {netwrok: {}}\n")
+    assert run(project, "--config", str(broken), "config") == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"composemirror: {broken}: x-composemirror.feature.netwrok: unknown key")
+    assert "  hint: did you mean `network`?" in err
+
+
+def test_a_target_that_is_not_there_exits_1_with_a_hint(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project.backend.error = ClusterError(
+        "target docker://x: there is no container 'x'", hint="start it"
+    )
+    assert run(project, "up") == 1
+    err = capsys.readouterr().err
+    assert err == "composemirror: target docker://x: there is no container 'x'\n  hint: start it\n"
+    assert project.engine.runs == []
+
+
+def test_no_engine_exits_1(project: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    project.engine.reachable = False
+    assert run(project, "down") == 1
+    assert "cannot reach the Docker engine" in capsys.readouterr().err
+
+
+def test_doctor_exit_code_follows_the_checks(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(project, "doctor") == 0
+    out = capsys.readouterr().out
+    assert "ok    target: fake target" in out
+    project.backend.checks = [
+        Check(name="fake cluster", ok=False, detail="unreachable", hint="start it")
+    ]
+    assert run(project, "doctor") == 1
+    out = capsys.readouterr().out
+    assert "FAIL  fake cluster: unreachable\n      hint: start it" in out
+
+
+def test_compose_passthrough(project: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    project.engine.exit_codes["exec"] = 7
+    assert run(project, "compose", "--", "exec", "web", "false") == 7
+    assert project.engine.commands() == [["exec", "web", "false"]]
+    assert run(project, "compose", "ps") == 0
+    assert run(project, "compose") == 1
+    assert "give compose a command" in capsys.readouterr().err
+
+
+def test_sandbox_command(project: Project) -> None:
+    assert run(project, "sandbox", "up") == 0
+    assert run(project, "sandbox", "down") == 0
+    assert project.engine.runs[0][0].name == "composemirror-sandbox"
+    assert project.engine.downs[0][0].name == "composemirror-sandbox"
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["--version"], 0),
+        (["--help"], 0),
+        ([], 2),
+        (["bogus"], 2),
+        (["sandbox", "restart"], 2),
+        (["status", "--format", "xml"], 2),
+    ],
+)
+def test_argument_handling(
+    project: Project, capsys: pytest.CaptureFixture[str], args: list[str], code: int
+) -> None:
+    assert cli.main(args, runtime=project.runtime) == code
+    out, err = capsys.readouterr()
+    if args == ["--version"]:
+        assert out.strip() == composemirror.__version__
+    if code == 2:
+        assert "usage: composemirror" in err
+    assert project.engine.runs == []
+
+
+def test_flags_reach_compose(project: Project, tmp_path: Path) -> None:
+    env_file = tmp_path / "ci.env"
+    assert (
+        cli.main(
+            [
+                "-f",
+                str(project.file),
+                "-p",
+                "ci-shop",
+                "--profile",
+                "debug",
+                "--env-file",
+                str(env_file),
+                "--project-directory",
+                str(project.folder),
+                "-v",
+                "up",
+                "-d",
+            ],
+            runtime=project.runtime,
+        )
+        == 0
+    )
+    ((compose_project, _),) = project.engine.runs
+    assert compose_project.name == "ci-shop"
+    assert (
+        next(
+            c.labels["io.composemirror.project"]
+            for c in project.engine.running
+            if "io.composemirror.project" in c.labels
+        )
+        == "ci-shop"
+    )

@@ -1,0 +1,610 @@
+"""The operations in-process, on a fake engine and a fake backend: what is rendered, in which order
+things are prepared, built and started, what `down` removes, and what `status` and `doctor` say."""
+
+from __future__ import annotations
+
+import copy
+import json
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from composemirror import compose, images, ops
+from composemirror.backends import Check, ForwardedPlacement, SessionInfo
+from composemirror.errors import ClusterError, ConfigError, EngineError
+from composemirror.fakes import FakeBackend, FakeEngine
+from composemirror.link import ENV_VAR, LinkAddress, SidecarSettings
+from tests.unit.conftest import MODEL, Project
+
+
+def up(project: Project, **kwargs: Any) -> tuple[int, list[str]]:
+    lines: list[str] = []
+    code = ops.up(project.options, progress=lines.append, runtime=project.runtime, **kwargs)
+    return code, lines
+
+
+# -- render --------------------------------------------------------------------------------------
+
+
+def test_render_writes_the_rewritten_project_and_a_private_key(project: Project) -> None:
+    rendered = ops.render(project.options, write=True, runtime=project.runtime)
+    assert rendered.name == "shop"
+    assert rendered.path == project.render_dir / "compose.yaml"
+    written = yaml.safe_load(rendered.path.read_text())
+    assert written == rendered.model
+    assert set(written["services"]) == {"web", "web-mirror", "db", compose.AGENT_SERVICE}
+    assert written["services"][compose.AGENT_SERVICE]["network_mode"] == "container:fake-target"
+    assert written["services"]["web"]["environment"] == {"FROM_TARGET": "yes", "APP_MODE": "local"}
+    assert written["secrets"][compose.KEY_SECRET]["file"] == str(project.render_dir / "tunnel.key")
+    key = project.render_dir / "tunnel.key"
+    assert len(key.read_text().strip()) == 64
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert (project.render_dir / ".gitignore").read_text().endswith("*\n")
+    assert rendered.path.read_text().startswith("# Rendered by composemirror")
+
+
+def test_render_keeps_the_key_of_the_running_session(project: Project) -> None:
+    ops.render(project.options, write=True, runtime=project.runtime)
+    key = (project.render_dir / "tunnel.key").read_text()
+    ops.render(project.options, write=True, runtime=project.runtime)
+    assert (project.render_dir / "tunnel.key").read_text() == key
+
+
+def test_render_without_write_touches_nothing(project: Project) -> None:
+    rendered = ops.render(project.options, write=False, runtime=project.runtime)
+    assert "web-mirror" in rendered.model["services"]
+    assert not project.render_dir.exists()
+    assert project.engine.runs == [] and project.engine.builds == []
+
+
+def test_render_asks_the_backend_to_resolve_then_place(project: Project) -> None:
+    rendered = ops.render(project.options, write=False, runtime=project.runtime)
+    assert [name for name, _ in project.backend.calls] == ["resolve", "place"]
+    assert rendered.session.project == "shop"
+    assert rendered.session.directory == project.folder
+    assert rendered.session.key_file == project.render_dir / "tunnel.key"
+    assert rendered.placement == project.backend.placement
+    assert rendered.resolution == project.backend.resolution
+
+
+def test_a_forwarded_agent_is_no_service_of_the_project(project: Project) -> None:
+    project.backend.placement = ForwardedPlacement(
+        link=LinkAddress.parse("tcp:host.docker.internal:41000"),
+        extra_hosts={"host.docker.internal": "host-gateway"},
+    )
+    model = ops.render(project.options, write=False, runtime=project.runtime).model
+    assert compose.AGENT_SERVICE not in model["services"]
+    sidecar = model["services"]["web-mirror"]
+    settings = SidecarSettings.from_json(sidecar["environment"][ENV_VAR])
+    assert str(settings.link) == "tcp:host.docker.internal:41000"
+    assert sidecar["extra_hosts"] == ["host.docker.internal=host-gateway"]
+
+
+def test_ignored_mirrord_keys_are_noticed(project: Project) -> None:
+    model = copy.deepcopy(MODEL)
+    model["x-composemirror"]["feature"] = {"fs": "read"}
+    project.set_model(model)
+    rendered = ops.render(project.options, write=False, runtime=project.runtime)
+    assert rendered.notices == (
+        "ignored (no effect at the network level): x-composemirror.feature.fs",
+    )
+
+
+def test_a_target_that_cannot_be_found_is_the_backends_error(project: Project) -> None:
+    project.backend.error = ClusterError("no such deployment", hint="check the name")
+    with pytest.raises(ClusterError, match="no such deployment"):
+        ops.render(project.options, write=True, runtime=project.runtime)
+    assert not project.render_dir.exists()
+
+
+# -- where the configuration comes from --------------------------------------------------------
+
+
+def without_block(project: Project) -> None:
+    model = copy.deepcopy(MODEL)
+    del model["x-composemirror"]
+    project.set_model(model)
+
+
+def test_configuration_beside_the_compose_file(project: Project) -> None:
+    without_block(project)
+    (project.folder / "composemirror.yaml").write_text(
+        "target: deployment/checkout\nnamespace: shop\nservices: [web]\n"
+    )
+    rendered = ops.render(project.options, write=False, runtime=project.runtime)
+    assert rendered.config.source == str(project.folder / "composemirror.yaml")
+
+
+def test_configuration_from_a_mirrord_file(project: Project, tmp_path: Path) -> None:
+    without_block(project)
+    config_file = tmp_path / "mirrord.yaml"
+    config_file.write_text("x-composemirror:\n  target: deployment/checkout\n  services: [web]\n")
+    options = ops.Options(files=(project.file,), config_file=config_file)
+    rendered = ops.render(options, write=False, runtime=project.runtime)
+    assert rendered.config.services == ("web",)
+
+
+def test_no_configuration_at_all(project: Project) -> None:
+    without_block(project)
+    with pytest.raises(ConfigError) as caught:
+        ops.render(project.options, write=False, runtime=project.runtime)
+    assert "no composemirror configuration" in caught.value.message
+    assert caught.value.hint is not None and "x-composemirror" in caught.value.hint
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "cannot read"),
+        ("target: [\n", "not valid YAML"),
+    ],
+)
+def test_a_config_file_that_cannot_be_read(
+    project: Project, tmp_path: Path, text: str | None, message: str
+) -> None:
+    config_file = tmp_path / "broken.yaml"
+    if text is not None:
+        config_file.write_text(text)
+    options = ops.Options(files=(project.file,), config_file=config_file)
+    with pytest.raises(ConfigError, match=message):
+        ops.render(options, write=False, runtime=project.runtime)
+
+
+def test_env_file_values_reach_the_app(project: Project) -> None:
+    model = copy.deepcopy(MODEL)
+    model["x-composemirror"]["feature"] = {"env": {"env_file": "app.env"}}
+    project.set_model(model)
+    (project.folder / "app.env").write_text("QUEUE=jobs\n")
+    env = ops.render(project.options, write=False, runtime=project.runtime).model["services"][
+        "web"
+    ]["environment"]
+    assert env["QUEUE"] == "jobs"
+    (project.folder / "app.env").unlink()
+    with pytest.raises(ConfigError, match=r"app\.env does not exist"):
+        ops.render(project.options, write=False, runtime=project.runtime)
+
+
+def test_without_f_no_file_is_passed_so_compose_loads_its_own(project: Project) -> None:
+    nested = project.folder / "src" / "deep"
+    nested.mkdir(parents=True)
+    found = ops.compose_project(ops.Options(project_directory=nested), "base", project.runtime)
+    # one -f would turn off compose's own loading of compose.override.yaml
+    assert found.files == ()
+    assert found.environment == {images.BASE_ENV: "base"}
+    loaded = ops.load_project(
+        ops.Options(project_directory=project.folder), runtime=project.runtime
+    )
+    assert (loaded.name, loaded.directory) == ("shop", project.folder)
+
+
+def write(folder: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+
+
+DISCOVERY = {
+    # case: (files in the folder, environment, the files compose loads, project directory)
+    "default file": ({"compose.yaml": ""}, {}, ["compose.yaml"], "."),
+    "override file beside it": (
+        {"compose.yaml": "", "compose.override.yaml": "", "sub/x": ""},
+        {},
+        ["compose.yaml", "compose.override.yaml"],
+        ".",
+    ),
+    "compose's order of names": (
+        {"docker-compose.yaml": "", "docker-compose.yml": "", "docker-compose.override.yml": ""},
+        {},
+        ["docker-compose.yml", "docker-compose.override.yml"],
+        ".",
+    ),
+    "COMPOSE_FILE in the environment": (
+        {"compose.yaml": "", "ci/a.yaml": "", "ci/b.yaml": ""},
+        {"COMPOSE_FILE": "ci/a.yaml:ci/b.yaml"},
+        ["ci/a.yaml", "ci/b.yaml"],
+        "ci",
+    ),
+    "COMPOSE_FILE in .env": (
+        {".env": "COMPOSE_FILE=ci/a.yaml:compose.yaml\n", "compose.yaml": "", "ci/a.yaml": ""},
+        {},
+        ["ci/a.yaml", "compose.yaml"],
+        "ci",
+    ),
+    "COMPOSE_DISABLE_ENV_FILE": (
+        {".env": "COMPOSE_FILE=a.yaml\n", "a.yaml": "", "compose.yaml": ""},
+        {"COMPOSE_DISABLE_ENV_FILE": "true"},
+        ["compose.yaml"],
+        ".",
+    ),
+    "the environment wins over .env": (
+        {".env": "COMPOSE_FILE=a.yaml\n", "a.yaml": "", "b.yaml": ""},
+        {"COMPOSE_FILE": "b.yaml"},
+        ["b.yaml"],
+        ".",
+    ),
+    "COMPOSE_PATH_SEPARATOR": (
+        {
+            ".env": "COMPOSE_PATH_SEPARATOR=;\nCOMPOSE_FILE=a.yaml;b.yaml\n",
+            "a.yaml": "",
+            "b.yaml": "",
+        },
+        {},
+        ["a.yaml", "b.yaml"],
+        ".",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DISCOVERY, ids=list(DISCOVERY))
+def test_discovery_finds_what_compose_loads(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files, environ, expected, directory = DISCOVERY[case]
+    write(tmp_path, files)
+    monkeypatch.chdir(tmp_path)  # COMPOSE_FILE's relative paths start here, as in compose
+    found = ops.discover(ops.Options(), environ)
+    assert found.files == tuple(tmp_path / f for f in expected)
+    assert found.directory == (tmp_path / directory).resolve()
+
+
+def test_discovery_searches_upwards_and_flags_win(tmp_path: Path) -> None:
+    write(tmp_path, {"compose.yml": "", "compose.override.yml": "", "other.yaml": ""})
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    found = ops.discover(ops.Options(project_directory=tmp_path / "a" / "b"), {})
+    assert found.files == (tmp_path / "compose.yml", tmp_path / "compose.override.yml")
+    assert found.directory == tmp_path / "a" / "b"
+    given = ops.Options(files=(tmp_path / "other.yaml",))
+    assert ops.discover(given, {"COMPOSE_FILE": "x.yaml"}).files == (tmp_path / "other.yaml",)
+    env_file = tmp_path / "ci.env"
+    env_file.write_text("COMPOSE_FILE=other.yaml\n")
+    with_env_file = ops.Options(project_directory=tmp_path, env_files=(env_file,))
+    assert ops.discover(with_env_file, {}).files == (Path("other.yaml").resolve(),)
+
+
+def test_the_configuration_may_live_in_the_override_file(project: Project) -> None:
+    override = project.folder / "compose.override.yaml"
+    override.write_text("# x-composemirror lives here; compose merges it into the model\n")
+    rendered = ops.render(
+        ops.Options(project_directory=project.folder), write=False, runtime=project.runtime
+    )
+    assert rendered.config.source == "x-composemirror in compose.yaml, compose.override.yaml"
+
+
+def test_no_compose_file_anywhere(tmp_path: Path, project: Project) -> None:
+    with pytest.raises(ConfigError) as caught:
+        ops.compose_project(ops.Options(project_directory=tmp_path), "base", project.runtime)
+    assert (
+        caught.value.hint
+        == "run in a directory with compose.yaml, or pass -f FILE (or set COMPOSE_FILE)"
+    )
+
+
+def test_a_mirrored_service_under_an_inactive_profile(project: Project) -> None:
+    model = copy.deepcopy(MODEL)
+    model["services"]["web"]["profiles"] = ["dev", "debug"]
+    project.set_model(model)
+    with pytest.raises(ConfigError) as caught:
+        ops.render(project.options, write=False, runtime=project.runtime)
+    assert "'web' belongs to profile 'dev' or 'debug', which is not active" in caught.value.message
+    assert caught.value.hint == "enable it with --profile dev or COMPOSE_PROFILES=dev"
+    active = ops.Options(files=(project.file,), profiles=("debug",))
+    assert (
+        "web-mirror" in ops.render(active, write=False, runtime=project.runtime).model["services"]
+    )
+
+
+def test_a_service_missing_from_every_profile_is_the_rewrites_error(project: Project) -> None:
+    model = copy.deepcopy(MODEL)
+    model["x-composemirror"]["services"] = ["wbe"]
+    project.set_model(model)
+    with pytest.raises(ConfigError, match="'wbe' is not a service of this project"):
+        ops.render(project.options, write=False, runtime=project.runtime)
+
+
+@pytest.mark.parametrize(
+    ("environ", "local", "expected"),
+    [
+        ({images.BASE_ENV: "my/base:1"}, True, "my/base:1"),
+        ({}, True, images.LOCAL_BASE),
+        ({}, False, images.DEFAULT_BASE),
+    ],
+)
+def test_base_image(environ: dict[str, str], local: bool, expected: str) -> None:
+    engine = FakeEngine(images=[images.LOCAL_BASE] if local else [])
+    assert ops.base_image(ops.Runtime(engine=engine, environ=environ)) == expected
+
+
+def test_base_image_without_an_engine_is_the_public_one() -> None:
+    runtime = ops.Runtime(engine=FakeEngine(reachable=False), environ={})
+    assert ops.base_image(runtime) == images.DEFAULT_BASE
+
+
+# -- up ------------------------------------------------------------------------------------------
+
+
+def test_up_prepares_builds_and_starts_in_that_order(project: Project) -> None:
+    code, lines = up(project, detach=True)
+    assert code == 0
+    assert lines[0] == "target: fake target"
+    assert lines[1] == "prepared fake-target"
+    assert [line for line in lines if line.startswith("building")] == [
+        f"building {spec.tag} from {spec.base}"
+        for spec in (images.spec(role, images.DEFAULT_BASE) for role in images.ROLES)
+    ]
+    assert "  Successfully tagged " + images.spec("agent", images.DEFAULT_BASE).tag in lines
+    assert project.engine.commands() == [["up", "--detach"]]
+    ((compose_project, _),) = project.engine.runs
+    assert compose_project.files == (project.render_dir / "compose.yaml",)
+    assert compose_project.name == "shop"
+    prepared: SessionInfo = project.backend.calls[-1][1]
+    assert prepared.placement == project.backend.placement
+    assert prepared.key_file.is_file()  # written before the backend prepares
+
+
+def test_up_builds_only_missing_images(project: Project) -> None:
+    up(project, detach=True)
+    builds = len(project.engine.builds)
+    assert builds == 2
+    build = project.engine.builds[0]
+    assert build.buildargs == {"BASE_IMAGE": images.DEFAULT_BASE}
+    assert "Dockerfile" in build.files and "site/composemirror/link.py" in build.files
+    up(project, detach=True)
+    assert len(project.engine.builds) == builds
+    up(project, detach=True, build=True)
+    assert len(project.engine.builds) == 2 * builds
+    assert project.engine.commands()[-1] == ["up", "--detach", "--build"]
+
+
+def test_up_starts_the_named_services(project: Project) -> None:
+    up(project, services=["web"])
+    assert project.engine.commands() == [["up", "web"]]
+
+
+def test_up_creates_the_rewritten_services(project: Project) -> None:
+    up(project, detach=True)
+    roles = {c.name: c.labels.get(compose.LABEL_ROLE) for c in project.engine.running}
+    assert roles == {
+        "shop-web-1": "app",
+        "shop-web-mirror-1": "sidecar",
+        "shop-db-1": None,
+        "shop-composemirror-agent-1": "agent",
+    }
+
+
+def test_up_failing_in_compose(project: Project) -> None:
+    project.engine.exit_codes["up"] = 1
+    with pytest.raises(EngineError) as caught:
+        up(project, detach=True)
+    assert caught.value.message == "docker compose up failed (exit 1)"
+    assert caught.value.hint is not None and "composemirror down" in caught.value.hint
+
+
+def test_ctrl_c_of_an_attached_up_is_success(project: Project) -> None:
+    project.engine.exit_codes["up"] = 130
+    assert up(project)[0] == 0
+    with pytest.raises(EngineError):
+        up(project, detach=True)
+
+
+def test_up_without_an_engine_renders_nothing(project: Project) -> None:
+    project.engine.reachable = False
+    with pytest.raises(EngineError, match="cannot reach the Docker engine"):
+        up(project)
+    assert not project.render_dir.exists()
+    assert project.backend.calls == []
+
+
+# -- down ----------------------------------------------------------------------------------------
+
+
+def test_down_removes_what_up_created_and_the_rendered_files(project: Project) -> None:
+    project.engine.add_container("unrelated", labels={"com.docker.compose.project": "other"})
+    up(project, detach=True)
+    project.backend.torn_down = ["agent in the cluster"]
+    lines: list[str] = []
+    removed = ops.down(
+        project.options, volumes=False, progress=lines.append, runtime=project.runtime
+    )
+    assert [c.name for c in project.engine.running] == ["unrelated"]
+    assert removed[-1] == "agent in the cluster"
+    assert ("teardown", "shop") in project.backend.calls
+    ((down_project, volumes),) = project.engine.downs
+    assert down_project.files == (project.render_dir / "compose.yaml",)
+    assert down_project.name == "shop" and not volumes
+    assert not project.render_dir.exists()
+
+
+def test_down_and_status_without_the_p_given_to_up(project: Project) -> None:
+    named = ops.Options(files=(project.file,), project_name="feature-x")
+    ops.up(named, detach=True, progress=print, runtime=project.runtime)
+    assert {c.labels["com.docker.compose.project"] for c in project.engine.running} == {"feature-x"}
+    name, rows = ops.status(project.options, runtime=project.runtime)
+    assert name == "feature-x" and {r.service for r in rows} >= {"web", "web-mirror", "db"}
+    ops.down(project.options, volumes=False, progress=print, runtime=project.runtime)
+    assert project.engine.running == []
+    assert ("teardown", "feature-x") in project.backend.calls
+    assert not project.render_dir.exists()
+
+
+def test_down_of_one_project_keeps_the_files_another_still_uses(project: Project) -> None:
+    for name in ("one", "two"):
+        options = ops.Options(files=(project.file,), project_name=name)
+        ops.up(options, detach=True, progress=print, runtime=project.runtime)
+    one = ops.Options(files=(project.file,), project_name="one")
+    ops.down(one, volumes=False, progress=print, runtime=project.runtime)
+    assert {c.labels["com.docker.compose.project"] for c in project.engine.running} == {"two"}
+    assert (project.render_dir / "compose.yaml").is_file()
+    ops.down(project.options, volumes=False, progress=print, runtime=project.runtime)
+    assert project.engine.running == [] and not project.render_dir.exists()
+
+
+def test_down_twice_is_fine(project: Project) -> None:
+    up(project, detach=True)
+    ops.down(project.options, volumes=True, progress=print, runtime=project.runtime)
+    again = ops.down(project.options, volumes=True, progress=print, runtime=project.runtime)
+    assert again == []
+    assert project.engine.downs[-1][0].files == ()
+
+
+def test_down_by_project_name_when_the_files_are_gone(project: Project, tmp_path: Path) -> None:
+    up(project, detach=True)
+    project.engine.models.clear()
+    options = ops.Options(files=(project.file,), project_name="shop", project_directory=tmp_path)
+    ops.down(options, volumes=False, progress=print, runtime=project.runtime)
+    assert project.engine.running == []
+    ((down_project, _),) = project.engine.downs
+    assert (down_project.name, down_project.files) == ("shop", ())
+    assert not any(name == "teardown" for name, _ in project.backend.calls)
+
+
+def test_down_without_files_or_name_is_bad_input(project: Project) -> None:
+    project.engine.models.clear()
+    with pytest.raises(ConfigError, match="docker compose rejected the project"):
+        ops.down(project.options, volumes=False, progress=print, runtime=project.runtime)
+
+
+def test_down_of_a_project_without_configuration_removes_what_is_there(project: Project) -> None:
+    without_block(project)
+    project.engine.add_container("shop-db-1", labels={"com.docker.compose.project": "shop"})
+    ops.down(project.options, volumes=False, progress=print, runtime=project.runtime)
+    assert project.engine.running == []
+    assert project.backend.calls == []
+
+
+# -- status and doctor ---------------------------------------------------------------------------
+
+REPORT = {
+    "agent": "connected",
+    "error": None,
+    "connects": 1,
+    "streams": 0,
+    "counters": {"dns_remote": 3},
+}
+
+
+def test_status_lists_the_agent_first_and_each_sidecars_report(project: Project) -> None:
+    up(project, detach=True)
+    project.engine.outputs["shop-web-mirror-1"] = json.dumps(REPORT)
+    name, rows = ops.status(project.options, runtime=project.runtime)
+    assert name == "shop"
+    assert [(r.service, r.role) for r in rows] == [
+        ("composemirror-agent", "agent"),
+        ("db", "service"),
+        ("web", "app"),
+        ("web-mirror", "sidecar"),
+    ]
+    sidecar = rows[-1]
+    assert sidecar.link == REPORT
+    assert [command for _, command in project.engine.execs] == [
+        ["cat", "/run/composemirror-status.json"]
+    ]
+
+
+def test_status_of_a_stopped_sidecar_has_no_report(project: Project) -> None:
+    up(project, detach=True)
+    project.engine.set_state("shop-web-mirror-1", "exited")
+    _, rows = ops.status(project.options, runtime=project.runtime)
+    assert rows[-1].state == "exited" and rows[-1].link == {}
+    assert project.engine.execs == []
+
+
+def checks_by_name(checks: list[Check]) -> dict[str, Check]:
+    return {c.name: c for c in checks}
+
+
+def test_doctor_before_up(project: Project) -> None:
+    project.backend.checks = [Check(name="fake cluster", ok=True, detail="reachable")]
+    checks = ops.doctor(project.options, runtime=project.runtime)
+    assert [c.name for c in checks] == [
+        "docker CLI",
+        "Docker engine",
+        "compose plugin",
+        "configuration",
+        "backend",
+        "fake cluster",
+        "target",
+        "sidecar image",
+        "agent image",
+    ]
+    assert all(c.ok for c in checks)
+    found = checks_by_name(checks)
+    assert found["configuration"].detail == "x-composemirror in compose.yaml: mirrors web"
+    assert found["target"].detail == "fake target"
+    assert found["agent image"].detail.endswith("(built by `up`)")
+
+
+def test_doctor_reports_a_broken_link(project: Project) -> None:
+    up(project, detach=True)
+    project.engine.outputs["shop-web-mirror-1"] = json.dumps(
+        {**REPORT, "agent": "connecting", "error": "connection refused"}
+    )
+    link = checks_by_name(ops.doctor(project.options, runtime=project.runtime))[
+        "agent link of web-mirror"
+    ]
+    assert (link.ok, link.detail, link.hint) == (False, "connecting", "connection refused")
+
+
+def test_doctor_without_an_engine_still_checks_the_rest(project: Project) -> None:
+    project.engine.reachable = False
+    found = checks_by_name(ops.doctor(project.options, runtime=project.runtime))
+    assert not found["Docker engine"].ok
+    assert found["Docker engine"].hint == "start the Docker engine"
+    assert found["configuration"].ok
+    assert "target" not in found
+
+
+def test_doctor_with_a_missing_target_still_runs_the_backends_checks(project: Project) -> None:
+    project.backend.error = ClusterError("no deployment/checkout", hint="check the name")
+    project.backend.checks = [Check(name="fake cluster", ok=False, detail="unreachable")]
+    checks = ops.doctor(project.options, runtime=project.runtime)
+    assert [c.name for c in checks][-3:] == ["backend", "fake cluster", "target"]
+    found = checks_by_name(checks)
+    assert found["configuration"].ok and found["backend"].detail == "fake"
+    assert (found["target"].ok, found["target"].detail, found["target"].hint) == (
+        False,
+        "no deployment/checkout",
+        "check the name",
+    )
+
+
+def test_doctor_when_no_backend_reaches_the_target(project: Project) -> None:
+    def refuse(*args: object) -> FakeBackend:
+        raise ClusterError("target deployment/checkout needs a Kubernetes cluster")
+
+    runtime = ops.Runtime(engine=project.engine, choose=refuse, environ={})
+    checks = ops.doctor(project.options, runtime=runtime)
+    assert (checks[-1].name, checks[-1].ok) == ("backend", False)
+    assert "needs a Kubernetes cluster" in checks[-1].detail
+
+
+def test_doctor_with_a_configuration_error(project: Project) -> None:
+    without_block(project)
+    checks = ops.doctor(project.options, runtime=project.runtime)
+    assert (checks[-1].name, checks[-1].ok) == ("configuration", False)
+    assert project.backend.calls == []
+
+
+# -- compose passthrough and the sandbox ---------------------------------------------------------
+
+
+def test_compose_passthrough_runs_on_the_rendered_project(project: Project) -> None:
+    project.engine.exit_codes["logs"] = 4
+    assert ops.compose_passthrough(project.options, ["logs", "web"], runtime=project.runtime) == 4
+    ((compose_project, args),) = project.engine.runs
+    assert args == ["logs", "web"]
+    assert compose_project.files == (project.render_dir / "compose.yaml",)
+
+
+def test_sandbox_up_and_down_go_to_the_sandbox(project: Project) -> None:
+    lines: list[str] = []
+    ops.sandbox("up", progress=lines.append, runtime=project.runtime)
+    ops.sandbox("down", progress=lines.append, runtime=project.runtime)
+    ((started, args),) = project.engine.runs
+    assert started.name == "composemirror-sandbox"
+    assert args == ["up", "--detach", "--wait", "--build"]
+    assert project.engine.downs[0][0].name == "composemirror-sandbox"
+    with pytest.raises(ConfigError):
+        ops.sandbox("restart", progress=lines.append, runtime=project.runtime)
