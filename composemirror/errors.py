@@ -7,7 +7,14 @@ code. The CLI catches only these; anything else is a bug and keeps its traceback
     ├── ConfigError             exit 2, bad input: compose model, x-composemirror, arguments
     ├── EngineError             exit 1, the Docker engine or compose failed or is missing
     ├── ClusterError            exit 1, the target cannot be found or reached
-    └── TunnelError             exit 1, the sidecar-agent link failed
+    ├── TunnelError             exit 1, the sidecar-agent link failed
+    │   └── TunnelClosed        the link is down or went away before a request was answered
+    ├── SidecarError            exit 1, the sidecar cannot take over its network namespace
+    └── AgentError              exit 1, the agent cannot serve
+
+The tunnel's wire protocol has its own errors (`protocol.LocalProtocolError`, a caller's misuse,
+and `protocol.RemoteProtocolError`, a peer's violation); a tunnel ends with a `TunnelError`
+naming them.
 """
 
 from __future__ import annotations
@@ -43,3 +50,15 @@ class ClusterError(ComposeMirrorError):
 
 class TunnelError(ComposeMirrorError):
     """The link between a sidecar and the agent failed."""
+
+
+class TunnelClosed(TunnelError):
+    """The link is down, or went away before a request was answered: remote work fails fast."""
+
+
+class SidecarError(ComposeMirrorError):
+    """The sidecar cannot take over its network namespace (firewall rules, listening sockets)."""
+
+
+class AgentError(ComposeMirrorError):
+    """The agent cannot serve (its key, its listening socket)."""

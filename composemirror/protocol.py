@@ -33,11 +33,13 @@ __all__ = [
     "Event",
     "Failure",
     "FrameType",
+    "LocalProtocolError",
     "PingReceived",
     "PongReceived",
     "Proto",
     "ProtocolError",
     "Rejected",
+    "RemoteProtocolError",
     "Role",
     "StreamClosed",
     "StreamEnded",
@@ -78,7 +80,21 @@ _AUTH: Final = struct.Struct(f"!H{NONCE_SIZE}s{MAC_SIZE}s")
 
 
 class ProtocolError(Exception):
-    """Malformed input, failed authentication, a peer violating the protocol, or a caller bug."""
+    """Base of the tunnel protocol's errors; catch it to end a connection for either reason.
+
+    ProtocolError
+    ├── LocalProtocolError     this end's caller misused the Connection (a bug here)
+    └── RemoteProtocolError    the peer sent something invalid, failed authentication or
+                               is not a composemirror peer; a REJECT naming it is queued
+    """
+
+
+class LocalProtocolError(ProtocolError):
+    """The caller used the Connection wrongly: wrong role, wrong state, unknown stream."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol; the connection is failed and every later call raises."""
 
 
 class Role(enum.Enum):
@@ -344,6 +360,7 @@ class Connection:
         self._state = _State.IDLE
         self._authenticated = False
         self._failure: str | None = None
+        self._failure_type: type[ProtocolError] = RemoteProtocolError
         self._server_nonce = b""
         self._client_nonce = b""
         self._inbuf = bytearray()
@@ -385,7 +402,7 @@ class Connection:
         if self._is_client:
             return
         if self._state is not _State.IDLE:
-            raise ProtocolError("initiate() must be called once, before anything else")
+            raise LocalProtocolError("initiate() must be called once, before anything else")
         self._server_nonce = secrets.token_bytes(NONCE_SIZE)
         self._queue(_T_HELLO, 0, _HELLO.pack(MAGIC, PROTOCOL_VERSION, self._server_nonce))
         self._state = _State.AWAIT_AUTH
@@ -410,7 +427,7 @@ class Connection:
         events = self._pending
         self._pending = []
         if self._failure is not None:
-            raise ProtocolError(self._failure)
+            raise self._failure_type(self._failure)
         if self._state is _State.CLOSED or not data:
             return events
         try:
@@ -430,6 +447,7 @@ class Connection:
                     self._inbuf += view[used:]
         except ProtocolError as exc:
             self._fail(str(exc))
+            self._failure_type = type(exc)
             raise
         return events
 
@@ -444,14 +462,14 @@ class Connection:
         """
         self._require_open("open_stream")
         if not self._is_client:
-            raise ProtocolError("only the client opens streams")
+            raise LocalProtocolError("only the client opens streams")
         proto = Proto(proto)
         raw = _check_host(host)
         if not 0 <= port <= 0xFFFF:
             raise ValueError(f"invalid port {port}")
         stream_id = self._last_stream_id + 2 if self._last_stream_id else 1
         if stream_id > _MAX_U32:
-            raise ProtocolError("stream ids exhausted; reconnect")
+            raise LocalProtocolError("stream ids exhausted; reconnect")
         self._last_stream_id = stream_id
         udp = proto is Proto.UDP
         self._streams[stream_id] = _Stream(
@@ -467,7 +485,7 @@ class Connection:
         """CLIENT: queue a raw DNS query; the answer arrives as DnsAnswerReceived(query_id)."""
         self._require_open("send_dns_query")
         if not self._is_client:
-            raise ProtocolError("only the client sends DNS queries")
+            raise LocalProtocolError("only the client sends DNS queries")
         self._queue_dns(_T_DNS_QUERY, query_id, payload)
 
     # ----------------------------------------------------------------- agent API
@@ -479,13 +497,13 @@ class Connection:
         """
         self._require_open("accept_stream")
         if self._is_client:
-            raise ProtocolError("only the agent accepts streams")
+            raise LocalProtocolError("only the agent accepts streams")
         stream = self._streams.get(stream_id)
         if stream is None:
             self._require_stale(stream_id, "accept_stream")
             return
         if stream.opened:
-            raise ProtocolError(f"stream {stream_id} was already accepted")
+            raise LocalProtocolError(f"stream {stream_id} was already accepted")
         stream.opened = True
         self._queue(_T_OPENED, stream_id)
 
@@ -496,13 +514,13 @@ class Connection:
         """
         self._require_open("fail_stream")
         if self._is_client:
-            raise ProtocolError("only the agent fails streams")
+            raise LocalProtocolError("only the agent fails streams")
         stream = self._streams.get(stream_id)
         if stream is None:
             self._require_stale(stream_id, "fail_stream")
             return
         if stream.opened:
-            raise ProtocolError(f"stream {stream_id} was accepted; use reset_stream")
+            raise LocalProtocolError(f"stream {stream_id} was accepted; use reset_stream")
         del self._streams[stream_id]
         text = message.encode("utf-8")[: MAX_PAYLOAD - 1]
         self._queue(_T_OPEN_FAILED, stream_id, bytes((Failure(failure),)) + text)
@@ -511,7 +529,7 @@ class Connection:
         """AGENT: queue the raw DNS answer to the query with this id."""
         self._require_open("send_dns_answer")
         if self._is_client:
-            raise ProtocolError("only the agent sends DNS answers")
+            raise LocalProtocolError("only the agent sends DNS answers")
         self._queue_dns(_T_DNS_ANSWER, query_id, payload)
 
     # ----------------------------------------------------------------- both ends
@@ -554,7 +572,7 @@ class Connection:
         """Current send credit of a stream in bytes (UDP streams: UDP_WINDOW)."""
         stream = self._streams.get(stream_id)
         if stream is None:
-            raise ProtocolError(f"send_window: stream {stream_id} is not open")
+            raise LocalProtocolError(f"send_window: stream {stream_id} is not open")
         return stream.send_credit
 
     def acknowledge(self, stream_id: int, nbytes: int) -> None:
@@ -569,7 +587,7 @@ class Connection:
         if stream is None or stream.udp or self._state is not _State.OPEN:
             return
         if nbytes > stream.unacked:
-            raise ProtocolError(
+            raise LocalProtocolError(
                 f"acknowledged {nbytes} bytes on stream {stream_id}, "
                 f"only {stream.unacked} are unacknowledged"
             )
@@ -639,27 +657,27 @@ class Connection:
     def _require_open(self, what: str) -> None:
         if self._state is not _State.OPEN:
             if self._state is _State.CLOSED:
-                raise ProtocolError(f"{what}: the connection is closed")
-            raise ProtocolError(f"{what}: the handshake is not complete")
+                raise LocalProtocolError(f"{what}: the connection is closed")
+            raise LocalProtocolError(f"{what}: the handshake is not complete")
 
     def _is_stale(self, stream_id: int) -> bool:
         return bool(stream_id & 1) and 0 < stream_id <= self._last_stream_id
 
     def _require_stale(self, stream_id: int, what: str) -> None:
         if not self._is_stale(stream_id):
-            raise ProtocolError(f"{what}: stream {stream_id} was never opened")
+            raise LocalProtocolError(f"{what}: stream {stream_id} was never opened")
 
     def _sendable(self, stream_id: int, what: str) -> _Stream:
         self._require_open(what)
         stream = self._streams.get(stream_id)
         if stream is None:
             if self._is_stale(stream_id):
-                raise ProtocolError(f"{what}: stream {stream_id} is closed or reset")
-            raise ProtocolError(f"{what}: stream {stream_id} was never opened")
+                raise LocalProtocolError(f"{what}: stream {stream_id} is closed or reset")
+            raise LocalProtocolError(f"{what}: stream {stream_id} was never opened")
         if not stream.opened and not self._is_client:
-            raise ProtocolError(f"{what}: stream {stream_id} is not open yet")
+            raise LocalProtocolError(f"{what}: stream {stream_id} is not open yet")
         if stream.local_eof:
-            raise ProtocolError(f"{what}: EOF already sent on stream {stream_id}")
+            raise LocalProtocolError(f"{what}: EOF already sent on stream {stream_id}")
         return stream
 
     def _close(self) -> None:
@@ -689,7 +707,7 @@ class Connection:
             ftype, stream_id, length = unpack(view, pos)
             if length > MAX_PAYLOAD:
                 # Checked before the payload arrives so a bad length cannot make us buffer.
-                raise ProtocolError(f"frame payload of {length} bytes exceeds {MAX_PAYLOAD}")
+                raise RemoteProtocolError(f"frame payload of {length} bytes exceeds {MAX_PAYLOAD}")
             start = pos + HEADER_SIZE
             stop = start + length
             if stop > end:
@@ -737,23 +755,27 @@ class Connection:
         elif ftype == _T_REJECT:
             self._on_reject(stream_id, payload, events)
         elif ftype in _FRAME_NAMES:
-            raise ProtocolError(f"unexpected {_FRAME_NAMES[ftype]} frame for a {self._role.value}")
+            raise RemoteProtocolError(
+                f"unexpected {_FRAME_NAMES[ftype]} frame for a {self._role.value}"
+            )
         else:
-            raise ProtocolError(f"unknown frame type {ftype}")
+            raise RemoteProtocolError(f"unknown frame type {ftype}")
 
     @staticmethod
     def _control_payload(name: str, stream_id: int, payload: memoryview) -> bytes:
         if stream_id != 0:
-            raise ProtocolError(f"{name} frame on stream {stream_id}, expected 0")
+            raise RemoteProtocolError(f"{name} frame on stream {stream_id}, expected 0")
         if len(payload) != _PING_SIZE:
-            raise ProtocolError(f"{name} payload must be {_PING_SIZE} bytes")
+            raise RemoteProtocolError(f"{name} payload must be {_PING_SIZE} bytes")
         return bytes(payload)
 
     def _known_stream(self, stream_id: int, name: str) -> _Stream | None:
         """Return the live stream, None for a stale one (ignore the frame), else raise."""
         stream = self._streams.get(stream_id)
         if stream is None and not self._is_stale(stream_id):
-            raise ProtocolError(f"{name} frame for stream {stream_id}, which was never opened")
+            raise RemoteProtocolError(
+                f"{name} frame for stream {stream_id}, which was never opened"
+            )
         return stream
 
     def _on_data(self, stream_id: int, payload: memoryview, events: list[Event]) -> None:
@@ -764,15 +786,15 @@ class Connection:
             return
         if not stream.opened and self._is_client:
             # The agent may not send before OPENED; the client may (early data).
-            raise ProtocolError(f"DATA on stream {stream_id} before it was opened")
+            raise RemoteProtocolError(f"DATA on stream {stream_id} before it was opened")
         if stream.remote_eof:
-            raise ProtocolError(f"DATA on stream {stream_id} after EOF")
+            raise RemoteProtocolError(f"DATA on stream {stream_id} after EOF")
         if stream.udp:
             events.append(DataReceived(stream_id, bytes(payload)))
             return
         size = len(payload)
         if size > stream.recv_credit:
-            raise ProtocolError(
+            raise RemoteProtocolError(
                 f"flow control violation on stream {stream_id}: "
                 f"{size} bytes received with {stream.recv_credit} bytes of credit"
             )
@@ -783,32 +805,32 @@ class Connection:
 
     def _on_window(self, stream_id: int, payload: memoryview, events: list[Event]) -> None:
         if len(payload) != _U32.size:
-            raise ProtocolError("WINDOW payload must be 4 bytes")
+            raise RemoteProtocolError("WINDOW payload must be 4 bytes")
         stream = self._known_stream(stream_id, "WINDOW")
         if stream is None:
             return
         if stream.udp:
-            raise ProtocolError(f"WINDOW on UDP stream {stream_id}")
+            raise RemoteProtocolError(f"WINDOW on UDP stream {stream_id}")
         (increment,) = _U32.unpack(payload)
         if increment == 0:
-            raise ProtocolError(f"WINDOW of 0 on stream {stream_id}")
+            raise RemoteProtocolError(f"WINDOW of 0 on stream {stream_id}")
         credit = stream.send_credit + increment
         if credit > _MAX_U32:
-            raise ProtocolError(f"WINDOW overflows the send credit of stream {stream_id}")
+            raise RemoteProtocolError(f"WINDOW overflows the send credit of stream {stream_id}")
         stream.send_credit = credit
         if not stream.local_eof:
             events.append(WindowUpdated(stream_id))
 
     def _on_eof(self, stream_id: int, payload: memoryview, events: list[Event]) -> None:
         if payload:
-            raise ProtocolError("EOF payload must be empty")
+            raise RemoteProtocolError("EOF payload must be empty")
         stream = self._known_stream(stream_id, "EOF")
         if stream is None:
             return
         if not stream.opened and self._is_client:
-            raise ProtocolError(f"EOF on stream {stream_id} before it was opened")
+            raise RemoteProtocolError(f"EOF on stream {stream_id} before it was opened")
         if stream.remote_eof:
-            raise ProtocolError(f"second EOF on stream {stream_id}")
+            raise RemoteProtocolError(f"second EOF on stream {stream_id}")
         stream.remote_eof = True
         events.append(StreamEnded(stream_id))
         if stream.local_eof:
@@ -817,7 +839,7 @@ class Connection:
 
     def _on_reset(self, stream_id: int, payload: memoryview, events: list[Event]) -> None:
         if len(payload) != 1:
-            raise ProtocolError("RESET payload must be 1 byte")
+            raise RemoteProtocolError("RESET payload must be 1 byte")
         if self._known_stream(stream_id, "RESET") is None:
             return  # both ends reset at once, or the stream closed meanwhile
         del self._streams[stream_id]
@@ -825,16 +847,16 @@ class Connection:
 
     def _on_open(self, stream_id: int, payload: memoryview, events: list[Event]) -> None:
         if not stream_id & 1 or stream_id <= self._last_stream_id:
-            raise ProtocolError(f"OPEN reuses or skips back to stream id {stream_id}")
+            raise RemoteProtocolError(f"OPEN reuses or skips back to stream id {stream_id}")
         if len(payload) < _OPEN_HEAD.size:
-            raise ProtocolError("OPEN payload too short")
+            raise RemoteProtocolError("OPEN payload too short")
         proto_num, port, host_len = _OPEN_HEAD.unpack_from(payload)
         proto = _PROTOS.get(proto_num)
         if proto is None:
-            raise ProtocolError(f"OPEN with unknown protocol {proto_num}")
+            raise RemoteProtocolError(f"OPEN with unknown protocol {proto_num}")
         raw = bytes(payload[_OPEN_HEAD.size :])
         if len(raw) != host_len or not raw or raw.translate(None, _HOST_BYTES):
-            raise ProtocolError(f"OPEN with a malformed host on stream {stream_id}")
+            raise RemoteProtocolError(f"OPEN with a malformed host on stream {stream_id}")
         udp = proto is Proto.UDP
         self._last_stream_id = stream_id
         self._streams[stream_id] = _Stream(
@@ -847,23 +869,23 @@ class Connection:
 
     def _on_opened(self, stream_id: int, payload: memoryview, events: list[Event]) -> None:
         if payload:
-            raise ProtocolError("OPENED payload must be empty")
+            raise RemoteProtocolError("OPENED payload must be empty")
         stream = self._known_stream(stream_id, "OPENED")
         if stream is None:
             return  # we reset it while the agent was connecting
         if stream.opened:
-            raise ProtocolError(f"second OPENED for stream {stream_id}")
+            raise RemoteProtocolError(f"second OPENED for stream {stream_id}")
         stream.opened = True
         events.append(StreamOpened(stream_id))
 
     def _on_open_failed(self, stream_id: int, payload: memoryview, events: list[Event]) -> None:
         if not payload:
-            raise ProtocolError("OPEN_FAILED payload must carry a code")
+            raise RemoteProtocolError("OPEN_FAILED payload must carry a code")
         stream = self._known_stream(stream_id, "OPEN_FAILED")
         if stream is None:
             return
         if stream.opened:
-            raise ProtocolError(f"OPEN_FAILED for stream {stream_id}, which was opened")
+            raise RemoteProtocolError(f"OPEN_FAILED for stream {stream_id}, which was opened")
         del self._streams[stream_id]
         failure = _FAILURES.get(payload[0], Failure.OTHER)
         message = bytes(payload[1:]).decode("utf-8", "replace")
@@ -871,7 +893,7 @@ class Connection:
 
     def _on_reject(self, stream_id: int, payload: memoryview, events: list[Event]) -> None:
         if stream_id != 0:
-            raise ProtocolError(f"REJECT frame on stream {stream_id}, expected 0")
+            raise RemoteProtocolError(f"REJECT frame on stream {stream_id}, expected 0")
         self._close()
         events.append(Rejected(bytes(payload).decode("utf-8", "replace")))
 
@@ -885,7 +907,7 @@ class Connection:
             return
         name = _FRAME_NAMES.get(ftype, f"unknown type {ftype}")
         if stream_id != 0:
-            raise ProtocolError(f"{name} frame on stream {stream_id} during the handshake")
+            raise RemoteProtocolError(f"{name} frame on stream {stream_id} during the handshake")
         state = self._state
         if state is _State.IDLE and self._is_client and ftype == _T_HELLO:
             self._on_hello(payload)
@@ -894,20 +916,22 @@ class Connection:
         elif state is _State.AWAIT_WELCOME and ftype == _T_WELCOME:
             self._on_welcome(payload, events)
         elif state is _State.IDLE and not self._is_client:
-            raise ProtocolError("agent received data before initiate()")
+            raise LocalProtocolError("agent received data before initiate()")
         else:
-            raise ProtocolError(f"unexpected {name} frame during the handshake")
+            raise RemoteProtocolError(f"unexpected {name} frame during the handshake")
 
     def _on_hello(self, payload: memoryview) -> None:
         if len(payload) < len(MAGIC) + _U16.size or bytes(payload[: len(MAGIC)]) != MAGIC:
-            raise ProtocolError("peer is not a composemirror agent (bad HELLO)")
+            raise RemoteProtocolError("peer is not a composemirror agent (bad HELLO)")
         # The version is checked before the length so a future HELLO layout still gets
         # the friendly mismatch message.
         (version,) = _U16.unpack_from(payload, len(MAGIC))
         if version != PROTOCOL_VERSION:
-            raise ProtocolError(f"unsupported version {version}, client speaks {PROTOCOL_VERSION}")
+            raise RemoteProtocolError(
+                f"unsupported version {version}, client speaks {PROTOCOL_VERSION}"
+            )
         if len(payload) != _HELLO.size:
-            raise ProtocolError("malformed HELLO")
+            raise RemoteProtocolError("malformed HELLO")
         self._server_nonce = bytes(payload[len(MAGIC) + _U16.size :])
         self._client_nonce = secrets.token_bytes(NONCE_SIZE)
         mac = self._mac(b"client", self._server_nonce, self._client_nonce)
@@ -916,16 +940,18 @@ class Connection:
 
     def _on_auth(self, payload: memoryview, events: list[Event]) -> None:
         if len(payload) < _U16.size:
-            raise ProtocolError("malformed AUTH")
+            raise RemoteProtocolError("malformed AUTH")
         (version,) = _U16.unpack_from(payload)
         if version != PROTOCOL_VERSION:
-            raise ProtocolError(f"unsupported version {version}, agent speaks {PROTOCOL_VERSION}")
+            raise RemoteProtocolError(
+                f"unsupported version {version}, agent speaks {PROTOCOL_VERSION}"
+            )
         if len(payload) != _AUTH.size:
-            raise ProtocolError("malformed AUTH")
+            raise RemoteProtocolError("malformed AUTH")
         _, client_nonce, mac = _AUTH.unpack(payload)
         expected = self._mac(b"client", self._server_nonce, client_nonce)
         if not hmac.compare_digest(mac, expected):
-            raise ProtocolError("authentication failed")
+            raise RemoteProtocolError("authentication failed")
         self._client_nonce = client_nonce
         self._queue(_T_WELCOME, 0, self._mac(b"agent", client_nonce, self._server_nonce))
         self._state = _State.OPEN
@@ -934,10 +960,10 @@ class Connection:
 
     def _on_welcome(self, payload: memoryview, events: list[Event]) -> None:
         if len(payload) != MAC_SIZE:
-            raise ProtocolError("malformed WELCOME")
+            raise RemoteProtocolError("malformed WELCOME")
         expected = self._mac(b"agent", self._client_nonce, self._server_nonce)
         if not hmac.compare_digest(bytes(payload), expected):
-            raise ProtocolError("authentication failed")
+            raise RemoteProtocolError("authentication failed")
         self._state = _State.OPEN
         self._authenticated = True
         events.append(Authenticated())

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from pathlib import Path
 
+from composemirror import tasks
 from composemirror.agent.resolver import Resolver, parse_resolv_conf
 from composemirror.agent.server import Agent
+from composemirror.errors import AgentError, ComposeMirrorError
 from composemirror.link import AgentSettings, LinkAddress
 from composemirror.protocol import key_from_text
 
@@ -17,22 +20,34 @@ async def run(listen: LinkAddress, key_file: Path, resolv_conf: Path) -> None:
     conf = parse_resolv_conf(resolv_conf.read_text() if resolv_conf.exists() else "")
     logging.getLogger(__name__).info(
         "resolving with nameservers %s, search %s, ndots %d",
-        ",".join(conf.nameservers), " ".join(conf.search) or "-", conf.ndots,
+        ",".join(conf.nameservers),
+        " ".join(conf.search) or "-",
+        conf.ndots,
     )
-    agent = Agent(key_from_text(key_file.read_text()), Resolver(conf))
-    server = await agent.serve(listen)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    async with server:
-        await stop.wait()
+    try:
+        key = key_from_text(key_file.read_text())
+    except (OSError, ValueError) as e:
+        raise AgentError(f"cannot read the tunnel key {key_file}: {e}") from e
+    async with tasks.scope() as spawner:
+        agent = Agent(key, Resolver(conf), spawner)
+        server = await agent.serve(listen)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        async with server:
+            await stop.wait()  # then the scope cancels what the agent still runs
 
 
 def main() -> None:
     settings = AgentSettings.from_args()
     logging.basicConfig(level=logging.INFO, format="agent %(levelname)s %(message)s")
-    asyncio.run(run(settings.listen, Path(settings.key_file), Path(settings.resolv_conf)))
+    try:
+        asyncio.run(run(settings.listen, Path(settings.key_file), Path(settings.resolv_conf)))
+    except* ComposeMirrorError as group:
+        for error in group.exceptions:
+            logging.getLogger(__name__).error("%s", error)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 import composemirror
+from composemirror import tasks
 from composemirror.agent.resolver import Resolver, parse_resolv_conf
 from composemirror.agent.server import Agent
 from composemirror.link import TcpAddress
-from composemirror.mux import Tunnel
 from composemirror.podagent import (
     ENV_KEY,
     ENV_PORT,
@@ -34,6 +34,7 @@ from composemirror.podagent import (
     seal,
 )
 from composemirror.protocol import key_from_text
+from composemirror.tunnel import Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ log = logging.getLogger(__name__)
 class IdleAgent(Agent):
     """An `Agent` that knows when a tunnel was last connected."""
 
-    def __init__(self, key: bytes, resolver: Resolver) -> None:
-        super().__init__(key, resolver)
+    def __init__(self, key: bytes, resolver: Resolver, spawner: tasks.Tasks) -> None:
+        super().__init__(key, resolver, spawner)
         self.open: list[Tunnel] = []
         self.last_connected = time.monotonic()
 
@@ -63,8 +64,13 @@ class IdleAgent(Agent):
             await asyncio.sleep(tick)
 
 
-def target_environment(environ: Mapping[str, str], *, targeted: bool,
-                       proc: Path = Path("/proc"), own_pid: int | None = None) -> EnvReport:
+def target_environment(
+    environ: Mapping[str, str],
+    *,
+    targeted: bool,
+    proc: Path = Path("/proc"),
+    own_pid: int | None = None,
+) -> EnvReport:
     """The target process's environment where readable, else the spec copy (`CMENV_` names).
 
     In an ephemeral container with `targetContainerName`, the target's process namespace is
@@ -85,11 +91,17 @@ def target_environment(environ: Mapping[str, str], *, targeted: bool,
                 raw = (proc / str(pid) / "environ").read_bytes()
             except OSError:
                 break  # the first candidate decides: an unreadable target is not guessed at
-            env = dict(item.partition("=")[::2]
-                       for item in raw.decode(errors="replace").split("\0") if "=" in item)
+            env = dict(
+                item.partition("=")[::2]
+                for item in raw.decode(errors="replace").split("\0")
+                if "=" in item
+            )
             return EnvReport(source="process", env=env)
-    spec = {name[len(SPEC_ENV_PREFIX):]: value for name, value in environ.items()
-            if name.startswith(SPEC_ENV_PREFIX)}
+    spec = {
+        name[len(SPEC_ENV_PREFIX) :]: value
+        for name, value in environ.items()
+        if name.startswith(SPEC_ENV_PREFIX)
+    }
     return EnvReport(source="spec" if spec or targeted else "none", env=spec)
 
 
@@ -101,28 +113,36 @@ async def run(environ: MutableMapping[str, str]) -> None:
     targeted = environ.get(ENV_TARGETED) == "1"
     resolv = Path("/etc/resolv.conf")
     conf = parse_resolv_conf(resolv.read_text() if resolv.exists() else "")
-    agent = IdleAgent(key, Resolver(conf))
-    server = await agent.serve(TcpAddress("127.0.0.1", port))
-    report = target_environment(environ, targeted=targeted)
-    log.info("environment from %s (%d variables)", report.source, len(report.env))
-    print(ready_line(version=composemirror.__version__, port=port, sealed=seal(key, report)),
-          flush=True)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    idle = asyncio.ensure_future(agent.until_idle(ttl))
-    stopped = asyncio.ensure_future(stop.wait())
-    async with server:
-        await asyncio.wait({idle, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    idle.cancel()
-    stopped.cancel()
-    if idle.done():
+    async with tasks.scope() as spawner:
+        agent = IdleAgent(key, Resolver(conf), spawner)
+        server = await agent.serve(TcpAddress("127.0.0.1", port))
+        report = target_environment(environ, targeted=targeted)
+        log.info("environment from %s (%d variables)", report.source, len(report.env))
+        print(
+            ready_line(version=composemirror.__version__, port=port, sealed=seal(key, report)),
+            flush=True,
+        )
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        idle = asyncio.Event()
+
+        async def watch() -> None:
+            await agent.until_idle(ttl)
+            idle.set()
+            stop.set()
+
+        spawner.service(watch(), name="idle watch")
+        async with server:
+            await stop.wait()  # then the scope cancels the watch and what the agent still runs
+    if idle.is_set():
         log.info("no link for %.0f s: exiting", ttl)
 
 
 def main() -> None:
     """Entry point of the bootstrap: log to stderr, serve, exit 0 when idle."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="agent %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="agent %(levelname)s %(message)s"
+    )
     asyncio.run(run(os.environ))

@@ -50,8 +50,13 @@ def parse_resolv_conf(text: str) -> ResolvConf:
                     timeout = float(min(int(value), 30))
                 elif key == "attempts" and value.isdigit():
                     attempts = min(int(value), 5)
-    return ResolvConf(nameservers=tuple(nameservers) or ("127.0.0.1",), search=search,
-                      ndots=ndots, timeout=timeout, attempts=attempts)
+    return ResolvConf(
+        nameservers=tuple(nameservers) or ("127.0.0.1",),
+        search=search,
+        ndots=ndots,
+        timeout=timeout,
+        attempts=attempts,
+    )
 
 
 def candidates(name: str, conf: ResolvConf) -> list[str]:
@@ -110,8 +115,9 @@ class Resolver:
 
     async def ask(self, name: str, qtype: int, qclass: int) -> DNSRecord:
         """One question to the nameservers: UDP, then TCP when the answer is truncated."""
-        question = DNSRecord(DNSHeader(id=random.randint(0, 0xFFFF), rd=1),
-                             q=DNSQuestion(name, qtype, qclass))
+        question = DNSRecord(
+            DNSHeader(id=random.randint(0, 0xFFFF), rd=1), q=DNSQuestion(name, qtype, qclass)
+        )
         wire = question.pack()
         last: Exception = TimeoutError(f"no nameserver answered for {name}")
         for _ in range(self.conf.attempts):
@@ -174,8 +180,9 @@ class _Answer(asyncio.DatagramProtocol):
 async def _udp(server: str, wire: bytes) -> bytes:
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[bytes] = loop.create_future()
-    transport, _ = await loop.create_datagram_endpoint(lambda: _Answer(waiter),
-                                                       remote_addr=(server, 53))
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: _Answer(waiter), remote_addr=(server, 53)
+    )
     try:
         transport.sendto(wire)
         return await waiter

@@ -12,13 +12,12 @@ import errno
 import logging
 import os
 import socket
-import time
-from collections.abc import Coroutine
-from typing import Any
+from typing import Any, cast
 
 from composemirror.agent.resolver import Resolver
+from composemirror.bridge import Bridge, reset_transport
+from composemirror.datagrams import FlowTable, StreamFlow
 from composemirror.link import LinkAddress
-from composemirror.mux import Bridge, DatagramBridge, Tunnel, reset_transport
 from composemirror.protocol import (
     Connection,
     DnsQueryReceived,
@@ -27,21 +26,58 @@ from composemirror.protocol import (
     Role,
     StreamRequested,
 )
+from composemirror.tasks import Tasks
+from composemirror.tunnel import Tunnel
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
-UDP_IDLE_TIMEOUT = 60.0
+
+
+class Datagrams(StreamFlow, asyncio.DatagramProtocol):
+    """The agent's UDP socket for one stream: the target's end of a datagram flow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Python 3.11's selector datagram transport is not a DatagramTransport subclass.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+        if self.closed:  # the stream went while the socket was being made
+            transport.close()
+            return
+        self.local_ready()  # datagrams the peer sent while this socket was being made
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.to_stream(data)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("udp stream %s: %s", self.stream_id, exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close()
+
+    def send_local(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.sendto(data)
+
+    def release(self) -> None:
+        super().release()
+        if self.transport is not None:
+            self.transport.close()
 
 
 class Agent:
     """Opens what sidecars ask for. One instance serves every tunnel."""
 
-    def __init__(self, key: bytes, resolver: Resolver) -> None:
+    def __init__(self, key: bytes, resolver: Resolver, tasks: Tasks) -> None:
         self.key = key
         self.resolver = resolver
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks = tasks
+        self.flows = FlowTable()
         self.tunnels = 0
+        tasks.service(self.flows.expire(), name="udp flow expiry")
 
     def new_tunnel(self) -> Tunnel:
         self.tunnels += 1
@@ -54,18 +90,20 @@ class Agent:
         return server
 
     def stream_requested(self, tunnel: Tunnel, event: StreamRequested) -> None:
-        endpoint: Bridge | DatagramBridge
-        endpoint = Bridge() if event.proto == Proto.TCP else DatagramBridge()
+        endpoint: Bridge | Datagrams
+        endpoint = Bridge() if event.proto == Proto.TCP else Datagrams()
         # Registered now, before connecting: early data in the same read waits in it.
         endpoint.attach(tunnel, event.stream_id)
         tunnel.endpoints[event.stream_id] = endpoint
-        self._spawn(self._open(tunnel, event, endpoint))
+        self.tasks.spawn(
+            self._open(tunnel, event, endpoint), name=f"open {event.host}:{event.port}"
+        )
 
     def dns_query(self, tunnel: Tunnel, event: DnsQueryReceived) -> None:
-        self._spawn(self._answer(tunnel, event))
+        self.tasks.spawn(self._answer(tunnel, event), name=f"dns query {event.query_id}")
 
     async def _open(
-        self, tunnel: Tunnel, event: StreamRequested, endpoint: Bridge | DatagramBridge
+        self, tunnel: Tunnel, event: StreamRequested, endpoint: Bridge | Datagrams
     ) -> None:
         loop = asyncio.get_running_loop()
         stream_id = event.stream_id
@@ -78,10 +116,15 @@ class Agent:
                 )
             else:
                 datagrams = endpoint
-                await loop.create_datagram_endpoint(lambda: datagrams,
-                                                    remote_addr=(event.host, event.port))
+                self.flows.add(datagrams)
+                await loop.create_datagram_endpoint(
+                    lambda: datagrams, remote_addr=(event.host, event.port)
+                )
         except Exception as e:  # every way a connect can fail is reported to the client
             tunnel.endpoints.pop(stream_id, None)
+            if isinstance(endpoint, Datagrams):
+                endpoint.tunnel = None  # the stream fails below; there is nothing to reset
+                endpoint.close()
             failure, message = _failure(e)
             log.debug("open %s:%s failed: %s", event.host, event.port, message)
             if tunnel.alive:
@@ -98,27 +141,12 @@ class Agent:
         tunnel.conn.accept_stream(stream_id)
         tunnel.flush()
         endpoint.start()
-        if isinstance(endpoint, DatagramBridge):
-            self._spawn(_expire(endpoint))
 
     async def _answer(self, tunnel: Tunnel, event: DnsQueryReceived) -> None:
         answer = await self.resolver.resolve(event.payload)
         if tunnel.alive:
             tunnel.conn.send_dns_answer(event.query_id, answer)
             tunnel.flush()
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coroutine)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-
-async def _expire(datagrams: DatagramBridge) -> None:
-    """Close a UDP flow nobody used for a while, as a NAT table forgets it."""
-    while datagrams.transport is not None and not datagrams.transport.is_closing():
-        await asyncio.sleep(UDP_IDLE_TIMEOUT / 4)
-        if time.monotonic() - datagrams.last_active > UDP_IDLE_TIMEOUT:
-            datagrams.transport.close()
 
 
 def _failure(error: BaseException) -> tuple[Failure, str]:

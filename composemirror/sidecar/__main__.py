@@ -17,6 +17,8 @@ import socket
 import sys
 from pathlib import Path
 
+from composemirror import tasks
+from composemirror.errors import ComposeMirrorError, SidecarError
 from composemirror.filters import IPNetwork, Scope
 from composemirror.link import ENV_VAR, READY_FILE, STATUS_FILE, SidecarSettings
 from composemirror.protocol import key_from_text
@@ -43,8 +45,17 @@ def local_networks(route_table: str) -> list[IPNetwork]:
 
 
 async def run(settings: SidecarSettings) -> None:
+    async with tasks.scope() as spawner:
+        await serve(settings, spawner)
+
+
+async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
+    """Take over the namespace and serve until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
-    key = key_from_text(Path(settings.key_file).read_text())
+    try:
+        key = key_from_text(Path(settings.key_file).read_text())
+    except (OSError, ValueError) as e:
+        raise SidecarError(f"cannot read the tunnel key {settings.key_file}: {e}") from e
     networks = local_networks(Path("/proc/net/route").read_text())
     scope = Scope(names=frozenset(settings.names), networks=tuple(networks))
     outgoing = settings.outgoing.parse(protocols=True) if settings.outgoing else None
@@ -53,59 +64,89 @@ async def run(settings: SidecarSettings) -> None:
     tunnels = TunnelClient(settings.link, key, mark=MARK)
     book = dns.Book()
     resolver = dns.Resolver(
-        tunnels=tunnels, book=book, counters=counters, scope=scope, hosts=dict(settings.hosts),
-        dns_filter=dns_filter, outgoing=outgoing, remote_enabled=settings.dns_enabled, mark=MARK,
+        tunnels=tunnels,
+        book=book,
+        counters=counters,
+        scope=scope,
+        hosts=dict(settings.hosts),
+        dns_filter=dns_filter,
+        outgoing=outgoing,
+        remote_enabled=settings.dns_enabled,
+        mark=MARK,
     )
-    await loop.create_datagram_endpoint(lambda: dns.UdpServer(resolver),
-                                        local_addr=("127.0.0.1", DNS_PORT))
-    dns_tcp = await asyncio.start_server(functools.partial(dns.serve_tcp, resolver),
-                                         "127.0.0.1", DNS_PORT)
-    egress = Egress(tunnels=tunnels, book=book, resolver=resolver, counters=counters,
-                    scope=scope, outgoing=outgoing, mark=MARK)
-    proxy = Proxy(egress)
-    proxy_server = await loop.create_server(proxy.accept, "127.0.0.1", PROXY_PORT, backlog=4096,
-                                            reuse_address=True)
+    await loop.create_datagram_endpoint(
+        lambda: dns.UdpServer(resolver, spawner), local_addr=("127.0.0.1", DNS_PORT)
+    )
+    dns_tcp = await asyncio.start_server(
+        functools.partial(dns.serve_tcp, resolver), "127.0.0.1", DNS_PORT
+    )
+    egress = Egress(
+        tunnels=tunnels,
+        book=book,
+        resolver=resolver,
+        counters=counters,
+        scope=scope,
+        outgoing=outgoing,
+        mark=MARK,
+    )
+    proxy = Proxy(egress, spawner)
+    proxy_server = await loop.create_server(
+        proxy.accept, "127.0.0.1", PROXY_PORT, backlog=4096, reuse_address=True
+    )
     for server in (dns_tcp, proxy_server):
         for sock in server.sockets:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     udp_proxy: UdpProxy | None = None
     if settings.udp:
-        udp_proxy = UdpProxy(egress)
+        udp_proxy = UdpProxy(egress, spawner)
         udp_proxy.listen(("127.0.0.1", UDP_PROXY_PORT))
     # With a remote list, the project's own addresses may be listed remote: the proxy decides.
     direct = networks if outgoing is None or outgoing.mode == "local" else []
-    backend = firewall.apply(firewall.Plan(mark=MARK, dns_port=DNS_PORT, proxy_port=PROXY_PORT,
-                                           tcp=settings.tcp, udp=settings.udp,
-                                           udp_port=UDP_PROXY_PORT, direct=direct))
-    log.info("%s: firewall set (%s; tcp %s, udp %s); local networks %s", settings.service,
-             backend, "proxied" if settings.tcp else "direct",
-             "proxied" if settings.udp else "direct", ", ".join(map(str, networks)) or "none")
+    backend = firewall.apply(
+        firewall.Plan(
+            mark=MARK,
+            dns_port=DNS_PORT,
+            proxy_port=PROXY_PORT,
+            tcp=settings.tcp,
+            udp=settings.udp,
+            udp_port=UDP_PROXY_PORT,
+            direct=direct,
+        )
+    )
+    log.info(
+        "%s: firewall set (%s; tcp %s, udp %s); local networks %s",
+        settings.service,
+        backend,
+        "proxied" if settings.tcp else "direct",
+        "proxied" if settings.udp else "direct",
+        ", ".join(map(str, networks)) or "none",
+    )
     Path(READY_FILE).touch()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     report = functools.partial(lambda: status.report(counters, tunnels.report()))
-    async with asyncio.TaskGroup() as group:
-        link = group.create_task(tunnels.run())
-        publisher = group.create_task(status.publish(Path(STATUS_FILE), report))
-        expiry = group.create_task(udp_proxy.expire()) if udp_proxy else None
-        await stop.wait()
-        link.cancel()
-        publisher.cancel()
-        if expiry is not None:
-            expiry.cancel()
+    spawner.service(tunnels.run(), name="agent link")
+    spawner.service(status.publish(Path(STATUS_FILE), report), name="status file")
+    try:
+        await stop.wait()  # then the scope cancels the services and the connections' tasks
+    finally:
         if udp_proxy is not None:
             udp_proxy.close()
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("COMPOSEMIRROR_LOG", "INFO"),
-                        format="sidecar %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=os.environ.get("COMPOSEMIRROR_LOG", "INFO"),
+        format="sidecar %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
     settings = SidecarSettings.from_json(os.environ[ENV_VAR])
     try:
         asyncio.run(run(settings))
-    except RuntimeError as e:
-        log.error("%s", e)
+    except* ComposeMirrorError as group:
+        for error in group.exceptions:
+            log.error("%s", error)
         sys.exit(1)
 
 

@@ -22,10 +22,11 @@ from typing import cast
 
 from dnslib import AAAA, QTYPE, RCODE, RR, A, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
+from composemirror.errors import TunnelClosed
 from composemirror.filters import Filter, Route, Scope, normalise_name, route_query
-from composemirror.mux import TunnelClosed
 from composemirror.sidecar.status import Counters
 from composemirror.sidecar.tunnel import TunnelClient
+from composemirror.tasks import Tasks
 
 log = logging.getLogger(__name__)
 
@@ -243,9 +244,10 @@ class Resolver:
     async def ask_local(self, request: DNSRecord, alias_of: str | None = None) -> DNSRecord:
         """Ask Docker's DNS; for a `hosts` name, ask for its compose service instead."""
         question = request.q
-        asked = DNSRecord(DNSHeader(id=request.header.id, rd=1),
-                          q=DNSQuestion(alias_of or question.qname, question.qtype,
-                                        question.qclass))
+        asked = DNSRecord(
+            DNSHeader(id=request.header.id, rd=1),
+            q=DNSQuestion(alias_of or question.qname, question.qtype, question.qclass),
+        )
         data = await asyncio.wait_for(self._udp(asked.pack()), UPSTREAM_TIMEOUT)
         response = DNSRecord.parse(data)
         if alias_of is not None:
@@ -311,10 +313,10 @@ def read_hosts_file(path: Path) -> dict[str, list[str]]:
 class UdpServer(asyncio.DatagramProtocol):
     """DNS over UDP; answers longer than the client accepts are truncated (TC set)."""
 
-    def __init__(self, resolver: Resolver) -> None:
+    def __init__(self, resolver: Resolver, tasks: Tasks) -> None:
         self.resolver = resolver
+        self.tasks = tasks
         self.transport: asyncio.DatagramTransport | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Python 3.11's selector datagram transport is not a DatagramTransport subclass.
@@ -325,9 +327,7 @@ class UdpServer(asyncio.DatagramProtocol):
         if cached is not None and self.transport is not None:
             self._send(cached, data, addr)
             return
-        task = asyncio.create_task(self._reply(data, addr))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tasks.spawn(self._reply(data, addr), name="dns reply")
 
     async def _reply(self, data: bytes, addr: tuple[str, int]) -> None:
         self._send(await self.resolver.answer(data), data, addr)
@@ -339,8 +339,9 @@ class UdpServer(asyncio.DatagramProtocol):
             self.transport.sendto(response, addr)
 
 
-async def serve_tcp(resolver: Resolver, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> None:
+async def serve_tcp(
+    resolver: Resolver, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     """DNS over TCP: length-prefixed messages, several per connection."""
     try:
         while True:

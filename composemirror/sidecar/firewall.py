@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from composemirror.errors import SidecarError
 from composemirror.filters import IPNetwork
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def route_commands(plan: Plan, rules: str) -> list[list[str]]:
 
 
 def apply(plan: Plan) -> str:
-    """Install the rules; returns the iptables backend used. Raises RuntimeError on failure."""
+    """Install the rules; returns the iptables backend used. Raises SidecarError on failure."""
     if plan.udp:
         # The route comes first: a datagram marked before it exists would leave unproxied.
         _route(plan)
@@ -158,7 +159,7 @@ def apply(plan: Plan) -> str:
     saved = {table: _run([f"{backend}-save", "-t", table]).stdout for table in tables}
     result = _run([f"{backend}-restore", "--noflush"], stdin=render(plan, saved=saved))
     if result.returncode != 0:
-        raise RuntimeError(
+        raise SidecarError(
             f"{backend}-restore failed: {result.stderr.strip()} "
             "(the sidecar needs the NET_ADMIN capability; UDP interception "
             "also needs the kernel's TPROXY support)"
@@ -191,12 +192,12 @@ def _route(plan: Plan) -> None:
         for command in route_commands(plan, listed.stdout):
             result = _run(command)
             if result.returncode != 0:
-                raise RuntimeError(
+                raise SidecarError(
                     f"`{' '.join(command)}` failed: {result.stderr.strip()} "
                     "(the sidecar needs the NET_ADMIN capability)"
                 )
     except FileNotFoundError:
-        raise RuntimeError(
+        raise SidecarError(
             "UDP interception needs `ip` (iproute2) in the sidecar image; "
             "install it there, or set x-composemirror.feature.network.outgoing."
             "udp: false"

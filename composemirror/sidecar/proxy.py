@@ -15,12 +15,14 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from composemirror.bridge import Bridge, reset_transport
+from composemirror.errors import TunnelClosed
 from composemirror.filters import Filter, Protocol, Route, Scope, route_connection
-from composemirror.mux import Bridge, TunnelClosed, reset_transport
 from composemirror.protocol import Failure, Proto
 from composemirror.sidecar.dns import Book, Resolver
 from composemirror.sidecar.status import Counters
 from composemirror.sidecar.tunnel import TunnelClient
+from composemirror.tasks import Tasks
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +56,14 @@ class Egress:
         """Where a new flow goes, and the name (and side) its address was answered for."""
         known = self.book.lookup(address)
         name = known[0] if known else None
-        decision = route_connection(self.outgoing, name=name,
-                                    address=ipaddress.ip_address(address), port=port,
-                                    protocol=protocol, scope=self.scope)
+        decision = route_connection(
+            self.outgoing,
+            name=name,
+            address=ipaddress.ip_address(address),
+            port=port,
+            protocol=protocol,
+            scope=self.scope,
+        )
         log.debug("%s %s:%s (%s) -> %s", protocol, address, port, name or "no name", decision)
         return decision, known
 
@@ -71,9 +78,9 @@ class Egress:
 class Proxy:
     """Accepts redirected TCP connections and routes each one."""
 
-    def __init__(self, egress: Egress) -> None:
+    def __init__(self, egress: Egress, tasks: Tasks) -> None:
         self.egress = egress
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks = tasks
 
     def accept(self) -> AppConnection:
         return AppConnection(self)
@@ -90,9 +97,7 @@ class Proxy:
         if decision == Route.REMOTE:
             self._remote(app, address, port)
         else:
-            task = asyncio.create_task(self._local(app, address, port, known))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self.tasks.spawn(self._local(app, address, port, known), name=f"local {address}:{port}")
 
     def _remote(self, app: AppConnection, address: str, port: int) -> None:
         assert app.transport is not None
@@ -105,8 +110,9 @@ class Proxy:
             return
         app.start()  # the app's first bytes go with the request (early data)
 
-    async def _local(self, app: AppConnection, address: str, port: int,
-                     known: tuple[str, Route] | None) -> None:
+    async def _local(
+        self, app: AppConnection, address: str, port: int, known: tuple[str, Route] | None
+    ) -> None:
         assert app.transport is not None
         address = await self.egress.local_address(address, known)
         loop = asyncio.get_running_loop()
@@ -130,12 +136,13 @@ class Proxy:
         near.peer, far.peer = far, near
         await loop.create_connection(lambda: far, sock=sock)
         assert far.transport is not None
-        # What the app sent while we connected waits in its bridge; it goes first.
-        for chunk in app.pending:
+        # What the app sent while we connected waits in its relay; it goes first.
+        held, eof = app.relay.unsent()
+        for chunk in held:
             far.transport.write(chunk)
         app.transport.set_protocol(near)
         near.connection_made(app.transport)
-        if app.eof_pending:
+        if eof:
             near.eof_received()
         else:
             near.transport_resume()

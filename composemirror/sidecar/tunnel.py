@@ -8,15 +8,17 @@ so remote connections and lookups fail fast instead of hanging.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
+from composemirror.errors import TunnelClosed
 from composemirror.link import LinkAddress
-from composemirror.mux import Tunnel, TunnelClosed
 from composemirror.protocol import Connection, Role
+from composemirror.tunnel import Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,12 @@ class TunnelClient:
         return tunnel
 
     def report(self) -> dict[str, Any]:
-        return {"agent": self.state, "error": self.error, "connects": self.connects,
-                "streams": len(self.tunnel.endpoints) if self.tunnel else 0}
+        return {
+            "agent": self.state,
+            "error": self.error,
+            "connects": self.connects,
+            "streams": len(self.tunnel.endpoints) if self.tunnel else 0,
+        }
 
     async def run(self) -> None:
         """Connect, serve until the link drops, reconnect; forever."""
@@ -56,9 +62,7 @@ class TunnelClient:
             self.tunnel, self.state, self.error = tunnel, "connected", None
             self.connects += 1
             log.info("connected to the agent at %s", self.address)
-            keepalive = asyncio.create_task(self._keepalive(tunnel))
-            reason = await tunnel.done
-            keepalive.cancel()
+            reason = await self._keep_alive(tunnel)
             self.tunnel, self.state, self.error = None, "disconnected", reason
             log.warning("agent link down: %s", reason)
 
@@ -87,11 +91,15 @@ class TunnelClient:
         self.state, self.error = "connecting", str(error) or type(error).__name__
         log.debug("agent not reachable at %s: %s", self.address, self.error)
 
-    async def _keepalive(self, tunnel: Tunnel) -> None:
+    async def _keep_alive(self, tunnel: Tunnel) -> str:
+        """Ping the agent until the link ends; return why it ended."""
         while tunnel.alive:
-            await asyncio.sleep(PING_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                # Shielded: the timeout must not cancel the tunnel's own future.
+                return await asyncio.wait_for(asyncio.shield(tunnel.done), PING_INTERVAL)
             if time.monotonic() - tunnel.last_heard > SILENCE_LIMIT:
                 tunnel.close(f"no answer from the agent for {SILENCE_LIMIT:.0f} s")
-                return
-            tunnel.conn.ping()
-            tunnel.flush()
+            elif tunnel.alive:
+                tunnel.conn.ping()
+                tunnel.flush()
+        return tunnel.done.result()

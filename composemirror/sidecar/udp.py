@@ -9,19 +9,21 @@ them come from where it sent. IPv4 only; a flow ends after a minute without traf
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import ipaddress
 import logging
 import socket
 import struct
-import time
 from collections import deque
+from collections.abc import Callable
 
+from composemirror.datagrams import BACKLOG, IDLE_TIMEOUT, Flow, FlowTable, StreamFlow
+from composemirror.errors import TunnelClosed
 from composemirror.filters import Route
-from composemirror.mux import Tunnel, TunnelClosed
 from composemirror.protocol import Failure, Proto
 from composemirror.sidecar.proxy import Egress
+from composemirror.tasks import Tasks
+from composemirror.tunnel import Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +31,7 @@ log = logging.getLogger(__name__)
 IP_TRANSPARENT = 19
 IP_ORIGDSTADDR = 20
 IP_RECVORIGDSTADDR = IP_ORIGDSTADDR
-IDLE_TIMEOUT = 60.0
-"""A flow with no datagram either way for this long is closed, as a NAT table forgets it."""
 MAX_DATAGRAM = 65_535
-BACKLOG = 64
-"""Datagrams a flow keeps while it opens; beyond that the oldest are dropped."""
 READ_BURST = 64
 """Datagrams read per wake-up of one socket, so a busy flow cannot starve the others."""
 
@@ -115,218 +113,159 @@ def _read(sock: socket.socket) -> list[bytes]:
     return datagrams
 
 
-class Flow(abc.ABC):
-    """One flow of the app: its address, where it sent to, and the socket replies leave from."""
+class AppSide:
+    """A flow's end at the app: the socket its datagrams arrive on and its replies leave from."""
 
-    def __init__(self, proxy: UdpProxy, app: Address, original: Address,
-                 reply: socket.socket) -> None:
-        self.proxy = proxy
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        app: Address,
+        original: Address,
+        reply: socket.socket,
+        received: Callable[[bytes], None],
+    ) -> None:
+        self.loop = loop
         self.app = app
         self.original = original
         self.reply = reply
-        self.pending: deque[bytes] = deque(maxlen=BACKLOG)
-        self.last_active = time.monotonic()
-        self.closed = False
-        proxy.loop.add_reader(reply.fileno(), self._app_readable)
+        self.received = received
+        loop.add_reader(reply.fileno(), self._readable)
 
-    @property
-    def key(self) -> FlowKey:
-        return self.app, self.original
-
-    def from_app(self, data: bytes) -> None:
-        if not self.closed:
-            self.last_active = time.monotonic()
-            self.forward(data)
-
-    @abc.abstractmethod
-    def forward(self, data: bytes) -> None:
-        """Send one datagram of the app on, or hold it while the flow opens."""
-
-    def to_app(self, data: bytes) -> None:
-        if self.closed:
-            return
-        self.last_active = time.monotonic()
+    def send(self, data: bytes) -> None:
         try:
             self.reply.send(data)
         except OSError as e:  # a full buffer or a closed app socket: UDP may lose a datagram
             log.debug("udp reply to %s:%s lost: %s", *self.app, e)
 
-    def hold(self, data: bytes) -> None:
-        if len(self.pending) == self.pending.maxlen:
-            self.proxy.egress.counters.udp_dropped += 1
-        self.pending.append(data)
-
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.release()
-        self.proxy.loop.remove_reader(self.reply.fileno())
+        self.loop.remove_reader(self.reply.fileno())
         self.reply.close()
-        self.proxy.forget(self)
 
-    @abc.abstractmethod
-    def release(self) -> None:
-        """Let go of what the flow holds besides its reply socket."""
-
-    def _app_readable(self) -> None:
+    def _readable(self) -> None:
         for data in _read(self.reply):
-            self.from_app(data)
+            self.received(data)
 
 
-class RemoteFlow(Flow):
-    """A flow through the tunnel; it is the stream's `mux.Endpoint`."""
+class RemoteFlow(StreamFlow):
+    """A flow through the tunnel: the app's datagrams go into a UDP stream, its answers back."""
 
-    def __init__(self, proxy: UdpProxy, app: Address, original: Address,
-                 reply: socket.socket) -> None:
-        super().__init__(proxy, app, original, reply)
-        self.tunnel: Tunnel | None = None
-        self.stream_id = 0
+    def __init__(
+        self, proxy: UdpProxy, app: Address, original: Address, reply: socket.socket
+    ) -> None:
+        super().__init__()
+        self.proxy = proxy
+        self.original = original
+        self.side = AppSide(proxy.loop, app, original, reply, self.to_stream)
+        self.local_ready()
 
-    # -- mux.Endpoint --------------------------------------------------------------------------
+    def send_local(self, data: bytes) -> None:
+        self.side.send(data)
 
-    def attach(self, tunnel: Tunnel, stream_id: int) -> None:
-        """Bound to its stream: datagrams go at once (the agent holds them until connected)."""
-        self.tunnel, self.stream_id = tunnel, stream_id
-        while self.pending:
-            tunnel.send(stream_id, self.pending.popleft())
+    def dropped(self) -> None:
+        self.proxy.egress.counters.udp_dropped += 1
 
     def opened(self) -> None:
         self.proxy.egress.counters.udp_remote += 1
 
     def open_failed(self, failure: Failure, message: str) -> None:
         log.info("remote udp %s:%s failed: %s", *self.original, message or failure.name.lower())
-        self.tunnel = None
         self.proxy.egress.counters.udp_failed += 1
-        self.close()
-
-    def forward(self, data: bytes) -> None:
-        if self.tunnel is None:
-            self.hold(data)
-        else:
-            self.tunnel.send(self.stream_id, data)
+        super().open_failed(failure, message)
 
     def release(self) -> None:
-        tunnel, self.tunnel = self.tunnel, None
-        if tunnel is not None:
-            tunnel.reset(self.stream_id)
-
-    def deliver(self, data: bytes) -> None:
-        self.to_app(data)
-
-    def window_open(self) -> None:
-        pass  # UDP streams have no flow control
-
-    def peer_eof(self) -> None:
-        self.peer_reset()
-
-    def peer_reset(self) -> None:
-        self.tunnel = None  # the stream is gone: nothing to reset
-        self.close()
-
-    def stream_closed(self) -> None:
-        self.peer_reset()
-
-    def pause_source(self, reason: str) -> None:
-        pass  # the tunnel buffers; a datagram source cannot be paused anyway
-
-    def resume_source(self, reason: str) -> None:
-        pass
+        super().release()
+        self.side.close()
 
 
 class LocalFlow(Flow):
     """A flow sent directly from the sidecar."""
 
-    def __init__(self, proxy: UdpProxy, app: Address, original: Address,
-                 reply: socket.socket) -> None:
-        super().__init__(proxy, app, original, reply)
+    def __init__(
+        self, proxy: UdpProxy, app: Address, original: Address, reply: socket.socket
+    ) -> None:
+        super().__init__()
+        self.proxy = proxy
+        self.original = original
+        self.side = AppSide(proxy.loop, app, original, reply, self.from_app)
+        self.pending: deque[bytes] = deque(maxlen=BACKLOG)
         self.upstream: socket.socket | None = None
 
-    def connect(self, upstream: socket.socket) -> None:
-        """The direct socket is ready: send what arrived meanwhile, then relay both ways."""
-        self.upstream = upstream
-        self.proxy.loop.add_reader(upstream.fileno(), self._upstream_readable)
-        while self.pending:
-            self.forward(self.pending.popleft())
-
-    def forward(self, data: bytes) -> None:
+    def from_app(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.touch()
         if self.upstream is None:
-            self.hold(data)
+            if len(self.pending) == self.pending.maxlen:
+                self.proxy.egress.counters.udp_dropped += 1
+            self.pending.append(data)
             return
         try:
             self.upstream.send(data)
         except OSError as e:
             log.debug("udp to %s:%s lost: %s", *self.original, e)
 
+    def connect(self, upstream: socket.socket) -> None:
+        """The direct socket is ready: send what arrived meanwhile, then relay both ways."""
+        self.upstream = upstream
+        self.proxy.loop.add_reader(upstream.fileno(), self._upstream_readable)
+        while self.pending:
+            self.from_app(self.pending.popleft())
+
     def release(self) -> None:
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             self.proxy.loop.remove_reader(upstream.fileno())
             upstream.close()
+        self.side.close()
 
     def _upstream_readable(self) -> None:
         if self.upstream is not None:
             for data in _read(self.upstream):
-                self.to_app(data)
+                if not self.closed:
+                    self.touch()
+                    self.side.send(data)
 
 
 class UdpProxy:
     """Receives the app's diverted datagrams and routes each flow. Create it in the event loop."""
 
-    def __init__(self, egress: Egress, idle_timeout: float = IDLE_TIMEOUT) -> None:
+    def __init__(self, egress: Egress, tasks: Tasks, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.egress = egress
-        self.idle_timeout = idle_timeout
+        self.tasks = tasks
         self.loop = asyncio.get_running_loop()
-        self.flows: dict[FlowKey, Flow] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.flows = FlowTable(idle_timeout)
         self.sock: socket.socket | None = None
 
     def listen(self, address: Address) -> None:
-        """Start receiving at `address` (where the TPROXY rule delivers)."""
+        """Start receiving at `address` (where the TPROXY rule delivers); idle flows expire."""
         self.sock = listening_socket(address)
         self.loop.add_reader(self.sock.fileno(), self._readable)
+        self.tasks.service(self.flows.expire(), name="udp flow expiry")
 
     def close(self) -> None:
         if self.sock is not None:
             self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
             self.sock = None
-        for flow in list(self.flows.values()):
-            flow.close()
-        for task in self.tasks:
-            task.cancel()
-
-    async def expire(self) -> None:
-        """Close idle flows, forever."""
-        while True:
-            await asyncio.sleep(self.idle_timeout / 4)
-            self.close_idle(time.monotonic())
-
-    def close_idle(self, now: float) -> None:
-        for flow in [f for f in self.flows.values() if now - f.last_active > self.idle_timeout]:
-            log.debug("udp %s:%s -> %s:%s idle, closed", *flow.app, *flow.original)
-            flow.close()
-
-    def forget(self, flow: Flow) -> None:
-        if self.flows.get(flow.key) is flow:
-            del self.flows[flow.key]
+        self.flows.close_all()
 
     def received(self, data: bytes, app: Address, original: Address) -> None:
         """One datagram of the app, sent to `original`."""
         flow = self.flows.get((app, original))
         if flow is None:
             flow = self._open(app, original)
-        if flow is None:
-            self.egress.counters.udp_dropped += 1
-        else:
+        if isinstance(flow, RemoteFlow):
+            flow.to_stream(data)
+        elif isinstance(flow, LocalFlow):
             flow.from_app(data)
+        else:
+            self.egress.counters.udp_dropped += 1
 
     def _readable(self) -> None:
         assert self.sock is not None
         for _ in range(READ_BURST):
             try:
-                data, ancdata, _, app = self.sock.recvmsg(MAX_DATAGRAM,
-                                                          socket.CMSG_SPACE(16))
+                data, ancdata, _, app = self.sock.recvmsg(MAX_DATAGRAM, socket.CMSG_SPACE(16))
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -359,14 +298,13 @@ class UdpProxy:
             return None
         if tunnel is not None:
             remote = RemoteFlow(self, app, original, reply)
-            self.flows[remote.key] = remote
+            self.flows.add(remote, (app, original))
             tunnel.open(Proto.UDP, address, port, remote)
+            remote.start()  # datagrams go at once: the agent holds them until connected
             return remote
         local = LocalFlow(self, app, original, reply)
-        self.flows[local.key] = local
-        task = asyncio.create_task(self._local(local, known))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.flows.add(local, (app, original))
+        self.tasks.spawn(self._local(local, known), name=f"udp local {address}:{port}")
         return local
 
     async def _local(self, flow: LocalFlow, known: tuple[str, Route] | None) -> None:
@@ -378,12 +316,9 @@ class UdpProxy:
             upstream = upstream_socket((address, port), self.egress.mark)
         except OSError as e:
             log.info("local udp %s:%s failed: %s", address, port, e)
-            self._failed(flow)
+            self.egress.counters.udp_failed += 1
+            self.egress.counters.udp_dropped += len(flow.pending)
+            flow.close()
             return
         self.egress.counters.udp_local += 1
         flow.connect(upstream)
-
-    def _failed(self, flow: Flow) -> None:
-        self.egress.counters.udp_failed += 1
-        self.egress.counters.udp_dropped += len(flow.pending)
-        flow.close()

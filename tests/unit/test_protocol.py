@@ -28,11 +28,13 @@ from composemirror.protocol import (
     Event,
     Failure,
     FrameType,
+    LocalProtocolError,
     PingReceived,
     PongReceived,
     Proto,
     ProtocolError,
     Rejected,
+    RemoteProtocolError,
     Role,
     StreamClosed,
     StreamEnded,
@@ -187,7 +189,7 @@ def test_wrong_key_rejected_by_agent() -> None:
     p = Pair(client_key=KEY, agent_key=bytes(32))
     p.agent.initiate()
     assert p.to_client() == []
-    with pytest.raises(ProtocolError, match=r"^authentication failed$"):
+    with pytest.raises(RemoteProtocolError, match=r"^authentication failed$"):
         p.to_agent()
     reject = p.agent.data_to_send()
     assert reject == frame(FrameType.REJECT, 0, b"authentication failed")
@@ -195,10 +197,10 @@ def test_wrong_key_rejected_by_agent() -> None:
     assert not p.client.authenticated
     assert not p.agent.authenticated
     assert p.client.closed and p.agent.closed
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LocalProtocolError):
         p.client.open_stream(Proto.TCP, "10.0.0.1", 80)
-    # The failed agent stays failed.
-    with pytest.raises(ProtocolError, match="authentication failed"):
+    # The failed agent stays failed, for the peer's fault.
+    with pytest.raises(RemoteProtocolError, match="authentication failed"):
         p.agent.receive_data(b"\x00")
 
 
@@ -288,8 +290,24 @@ def test_non_handshake_frames_before_handshake_are_errors(role: Role, data: byte
 
 def test_agent_receiving_before_initiate_is_an_error() -> None:
     agent = Connection(Role.AGENT, KEY)
-    with pytest.raises(ProtocolError, match="before initiate"):
+    with pytest.raises(LocalProtocolError, match="before initiate"):
         agent.receive_data(frame(FrameType.AUTH, 0, bytes(50)))
+    with pytest.raises(LocalProtocolError, match="before initiate"):
+        agent.receive_data(b"")  # the connection stays failed, for the caller's fault
+
+
+def test_local_misuse_and_remote_violations_are_told_apart(pair: Pair) -> None:
+    """A caller's bug leaves the connection usable; a peer's violation fails it."""
+    with pytest.raises(LocalProtocolError, match="only the agent accepts streams"):
+        pair.client.accept_stream(1)
+    with pytest.raises(LocalProtocolError, match="was never opened"):
+        pair.client.send_data(7, b"x")
+    assert not pair.client.closed
+    stream_id = pair.client.open_stream(Proto.TCP, "10.0.0.1", 80)
+    with pytest.raises(RemoteProtocolError, match="unknown frame type 99"):
+        pair.client.receive_data(frame(99, stream_id))
+    assert pair.client.closed
+    assert frames(pair.client.data_to_send())[-1][0] == FrameType.REJECT
 
 
 def test_api_before_handshake_is_an_error() -> None:
@@ -433,8 +451,11 @@ def test_client_sends_early_data_and_the_agent_may_not(pair: Pair) -> None:
     assert pair.client.send_data(sid, b"SSH-2.0") == 7
     pair.client.send_eof(sid)
     events = pair.agent.receive_data(pair.client.data_to_send())
-    assert events == [StreamRequested(sid, Proto.TCP, "10.0.0.9", 22),
-                      DataReceived(sid, b"SSH-2.0"), StreamEnded(sid)]
+    assert events == [
+        StreamRequested(sid, Proto.TCP, "10.0.0.9", 22),
+        DataReceived(sid, b"SSH-2.0"),
+        StreamEnded(sid),
+    ]
     pair.agent.acknowledge(sid, 7)
     with pytest.raises(ProtocolError, match="not open yet"):
         pair.agent.send_data(sid, b"SSH-2.0")
@@ -1134,8 +1155,7 @@ class Model:
             return
         # The client may send as soon as it opened a stream (early data); the agent once it
         # accepted it.
-        usable = (view is not None and (view.opened or side == "client")
-                  and not view.eof_sent)
+        usable = view is not None and (view.opened or side == "client") and not view.eof_sent
         if kind == "send":
             size = op.size
             self.counter += 1

@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 import pytest
 from dnslib import QTYPE, RCODE, RR, SOA, A, DNSRecord
 
+from composemirror.errors import TunnelClosed
 from composemirror.filters import Route, Scope, parse_filter
-from composemirror.mux import TunnelClosed
 from composemirror.sidecar import dns
 from composemirror.sidecar.__main__ import local_networks
 from composemirror.sidecar.status import Counters
@@ -179,8 +179,9 @@ def test_negative_answers_are_cached_by_the_soa_minimum_and_failures_never() -> 
     nx = DNSRecord.question("x").reply()
     nx.header.rcode = RCODE.NXDOMAIN
     assert dns.cache_ttl(nx) == dns.NEGATIVE_TTL
-    nx.add_auth(RR("cluster.local", QTYPE.SOA, ttl=60,
-                   rdata=SOA("ns", "hostmaster", (1, 2, 3, 4, 7))))
+    nx.add_auth(
+        RR("cluster.local", QTYPE.SOA, ttl=60, rdata=SOA("ns", "hostmaster", (1, 2, 3, 4, 7)))
+    )
     assert dns.cache_ttl(nx) == 7
     servfail = DNSRecord.question("x").reply()
     servfail.header.rcode = RCODE.SERVFAIL
@@ -241,8 +242,10 @@ def test_cache_hits_echo_the_querys_id_rd_bit_and_letter_case() -> None:
     assert r.counters.dns_cached == 1
 
 
-@pytest.mark.parametrize("garbage", [b"", b"\x00" * 11, b"\x12\x34\x81\x00" + b"\x00" * 13,
-                                     DNSRecord.question("a").pack()[:-3]])
+@pytest.mark.parametrize(
+    "garbage",
+    [b"", b"\x00" * 11, b"\x12\x34\x81\x00" + b"\x00" * 13, DNSRecord.question("a").pack()[:-3]],
+)
 def test_garbage_never_reaches_the_cache_path(garbage: bytes) -> None:
     assert dns.question_of(garbage) is None
     reply = asyncio.run(resolver(FakeTunnel({})).answer(garbage))

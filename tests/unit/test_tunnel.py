@@ -16,11 +16,14 @@ from pathlib import Path
 import pytest
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
+from composemirror import tasks
 from composemirror.agent.resolver import ResolvConf, Resolver, candidates, parse_resolv_conf
 from composemirror.agent.server import Agent
+from composemirror.bridge import Bridge, reset_transport
+from composemirror.datagrams import StreamFlow
 from composemirror.link import UnixAddress
-from composemirror.mux import Bridge, DatagramBridge, Tunnel, reset_transport
 from composemirror.protocol import Connection, Failure, Proto, Role, new_key
+from composemirror.tunnel import Tunnel
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -54,12 +57,21 @@ class AppSide(Bridge):
 
 
 @contextlib.asynccontextmanager
-async def harness(tmp_path: Path, handler: Handler | None,
-                  resolver: Resolver | None = None) -> AsyncIterator[tuple[Harness, int]]:
+async def harness(
+    tmp_path: Path, handler: Handler | None, resolver: Resolver | None = None
+) -> AsyncIterator[tuple[Harness, int]]:
     """Yield the harness and the port of the app listener."""
+    async with tasks.scope() as spawner, _harness(tmp_path, handler, resolver, spawner) as rig:
+        yield rig
+
+
+@contextlib.asynccontextmanager
+async def _harness(
+    tmp_path: Path, handler: Handler | None, resolver: Resolver | None, spawner: tasks.Tasks
+) -> AsyncIterator[tuple[Harness, int]]:
     loop = asyncio.get_running_loop()
     key = new_key()
-    agent = Agent(key, resolver or Resolver(ResolvConf()))
+    agent = Agent(key, resolver or Resolver(ResolvConf()), spawner)
     path = tmp_path / "agent.sock"
     agent_server = await agent.serve(UnixAddress(str(path)))
     if handler is not None:
@@ -68,8 +80,9 @@ async def harness(tmp_path: Path, handler: Handler | None,
     else:  # a port nothing listens on
         upstream = None
         target = ("127.0.0.1", _free_port())
-    _, tunnel = await loop.create_unix_connection(lambda: Tunnel(Connection(Role.CLIENT, key)),
-                                                  str(path))
+    _, tunnel = await loop.create_unix_connection(
+        lambda: Tunnel(Connection(Role.CLIENT, key)), str(path)
+    )
     await asyncio.wait_for(tunnel.authenticated, 5)
     rig = Harness(tunnel, target)
     app_server = await loop.create_server(rig.accept, "127.0.0.1", 0)
@@ -141,9 +154,7 @@ def test_bulk_both_ways_arrives_intact(tmp_path: Path) -> None:
                 await writer.drain()
                 writer.write_eof()
 
-            sender = asyncio.create_task(send())
-            received = await reader.read()
-            await sender
+            received, _ = await asyncio.gather(reader.read(), send())
             assert received == payload
 
     run(scenario())
@@ -214,8 +225,10 @@ def test_dns_goes_through_the_agent_with_its_search_domains(tmp_path: Path) -> N
                 reply.header.rcode = RCODE.NXDOMAIN
             return reply
 
-    conf = parse_resolv_conf("nameserver 10.96.0.10\nsearch shop.svc.cluster.local "
-                             "svc.cluster.local cluster.local\noptions ndots:5\n")
+    conf = parse_resolv_conf(
+        "nameserver 10.96.0.10\nsearch shop.svc.cluster.local "
+        "svc.cluster.local cluster.local\noptions ndots:5\n"
+    )
     zone = Zone(conf)
     zone.asked = []  # type: ignore[attr-defined]
 
@@ -224,8 +237,7 @@ def test_dns_goes_through_the_agent_with_its_search_domains(tmp_path: Path) -> N
             answer = DNSRecord.parse(await rig.tunnel.query(DNSRecord.question("orders").pack()))
             assert [str(rr.rname) for rr in answer.rr] == ["orders."]
             assert [str(rr.rdata) for rr in answer.rr] == ["10.96.0.21"]
-            missing = DNSRecord.parse(
-                await rig.tunnel.query(DNSRecord.question("nothere").pack()))
+            missing = DNSRecord.parse(await rig.tunnel.query(DNSRecord.question("nothere").pack()))
             assert missing.header.rcode == RCODE.NXDOMAIN
 
     run(scenario())
@@ -235,25 +247,54 @@ def test_dns_goes_through_the_agent_with_its_search_domains(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("orders", ["orders.shop.svc.cluster.local", "orders.svc.cluster.local",
-                    "orders.cluster.local", "orders"]),
-        ("orders.", ["orders.shop.svc.cluster.local", "orders.svc.cluster.local",
-                     "orders.cluster.local", "orders"]),
-        ("a.b.c.d.e.f", ["a.b.c.d.e.f", "a.b.c.d.e.f.shop.svc.cluster.local",
-                         "a.b.c.d.e.f.svc.cluster.local", "a.b.c.d.e.f.cluster.local"]),
+        (
+            "orders",
+            [
+                "orders.shop.svc.cluster.local",
+                "orders.svc.cluster.local",
+                "orders.cluster.local",
+                "orders",
+            ],
+        ),
+        (
+            "orders.",
+            [
+                "orders.shop.svc.cluster.local",
+                "orders.svc.cluster.local",
+                "orders.cluster.local",
+                "orders",
+            ],
+        ),
+        (
+            "a.b.c.d.e.f",
+            [
+                "a.b.c.d.e.f",
+                "a.b.c.d.e.f.shop.svc.cluster.local",
+                "a.b.c.d.e.f.svc.cluster.local",
+                "a.b.c.d.e.f.cluster.local",
+            ],
+        ),
     ],
 )
 def test_search_candidates_follow_ndots(name: str, expected: list[str]) -> None:
-    conf = ResolvConf(search=("shop.svc.cluster.local", "svc.cluster.local", "cluster.local"),
-                      ndots=5)
+    conf = ResolvConf(
+        search=("shop.svc.cluster.local", "svc.cluster.local", "cluster.local"), ndots=5
+    )
     assert candidates(name, conf) == expected
 
 
 def test_resolv_conf_is_read_as_the_libc_reads_it() -> None:
-    conf = parse_resolv_conf("# pod\nnameserver 127.0.0.11\nnameserver 10.96.0.10\n"
-                             "search a.local b.local.\noptions ndots:5 timeout:1 attempts:3\n")
-    assert conf == ResolvConf(nameservers=("127.0.0.11", "10.96.0.10"),
-                              search=("a.local", "b.local"), ndots=5, timeout=1.0, attempts=3)
+    conf = parse_resolv_conf(
+        "# pod\nnameserver 127.0.0.11\nnameserver 10.96.0.10\n"
+        "search a.local b.local.\noptions ndots:5 timeout:1 attempts:3\n"
+    )
+    assert conf == ResolvConf(
+        nameservers=("127.0.0.11", "10.96.0.10"),
+        search=("a.local", "b.local"),
+        ndots=5,
+        timeout=1.0,
+        attempts=3,
+    )
     assert parse_resolv_conf("").nameservers == ("127.0.0.1",)
 
 
@@ -327,18 +368,22 @@ def test_a_datagram_sent_with_the_open_is_echoed(tmp_path: Path) -> None:
         port = echo.get_extra_info("sockname")[1]
         got: asyncio.Queue[bytes] = asyncio.Queue()
 
-        class Flow(DatagramBridge):
-            def deliver(self, data: bytes) -> None:
+        class Flow(StreamFlow):
+            def send_local(self, data: bytes) -> None:
                 got.put_nowait(data)
 
         async with harness(tmp_path, echo_then_close) as (rig, _):
             flow = Flow()
             rig.tunnel.open(Proto.UDP, "127.0.0.1", port, flow)
             flow.start()
+            flow.local_ready()
             for n in range(3):
                 rig.tunnel.send(flow.stream_id, b"dgram %d" % n)  # the first goes with OPEN
             assert [await asyncio.wait_for(got.get(), 5) for _ in range(3)] == [
-                b"dgram 0", b"dgram 1", b"dgram 2"]
+                b"dgram 0",
+                b"dgram 1",
+                b"dgram 2",
+            ]
         echo.close()
 
     run(scenario())
