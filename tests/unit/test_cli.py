@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -258,28 +260,38 @@ def test_ansi_and_progress_reach_compose(project: Project, flags: list[str], exp
     ("raised", "code", "message"),
     [(KeyboardInterrupt, 130, "interrupted"), (cli.Terminated, 143, "terminated")],
 )
-def test_an_interruption_outside_compose_exits_without_a_traceback(
+def test_an_interrupted_image_build_exits_without_a_traceback_or_temp_dir(
     project: Project,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
     raised: type[BaseException],
     code: int,
     message: str,
 ) -> None:
-    def interrupted(*args: object, **kwargs: object) -> None:
+    builds = tmp_path / "tmp"
+    builds.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(builds))
+    contexts: list[Path] = []
+
+    def interrupted(context: Path, *args: object, **kwargs: object) -> None:
+        contexts.append(context)
         raise raised
 
     monkeypatch.setattr(project.engine, "build_image", interrupted)
     assert run(project, "up", "-d") == code
-    assert capsys.readouterr().err.endswith(f"composemirror: {message}\n")
+    err = capsys.readouterr().err
+    assert err.endswith(f"from debian:bookworm-slim\ncomposemirror: {message}\n")
+    assert "Traceback" not in err
     assert project.engine.runs == []
+    assert contexts and contexts[0].parent == builds
+    assert list(builds.iterdir()) == []
 
 
-def test_sigterm_outside_compose_unwinds(project: Project) -> None:
-    import signal
-
+def test_sigterm_during_a_build_unwinds_to_143(project: Project) -> None:
     def terminated(*args: object, **kwargs: object) -> None:
         signal.raise_signal(signal.SIGTERM)
 
     project.engine.build_image = terminated  # type: ignore[method-assign]
     assert run(project, "up", "-d") == 143
+    assert signal.getsignal(signal.SIGTERM) is not cli._terminate  # restored after main
