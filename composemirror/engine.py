@@ -83,7 +83,7 @@ class Output:
 
     `ansi="never"` also strips what compose prints regardless of it: compose 2.40 writes
     `\\r\\x1b[K` before "exited with code" and a red "Aborting on container exit..." even with
-    `--ansi never` (its `cmd/formatter` log consumer), so its output is filtered then.
+    `--ansi never` (seen on this engine), so its output is filtered then.
     """
 
     ansi: str = "auto"
@@ -217,13 +217,14 @@ class Engine:
         """Run `docker compose ARGS` on this terminal; return its exit code, or 128 + the
         signal's number (130 for SIGINT, 143 for SIGTERM) when this process was signalled.
 
-        Signals as compose handles them (its `pkg/compose/up.go` stops the stack on the first
-        SIGINT or SIGTERM and kills it on the second): each SIGINT/SIGTERM this process gets is
-        handed to compose, which stops what it started, and this process waits for it instead of
-        dying first. On a terminal (stdin a TTY) compose shares this process group, so a Ctrl-C
-        of the terminal already reaches it and only SIGTERM is forwarded; otherwise (CI) compose
-        runs in its own process group and both are forwarded. With `output.ansi == "never"`,
-        compose's stdout and stderr are copied through with escape codes removed.
+        Signals as compose handles them (`pkg/compose/up.go`, `runEventLoop`: the first SIGINT
+        or SIGTERM stops the stack gracefully, the second kills it): each SIGINT/SIGTERM this
+        process gets is handed to compose, which stops what it started, and this process waits
+        for it instead of dying first. On a terminal (stdin a TTY) compose shares this process
+        group, so a Ctrl-C of the terminal already reaches it and only SIGTERM is forwarded;
+        otherwise (CI) compose runs in its own process group and both are forwarded. With
+        `output.ansi == "never"`, compose's stdout and stderr are copied through with escape
+        codes removed.
         """
         command = [self.docker_binary(), "compose", *self.output.flags(), *project.flags(), *args]
         log.debug("running %s", " ".join(command))

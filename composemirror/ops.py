@@ -395,8 +395,11 @@ class UpFlags:
     """compose's own `up` options that composemirror passes through (`docker compose up --help`).
 
     `abort_on_container_exit` and `exit_code_from` consider only the user's services: compose
-    (`pkg/compose/up.go`, its log consumer) watches the containers it attaches to, so the
-    sidecars and the agent are named with `--no-attach` (their logs stay in `compose logs`).
+    (`pkg/compose/up.go`, `runInteractiveUp`) watches for the first container to exit among the
+    services named on the command line, else among those it attaches to, so the sidecars and
+    the agent are left out with `--no-attach` (their logs stay in `compose logs`). The code
+    returned is then that of the first container to exit (`stopOnFirstExit`), or of
+    `exit_code_from`'s (`captureExitCodeFrom`).
     """
 
     abort_on_container_exit: bool = False
