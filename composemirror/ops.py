@@ -463,7 +463,9 @@ def run(
 
     As compose's `run` (`cmd/compose/run.go`): a one-off container of `service` with `command`
     (else the service's), `env` as `-e K=V`, removed afterwards with `remove`, its dependencies
-    started first unless `no_deps`, and its exit code returned (130/143 after SIGINT/SIGTERM).
+    started first unless `no_deps`, and its exit code returned. After SIGINT/SIGTERM it returns
+    130/143 and the one-off container is removed (its dependencies stay, as with compose, until
+    `down`).
     A mirrored service's container joins its sidecar's namespace, so the sidecar (and the agent,
     when it runs on this engine) are started and healthy first even with `no_deps`. No TTY is
     asked for when stdin is not a terminal. Raises `ConfigError` for an unknown service and
@@ -494,8 +496,13 @@ def run(
                 f"starting {', '.join(own)} failed (exit {code})",
                 hint="see compose's output above; `composemirror down` removes what was created",
             )
+    # compose leaves a one-off container running when it is stopped by a signal without a TTY;
+    # a label of this run's own finds it then.
+    token = secrets.token_hex(8)
     args = [
         "run",
+        "--label",
+        f"{RUN_LABEL}={token}",
         *(["--rm"] if remove else []),
         *(arg for pair in env for arg in ("-e", pair)),
         *(["--no-deps"] if no_deps else []),
@@ -504,7 +511,15 @@ def run(
         service,
         *command,
     ]
-    return runtime.engine.compose_run(project, args)
+    code = runtime.engine.compose_run(project, args)
+    if code in INTERRUPTED:
+        for line in runtime.engine.remove_labelled({RUN_LABEL: token}, volumes=False):
+            progress(f"removed {line}")
+    return code
+
+
+RUN_LABEL = "io.composemirror.run"
+"""On the one-off container of a `run`: that run's own token."""
 
 
 def ensure_images(

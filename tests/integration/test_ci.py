@@ -135,15 +135,30 @@ def test_up_exit_code_from_returns_the_jobs_code_and_stops(
     assert states and "running" not in states  # db, sidecar and agent were stopped too
 
 
-def test_sigterm_stops_an_attached_up_and_exits_non_zero(
-    sandbox: None, tmp_path: Path, taken_down: Callable[[Path], None]
+LONG_JOB = JOB.replace('sys.exit(int(os.environ.get("JOB_EXIT", "0")))', "time.sleep(600)").replace(
+    "import os, sys,", "import os, sys, time,"
+)
+
+
+@pytest.mark.parametrize(
+    ("command", "name", "containers"),
+    [
+        (["up"], "cm-ci-term", 4),  # job, db, sidecar, agent
+        (["run", "--rm", "job"], "cm-ci-term-run", 4),  # the one-off, db, sidecar, agent
+    ],
+)
+def test_sigterm_stops_what_the_command_started_and_exits_non_zero(
+    sandbox: None,
+    tmp_path: Path,
+    taken_down: Callable[[Path], None],
+    command: list[str],
+    name: str,
+    containers: int,
 ) -> None:
-    body = JOB.replace('sys.exit(int(os.environ.get("JOB_EXIT", "0")))', "time.sleep(600)")
-    body = body.replace("import os, sys,", "import os, sys, time,")
-    path = write_job(tmp_path / "cm-ci-term", "cm-ci-term", body)
+    path = write_job(tmp_path / name, name, LONG_JOB)
     taken_down(path)
     process = subprocess.Popen(
-        [sys.executable, "-m", "composemirror", "-f", str(path), "up"],
+        [sys.executable, "-m", "composemirror", "-f", str(path), *command],
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -152,7 +167,8 @@ def test_sigterm_stops_an_attached_up_and_exits_non_zero(
         start_new_session=True,
     )
     try:
-        wait_for(lambda: _running("cm-ci-term") >= 4, timeout=180)  # job, db, sidecar, agent
+        wait_for(lambda: _running(name) >= containers, timeout=180)
+        wait_for(lambda: "job reached the cluster" in docker("logs", _job(name)).stdout, timeout=60)
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)  # to the CLI only, as a CI runner's cancel does
         output, _ = process.communicate(timeout=60)
@@ -162,8 +178,27 @@ def test_sigterm_stops_an_attached_up_and_exits_non_zero(
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 143, output
     assert stopped_after < 20, output
-    assert _running("cm-ci-term") == 0
     assert "\x1b" not in output
+    if command[0] == "up":
+        assert _running(name) == 0
+    else:  # compose run leaves its dependencies to `down`, as compose does; the job is gone
+        assert not [c for c in _names(name) if "-job-run-" in c]
+
+
+def _job(project: str) -> str:
+    return next(c for c in _names(project) if "-job-1" in c or "-job-run-" in c)
+
+
+def _names(project: str) -> list[str]:
+    result = docker(
+        "ps",
+        "-a",
+        "--filter",
+        f"label=com.docker.compose.project={project}",
+        "--format",
+        "{{.Names}}",
+    )
+    return result.stdout.split()
 
 
 def _running(project: str) -> int:
@@ -176,9 +211,7 @@ def _running(project: str) -> int:
 def test_up_wait_returns_once_the_service_and_its_sidecar_are_healthy(
     sandbox: None, tmp_path: Path, taken_down: Callable[[Path], None]
 ) -> None:
-    body = JOB.replace('sys.exit(int(os.environ.get("JOB_EXIT", "0")))', "time.sleep(600)")
-    body = body.replace("import os, sys,", "import os, sys, time,")
-    body = body.replace(
+    body = LONG_JOB.replace(
         "    depends_on: [db]\n",
         "    depends_on: [db]\n"
         "    healthcheck:\n"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import yaml
 
 from composemirror import compose, images, ops
 from composemirror.backends import Check, ForwardedPlacement, SessionInfo
+from composemirror.engine import ComposeProject
 from composemirror.errors import ClusterError, ConfigError, EngineError
 from composemirror.fakes import FakeBackend, FakeEngine
 from composemirror.link import ENV_VAR, LinkAddress, SidecarSettings
@@ -448,14 +450,38 @@ def test_run_returns_the_commands_exit_code_without_a_tty(project: Project, code
     assert [c for c, _ in project.backend.calls].count("prepare") == 1
     assert {b.tag for b in project.engine.builds}  # composemirror's images were built first
     ((compose_project, args),) = project.engine.runs
-    assert args == ["run", "--rm", "-e", "A=1", "-e", "B=2", "--no-TTY", "web", "pytest", "-x"]
+    assert args[:2] == ["run", "--label"] and args[2].startswith(ops.RUN_LABEL + "=")
+    assert args[3:] == ["--rm", "-e", "A=1", "-e", "B=2", "--no-TTY", "web", "pytest", "-x"]
     assert compose.KEY_ENV in compose_project.overrides
+
+
+@pytest.mark.parametrize("code", [130, 143])
+def test_an_interrupted_run_removes_its_one_off_container(
+    project: Project, code: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project.engine.exit_codes["run"] = code
+    other = project.engine.add_container("shop-web-run-1", labels={ops.RUN_LABEL: "other"})
+    original = project.engine.compose_run
+
+    def run_starting_a_container(compose_project: ComposeProject, args: Sequence[str]) -> int:
+        label = args[args.index("--label") + 1]
+        key, _, value = label.partition("=")
+        project.engine.add_container("shop-web-run-2", labels={key: value})
+        return original(compose_project, args)
+
+    monkeypatch.setattr(project.engine, "compose_run", run_starting_a_container)
+    result, lines = run(project, "web", remove=True)
+    assert result == code
+    assert "removed container shop-web-run-2" in lines
+    assert project.engine.inspect_container("shop-web-run-2") is None
+    assert project.engine.inspect_container(other.name) is not None
 
 
 def test_run_on_a_terminal_leaves_the_tty_to_compose(project: Project) -> None:
     project.engine.terminal = True
     run(project, "db")
-    assert project.engine.commands() == [["run", "db"]]
+    ((args),) = project.engine.commands()
+    assert args[3:] == ["db"]
 
 
 def test_run_no_deps_of_a_mirrored_service_starts_its_sidecar_and_agent_first(
@@ -464,12 +490,13 @@ def test_run_no_deps_of_a_mirrored_service_starts_its_sidecar_and_agent_first(
     assert run(project, "web", no_deps=True, build=True)[0] == 0
     first, second = project.engine.commands()
     assert first == ["up", "--detach", "--wait", "--no-deps", "web-mirror", compose.AGENT_SERVICE]
-    assert second[:4] == ["run", "--no-deps", "--build", "--no-TTY"]
+    assert second[3:6] == ["--no-deps", "--build", "--no-TTY"]
 
 
 def test_run_no_deps_of_another_service_starts_nothing_else(project: Project) -> None:
     run(project, "db", no_deps=True)
-    assert project.engine.commands() == [["run", "--no-deps", "--no-TTY", "db"]]
+    ((args),) = project.engine.commands()
+    assert args[3:] == ["--no-deps", "--no-TTY", "db"]
 
 
 @pytest.mark.parametrize(("code", "raised"), [(1, True), (143, False)])
