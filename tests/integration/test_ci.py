@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from composemirror import images
 from tests.conftest import ROOT, docker, labelled, wait_for
 
 SANDBOX_IMAGE = "composemirror/sandbox:0.1"
@@ -328,3 +329,46 @@ def test_the_job_from_inside_a_container_with_the_hosts_socket(
         assert_nothing_of(name)
     finally:  # should `down` inside have failed, the project's directory is gone: use -p
         ci("-p", name, "down", "-v")
+
+
+def test_ctrl_c_during_an_image_build_exits_130_without_traceback_or_temp_dir(
+    engine: None, tmp_path: Path
+) -> None:
+    # A base image of this test's own: composemirror's images for it are missing, so `up` builds.
+    base = f"composemirror-test/base:interrupt-{os.getpid()}"
+    assert docker("tag", BASE_IMAGE, base).returncode == 0
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    path = write_job(tmp_path / "cm-ci-interrupt", "cm-ci-interrupt")
+    env = {**os.environ, images.BASE_ENV: base, "TMPDIR": str(temp)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "composemirror", "-f", str(path), "up", "-d"],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("building "):
+                process.send_signal(signal.SIGINT)
+                break
+        output = "".join(lines) + process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        ci("-f", str(path), "down")
+        for role in images.ROLES:
+            docker("rmi", images.spec(role, base).tag)
+        docker("rmi", base)
+    assert process.returncode == 130, output
+    assert output.endswith("composemirror: interrupted\n"), output
+    assert "Traceback" not in output
+    assert list(temp.iterdir()) == []
+    assert_nothing_of("cm-ci-interrupt")
