@@ -372,3 +372,34 @@ def test_ctrl_c_during_an_image_build_exits_130_without_traceback_or_temp_dir(
     assert "Traceback" not in output
     assert list(temp.iterdir()) == []
     assert_nothing_of("cm-ci-interrupt")
+
+
+def test_compose_passthrough_builds_missing_images_first(
+    sandbox: None, tmp_path: Path, taken_down: Callable[[Path], None]
+) -> None:
+    # A fresh runner: composemirror's images for this base do not exist yet.
+    base = f"composemirror-test/base:passthrough-{os.getpid()}"
+    assert docker("tag", BASE_IMAGE, base).returncode == 0
+    path = write_job(tmp_path / "cm-ci-passthrough", "cm-ci-passthrough")
+    taken_down(path)
+    try:
+        result = ci(
+            "-f",
+            str(path),
+            "compose",
+            "--",
+            "up",
+            "--exit-code-from",
+            "job",
+            env={images.BASE_ENV: base, "JOB_EXIT": "6"},
+        )
+        assert result.returncode == 6, result.stdout + result.stderr
+        built = [line for line in result.stderr.splitlines() if line.startswith("building ")]
+        assert len(built) == 2, result.stderr
+        assert "job reached the cluster" in result.stdout
+        assert_plain(result)
+    finally:
+        ci("-f", str(path), "down", env={images.BASE_ENV: base})
+        for role in images.ROLES:
+            docker("rmi", images.spec(role, base).tag)
+        docker("rmi", base)
