@@ -1,8 +1,10 @@
 """The command line: parse arguments, call one `ops` function, render its result.
 
 Flags follow docker compose's (`-f` repeatable, `-p`, `--profile`, `--env-file`,
-`--project-directory`). Exit codes: 0 success, 2 bad input, 1 runtime failure. Only
-`ComposeMirrorError` is caught; anything else is a bug and keeps its traceback.
+`--project-directory`, `--ansi`, `--progress`). Exit codes: 0 success, 2 bad input, 1 runtime
+failure, the job's own code for `run` and `up --exit-code-from`, 130/143 after SIGINT/SIGTERM.
+Only `ComposeMirrorError` (and the interruption) is caught; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +21,13 @@ import yaml
 
 import composemirror
 from composemirror import ops
+from composemirror.engine import ANSI_CHOICES, PROGRESS_CHOICES, Output, strip_escapes
 from composemirror.errors import ComposeMirrorError
+
+
+class Terminated(BaseException):
+    """SIGTERM outside compose: unwinds like Ctrl-C's KeyboardInterrupt, so `finally` blocks
+    (an image build's temporary context) run; `main` turns it into exit 143."""
 
 
 def main(argv: Sequence[str] | None = None, *, runtime: ops.Runtime | None = None) -> int:
@@ -40,16 +49,46 @@ def main(argv: Sequence[str] | None = None, *, runtime: ops.Runtime | None = Non
         project_directory=args.project_directory,
         config_file=args.config,
     )
+    runtime = runtime or ops.Runtime()
+    global _plain
+    runtime.engine.output = Output.detect(args.ansi, args.progress, terminal=_is_terminal())
+    _plain = runtime.engine.output.ansi == "never"
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return int(args.run(args, options, runtime or ops.Runtime()))
+        return int(args.run(args, options, runtime))
     except ComposeMirrorError as e:
         print(f"composemirror: {e.message}", file=sys.stderr)
         if e.hint:
             print(f"  hint: {e.hint}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        print("composemirror: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Terminated:
+        print("composemirror: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+_plain = False
+"""No escape codes in what composemirror prints (`--ansi never`, or not on a terminal)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _is_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except ValueError:  # closed
+        return False
 
 
 def _progress(message: str) -> None:
+    if _plain:
+        message = strip_escapes(message.encode()).decode("utf-8", "replace")
     print(message, file=sys.stderr, flush=True)
 
 
@@ -58,6 +97,29 @@ def _up(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) ->
         options,
         services=args.services,
         detach=args.detach,
+        build=args.build,
+        flags=ops.UpFlags(
+            abort_on_container_exit=args.abort_on_container_exit,
+            exit_code_from=args.exit_code_from,
+            wait=args.wait,
+            wait_timeout=args.wait_timeout,
+            no_build=args.no_build,
+            quiet_pull=args.quiet_pull,
+            remove_orphans=args.remove_orphans,
+        ),
+        progress=_progress,
+        runtime=runtime,
+    )
+
+
+def _run(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
+    return ops.run(
+        options,
+        args.service,
+        args.command_args,
+        remove=args.rm,
+        env=args.env,
+        no_deps=args.no_deps,
         build=args.build,
         progress=_progress,
         runtime=runtime,
@@ -141,7 +203,7 @@ def _compose(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtim
         compose_args = compose_args[1:]
     if not compose_args:
         raise ComposeMirrorError("give compose a command, e.g. `composemirror compose -- ps`")
-    return ops.compose_passthrough(options, compose_args, runtime=runtime)
+    return ops.compose_passthrough(options, compose_args, progress=_progress, runtime=runtime)
 
 
 def _sandbox(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
@@ -178,13 +240,57 @@ def _parser() -> argparse.ArgumentParser:
         "--config", type=Path, help="composemirror config file (instead of x-composemirror)"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is done")
+    parser.add_argument(
+        "--ansi",
+        choices=ANSI_CHOICES,
+        default="auto",
+        help="control characters in output, as for docker compose (auto: none unless stdout "
+        "is a terminal)",
+    )
+    parser.add_argument(
+        "--progress", choices=PROGRESS_CHOICES, help="compose's progress output type"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = commands.add_parser("up", help="render, build missing images, start the stack")
     up.add_argument("-d", "--detach", action="store_true", help="run in the background")
     up.add_argument("--build", action="store_true", help="build images before starting")
+    up.add_argument(
+        "--abort-on-container-exit",
+        action="store_true",
+        help="stop all containers if one of the project's stops (sidecars and agent excepted)",
+    )
+    up.add_argument(
+        "--exit-code-from",
+        metavar="SERVICE",
+        help="return SERVICE's exit code (implies --abort-on-container-exit)",
+    )
+    up.add_argument(
+        "--wait", action="store_true", help="wait until services are running/healthy (detaches)"
+    )
+    up.add_argument("--wait-timeout", type=int, metavar="SECONDS", help="how long --wait waits")
+    up.add_argument("--no-build", action="store_true", help="do not build the project's images")
+    up.add_argument("--quiet-pull", action="store_true", help="pull without progress")
+    up.add_argument(
+        "--remove-orphans", action="store_true", help="remove containers of removed services"
+    )
     up.add_argument("services", nargs="*", metavar="SERVICE")
     up.set_defaults(run=_up)
+
+    run = commands.add_parser(
+        "run", help="run a one-off command in a service (its sidecar first); its exit code"
+    )
+    run.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    run.add_argument(
+        "-e", "--env", action="append", default=[], metavar="KEY=VAL", help="set a variable"
+    )
+    run.add_argument(
+        "--no-deps", action="store_true", help="start no dependencies (the sidecar still is)"
+    )
+    run.add_argument("--build", action="store_true", help="build images before starting")
+    run.add_argument("service", metavar="SERVICE")
+    run.add_argument("command_args", nargs=argparse.REMAINDER, metavar="COMMAND")
+    run.set_defaults(run=_run)
 
     down = commands.add_parser("down", help="remove everything up created, the agent included")
     down.add_argument(

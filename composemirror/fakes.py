@@ -79,6 +79,8 @@ class FakeEngine(Engine):
         self.builds: list[Build] = []
         self.removed: list[str] = []
         self.execs: list[tuple[str, list[str]]] = []
+        self.terminal = False
+        """What `stdin_is_terminal` answers."""
         self._ids = itertools.count(1)
 
     # -- what the real engine answers -------------------------------------------------------
@@ -139,6 +141,9 @@ class FakeEngine(Engine):
         if command == "up" and code == 0:
             self._start(project)
         return code
+
+    def stdin_is_terminal(self) -> bool:
+        return self.terminal
 
     def image_exists(self, tag: str) -> bool:
         self.client()

@@ -41,7 +41,16 @@ from composemirror.engine import ComposeProject, Engine
 from composemirror.errors import ComposeMirrorError, ConfigError, EngineError
 from composemirror.link import STATUS_FILE
 
-__all__ = ["Check", "Options", "Progress", "Project", "Rendered", "Runtime", "ServiceStatus"]
+__all__ = [
+    "Check",
+    "Options",
+    "Progress",
+    "Project",
+    "Rendered",
+    "Runtime",
+    "ServiceStatus",
+    "UpFlags",
+]
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +133,14 @@ class Rendered:
         return self.session.key_file
 
     def compose_project(self) -> ComposeProject:
-        return ComposeProject(files=(self.path,), name=self.name)
+        """The rendered project as compose addresses it, the tunnel key (once written) in
+        compose's environment for the key secret's `environment:` source."""
+        key = self.key_file.read_text().strip() if self.key_file.is_file() else None
+        return ComposeProject(
+            files=(self.path,),
+            name=self.name,
+            overrides={compose.KEY_ENV: key} if key else {},
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -309,7 +325,6 @@ def rewrite(project: Project, backend: Backend, resolution: Resolution) -> Rende
         sidecar_image=specs[0].tag,
         agent_image=specs[1].tag,
         placement=placement,
-        key_file=str(session.key_file),
         remote_env=resolution.env,
         env_file=_read_env_file(config),
     )
@@ -336,10 +351,18 @@ def up(
     services: Sequence[str] = (),
     detach: bool = False,
     build: bool = False,
+    flags: UpFlags | None = None,
     progress: Progress,
     runtime: Runtime,
 ) -> int:
-    """Render, prepare the backend, build missing images, and start the stack."""
+    """Render, prepare the backend, build missing images, and start the stack.
+
+    Returns 0, or, as `docker compose up` does: the exit code of `flags.exit_code_from`'s
+    container (or, with `abort_on_container_exit`, compose's own code), and 130/143 when the
+    attached `up` was stopped by SIGINT/SIGTERM (`Engine.compose_run`). Raises `EngineError`
+    for any other failure of compose.
+    """
+    flags = flags or UpFlags()
     runtime.engine.client()
     rendered = render(options, write=True, runtime=runtime)
     for notice in rendered.notices:
@@ -347,14 +370,156 @@ def up(
     progress(f"target: {rendered.resolution.description}")
     rendered.backend.prepare(rendered.session, progress)
     ensure_images(rendered.images, force=build, progress=progress, runtime=runtime)
-    args = ["up", *(["--detach"] if detach else []), *(["--build"] if build else []), *services]
+    args = [
+        "up",
+        *(["--detach"] if detach else []),
+        *(["--build"] if build else []),
+        *flags.args(_own_services(rendered)),
+        *services,
+    ]
     code = runtime.engine.compose_run(rendered.compose_project(), args)
-    if code == 0 or (not detach and code == 130):
-        return 0
+    if code == 0 or code in INTERRUPTED or flags.passes_exit_code:
+        return code
     raise EngineError(
         f"docker compose up failed (exit {code})",
         hint="see compose's output above; `composemirror down` removes what was created",
     )
+
+
+INTERRUPTED = (130, 143)
+"""Exit codes after SIGINT and SIGTERM (128 + the signal), as compose and shells report them."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpFlags:
+    """compose's own `up` options that composemirror passes through (`docker compose up --help`).
+
+    `abort_on_container_exit` and `exit_code_from` consider only the user's services: compose
+    (`pkg/compose/up.go`, `runInteractiveUp`) watches for the first container to exit among the
+    services named on the command line, else among those it attaches to, so the sidecars and
+    the agent are left out with `--no-attach` (their logs stay in `compose logs`). The code
+    returned is then that of the first container to exit (`stopOnFirstExit`), or of
+    `exit_code_from`'s (`captureExitCodeFrom`).
+    """
+
+    abort_on_container_exit: bool = False
+    """Stop every container when one of the user's stops."""
+    exit_code_from: str | None = None
+    """Return this service's exit code; implies `abort_on_container_exit` (as in compose)."""
+    wait: bool = False
+    """Return once every service runs, and is healthy where it has a healthcheck (detaches)."""
+    wait_timeout: int | None = None
+    """Seconds `wait` waits at most."""
+    no_build: bool = False
+    """Build none of the project's images (composemirror's own, when missing, still are)."""
+    quiet_pull: bool = False
+    remove_orphans: bool = False
+
+    @property
+    def passes_exit_code(self) -> bool:
+        return self.abort_on_container_exit or self.exit_code_from is not None
+
+    def args(self, own: Sequence[str]) -> list[str]:
+        """compose's flags for these options; `own` are composemirror's services."""
+        args = []
+        if self.passes_exit_code:
+            args += ["--abort-on-container-exit"]
+            args += [f"--no-attach={name}" for name in own]
+        if self.exit_code_from:
+            args += ["--exit-code-from", self.exit_code_from]
+        if self.wait:
+            args += ["--wait"]
+        if self.wait_timeout is not None:
+            args += ["--wait-timeout", str(self.wait_timeout)]
+        if self.no_build:
+            args += ["--no-build"]
+        if self.quiet_pull:
+            args += ["--quiet-pull"]
+        if self.remove_orphans:
+            args += ["--remove-orphans"]
+        return args
+
+
+def _own_services(rendered: Rendered) -> list[str]:
+    """composemirror's services in the rendered project: the sidecars and the agent, if here."""
+    services = rendered.model.get("services") or {}
+    own = [compose.sidecar_name(name) for name in rendered.config.services]
+    return own + ([compose.AGENT_SERVICE] if compose.AGENT_SERVICE in services else [])
+
+
+def run(
+    options: Options,
+    service: str,
+    command: Sequence[str] = (),
+    *,
+    remove: bool = False,
+    env: Sequence[str] = (),
+    no_deps: bool = False,
+    build: bool = False,
+    progress: Progress,
+    runtime: Runtime,
+) -> int:
+    """`docker compose run` of one service of the rendered project; return the command's code.
+
+    As compose's `run` (`cmd/compose/run.go`): a one-off container of `service` with `command`
+    (else the service's), `env` as `-e K=V`, removed afterwards with `remove`, its dependencies
+    started first unless `no_deps`, and its exit code returned. After SIGINT/SIGTERM it returns
+    130/143 and the one-off container is removed (its dependencies stay, as with compose, until
+    `down`).
+    A mirrored service's container joins its sidecar's namespace, so the sidecar (and the agent,
+    when it runs on this engine) are started and healthy first even with `no_deps`. No TTY is
+    asked for when stdin is not a terminal. Raises `ConfigError` for an unknown service and
+    `EngineError` when the sidecar cannot be started.
+    """
+    runtime.engine.client()
+    rendered = render(options, write=True, runtime=runtime)
+    if service not in (rendered.model.get("services") or {}):
+        raise ConfigError(
+            f"no service {service!r} in this project",
+            hint=compose._suggest(service, rendered.model.get("services") or {}),
+        )
+    for notice in rendered.notices:
+        progress(notice)
+    progress(f"target: {rendered.resolution.description}")
+    rendered.backend.prepare(rendered.session, progress)
+    ensure_images(rendered.images, force=build, progress=progress, runtime=runtime)
+    project = rendered.compose_project()
+    if no_deps and service in rendered.config.services:
+        own = [compose.sidecar_name(service)] + [
+            name for name in _own_services(rendered) if name == compose.AGENT_SERVICE
+        ]
+        code = runtime.engine.compose_run(project, ["up", "--detach", "--wait", "--no-deps", *own])
+        if code != 0:
+            if code in INTERRUPTED:
+                return code
+            raise EngineError(
+                f"starting {', '.join(own)} failed (exit {code})",
+                hint="see compose's output above; `composemirror down` removes what was created",
+            )
+    # compose leaves a one-off container running when it is stopped by a signal without a TTY;
+    # a label of this run's own finds it then.
+    token = secrets.token_hex(8)
+    args = [
+        "run",
+        "--label",
+        f"{RUN_LABEL}={token}",
+        *(["--rm"] if remove else []),
+        *(arg for pair in env for arg in ("-e", pair)),
+        *(["--no-deps"] if no_deps else []),
+        *(["--build"] if build else []),
+        *([] if runtime.engine.stdin_is_terminal() else ["--no-TTY"]),
+        service,
+        *command,
+    ]
+    code = runtime.engine.compose_run(project, args)
+    if code in INTERRUPTED:
+        for line in runtime.engine.remove_labelled({RUN_LABEL: token}, volumes=False):
+            progress(f"removed {line}")
+    return code
+
+
+RUN_LABEL = "io.composemirror.run"
+"""On the one-off container of a `run`: that run's own token."""
 
 
 def ensure_images(
@@ -506,10 +671,25 @@ def _attempt(
     return value
 
 
-def compose_passthrough(options: Options, args: Sequence[str], *, runtime: Runtime) -> int:
-    """`docker compose ARGS` on the rendered project."""
+def compose_passthrough(
+    options: Options, args: Sequence[str], *, progress: Progress, runtime: Runtime
+) -> int:
+    """`docker compose ARGS` on the rendered project; return compose's exit code.
+
+    Like `up`, it first builds composemirror's images when they are missing (compose would try
+    to pull them) and, for a command that starts containers (`up`, `run`, `create`, `start`,
+    `restart`), prepares the backend.
+    """
     rendered = render(options, write=True, runtime=runtime)
+    command = next((a for a in args if not a.startswith("-")), "")
+    if command in STARTING_COMMANDS:
+        rendered.backend.prepare(rendered.session, progress)
+    ensure_images(rendered.images, force=False, progress=progress, runtime=runtime)
     return runtime.engine.compose_run(rendered.compose_project(), args)
+
+
+STARTING_COMMANDS = frozenset({"up", "run", "create", "start", "restart"})
+"""compose commands that start containers: the backend is prepared before them."""
 
 
 def sandbox(action: str, *, progress: Progress, runtime: Runtime) -> None:

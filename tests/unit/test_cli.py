@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -214,3 +216,81 @@ def test_flags_reach_compose(project: Project, tmp_path: Path) -> None:
         )
         == "ci-shop"
     )
+
+
+@pytest.mark.parametrize("code", [0, 7])
+def test_run_exits_with_the_jobs_code(project: Project, code: int) -> None:
+    project.engine.exit_codes["run"] = code
+    assert run(project, "run", "--rm", "-e", "A=1", "web", "pytest", "-x", "--lf") == code
+    ((args),) = project.engine.commands()
+    assert args[3:] == ["--rm", "-e", "A=1", "--no-TTY", "web", "pytest", "-x", "--lf"]
+
+
+def test_up_exit_code_from_exits_with_the_jobs_code(project: Project) -> None:
+    project.engine.exit_codes["up"] = 4
+    assert run(project, "up", "--exit-code-from", "web", "--remove-orphans", "web") == 4
+    (args,) = project.engine.commands()
+    assert args[-4:] == ["--exit-code-from", "web", "--remove-orphans", "web"]
+
+
+def test_up_wait(project: Project) -> None:
+    assert run(project, "up", "-d", "--wait", "--wait-timeout", "60", "--no-build") == 0
+    assert project.engine.commands() == [
+        ["up", "--detach", "--wait", "--wait-timeout", "60", "--no-build"]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], "never"),  # captured stdout is no terminal
+        (["--ansi", "always"], "always"),
+        (["--ansi", "never", "--progress", "quiet"], "never"),
+    ],
+)
+def test_ansi_and_progress_reach_compose(project: Project, flags: list[str], expected: str) -> None:
+    assert cli.main([*flags, "-f", str(project.file), "up", "-d"], runtime=project.runtime) == 0
+    assert project.engine.output.ansi == expected
+    if "--progress" in flags:
+        assert project.engine.output.progress == "quiet"
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "message"),
+    [(KeyboardInterrupt, 130, "interrupted"), (cli.Terminated, 143, "terminated")],
+)
+def test_an_interrupted_image_build_exits_without_a_traceback_or_temp_dir(
+    project: Project,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    raised: type[BaseException],
+    code: int,
+    message: str,
+) -> None:
+    builds = tmp_path / "tmp"
+    builds.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(builds))
+    contexts: list[Path] = []
+
+    def interrupted(context: Path, *args: object, **kwargs: object) -> None:
+        contexts.append(context)
+        raise raised
+
+    monkeypatch.setattr(project.engine, "build_image", interrupted)
+    assert run(project, "up", "-d") == code
+    err = capsys.readouterr().err
+    assert err.endswith(f"from debian:bookworm-slim\ncomposemirror: {message}\n")
+    assert "Traceback" not in err
+    assert project.engine.runs == []
+    assert contexts and contexts[0].parent == builds
+    assert list(builds.iterdir()) == []
+
+
+def test_sigterm_during_a_build_unwinds_to_143(project: Project) -> None:
+    def terminated(*args: object, **kwargs: object) -> None:
+        signal.raise_signal(signal.SIGTERM)
+
+    project.engine.build_image = terminated  # type: ignore[method-assign]
+    assert run(project, "up", "-d") == 143
+    assert signal.getsignal(signal.SIGTERM) is not cli._terminate  # restored after main

@@ -48,7 +48,6 @@ PLAN = compose.Plan(
     sidecar_image="composemirror/sidecar:test",
     agent_image="composemirror/agent:test",
     placement=ContainerPlacement(network_mode="container:target"),
-    key_file="/project/.composemirror/tunnel.key",
     remote_env=REMOTE_ENV,
 )
 
@@ -192,7 +191,7 @@ def test_rendered_model_invariants(name: str) -> None:
             local_agent or bool(getattr(plan.placement, "mounts", {}))
         )
         assert (compose.AGENT_SERVICE in (sidecar.get("depends_on") or {})) == local_agent
-    assert rendered["secrets"][compose.KEY_SECRET] == {"file": plan.key_file}
+    assert rendered["secrets"][compose.KEY_SECRET] == {"environment": compose.KEY_ENV}
 
 
 def test_there_is_a_golden_case_per_placement_kind() -> None:

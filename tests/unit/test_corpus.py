@@ -114,12 +114,9 @@ def test_corpus_case(in_case: Path, tmp_path: Path) -> None:
     assert rendered.name == original["name"]
 
     # compose accepts the rendered model, and this is how it reads it
-    key = tmp_path / "tunnel.key"
-    key.write_text("0" * 64 + "\n")
-    model = rendered.model
-    model["secrets"][compose.KEY_SECRET]["file"] = str(key)
+    assert rendered.model["secrets"][compose.KEY_SECRET] == {"environment": compose.KEY_ENV}
     path = tmp_path / "compose.yaml"
-    path.write_text(yaml.safe_dump(model, sort_keys=False, width=1000))
+    path.write_text(yaml.safe_dump(rendered.model, sort_keys=False, width=1000))
     flags = ["-f", str(path), "-p", rendered.name]
     checked = subprocess.run(
         ["docker", "compose", *flags, "config", "-q"], capture_output=True, text=True, check=False

@@ -4,10 +4,15 @@ container is to composemirror, and which docker failures become which errors wit
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import signal
 import stat
+import sys
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +21,7 @@ import docker
 import docker.errors
 import pytest
 
-from composemirror.engine import ComposeProject, Container, Engine
+from composemirror.engine import ComposeProject, Container, Engine, Output
 from composemirror.errors import ConfigError, EngineError
 from composemirror.fakes import FakeEngine
 
@@ -349,6 +354,75 @@ def test_compose_run_returns_composes_exit_code(tmp_path: Path) -> None:
     assert calls(tmp_path) == ["compose -p p up --detach"]
     with pytest.raises(EngineError, match="the docker CLI is not installed"):
         Engine(docker=str(tmp_path / "missing")).compose_run(ComposeProject(), ["ps"])
+
+
+@pytest.mark.parametrize(
+    ("ansi", "progress", "terminal", "flags"),
+    [
+        ("auto", None, True, []),
+        ("auto", None, False, ["--ansi", "never", "--progress", "plain"]),
+        ("auto", "quiet", False, ["--ansi", "never", "--progress", "quiet"]),
+        ("always", None, False, ["--ansi", "always"]),
+        ("never", "tty", True, ["--ansi", "never", "--progress", "tty"]),
+    ],
+)
+def test_output_without_a_terminal_is_plain(
+    ansi: str, progress: str | None, terminal: bool, flags: list[str]
+) -> None:
+    assert Output.detect(ansi, progress, terminal=terminal).flags() == flags
+
+
+def test_compose_output_is_stripped_of_escape_codes_when_plain(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO())
+    engine = Engine(
+        docker=docker_script(
+            tmp_path,
+            r"""
+        printf 'job-1  | ok\n\r\033[Kjob-1 exited with code 3\n'
+        printf '\033[31m\033[1mAborting on container exit...\033[0m\n' >&2
+        exit 3
+    """,
+        )
+    )
+    engine.output = Output.detect("auto", None, terminal=False)
+    assert engine.compose_run(ComposeProject(name="p"), ["up"]) == 3
+    out, err = capfd.readouterr()
+    assert out == "job-1  | ok\njob-1 exited with code 3\n"
+    assert err == "Aborting on container exit...\n"
+    assert calls(tmp_path) == ["compose --ansi never --progress plain -p p up"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_reaches_compose_and_sets_the_exit_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: int
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO())  # not a terminal: compose is forwarded to
+    started = tmp_path / "started"
+    engine = Engine(
+        docker=docker_script(
+            tmp_path,
+            f"""
+        trap 'echo stopping >> {tmp_path}/calls; exit 0' TERM INT
+        touch {started}
+        for i in $(seq 100); do sleep 0.1; done
+        exit 9
+    """,
+        )
+    )
+
+    def signal_when_started() -> None:
+        deadline = time.monotonic() + 10
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signum)
+
+    threading.Thread(target=signal_when_started, daemon=True).start()
+    before = signal.getsignal(signum)
+    assert engine.compose_run(ComposeProject(), ["up"]) == 128 + signum
+    assert calls(tmp_path)[-1] == "stopping"
+    assert signal.getsignal(signum) == before
 
 
 def test_compose_down(tmp_path: Path) -> None:

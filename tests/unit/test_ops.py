@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import yaml
 
 from composemirror import compose, images, ops
 from composemirror.backends import Check, ForwardedPlacement, SessionInfo
+from composemirror.engine import ComposeProject
 from composemirror.errors import ClusterError, ConfigError, EngineError
 from composemirror.fakes import FakeBackend, FakeEngine
 from composemirror.link import ENV_VAR, LinkAddress, SidecarSettings
@@ -38,9 +40,11 @@ def test_render_writes_the_rewritten_project_and_a_private_key(project: Project)
     assert set(written["services"]) == {"web", "web-mirror", "db", compose.AGENT_SERVICE}
     assert written["services"][compose.AGENT_SERVICE]["network_mode"] == "container:fake-target"
     assert written["services"]["web"]["environment"] == {"FROM_TARGET": "yes", "APP_MODE": "local"}
-    assert written["secrets"][compose.KEY_SECRET]["file"] == str(project.render_dir / "tunnel.key")
+    # The key reaches compose as a variable (copied into the containers, never bind-mounted)
+    assert written["secrets"][compose.KEY_SECRET] == {"environment": compose.KEY_ENV}
     key = project.render_dir / "tunnel.key"
     assert len(key.read_text().strip()) == 64
+    assert rendered.compose_project().process_env()[compose.KEY_ENV] == key.read_text().strip()
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert (project.render_dir / ".gitignore").read_text().endswith("*\n")
     assert rendered.path.read_text().startswith("# Rendered by composemirror")
@@ -382,11 +386,135 @@ def test_up_failing_in_compose(project: Project) -> None:
     assert caught.value.hint is not None and "composemirror down" in caught.value.hint
 
 
-def test_ctrl_c_of_an_attached_up_is_success(project: Project) -> None:
-    project.engine.exit_codes["up"] = 130
-    assert up(project)[0] == 0
-    with pytest.raises(EngineError):
-        up(project, detach=True)
+@pytest.mark.parametrize("code", [130, 143])
+def test_an_interrupted_up_exits_as_compose_does(project: Project, code: int) -> None:
+    project.engine.exit_codes["up"] = code
+    assert up(project)[0] == code
+    assert up(project, detach=True)[0] == code
+
+
+@pytest.mark.parametrize("code", [0, 7])
+def test_up_exit_code_from_returns_the_jobs_code_and_ignores_composemirrors_own(
+    project: Project, code: int
+) -> None:
+    project.engine.exit_codes["up"] = code
+    flags = ops.UpFlags(exit_code_from="web")
+    assert up(project, services=["web"], flags=flags)[0] == code
+    (args,) = project.engine.commands()
+    assert args[args.index("--exit-code-from") + 1] == "web"
+    assert "--abort-on-container-exit" in args
+    ignored = {a.removeprefix("--no-attach=") for a in args if a.startswith("--no-attach=")}
+    assert ignored == {"web-mirror", compose.AGENT_SERVICE}
+    assert args[-1] == "web"
+
+
+def test_up_passes_composes_own_options_through(project: Project) -> None:
+    flags = ops.UpFlags(
+        wait=True, wait_timeout=30, no_build=True, quiet_pull=True, remove_orphans=True
+    )
+    assert up(project, detach=True, flags=flags)[0] == 0
+    (args,) = project.engine.commands()
+    assert args == [
+        "up",
+        "--detach",
+        "--wait",
+        "--wait-timeout",
+        "30",
+        "--no-build",
+        "--quiet-pull",
+        "--remove-orphans",
+    ]
+    assert not any(a.startswith("--no-attach") for a in args)
+
+
+def test_abort_on_container_exit_passes_composes_code(project: Project) -> None:
+    project.engine.exit_codes["up"] = 5
+    assert up(project, flags=ops.UpFlags(abort_on_container_exit=True))[0] == 5
+
+
+# -- run -----------------------------------------------------------------------------------------
+
+
+def run(project: Project, *args: Any, **kwargs: Any) -> tuple[int, list[str]]:
+    lines: list[str] = []
+    code = ops.run(project.options, *args, progress=lines.append, runtime=project.runtime, **kwargs)
+    return code, lines
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_run_returns_the_commands_exit_code_without_a_tty(project: Project, code: int) -> None:
+    project.engine.exit_codes["run"] = code
+    result, lines = run(project, "web", ["pytest", "-x"], remove=True, env=["A=1", "B=2"])
+    assert result == code
+    assert "target: fake target" in lines
+    assert [c for c, _ in project.backend.calls].count("prepare") == 1
+    assert {b.tag for b in project.engine.builds}  # composemirror's images were built first
+    ((compose_project, args),) = project.engine.runs
+    assert args[:2] == ["run", "--label"] and args[2].startswith(ops.RUN_LABEL + "=")
+    assert args[3:] == ["--rm", "-e", "A=1", "-e", "B=2", "--no-TTY", "web", "pytest", "-x"]
+    assert compose.KEY_ENV in compose_project.overrides
+
+
+@pytest.mark.parametrize("code", [130, 143])
+def test_an_interrupted_run_removes_its_one_off_container(
+    project: Project, code: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project.engine.exit_codes["run"] = code
+    other = project.engine.add_container("shop-web-run-1", labels={ops.RUN_LABEL: "other"})
+    original = project.engine.compose_run
+
+    def run_starting_a_container(compose_project: ComposeProject, args: Sequence[str]) -> int:
+        label = args[args.index("--label") + 1]
+        key, _, value = label.partition("=")
+        project.engine.add_container("shop-web-run-2", labels={key: value})
+        return original(compose_project, args)
+
+    monkeypatch.setattr(project.engine, "compose_run", run_starting_a_container)
+    result, lines = run(project, "web", remove=True)
+    assert result == code
+    assert "removed container shop-web-run-2" in lines
+    assert project.engine.inspect_container("shop-web-run-2") is None
+    assert project.engine.inspect_container(other.name) is not None
+
+
+def test_run_on_a_terminal_leaves_the_tty_to_compose(project: Project) -> None:
+    project.engine.terminal = True
+    run(project, "db")
+    ((args),) = project.engine.commands()
+    assert args[3:] == ["db"]
+
+
+def test_run_no_deps_of_a_mirrored_service_starts_its_sidecar_and_agent_first(
+    project: Project,
+) -> None:
+    assert run(project, "web", no_deps=True, build=True)[0] == 0
+    first, second = project.engine.commands()
+    assert first == ["up", "--detach", "--wait", "--no-deps", "web-mirror", compose.AGENT_SERVICE]
+    assert second[3:6] == ["--no-deps", "--build", "--no-TTY"]
+
+
+def test_run_no_deps_of_another_service_starts_nothing_else(project: Project) -> None:
+    run(project, "db", no_deps=True)
+    ((args),) = project.engine.commands()
+    assert args[3:] == ["--no-deps", "--no-TTY", "db"]
+
+
+@pytest.mark.parametrize(("code", "raised"), [(1, True), (143, False)])
+def test_run_when_the_sidecar_does_not_start(project: Project, code: int, raised: bool) -> None:
+    project.engine.exit_codes["up"] = code
+    if raised:
+        with pytest.raises(EngineError, match="starting web-mirror"):
+            run(project, "web", no_deps=True)
+    else:
+        assert run(project, "web", no_deps=True)[0] == code
+    assert len(project.engine.runs) == 1
+
+
+def test_run_of_an_unknown_service_is_bad_input(project: Project) -> None:
+    with pytest.raises(ConfigError, match="no service 'wbe'") as caught:
+        run(project, "wbe")
+    assert caught.value.hint == "did you mean 'web'?"
+    assert project.engine.runs == []
 
 
 def test_up_without_an_engine_renders_nothing(project: Project) -> None:
@@ -592,10 +720,24 @@ def test_doctor_with_a_configuration_error(project: Project) -> None:
 
 def test_compose_passthrough_runs_on_the_rendered_project(project: Project) -> None:
     project.engine.exit_codes["logs"] = 4
-    assert ops.compose_passthrough(project.options, ["logs", "web"], runtime=project.runtime) == 4
+    code = ops.compose_passthrough(
+        project.options, ["logs", "web"], progress=print, runtime=project.runtime
+    )
+    assert code == 4
     ((compose_project, args),) = project.engine.runs
     assert args == ["logs", "web"]
     assert compose_project.files == (project.render_dir / "compose.yaml",)
+    assert project.backend.calls[-1][0] == "place"  # nothing started: no prepare
+
+
+def test_compose_passthrough_builds_and_prepares_like_up(project: Project) -> None:
+    args = ["up", "--exit-code-from", "web"]
+    assert (
+        ops.compose_passthrough(project.options, args, progress=print, runtime=project.runtime) == 0
+    )
+    assert len(project.engine.builds) == 2
+    assert "prepare" in [c for c, _ in project.backend.calls]
+    assert project.engine.commands() == [args]
 
 
 def test_sandbox_up_and_down_go_to_the_sandbox(project: Project) -> None:

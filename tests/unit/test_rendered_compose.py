@@ -41,10 +41,7 @@ def docker_compose(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 
 def write_project(model: dict[str, Any], folder: Path) -> Path:
-    """Write the model as ops does (YAML), with the tunnel key it references in `folder`."""
-    key = folder / "tunnel.key"
-    key.write_text("0" * 64 + "\n")
-    model["secrets"][compose.KEY_SECRET]["file"] = str(key)
+    """Write the model as ops does (YAML) in `folder`."""
     path = folder / "compose.yaml"
     path.write_text(yaml.safe_dump(model, sort_keys=False, default_flow_style=False, width=1000))
     return path
