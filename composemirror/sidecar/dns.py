@@ -36,6 +36,11 @@ CACHE_SIZE = 10_000
 NEGATIVE_TTL = 5
 MAX_TTL = 300
 BOOK_SIZE = 65_536
+UDP_PAYLOAD = 512
+"""The most a UDP answer may hold for a query without EDNS (RFC 1035 4.2.1)."""
+AD_BIT = 0x20
+CD_BIT = 0x10
+"""Bits of the header's second flags byte (RFC 4035 3.2)."""
 
 
 class Book:
@@ -135,11 +140,25 @@ def question_of(query: bytes) -> tuple[int, tuple[str, int, int]] | None:
 
 
 def splice(cached: bytes, query: bytes, end: int) -> bytes | None:
-    """`cached` answering `query`: the query's id, RD bit and question (with its letter case)."""
+    """`cached` answering `query`: the query's id, RD and CD bits and question (with its letter
+    case). AD stays only for a client that asked with AD or DO (RFC 6840 5.7-5.8): an answer
+    cached for one client must not vouch for its data to another that did not ask."""
     if cached[12:end].lower() != query[12:end].lower():
         return None
     flags = (cached[2] & 0xFE) | (query[2] & 0x01)
-    return query[:2] + bytes((flags,)) + cached[3:12] + query[12:end] + cached[end:]
+    low = (cached[3] & ~(AD_BIT | CD_BIT)) | (query[3] & CD_BIT)
+    if query[3] & AD_BIT or _asks_dnssec(query, end):
+        low |= cached[3] & AD_BIT
+    return query[:2] + bytes((flags, low)) + cached[4:12] + query[12:end] + cached[end:]
+
+
+def _asks_dnssec(query: bytes, end: int) -> bool:
+    """Whether the query's additional section holds an EDNS OPT record with DO set (RFC 3225).
+    Read from the wire: the OPT record follows the question, with an empty owner name."""
+    if query[10:12] == b"\x00\x00" or len(query) < end + 11 or query[end] != 0:
+        return False
+    rtype, _, _, _, flags = struct.unpack_from("!HHBBH", query, end + 1)
+    return rtype == QTYPE.OPT and bool(flags & 0x8000)
 
 
 def cache_ttl(record: DNSRecord) -> int:
@@ -228,7 +247,7 @@ class Resolver:
         except (TimeoutError, OSError, TunnelClosed) as e:
             log.debug("%s (%s): %s", name, route, e)
             self.counters.dns_failed += 1
-            failure = request.reply()
+            failure = _reply_to(request)
             failure.header.rcode = RCODE.SERVFAIL
             return bytes(failure.pack())
         if route == Route.LOCAL:
@@ -275,7 +294,7 @@ class Resolver:
         if not addresses:
             return None
         question = request.q
-        reply = request.reply()
+        reply = _reply_to(request)
         for address in addresses:
             if question.qtype == QTYPE.A and ":" not in address:
                 reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(address), ttl=60))
@@ -333,8 +352,10 @@ class UdpServer(asyncio.DatagramProtocol):
         self._send(await self.resolver.answer(data), data, addr)
 
     def _send(self, response: bytes, query: bytes, addr: tuple[str, int]) -> None:
-        if len(response) > 512 and len(response) > _udp_limit(query):
-            response = _truncated(response)
+        if len(response) > UDP_PAYLOAD:
+            limit = _udp_limit(query)
+            if len(response) > limit:
+                response = truncate(response, limit)
         if self.transport is not None:
             self.transport.sendto(response, addr)
 
@@ -363,20 +384,43 @@ def _as_reply(request: DNSRecord, response: DNSRecord) -> bytes:
     return bytes(response.pack())
 
 
+def _reply_to(request: DNSRecord) -> DNSRecord:
+    """An empty response to `request` made here: not authoritative and not authenticated (dnslib's
+    `reply()` sets AA and copies the query's AD)."""
+    reply = request.reply(aa=0)
+    reply.header.ad = 0
+    return reply
+
+
 def _udp_limit(query: bytes) -> int:
+    """The largest UDP answer the client takes: its EDNS payload size, else 512 (RFC 6891 6.2.5)."""
     try:
         request = DNSRecord.parse(query)
     except Exception:  # already answered FORMERR; the limit does not matter
-        return 512
+        return UDP_PAYLOAD
     for rr in request.ar:
         if rr.rtype == QTYPE.OPT:
-            return max(512, int(rr.rclass))
-    return 512
+            return max(UDP_PAYLOAD, int(rr.rclass))
+    return UDP_PAYLOAD
 
 
-def _truncated(response: bytes) -> bytes:
+def truncate(response: bytes, limit: int) -> bytes:
+    """`response` cut to `limit` bytes as a name server does it: header and question kept, TC
+    set, then as many whole answer records as fit, the rest of the message dropped (RFC 1035
+    4.1.1 and 4.2.1, RFC 2181 9; miekg/dns `Msg.Truncate`, which CoreDNS uses, does the same).
+    A stub resolver such as glibc's retries a TC answer over TCP only when it can match the
+    question, so the question must stay. An EDNS OPT record is kept (RFC 6891 7)."""
     record = DNSRecord.parse(response)
-    short = record.truncate()
+    opt = [rr for rr in record.ar if rr.rtype == QTYPE.OPT]
+    short = DNSRecord(DNSHeader(id=record.header.id, bitmap=record.header.bitmap))
+    short.header.tc = 1
+    short.questions = list(record.questions)
+    short.ar = list(opt)
+    for rr in record.rr:
+        short.rr.append(rr)
+        if len(short.pack()) > limit:
+            short.rr.pop()
+            break
     return bytes(short.pack())
 
 
