@@ -312,6 +312,7 @@ def rewrite(project: Project, backend: Backend, resolution: Resolution) -> Rende
         key_file=str(session.key_file),
         remote_env=resolution.env,
         env_file=_read_env_file(config),
+        resolver=resolution.resolver,
     )
     notices = (
         *(f"ignored (no effect at the network level): {key}" for key in config.ignored),

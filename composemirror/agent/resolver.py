@@ -15,7 +15,16 @@ import random
 import struct
 from dataclasses import dataclass
 
-from dnslib import QTYPE, RCODE, DNSError, DNSHeader, DNSLabelError, DNSQuestion, DNSRecord
+from dnslib import (
+    QTYPE,
+    RCODE,
+    DNSError,
+    DNSHeader,
+    DNSLabel,
+    DNSLabelError,
+    DNSQuestion,
+    DNSRecord,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +70,27 @@ def parse_resolv_conf(text: str) -> ResolvConf:
     )
 
 
-class Resolver:
-    """Answers raw DNS queries as the target's nameservers answer the same question."""
+def candidates(name: str, conf: ResolvConf) -> list[str]:
+    """The names a stub resolver with `conf` tries for `name`, in order (resolv.conf(5)'s ndots
+    rule as glibc applies it)."""
+    name = name.rstrip(".")
+    if not name:
+        return ["."]
+    expanded = [f"{name}.{domain}" for domain in conf.search]
+    return [name, *expanded] if name.count(".") >= conf.ndots else [*expanded, name]
 
-    def __init__(self, conf: ResolvConf) -> None:
+
+class Resolver:
+    """Answers raw DNS queries as the target's nameservers answer the same question.
+
+    `expand` is for a caller whose app did not get the target's search list and ndots (a pod
+    agent until its backend reports the pod's resolver): then a name is tried with the search
+    list, as before. Otherwise (the default) exactly the name asked is resolved.
+    """
+
+    def __init__(self, conf: ResolvConf, *, expand: bool = False) -> None:
         self.conf = conf
+        self.expand = expand
 
     async def resolve(self, query: bytes) -> bytes:
         """The response to `query`: always a response (FORMERR, SERVFAIL at worst)."""
@@ -76,14 +101,24 @@ class Resolver:
         if not request.questions:
             return _formerr(query)
         question = request.q
-        # Every name on the wire is absolute: no search list here (the app's resolver applied it).
+        # Every name on the wire is absolute: the app's resolver applied the search list.
         name = str(question.qname).rstrip(".") or "."
-        try:
-            response = await self.ask(name, question.qtype, question.qclass)
-        except (TimeoutError, OSError, DNSError, DNSLabelError) as e:
-            log.debug("lookup of %s failed: %s", name, e)
+        names = candidates(name, self.conf) if self.expand else [name]
+        response: DNSRecord | None = None
+        looked_up = name
+        for candidate in names:
+            try:
+                answer = await self.ask(candidate, question.qtype, question.qclass)
+            except (TimeoutError, OSError, DNSError, DNSLabelError) as e:
+                log.debug("lookup of %s failed: %s", candidate, e)
+                continue
+            if answer.header.rcode != RCODE.NXDOMAIN or response is None:
+                response, looked_up = answer, candidate
+            if answer.header.rcode == RCODE.NOERROR and answer.rr:
+                break
+        if response is None:
             return bytes(_servfail(request).pack())
-        return bytes(_reply(request, response).pack())
+        return bytes(_reply(request, response, looked_up).pack())
 
     async def ask(self, name: str, qtype: int, qclass: int) -> DNSRecord:
         """One question to the nameservers: UDP, then TCP when the answer is truncated."""
@@ -107,10 +142,11 @@ class Resolver:
         raise last
 
 
-def _reply(request: DNSRecord, response: DNSRecord) -> DNSRecord:
-    """`response` as the answer to `request`: the client's id, RD bit and question (with its
-    letter case); the upstream's AA, AD and RCODE, never more (RFC 1035 4.1.1, RFC 4035 3.2.3:
-    AD only when the upstream set it and the client asked with AD or DO)."""
+def _reply(request: DNSRecord, response: DNSRecord, looked_up: str) -> DNSRecord:
+    """`response` (for `looked_up`) as the answer to `request`: the client's id, RD bit and
+    question (with its letter case), records for `looked_up` under the name asked; the
+    upstream's AA, AD and RCODE, never more (RFC 1035 4.1.1; RFC 6840 5.8: AD only when the
+    upstream set it and the client asked with AD or DO)."""
     reply = DNSRecord(
         DNSHeader(
             id=request.header.id,
@@ -126,9 +162,10 @@ def _reply(request: DNSRecord, response: DNSRecord) -> DNSRecord:
         q=request.q,
     )
     asked = request.q.qname
+    found = DNSLabel(looked_up)
     for record in response.rr:
-        if record.rname == asked:
-            record.rname = asked  # the client's letter case
+        if record.rname == found:
+            record.rname = asked
         reply.add_answer(record)
     for record in response.auth:
         reply.add_auth(record)

@@ -223,8 +223,8 @@ class Zone(Resolver):
         "exact.test.team.svc.cluster.local": "10.124.0.32",
     }
 
-    def __init__(self, conf: ResolvConf) -> None:
-        super().__init__(conf)
+    def __init__(self, conf: ResolvConf, *, expand: bool = False) -> None:
+        super().__init__(conf, expand=expand)
         self.asked: list[str] = []
 
     async def ask(self, name: str, qtype: int, qclass: int) -> DNSRecord:
@@ -431,3 +431,10 @@ def test_a_datagram_sent_with_the_open_is_echoed(tmp_path: Path) -> None:
         echo.close()
 
     run(scenario())
+
+
+def test_a_pod_agent_without_the_apps_search_list_still_expands_short_names() -> None:
+    zone = Zone(parse_resolv_conf(POD.replace("team.svc", "shop.svc")), expand=True)
+    reply = DNSRecord.parse(run_value(zone.resolve(DNSRecord.question("orders").pack())))
+    assert [(str(rr.rname), str(rr.rdata)) for rr in reply.rr] == [("orders.", "10.96.0.21")]
+    assert zone.asked[0] == "orders.shop.svc.cluster.local"
