@@ -37,6 +37,8 @@ NEGATIVE_TTL = 5
 MAX_TTL = 300
 BOOK_SIZE = 65_536
 UDP_PAYLOAD = 512
+EDNS_PAYLOAD = 1232
+"""The UDP payload size this server advertises over EDNS (DNS Flag Day 2020's figure)."""
 """The most a UDP answer may hold for a query without EDNS (RFC 1035 4.2.1)."""
 AD_BIT = 0x20
 CD_BIT = 0x10
@@ -152,13 +154,36 @@ def splice(cached: bytes, query: bytes, end: int) -> bytes | None:
     return query[:2] + bytes((flags, low)) + cached[4:12] + query[12:end] + cached[end:]
 
 
-def _asks_dnssec(query: bytes, end: int) -> bool:
-    """Whether the query's additional section holds an EDNS OPT record with DO set (RFC 3225).
-    Read from the wire: the OPT record follows the question, with an empty owner name."""
+def _opt_flags(query: bytes, end: int) -> int | None:
+    """The flags of the query's EDNS OPT record (RFC 6891 6.1.3), None without one. Read from the
+    wire: a one-question query's OPT record follows the question, with an empty owner name."""
     if query[10:12] == b"\x00\x00" or len(query) < end + 11 or query[end] != 0:
-        return False
+        return None
     rtype, _, _, _, flags = struct.unpack_from("!HHBBH", query, end + 1)
-    return rtype == QTYPE.OPT and bool(flags & 0x8000)
+    return int(flags) if rtype == QTYPE.OPT else None
+
+
+def _asks_dnssec(query: bytes, end: int) -> bool:
+    """Whether the query set EDNS's DO bit (RFC 3225)."""
+    return bool((_opt_flags(query, end) or 0) & 0x8000)
+
+
+def with_edns(response: bytes, query: bytes) -> bytes:
+    """`response` with an OPT record exactly when `query` had one (RFC 6891 7: a responder
+    answers EDNS with EDNS, and a query without it with none). Answers are built and cached
+    without OPT; this adds ours, advertising EDNS_PAYLOAD."""
+    parsed = question_of(query)
+    if parsed is None or _opt_flags(query, parsed[0]) is None or len(response) < 12:
+        return response
+    additional = struct.unpack_from("!H", response, 10)[0] + 1
+    opt = b"\x00" + struct.pack("!HHIH", QTYPE.OPT, EDNS_PAYLOAD, 0, 0)
+    return response[:10] + struct.pack("!H", additional) + response[12:] + opt
+
+
+def without_edns(record: DNSRecord) -> DNSRecord:
+    """`record` without its OPT record, so it can answer any query (see `with_edns`)."""
+    record.ar = [rr for rr in record.ar if rr.rtype != QTYPE.OPT]
+    return record
 
 
 def cache_ttl(record: DNSRecord) -> int:
@@ -216,9 +241,10 @@ class Resolver:
         end, key = parsed
         wire = self.cache.wire(key)
         reply = None if wire is None else splice(wire, query, end)
-        if reply is not None:
-            self.counters.dns_cached += 1
-        return reply
+        if reply is None:
+            return None
+        self.counters.dns_cached += 1
+        return with_edns(reply, query)
 
     async def answer(self, query: bytes) -> bytes:
         """The response to a raw query (always a response, never an exception)."""
@@ -249,7 +275,7 @@ class Resolver:
             self.counters.dns_failed += 1
             failure = _reply_to(request)
             failure.header.rcode = RCODE.SERVFAIL
-            return bytes(failure.pack())
+            return with_edns(bytes(failure.pack()), query)
         if route == Route.LOCAL:
             self.counters.dns_local += 1
         else:
@@ -257,8 +283,9 @@ class Resolver:
         for rr in response.rr:
             if rr.rtype in (QTYPE.A, QTYPE.AAAA):
                 self.book.remember(str(rr.rdata), name, route)
+        response = without_edns(response)
         self.cache.put(key, response)
-        return _as_reply(request, response)
+        return with_edns(_as_reply(request, response), query)
 
     async def ask_local(self, request: DNSRecord, alias_of: str | None = None) -> DNSRecord:
         """Ask Docker's DNS; for a `hosts` name, ask for its compose service instead."""

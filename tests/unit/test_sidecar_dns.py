@@ -350,3 +350,16 @@ def test_answers_made_here_are_not_authoritative_nor_authenticated() -> None:
     reply = DNSRecord.parse(asyncio.run(resolver(None).answer(query.pack())))
     assert reply.header.rcode == RCODE.SERVFAIL
     assert reply.header.aa == 0 and reply.header.ad == 0
+
+
+def test_an_edns_query_gets_an_opt_record_and_a_plain_one_none() -> None:
+    """RFC 6891 7: EDNS answered with EDNS, fresh or cached; never OPT to a plain query."""
+    r = resolver(FakeTunnel({"orders.shop.svc.cluster.local": "10.96.0.21"}))
+    edns = DNSRecord.question("orders.shop.svc.cluster.local")
+    edns.add_ar(EDNS0(udp_len=4096))
+    plain = DNSRecord.question("orders.shop.svc.cluster.local")
+    for query in (edns, plain, edns, plain):  # the first fresh, the rest from the cache
+        reply = DNSRecord.parse(asyncio.run(r.answer(query.pack())))
+        opts = [rr for rr in reply.ar if rr.rtype == QTYPE.OPT]
+        assert len(opts) == (1 if query is edns else 0)
+        assert [str(rr.rdata) for rr in reply.rr] == ["10.96.0.21"]
