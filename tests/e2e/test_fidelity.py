@@ -196,3 +196,21 @@ def test_answer_flags_are_the_cluster_dns_own(mirrored: None, flag: str) -> None
     target, first = both(command)
     _, cached = both(command)
     assert target == first == cached
+
+
+# Fault 2 (open): the app's connect() completes before the remote one has.
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 10 fault 2: the proxy's listening socket completes the app's handshake before "
+    "the agent reports the remote outcome, so a refusal reaches the app as a reset",
+)
+def test_a_refused_port_is_refused_in_the_app_too(mirrored: None) -> None:
+    address = docker(
+        "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", DNS
+    ).stdout.strip()
+    command = f"curl -sS -m 10 -o /dev/null http://{address}:8081/; echo curl $?"
+    target, app = both(command)
+    assert target.endswith("curl 7\n")
+    assert target == app
