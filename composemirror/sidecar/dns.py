@@ -215,6 +215,7 @@ class Resolver:
         remote_enabled: bool,
         mark: int,
         hosts_file: Path = Path("/etc/hosts"),
+        search: tuple[str, ...] = (),
     ) -> None:
         self.tunnels = tunnels
         self.book = book
@@ -227,11 +228,30 @@ class Resolver:
         self.mark = mark
         self.cache = Cache()
         self.static = read_hosts_file(hosts_file)
+        self.search = tuple(normalise_name(domain) for domain in search)
+        """The namespace's search domains (the target's): see `shadows_local`."""
 
     def route(self, name: str) -> Route:
         if not self.remote_enabled:
             return Route.LOCAL
         return route_query(name, dns=self.dns_filter, outgoing=self.outgoing, scope=self.scope)
+
+    def shadows_local(self, name: str) -> bool:
+        """Whether `name` is a project name expanded with a search domain, e.g. `db` tried as
+        `db.team.svc.cluster.local` because the app resolves with the target's `ndots:5`.
+
+        The project's own names stay local (the fidelity principle), so such a name is
+        NXDOMAIN here, without asking the cluster: the app's resolver then tries the next
+        candidate and reaches the bare name, which is local. A name the filters send remote,
+        or a `hosts` name, is never shadowed.
+        """
+        if not self.remote_enabled or name in self.hosts or self.route(name) == Route.LOCAL:
+            return False
+        for domain in self.search:
+            stem = name.removesuffix("." + domain)
+            if stem != name and (stem in self.hosts or self.scope.owns_name(stem)):
+                return self.route(stem) == Route.LOCAL
+        return False
 
     def cached(self, query: bytes) -> bytes | None:
         """The response from the cache, synchronously, or None (then `answer` it)."""
@@ -260,6 +280,11 @@ class Resolver:
         question = request.q
         name = normalise_name(str(question.qname))
         key = (name, question.qtype, question.qclass)
+        if self.shadows_local(name):
+            self.counters.dns_local += 1
+            missing = _reply_to(request)
+            missing.header.rcode = RCODE.NXDOMAIN
+            return with_edns(bytes(missing.pack()), query)
         route = Route.LOCAL if name in self.hosts else self.route(name)
         try:
             if name in self.hosts:
@@ -340,6 +365,20 @@ class Resolver:
             return await loop.sock_recv(sock, 65535)
         finally:
             sock.close()
+
+
+def read_search(path: Path = Path("/etc/resolv.conf")) -> tuple[str, ...]:
+    """The search domains of a resolv.conf(5) (the last `search` or `domain` line, as glibc)."""
+    search: tuple[str, ...] = ()
+    try:
+        text = path.read_text()
+    except OSError:
+        return search
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split(";", 1)[0].split()
+        if words and words[0] in ("search", "domain"):
+            search = tuple(w.rstrip(".") for w in words[1:] if w.rstrip("."))
+    return search
 
 
 def read_hosts_file(path: Path) -> dict[str, list[str]]:

@@ -38,6 +38,7 @@ RECORDS = {
     "10.124.0.32": f"exact.test.{SEARCH}",
     "10.124.0.33": f"shop-db.{SEARCH}",
     "10.124.0.40": LONG_FOUND,
+    "10.124.0.50": f"db.{SEARCH}",
 }
 """The cluster's names (dnsmasq's hosts file): `big.example.test` has 100 addresses."""
 
@@ -59,7 +60,8 @@ def mirrored(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
                     "name": PROJECT,
                     "x-composemirror": {"target": f"docker://{TARGET}", "services": ["app"]},
                     "services": {
-                        "app": {"image": IMAGE, "command": ["sleep", "infinity"], "init": True}
+                        "app": {"image": IMAGE, "command": ["sleep", "infinity"], "init": True},
+                        "db": {"image": IMAGE, "command": ["sleep", "infinity"], "init": True},
                     },
                 }
             )
@@ -168,6 +170,23 @@ def test_names_resolve_as_in_the_target(mirrored: None, command: list[str]) -> N
         assert f"search {SEARCH}" in app and "ndots:5" in app
     else:
         assert target == app
+
+
+def test_a_project_name_stays_local_though_the_search_list_finds_it_in_the_cluster(
+    mirrored: None,
+) -> None:
+    """`db` under `ndots:5` is tried as `db.team.svc.cluster.local` first, which the cluster
+    has; the project's own `db` still wins, as everything Docker's DNS answers for it does."""
+    local = docker(
+        "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        f"{PROJECT}-db-1",
+    ).stdout.strip()  # fmt: skip
+    result = exec_in(APP, ["getent", "hosts", "db"])
+    assert result.returncode == 0 and result.stdout.split()[0] == local
+    # On the wire the expansion and the written-out name are one name (README, "How names are
+    # decided"): the cluster's `db` takes a `remote` filter entry.
+    cluster = exec_in(APP, ["getent", "hosts", f"db.{SEARCH}."])
+    assert cluster.returncode == 2
 
 
 # Fault 7: names near the 255-byte limit.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -363,3 +364,29 @@ def test_an_edns_query_gets_an_opt_record_and_a_plain_one_none() -> None:
         opts = [rr for rr in reply.ar if rr.rtype == QTYPE.OPT]
         assert len(opts) == (1 if query is edns else 0)
         assert [str(rr.rdata) for rr in reply.rr] == ["10.96.0.21"]
+
+
+def test_a_project_name_expanded_with_a_search_domain_stays_local(tmp_path: Path) -> None:
+    """With the target's `ndots:5` the app tries `db.team.svc.cluster.local` before `db`: a
+    cluster service of that name must not shadow the project's own `db`."""
+    cluster = {
+        "db.team.svc.cluster.local": "10.96.0.40",
+        "orders.team.svc.cluster.local": "10.96.0.21",
+    }
+    tunnel = FakeTunnel(dict(cluster))
+    r = resolver(tunnel, search=("team.svc.cluster.local",))
+    assert ask(r, "db.team.svc.cluster.local").header.rcode == RCODE.NXDOMAIN
+    assert addresses(ask(r, "db")) == ["172.20.0.5"]
+    assert addresses(ask(r, "orders.team.svc.cluster.local")) == ["10.96.0.21"]
+    assert tunnel.asked == ["orders.team.svc.cluster.local"]
+    # A filter that sends the project name remote sends its expansions there too.
+    remote = resolver(
+        FakeTunnel(dict(cluster)),
+        search=("team.svc.cluster.local",),
+        dns_filter=parse_filter("remote", ["db", "db.team.svc.cluster.local"], protocols=False),
+    )
+    assert addresses(ask(remote, "db.team.svc.cluster.local")) == ["10.96.0.40"]
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.11\nsearch team.svc.cluster.local. svc.cluster.local\n")
+    assert dns.read_search(resolv) == ("team.svc.cluster.local", "svc.cluster.local")
+    assert dns.read_search(tmp_path / "missing") == ()
