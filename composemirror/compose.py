@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from composemirror import environment
-from composemirror.backends import ContainerPlacement, ForwardedPlacement, Placement
+from composemirror.backends import ContainerPlacement, ForwardedPlacement, Placement, Resolver
 from composemirror.config import BLOCK, Config
 from composemirror.errors import ConfigError
 from composemirror.link import (
@@ -76,6 +76,9 @@ class Plan:
     remote_env: Mapping[str, str] = field(default_factory=dict)
     env_file: Mapping[str, str] = field(default_factory=dict)
     """Values of `feature.env.env_file`, already read."""
+    resolver: Resolver | None = None
+    """The target's resolver: its `search` and `ndots` become the app's (through its sidecar's
+    `dns_search` and `dns_opt`, since the app shares the sidecar's resolv.conf)."""
 
 
 def sidecar_name(service: str) -> str:
@@ -318,6 +321,8 @@ def _sidecar(
     for key in MOVED_KEYS:
         if app.get(key) is not None:
             sidecar[key] = copy.deepcopy(app[key])
+    if plan.resolver is not None:
+        _resolve_as(sidecar, plan.resolver)
     if isinstance(plan.placement, ForwardedPlacement) and plan.placement.extra_hosts:
         sidecar["extra_hosts"] = _with_hosts(sidecar.get("extra_hosts"), plan.placement.extra_hosts)
     if app.get("restart") is not None:
@@ -332,6 +337,15 @@ def _sidecar(
         networks[network_name] = network
     sidecar["networks"] = networks
     return sidecar
+
+
+def _resolve_as(sidecar: dict[str, Any], resolver: Resolver) -> None:
+    """Give the namespace the target's `search` and `ndots`, so the app's own resolver expands
+    names as the target's does and every query on the wire is absolute. Docker reads `.` as "no
+    search domains" (else the host's would apply). Other `dns_opt` entries of the app stay."""
+    sidecar["dns_search"] = list(resolver.search) or ["."]
+    options = [o for o in sidecar.get("dns_opt") or () if not str(o).startswith("ndots:")]
+    sidecar["dns_opt"] = [*options, f"ndots:{resolver.ndots}"]
 
 
 def _redirect(service: dict[str, Any], mirrored: tuple[str, ...]) -> None:

@@ -327,6 +327,7 @@ def rewrite(project: Project, backend: Backend, resolution: Resolution) -> Rende
         placement=placement,
         remote_env=resolution.env,
         env_file=_read_env_file(config),
+        resolver=resolution.resolver,
     )
     notices = (
         *(f"ignored (no effect at the network level): {key}" for key in config.ignored),

@@ -19,7 +19,7 @@ from composemirror.protocol import key_from_text
 async def run(listen: LinkAddress, key_file: Path, resolv_conf: Path) -> None:
     conf = parse_resolv_conf(resolv_conf.read_text() if resolv_conf.exists() else "")
     logging.getLogger(__name__).info(
-        "resolving with nameservers %s, search %s, ndots %d",
+        "resolving names as asked with nameservers %s (the app applies search %s, ndots %d)",
         ",".join(conf.nameservers),
         " ".join(conf.search) or "-",
         conf.ndots,

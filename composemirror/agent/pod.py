@@ -114,7 +114,9 @@ async def run(environ: MutableMapping[str, str]) -> None:
     resolv = Path("/etc/resolv.conf")
     conf = parse_resolv_conf(resolv.read_text() if resolv.exists() else "")
     async with tasks.scope() as spawner:
-        agent = IdleAgent(key, Resolver(conf), spawner)
+        # The Kubernetes backend reports no resolver yet, so the app's resolv.conf lacks the pod's
+        # search list: expand here until it does.
+        agent = IdleAgent(key, Resolver(conf, expand=True), spawner)
         server = await agent.serve(TcpAddress("127.0.0.1", port))
         report = target_environment(environ, targeted=targeted)
         log.info("environment from %s (%d variables)", report.source, len(report.env))

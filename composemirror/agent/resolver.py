@@ -1,8 +1,10 @@
-"""DNS as the target resolves it: its nameservers, search domains and ndots, from resolv.conf.
+"""DNS as the target resolves it: its nameservers (and their timeout and attempts) from resolv.conf.
 
-The sidecar forwards the app's queries as the app sent them; here a relative name is expanded
-with the target's search list (as a pod's resolver does) and the answer is given back under the
-name that was asked. dnslib parses and builds messages; sockets are asyncio's.
+Every name on the DNS wire is absolute: the app's own resolver has already applied the target's
+search list and ndots (the sidecar gives the app the target's resolv.conf settings), so the name
+asked is resolved exactly, once, as the cluster's DNS would resolve it for the target. Answers
+keep the upstream's flags and never claim AA or AD they did not get. dnslib parses and builds
+messages; sockets are asyncio's.
 """
 
 from __future__ import annotations
@@ -13,7 +15,16 @@ import random
 import struct
 from dataclasses import dataclass
 
-from dnslib import QTYPE, RCODE, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
+from dnslib import (
+    QTYPE,
+    RCODE,
+    DNSError,
+    DNSHeader,
+    DNSLabel,
+    DNSLabelError,
+    DNSQuestion,
+    DNSRecord,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +71,8 @@ def parse_resolv_conf(text: str) -> ResolvConf:
 
 
 def candidates(name: str, conf: ResolvConf) -> list[str]:
-    """The names a resolver with `conf` tries for `name`, in order (resolv.conf's ndots rule)."""
+    """The names a stub resolver with `conf` tries for `name`, in order (resolv.conf(5)'s ndots
+    rule as glibc applies it)."""
     name = name.rstrip(".")
     if not name:
         return ["."]
@@ -69,12 +81,19 @@ def candidates(name: str, conf: ResolvConf) -> list[str]:
 
 
 class Resolver:
-    """Answers raw DNS queries the way the target's own resolver would."""
+    """Answers raw DNS queries as the target's nameservers answer the same question.
 
-    def __init__(self, conf: ResolvConf) -> None:
+    `expand` is for a caller whose app did not get the target's search list and ndots (a pod
+    agent until its backend reports the pod's resolver): then a name is tried with the search
+    list, as before. Otherwise (the default) exactly the name asked is resolved.
+    """
+
+    def __init__(self, conf: ResolvConf, *, expand: bool = False) -> None:
         self.conf = conf
+        self.expand = expand
 
     async def resolve(self, query: bytes) -> bytes:
+        """The response to `query`: always a response (FORMERR, SERVFAIL at worst)."""
         try:
             request = DNSRecord.parse(query)
         except Exception:  # dnslib raises many kinds on garbage; all mean "not a query"
@@ -82,36 +101,24 @@ class Resolver:
         if not request.questions:
             return _formerr(query)
         question = request.q
-        asked = str(question.qname)
-        nodata: DNSRecord | None = None
-        failed = False
-        negative: DNSRecord | None = None
-        for name in candidates(asked, self.conf):
+        # Every name on the wire is absolute: the app's resolver applied the search list.
+        name = str(question.qname).rstrip(".") or "."
+        names = candidates(name, self.conf) if self.expand else [name]
+        response: DNSRecord | None = None
+        looked_up = name
+        for candidate in names:
             try:
-                response = await self.ask(name, question.qtype, question.qclass)
-            except (TimeoutError, OSError, ValueError) as e:
-                log.debug("lookup of %s failed: %s", name, e)
-                failed = True
+                answer = await self.ask(candidate, question.qtype, question.qclass)
+            except (TimeoutError, OSError, DNSError, DNSLabelError) as e:
+                log.debug("lookup of %s failed: %s", candidate, e)
                 continue
-            rcode = response.header.rcode
-            if rcode == RCODE.NOERROR and response.rr:
-                return bytes(_reply(request, response, name).pack())
-            if rcode == RCODE.NOERROR:
-                nodata = nodata or _reply(request, response, name)
-            elif rcode == RCODE.NXDOMAIN:
-                negative = response
-            else:
-                failed = True
-        if nodata is not None:
-            return bytes(nodata.pack())
-        if failed:
+            if answer.header.rcode != RCODE.NXDOMAIN or response is None:
+                response, looked_up = answer, candidate
+            if answer.header.rcode == RCODE.NOERROR and answer.rr:
+                break
+        if response is None:
             return bytes(_servfail(request).pack())
-        reply = request.reply()
-        reply.header.rcode = RCODE.NXDOMAIN
-        if negative is not None:
-            for record in negative.auth:
-                reply.add_auth(record)
-        return bytes(reply.pack())
+        return bytes(_reply(request, response, looked_up).pack())
 
     async def ask(self, name: str, qtype: int, qclass: int) -> DNSRecord:
         """One question to the nameservers: UDP, then TCP when the answer is truncated."""
@@ -135,14 +142,29 @@ class Resolver:
         raise last
 
 
-def _reply(request: DNSRecord, response: DNSRecord, name: str) -> DNSRecord:
-    """`response` (for `name`) as the answer to `request`, under the name the client asked."""
-    reply = request.reply()
-    reply.header.rcode = response.header.rcode
+def _reply(request: DNSRecord, response: DNSRecord, looked_up: str) -> DNSRecord:
+    """`response` (for `looked_up`) as the answer to `request`: the client's id, RD bit and
+    question (with its letter case), records for `looked_up` under the name asked; the
+    upstream's AA, AD and RCODE, never more (RFC 1035 4.1.1; RFC 6840 5.8: AD only when the
+    upstream set it and the client asked with AD or DO)."""
+    reply = DNSRecord(
+        DNSHeader(
+            id=request.header.id,
+            qr=1,
+            opcode=request.header.opcode,
+            aa=response.header.aa,
+            rd=request.header.rd,
+            ra=response.header.ra,
+            ad=response.header.ad and (request.header.ad or _dnssec_ok(request)),
+            cd=request.header.cd,
+            rcode=response.header.rcode,
+        ),
+        q=request.q,
+    )
     asked = request.q.qname
-    looked_up = DNSLabel(name)
+    found = DNSLabel(looked_up)
     for record in response.rr:
-        if record.rname == looked_up:
+        if record.rname == found:
             record.rname = asked
         reply.add_answer(record)
     for record in response.auth:
@@ -153,8 +175,14 @@ def _reply(request: DNSRecord, response: DNSRecord, name: str) -> DNSRecord:
     return reply
 
 
+def _dnssec_ok(request: DNSRecord) -> bool:
+    """The DO bit of the query's EDNS OPT record (RFC 3225)."""
+    return any(rr.rtype == QTYPE.OPT and rr.ttl & 0x8000 for rr in request.ar)
+
+
 def _servfail(request: DNSRecord) -> DNSRecord:
-    reply = request.reply()
+    reply = request.reply(aa=0)
+    reply.header.ad = 0
     reply.header.rcode = RCODE.SERVFAIL
     return reply
 

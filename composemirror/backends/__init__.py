@@ -49,6 +49,28 @@ class Resolver:
     ndots: int = 1
     nameservers: tuple[str, ...] = ()
 
+    @classmethod
+    def parse(cls, text: str) -> Resolver:
+        """The settings of a resolv.conf(5) text as glibc reads them: the last `search` or
+        `domain` line wins, `ndots` is capped at 15. (The agent reads its own copy in place.)"""
+        search: tuple[str, ...] = ()
+        ndots = 1
+        nameservers: list[str] = []
+        for line in text.splitlines():
+            words = line.split("#", 1)[0].split(";", 1)[0].split()
+            if not words:
+                continue
+            if words[0] == "nameserver" and len(words) > 1:
+                nameservers.append(words[1])
+            elif words[0] in ("search", "domain"):
+                search = tuple(w.rstrip(".") for w in words[1:] if w.rstrip("."))
+            elif words[0] == "options":
+                for option in words[1:]:
+                    key, _, value = option.partition(":")
+                    if key == "ndots" and value.isdigit():
+                        ndots = min(int(value), 15)
+        return cls(search=search, ndots=ndots, nameservers=tuple(nameservers))
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Resolution:

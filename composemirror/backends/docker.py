@@ -1,7 +1,8 @@
 """`docker://CONTAINER` targets: a container on this engine stands in for the deployed app.
 
 The agent joins the container's network namespace (its resolver, routes and peers), and the
-container's configured environment is what the app imports. Nothing is created beyond the
+container's configured environment is what the app imports, its resolv.conf's `search` and
+`ndots` what the app's resolver uses. Nothing is created beyond the
 rendered project, so there is nothing to prepare or tear down.
 """
 
@@ -15,6 +16,7 @@ from composemirror.backends import (
     Placement,
     Progress,
     Resolution,
+    Resolver,
     SessionInfo,
 )
 from composemirror.config import Config
@@ -44,10 +46,12 @@ class DockerBackend:
                 f"target {target}: container {name!r} is {container.state}",
                 hint=f"start it with `docker start {name}`",
             )
+        resolv_conf = self.engine.exec_output(container.id, ["cat", "/etc/resolv.conf"])
         return Resolution(
             description=f"container {container.name}",
             target=container.name,
             env=dict(container.env),
+            resolver=None if resolv_conf is None else Resolver.parse(resolv_conf),
         )
 
     def place(self, config: Config, resolution: Resolution, session: SessionInfo) -> Placement:

@@ -73,6 +73,7 @@ async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
         outgoing=outgoing,
         remote_enabled=settings.dns_enabled,
         mark=MARK,
+        search=dns.read_search(),
     )
     await loop.create_datagram_endpoint(
         lambda: dns.UdpServer(resolver, spawner), local_addr=("127.0.0.1", DNS_PORT)

@@ -36,6 +36,13 @@ CACHE_SIZE = 10_000
 NEGATIVE_TTL = 5
 MAX_TTL = 300
 BOOK_SIZE = 65_536
+UDP_PAYLOAD = 512
+EDNS_PAYLOAD = 1232
+"""The UDP payload size this server advertises over EDNS (DNS Flag Day 2020's figure)."""
+"""The most a UDP answer may hold for a query without EDNS (RFC 1035 4.2.1)."""
+AD_BIT = 0x20
+CD_BIT = 0x10
+"""Bits of the header's second flags byte (RFC 4035 3.2)."""
 
 
 class Book:
@@ -135,11 +142,48 @@ def question_of(query: bytes) -> tuple[int, tuple[str, int, int]] | None:
 
 
 def splice(cached: bytes, query: bytes, end: int) -> bytes | None:
-    """`cached` answering `query`: the query's id, RD bit and question (with its letter case)."""
+    """`cached` answering `query`: the query's id, RD and CD bits and question (with its letter
+    case). AD stays only for a client that asked with AD or DO (RFC 6840 5.7-5.8): an answer
+    cached for one client must not vouch for its data to another that did not ask."""
     if cached[12:end].lower() != query[12:end].lower():
         return None
     flags = (cached[2] & 0xFE) | (query[2] & 0x01)
-    return query[:2] + bytes((flags,)) + cached[3:12] + query[12:end] + cached[end:]
+    low = (cached[3] & ~(AD_BIT | CD_BIT)) | (query[3] & CD_BIT)
+    if query[3] & AD_BIT or _asks_dnssec(query, end):
+        low |= cached[3] & AD_BIT
+    return query[:2] + bytes((flags, low)) + cached[4:12] + query[12:end] + cached[end:]
+
+
+def _opt_flags(query: bytes, end: int) -> int | None:
+    """The flags of the query's EDNS OPT record (RFC 6891 6.1.3), None without one. Read from the
+    wire: a one-question query's OPT record follows the question, with an empty owner name."""
+    if query[10:12] == b"\x00\x00" or len(query) < end + 11 or query[end] != 0:
+        return None
+    rtype, _, _, _, flags = struct.unpack_from("!HHBBH", query, end + 1)
+    return int(flags) if rtype == QTYPE.OPT else None
+
+
+def _asks_dnssec(query: bytes, end: int) -> bool:
+    """Whether the query set EDNS's DO bit (RFC 3225)."""
+    return bool((_opt_flags(query, end) or 0) & 0x8000)
+
+
+def with_edns(response: bytes, query: bytes) -> bytes:
+    """`response` with an OPT record exactly when `query` had one (RFC 6891 7: a responder
+    answers EDNS with EDNS, and a query without it with none). Answers are built and cached
+    without OPT; this adds ours, advertising EDNS_PAYLOAD."""
+    parsed = question_of(query)
+    if parsed is None or _opt_flags(query, parsed[0]) is None or len(response) < 12:
+        return response
+    additional = struct.unpack_from("!H", response, 10)[0] + 1
+    opt = b"\x00" + struct.pack("!HHIH", QTYPE.OPT, EDNS_PAYLOAD, 0, 0)
+    return response[:10] + struct.pack("!H", additional) + response[12:] + opt
+
+
+def without_edns(record: DNSRecord) -> DNSRecord:
+    """`record` without its OPT record, so it can answer any query (see `with_edns`)."""
+    record.ar = [rr for rr in record.ar if rr.rtype != QTYPE.OPT]
+    return record
 
 
 def cache_ttl(record: DNSRecord) -> int:
@@ -171,6 +215,7 @@ class Resolver:
         remote_enabled: bool,
         mark: int,
         hosts_file: Path = Path("/etc/hosts"),
+        search: tuple[str, ...] = (),
     ) -> None:
         self.tunnels = tunnels
         self.book = book
@@ -183,11 +228,30 @@ class Resolver:
         self.mark = mark
         self.cache = Cache()
         self.static = read_hosts_file(hosts_file)
+        self.search = tuple(normalise_name(domain) for domain in search)
+        """The namespace's search domains (the target's): see `shadows_local`."""
 
     def route(self, name: str) -> Route:
         if not self.remote_enabled:
             return Route.LOCAL
         return route_query(name, dns=self.dns_filter, outgoing=self.outgoing, scope=self.scope)
+
+    def shadows_local(self, name: str) -> bool:
+        """Whether `name` is a project name expanded with a search domain, e.g. `db` tried as
+        `db.team.svc.cluster.local` because the app resolves with the target's `ndots:5`.
+
+        The project's own names stay local (the fidelity principle), so such a name is
+        NXDOMAIN here, without asking the cluster: the app's resolver then tries the next
+        candidate and reaches the bare name, which is local. A name the filters send remote,
+        or a `hosts` name, is never shadowed.
+        """
+        if not self.remote_enabled or name in self.hosts or self.route(name) == Route.LOCAL:
+            return False
+        for domain in self.search:
+            stem = name.removesuffix("." + domain)
+            if stem != name and (stem in self.hosts or self.scope.owns_name(stem)):
+                return self.route(stem) == Route.LOCAL
+        return False
 
     def cached(self, query: bytes) -> bytes | None:
         """The response from the cache, synchronously, or None (then `answer` it)."""
@@ -197,9 +261,10 @@ class Resolver:
         end, key = parsed
         wire = self.cache.wire(key)
         reply = None if wire is None else splice(wire, query, end)
-        if reply is not None:
-            self.counters.dns_cached += 1
-        return reply
+        if reply is None:
+            return None
+        self.counters.dns_cached += 1
+        return with_edns(reply, query)
 
     async def answer(self, query: bytes) -> bytes:
         """The response to a raw query (always a response, never an exception)."""
@@ -215,6 +280,11 @@ class Resolver:
         question = request.q
         name = normalise_name(str(question.qname))
         key = (name, question.qtype, question.qclass)
+        if self.shadows_local(name):
+            self.counters.dns_local += 1
+            missing = _reply_to(request)
+            missing.header.rcode = RCODE.NXDOMAIN
+            return with_edns(bytes(missing.pack()), query)
         route = Route.LOCAL if name in self.hosts else self.route(name)
         try:
             if name in self.hosts:
@@ -228,9 +298,9 @@ class Resolver:
         except (TimeoutError, OSError, TunnelClosed) as e:
             log.debug("%s (%s): %s", name, route, e)
             self.counters.dns_failed += 1
-            failure = request.reply()
+            failure = _reply_to(request)
             failure.header.rcode = RCODE.SERVFAIL
-            return bytes(failure.pack())
+            return with_edns(bytes(failure.pack()), query)
         if route == Route.LOCAL:
             self.counters.dns_local += 1
         else:
@@ -238,8 +308,9 @@ class Resolver:
         for rr in response.rr:
             if rr.rtype in (QTYPE.A, QTYPE.AAAA):
                 self.book.remember(str(rr.rdata), name, route)
+        response = without_edns(response)
         self.cache.put(key, response)
-        return _as_reply(request, response)
+        return with_edns(_as_reply(request, response), query)
 
     async def ask_local(self, request: DNSRecord, alias_of: str | None = None) -> DNSRecord:
         """Ask Docker's DNS; for a `hosts` name, ask for its compose service instead."""
@@ -275,7 +346,7 @@ class Resolver:
         if not addresses:
             return None
         question = request.q
-        reply = request.reply()
+        reply = _reply_to(request)
         for address in addresses:
             if question.qtype == QTYPE.A and ":" not in address:
                 reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(address), ttl=60))
@@ -294,6 +365,20 @@ class Resolver:
             return await loop.sock_recv(sock, 65535)
         finally:
             sock.close()
+
+
+def read_search(path: Path = Path("/etc/resolv.conf")) -> tuple[str, ...]:
+    """The search domains of a resolv.conf(5) (the last `search` or `domain` line, as glibc)."""
+    search: tuple[str, ...] = ()
+    try:
+        text = path.read_text()
+    except OSError:
+        return search
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split(";", 1)[0].split()
+        if words and words[0] in ("search", "domain"):
+            search = tuple(w.rstrip(".") for w in words[1:] if w.rstrip("."))
+    return search
 
 
 def read_hosts_file(path: Path) -> dict[str, list[str]]:
@@ -333,8 +418,10 @@ class UdpServer(asyncio.DatagramProtocol):
         self._send(await self.resolver.answer(data), data, addr)
 
     def _send(self, response: bytes, query: bytes, addr: tuple[str, int]) -> None:
-        if len(response) > 512 and len(response) > _udp_limit(query):
-            response = _truncated(response)
+        if len(response) > UDP_PAYLOAD:
+            limit = _udp_limit(query)
+            if len(response) > limit:
+                response = truncate(response, limit)
         if self.transport is not None:
             self.transport.sendto(response, addr)
 
@@ -363,20 +450,43 @@ def _as_reply(request: DNSRecord, response: DNSRecord) -> bytes:
     return bytes(response.pack())
 
 
+def _reply_to(request: DNSRecord) -> DNSRecord:
+    """An empty response to `request` made here: not authoritative and not authenticated (dnslib's
+    `reply()` sets AA and copies the query's AD)."""
+    reply = request.reply(aa=0)
+    reply.header.ad = 0
+    return reply
+
+
 def _udp_limit(query: bytes) -> int:
+    """The largest UDP answer the client takes: its EDNS payload size, else 512 (RFC 6891 6.2.5)."""
     try:
         request = DNSRecord.parse(query)
     except Exception:  # already answered FORMERR; the limit does not matter
-        return 512
+        return UDP_PAYLOAD
     for rr in request.ar:
         if rr.rtype == QTYPE.OPT:
-            return max(512, int(rr.rclass))
-    return 512
+            return max(UDP_PAYLOAD, int(rr.rclass))
+    return UDP_PAYLOAD
 
 
-def _truncated(response: bytes) -> bytes:
+def truncate(response: bytes, limit: int) -> bytes:
+    """`response` cut to `limit` bytes as a name server does it: header and question kept, TC
+    set, then as many whole answer records as fit, the rest of the message dropped (RFC 1035
+    4.1.1 and 4.2.1, RFC 2181 9; miekg/dns `Msg.Truncate`, which CoreDNS uses, does the same).
+    A stub resolver such as glibc's retries a TC answer over TCP only when it can match the
+    question, so the question must stay. An EDNS OPT record is kept (RFC 6891 7)."""
     record = DNSRecord.parse(response)
-    short = record.truncate()
+    opt = [rr for rr in record.ar if rr.rtype == QTYPE.OPT]
+    short = DNSRecord(DNSHeader(id=record.header.id, bitmap=record.header.bitmap))
+    short.header.tc = 1
+    short.questions = list(record.questions)
+    short.ar = list(opt)
+    for rr in record.rr:
+        short.rr.append(rr)
+        if len(short.pack()) > limit:
+            short.rr.pop()
+            break
     return bytes(short.pack())
 
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from composemirror import compose
-from composemirror.backends import ContainerPlacement, ForwardedPlacement
+from composemirror.backends import ContainerPlacement, ForwardedPlacement, Resolver
 from composemirror.config import BLOCK, Config, load
 from composemirror.errors import ConfigError
 from composemirror.link import AGENT_LINK, ENV_VAR, LinkAddress, SidecarSettings
@@ -588,3 +588,19 @@ def test_project_names() -> None:
         "web-mirror",
         "composemirror-agent",
     }
+
+
+def test_the_app_resolves_with_the_targets_search_list_and_ndots() -> None:
+    """The app shares its sidecar's resolv.conf: the target's `search` and `ndots` go there, the
+    app's other resolver options stay, and the app's own search list and ndots give way."""
+    model = model_of(web=service(dns_search=["local.test"], dns_opt=["ndots:2", "timeout:1"]))
+    resolver = Resolver(search=("team.svc.cluster.local", "svc.cluster.local"), ndots=5)
+    rendered = compose.rewrite(model, config_of(), replace(PLAN, resolver=resolver))
+    sidecar = rendered["services"]["web-mirror"]
+    assert sidecar["dns_search"] == ["team.svc.cluster.local", "svc.cluster.local"]
+    assert sidecar["dns_opt"] == ["timeout:1", "ndots:5"]
+    assert "dns_search" not in rendered["services"]["web"]
+    # A target without search domains: `.` tells Docker not to use the host's.
+    bare = compose.rewrite(model_of(web=service()), config_of(), replace(PLAN, resolver=Resolver()))
+    assert bare["services"]["web-mirror"]["dns_search"] == ["."]
+    assert bare["services"]["web-mirror"]["dns_opt"] == ["ndots:1"]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from dnslib import QTYPE, RCODE, RR, SOA, A, DNSRecord
+from dnslib import EDNS0, QTYPE, RCODE, RR, SOA, A, DNSRecord
 
 from composemirror.errors import TunnelClosed
 from composemirror.filters import Route, Scope, parse_filter
@@ -250,3 +251,142 @@ def test_garbage_never_reaches_the_cache_path(garbage: bytes) -> None:
     assert dns.question_of(garbage) is None
     reply = asyncio.run(resolver(FakeTunnel({})).answer(garbage))
     assert len(reply) >= 2
+
+
+def big_answer(count: int = 100) -> bytes:
+    """An answer with `count` A records, far over 512 bytes, as the cluster DNS gives it."""
+    reply = DNSRecord.question("big.example.test").reply(aa=0)
+    for i in range(count):
+        reply.add_answer(RR("big.example.test", QTYPE.A, rdata=A(f"10.124.1.{i}"), ttl=60))
+    return bytes(reply.pack())
+
+
+def test_an_answer_over_512_bytes_is_truncated_with_its_question_kept() -> None:
+    """glibc retries a TC answer over TCP only when its question matches the query's."""
+    full = big_answer()
+    short = DNSRecord.parse(dns.truncate(full, 512))
+    assert len(dns.truncate(full, 512)) <= 512
+    assert short.header.tc == 1
+    assert [str(q.qname) for q in short.questions] == ["big.example.test."]
+    assert short.header.id == DNSRecord.parse(full).header.id
+    # Whole records only, each one of the full answer's.
+    assert 0 < len(short.rr) < 100
+    assert {str(rr.rdata) for rr in short.rr} <= {f"10.124.1.{i}" for i in range(100)}
+
+
+def test_a_client_without_edns_gets_a_truncated_udp_answer_and_tcp_the_whole() -> None:
+    class Transport:
+        sent: ClassVar[list[bytes]] = []
+
+        def sendto(self, data: bytes, addr: object) -> None:
+            self.sent.append(data)
+
+    server = dns.UdpServer(resolver(FakeTunnel({})), tasks=None)  # type: ignore[arg-type]
+    server.transport = Transport()  # type: ignore[assignment]
+    query = DNSRecord.question("big.example.test").pack()
+    server._send(big_answer(), query, ("127.0.0.1", 5353))
+    udp = DNSRecord.parse(Transport.sent[-1])
+    assert udp.header.tc == 1 and len(Transport.sent[-1]) <= 512
+    assert str(udp.q.qname) == "big.example.test."
+    # With EDNS and a 4096-byte buffer the whole answer fits.
+    edns = DNSRecord.question("big.example.test")
+    edns.add_ar(EDNS0(udp_len=4096))
+    server._send(big_answer(), edns.pack(), ("127.0.0.1", 5353))
+    assert len(DNSRecord.parse(Transport.sent[-1]).rr) == 100
+
+    async def over_tcp() -> bytes:
+        r = resolver(FakeTunnel({}))
+        r.cache.put(("big.example.test", QTYPE.A, 1), DNSRecord.parse(big_answer()))
+        reader = asyncio.StreamReader()
+        reader.feed_data(len(query).to_bytes(2, "big") + query)
+        reader.feed_eof()
+        written = bytearray()
+
+        class Writer:
+            def write(self, data: bytes) -> None:
+                written.extend(data)
+
+            async def drain(self) -> None:
+                pass
+
+            def close(self) -> None:
+                pass
+
+        await dns.serve_tcp(r, reader, Writer())  # type: ignore[arg-type]
+        return bytes(written[2:])
+
+    tcp = DNSRecord.parse(asyncio.run(over_tcp()))
+    assert tcp.header.tc == 0 and len(tcp.rr) == 100
+
+
+def test_cached_answers_claim_ad_only_to_clients_that_ask_for_it() -> None:
+    """RFC 6840 5.8: AD goes to a client that set AD or DO, never to one that did not."""
+    validated = DNSRecord.question("signed.example.test").reply(aa=0)
+    validated.header.ad = 1
+    validated.add_answer(RR("signed.example.test", QTYPE.A, rdata=A("10.124.0.9"), ttl=60))
+    r = resolver(FakeTunnel({}))
+    r.cache.put(("signed.example.test", QTYPE.A, 1), validated)
+
+    def cached(query: DNSRecord) -> DNSRecord:
+        reply = r.cached(query.pack())
+        assert reply is not None
+        return DNSRecord.parse(reply)
+
+    plain = DNSRecord.question("signed.example.test")
+    assert cached(plain).header.ad == 0
+    asking = DNSRecord.question("signed.example.test")
+    asking.header.ad = 1
+    assert cached(asking).header.ad == 1
+    dnssec = DNSRecord.question("signed.example.test")
+    dnssec.add_ar(EDNS0(flags="do", udp_len=1232))
+    assert cached(dnssec).header.ad == 1
+    checking = DNSRecord.question("signed.example.test")
+    checking.header.cd = 1
+    assert cached(checking).header.cd == 1 and cached(plain).header.cd == 0
+
+
+def test_answers_made_here_are_not_authoritative_nor_authenticated() -> None:
+    query = DNSRecord.question("nowhere.example.test")
+    query.header.ad = 1
+    reply = DNSRecord.parse(asyncio.run(resolver(None).answer(query.pack())))
+    assert reply.header.rcode == RCODE.SERVFAIL
+    assert reply.header.aa == 0 and reply.header.ad == 0
+
+
+def test_an_edns_query_gets_an_opt_record_and_a_plain_one_none() -> None:
+    """RFC 6891 7: EDNS answered with EDNS, fresh or cached; never OPT to a plain query."""
+    r = resolver(FakeTunnel({"orders.shop.svc.cluster.local": "10.96.0.21"}))
+    edns = DNSRecord.question("orders.shop.svc.cluster.local")
+    edns.add_ar(EDNS0(udp_len=4096))
+    plain = DNSRecord.question("orders.shop.svc.cluster.local")
+    for query in (edns, plain, edns, plain):  # the first fresh, the rest from the cache
+        reply = DNSRecord.parse(asyncio.run(r.answer(query.pack())))
+        opts = [rr for rr in reply.ar if rr.rtype == QTYPE.OPT]
+        assert len(opts) == (1 if query is edns else 0)
+        assert [str(rr.rdata) for rr in reply.rr] == ["10.96.0.21"]
+
+
+def test_a_project_name_expanded_with_a_search_domain_stays_local(tmp_path: Path) -> None:
+    """With the target's `ndots:5` the app tries `db.team.svc.cluster.local` before `db`: a
+    cluster service of that name must not shadow the project's own `db`."""
+    cluster = {
+        "db.team.svc.cluster.local": "10.96.0.40",
+        "orders.team.svc.cluster.local": "10.96.0.21",
+    }
+    tunnel = FakeTunnel(dict(cluster))
+    r = resolver(tunnel, search=("team.svc.cluster.local",))
+    assert ask(r, "db.team.svc.cluster.local").header.rcode == RCODE.NXDOMAIN
+    assert addresses(ask(r, "db")) == ["172.20.0.5"]
+    assert addresses(ask(r, "orders.team.svc.cluster.local")) == ["10.96.0.21"]
+    assert tunnel.asked == ["orders.team.svc.cluster.local"]
+    # A filter that sends the project name remote sends its expansions there too.
+    remote = resolver(
+        FakeTunnel(dict(cluster)),
+        search=("team.svc.cluster.local",),
+        dns_filter=parse_filter("remote", ["db", "db.team.svc.cluster.local"], protocols=False),
+    )
+    assert addresses(ask(remote, "db.team.svc.cluster.local")) == ["10.96.0.40"]
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.11\nsearch team.svc.cluster.local. svc.cluster.local\n")
+    assert dns.read_search(resolv) == ("team.svc.cluster.local", "svc.cluster.local")
+    assert dns.read_search(tmp_path / "missing") == ()

@@ -10,14 +10,15 @@ import asyncio
 import contextlib
 import hashlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
-from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+from dnslib import QTYPE, RCODE, RR, A, DNSLabelError, DNSRecord
 
 from composemirror import tasks
-from composemirror.agent.resolver import ResolvConf, Resolver, candidates, parse_resolv_conf
+from composemirror.agent.resolver import ResolvConf, Resolver, parse_resolv_conf
 from composemirror.agent.server import Agent
 from composemirror.bridge import Bridge, reset_transport
 from composemirror.datagrams import StreamFlow
@@ -212,75 +213,118 @@ def test_a_stalled_stream_does_not_stop_another(tmp_path: Path) -> None:
     run(scenario())
 
 
-def test_dns_goes_through_the_agent_with_its_search_domains(tmp_path: Path) -> None:
-    class Zone(Resolver):
-        """The agent's resolver with a fake nameserver: only orders.shop.svc.cluster.local."""
+class Zone(Resolver):
+    """The agent's resolver with a fake cluster DNS answering from a table (no AA, as CoreDNS
+    answers cluster names it forwards; `exact.test` and its search-expanded form both exist)."""
 
-        async def ask(self, name: str, qtype: int, qclass: int) -> DNSRecord:
-            self.asked.append(name)
-            reply = DNSRecord.question(name, QTYPE[qtype]).reply()
-            if name == "orders.shop.svc.cluster.local" and qtype == QTYPE.A:
-                reply.add_answer(RR(name, QTYPE.A, rdata=A("10.96.0.21"), ttl=5))
-            elif name != "orders.shop.svc.cluster.local":
-                reply.header.rcode = RCODE.NXDOMAIN
-            return reply
+    table: ClassVar[dict[str, str]] = {
+        "orders.shop.svc.cluster.local": "10.96.0.21",
+        "exact.test": "10.124.0.31",
+        "exact.test.team.svc.cluster.local": "10.124.0.32",
+    }
 
-    conf = parse_resolv_conf(
-        "nameserver 10.96.0.10\nsearch shop.svc.cluster.local "
-        "svc.cluster.local cluster.local\noptions ndots:5\n"
-    )
-    zone = Zone(conf)
-    zone.asked = []  # type: ignore[attr-defined]
+    def __init__(self, conf: ResolvConf, *, expand: bool = False) -> None:
+        super().__init__(conf, expand=expand)
+        self.asked: list[str] = []
+
+    async def ask(self, name: str, qtype: int, qclass: int) -> DNSRecord:
+        self.asked.append(name)
+        reply = DNSRecord.question(name, QTYPE[qtype]).reply(aa=0)
+        if name in self.table and qtype == QTYPE.A:
+            reply.add_answer(RR(name, QTYPE.A, rdata=A(self.table[name]), ttl=5))
+        elif name not in self.table:
+            reply.header.rcode = RCODE.NXDOMAIN
+        return reply
+
+
+POD = (
+    "nameserver 10.96.0.10\nsearch team.svc.cluster.local "
+    "svc.cluster.local cluster.local\noptions ndots:5\n"
+)
+
+
+def test_the_agent_resolves_exactly_the_name_asked_never_expanding_it(tmp_path: Path) -> None:
+    """Every name on the DNS wire is absolute: the app's own resolver applied the target's search
+    list already, so a second expansion here would answer for a different name."""
+    zone = Zone(parse_resolv_conf(POD))
 
     async def scenario() -> None:
         async with harness(tmp_path, echo_then_close, zone) as (rig, _):
-            answer = DNSRecord.parse(await rig.tunnel.query(DNSRecord.question("orders").pack()))
-            assert [str(rr.rname) for rr in answer.rr] == ["orders."]
-            assert [str(rr.rdata) for rr in answer.rr] == ["10.96.0.21"]
-            missing = DNSRecord.parse(await rig.tunnel.query(DNSRecord.question("nothere").pack()))
+
+            async def ask(name: str) -> DNSRecord:
+                return DNSRecord.parse(await rig.tunnel.query(DNSRecord.question(name).pack()))
+
+            exact = await ask("exact.test")
+            assert [str(rr.rdata) for rr in exact.rr] == ["10.124.0.31"]
+            assert [str(rr.rname) for rr in exact.rr] == ["exact.test."]
+            expanded = await ask("exact.test.team.svc.cluster.local")
+            assert [str(rr.rdata) for rr in expanded.rr] == ["10.124.0.32"]
+            short = await ask("orders")
+            assert short.header.rcode == RCODE.NXDOMAIN
+            assert short.header.aa == 0 and short.header.ad == 0
+
+    run(scenario())
+    assert zone.asked == ["exact.test", "exact.test.team.svc.cluster.local", "orders"]
+
+
+@pytest.mark.parametrize("length", [232, 237, 253])
+def test_names_near_the_length_limit_get_an_answer_at_once(tmp_path: Path, length: int) -> None:
+    """A long missing name is NXDOMAIN, a long existing one resolves; neither waits for a
+    timeout (RFC 1035 2.3.4: 255 bytes on the wire, 253 characters written out)."""
+    labels = ["a" * 63, "b" * 63, "c" * 63]
+    name = ".".join(labels)
+    name = name + "." + "d" * (length - len(name) - 1)
+    assert len(name) == length
+    zone = Zone(parse_resolv_conf(POD))
+    zone.table = {**Zone.table, name: "10.124.0.40"}
+
+    async def scenario() -> None:
+        async with harness(tmp_path, echo_then_close, zone) as (rig, _):
+            found = DNSRecord.parse(
+                await asyncio.wait_for(rig.tunnel.query(DNSRecord.question(name).pack()), 2)
+            )
+            assert [str(rr.rdata) for rr in found.rr] == ["10.124.0.40"]
+            missing = DNSRecord.parse(
+                await asyncio.wait_for(
+                    rig.tunnel.query(DNSRecord.question("x" + name[1:]).pack()), 2
+                )
+            )
             assert missing.header.rcode == RCODE.NXDOMAIN
 
     run(scenario())
-    assert zone.asked[0] == "orders.shop.svc.cluster.local"  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize(
-    ("name", "expected"),
-    [
-        (
-            "orders",
-            [
-                "orders.shop.svc.cluster.local",
-                "orders.svc.cluster.local",
-                "orders.cluster.local",
-                "orders",
-            ],
-        ),
-        (
-            "orders.",
-            [
-                "orders.shop.svc.cluster.local",
-                "orders.svc.cluster.local",
-                "orders.cluster.local",
-                "orders",
-            ],
-        ),
-        (
-            "a.b.c.d.e.f",
-            [
-                "a.b.c.d.e.f",
-                "a.b.c.d.e.f.shop.svc.cluster.local",
-                "a.b.c.d.e.f.svc.cluster.local",
-                "a.b.c.d.e.f.cluster.local",
-            ],
-        ),
-    ],
-)
-def test_search_candidates_follow_ndots(name: str, expected: list[str]) -> None:
-    conf = ResolvConf(
-        search=("shop.svc.cluster.local", "svc.cluster.local", "cluster.local"), ndots=5
-    )
-    assert candidates(name, conf) == expected
+def test_answers_keep_the_upstreams_flags_and_never_claim_ad_for_a_plain_query() -> None:
+    class Signed(Zone):
+        async def ask(self, name: str, qtype: int, qclass: int) -> DNSRecord:
+            reply = await super().ask(name, qtype, qclass)
+            reply.header.ad = 1
+            return reply
+
+    agent = Signed(parse_resolv_conf(POD))
+    plain = DNSRecord.question("exact.test")
+    plain.header.ad = 0
+    reply = DNSRecord.parse(run_value(agent.resolve(plain.pack())))
+    assert reply.header.aa == 0 and reply.header.ad == 0 and reply.header.ra == 1
+    asking = DNSRecord.question("exact.test")
+    asking.header.ad = 1
+    assert DNSRecord.parse(run_value(agent.resolve(asking.pack()))).header.ad == 1
+
+
+def test_a_question_the_nameservers_cannot_take_is_answered_servfail_not_dropped() -> None:
+    """An error in a lookup is an answer (SERVFAIL), never an exception left in a task while
+    the app waits out its timeout."""
+
+    class Broken(Resolver):
+        async def ask(self, name: str, qtype: int, qclass: int) -> DNSRecord:
+            raise DNSLabelError(f"Domain label too long: {name}")
+
+    reply = DNSRecord.parse(run_value(Broken(ResolvConf()).resolve(DNSRecord.question("x").pack())))
+    assert reply.header.rcode == RCODE.SERVFAIL and reply.header.aa == 0
+
+
+def run_value(coroutine: Coroutine[Any, Any, bytes]) -> bytes:
+    return asyncio.run(coroutine)
 
 
 def test_resolv_conf_is_read_as_the_libc_reads_it() -> None:
@@ -387,3 +431,10 @@ def test_a_datagram_sent_with_the_open_is_echoed(tmp_path: Path) -> None:
         echo.close()
 
     run(scenario())
+
+
+def test_a_pod_agent_without_the_apps_search_list_still_expands_short_names() -> None:
+    zone = Zone(parse_resolv_conf(POD.replace("team.svc", "shop.svc")), expand=True)
+    reply = DNSRecord.parse(run_value(zone.resolve(DNSRecord.question("orders").pack())))
+    assert [(str(rr.rname), str(rr.rdata)) for rr in reply.rr] == [("orders.", "10.96.0.21")]
+    assert zone.asked[0] == "orders.shop.svc.cluster.local"
