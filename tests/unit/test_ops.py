@@ -229,9 +229,33 @@ def test_up_prepares_builds_and_starts_in_that_order(project: Project) -> None:
     ((compose_project, _),) = project.engine.runs
     assert compose_project.files == (project.render_dir / "compose.yaml",)
     assert compose_project.name == "shop"
-    prepared: SessionInfo = project.backend.calls[-1][1]
+    [prepared] = [arg for call, arg in project.backend.calls if call == "prepare"]
+    assert isinstance(prepared, SessionInfo)
     assert prepared.placement == project.backend.placement
     assert prepared.key_file.is_file()  # written before the backend prepares
+    assert ("release", "shop") not in project.backend.calls  # up -d: the session stays
+
+
+def test_up_renders_again_with_the_env_the_agent_reported(project: Project) -> None:
+    project.backend.reported_env = {"FROM_TARGET": "from-the-process", "ONLY_IN_PROCESS": "1"}
+    code, _ = up(project, detach=True)
+    assert code == 0
+    rendered = yaml.safe_load((project.render_dir / "compose.yaml").read_text())
+    env = rendered["services"]["web"]["environment"]
+    assert env["FROM_TARGET"] == "from-the-process" and env["ONLY_IN_PROCESS"] == "1"
+
+
+def test_an_attached_up_releases_the_session_when_it_ends(project: Project) -> None:
+    code, _ = up(project, detach=False)
+    assert code == 0
+    assert project.backend.calls[-1] == ("release", "shop")
+
+
+def test_a_failed_up_releases_the_session(project: Project) -> None:
+    project.engine.exit_codes["up"] = 1
+    with pytest.raises(EngineError):
+        up(project, detach=True)
+    assert project.backend.calls[-1] == ("release", "shop")
 
 
 def test_up_builds_only_missing_images(project: Project) -> None:
