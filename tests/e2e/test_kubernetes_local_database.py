@@ -147,7 +147,8 @@ def test_the_restricted_namespace_runs_the_agent_in_the_target_pod(example: Shop
         run_kubectl("get", "namespace", NAMESPACE, "-o", "jsonpath={.metadata.labels}")
     )
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
-    assert agent_states(example.checkout_pod, PROJECT) == ["running"]
+    # one agent runs; earlier sessions of this project left terminated entries
+    assert agent_states(example.checkout_pod, PROJECT).count("running") == 1
 
 
 def test_status_and_doctor_show_the_forwarder_and_the_agent(example: Shop) -> None:
@@ -168,7 +169,7 @@ def test_status_and_doctor_show_the_forwarder_and_the_agent(example: Shop) -> No
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     for line in ("kubernetes API", "permissions", "kubectl (port-forward)", "forwarder"):
         assert f"ok    {line}: " in doctor.stdout, doctor.stdout
-    assert "agent link of web: connected" in doctor.stdout
+    assert "ok    agent link of web-mirror: connected" in doctor.stdout
 
 
 def test_a_dropped_port_forward_fails_fast_and_comes_back_alone(example: Shop) -> None:
