@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import lzma
 import os
 import shutil
 import subprocess
@@ -11,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from composemirror.agent.pod import target_environment
-from composemirror.backends.kubernetes.carry import BOOTSTRAP, bundle, strip
+from composemirror.backends.kubernetes.carry import (
+    BOOTSTRAP,
+    _imports,
+    agent_modules,
+    bundle,
+    strip,
+)
 from composemirror.podagent import SPEC_ENV_PREFIX, parse_ready, unseal
 from composemirror.protocol import key_to_text, new_key
 
@@ -49,6 +58,48 @@ def test_bootstrap_runs_the_agent_from_memory(tmp_path: Path) -> None:
     assert "no link for 1 s: exiting" in done.stderr
     assert key_to_text(key) not in done.stdout + done.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_the_carried_modules_are_what_the_pod_agent_imports() -> None:
+    """Computed from the sources: a module split or added is carried with no list to edit."""
+    carried = agent_modules()
+    assert carried[0] == "composemirror" and "composemirror.agent.pod" in carried
+    for needed in ("composemirror.podagent", "composemirror.protocol", "dnslib.dns"):
+        assert needed in carried
+    # never the host side: no sidecar, backend, engine, CLI (no docker, no kubernetes)
+    assert not [m for m in carried if m.split(".")[1:2] in (["sidecar"], ["backends"])]
+    assert not {"composemirror.engine", "composemirror.cli", "composemirror.ops"} & set(carried)
+    assert set(bundle_names()) == set(carried)
+
+
+def bundle_names() -> list[str]:
+    packed = "".join(bundle().parts)
+    return list(json.loads(lzma.decompress(base64.b64decode(packed))))
+
+
+def test_imports_follow_relative_and_submodule_imports_but_not_type_checking() -> None:
+    source = (
+        "import os\n"
+        "from typing import TYPE_CHECKING\n"
+        "from ..link import LinkAddress\n"
+        "from .. import protocol\n"
+        "from . import resolver\n"
+        "import dnslib.dns\n"
+        "if TYPE_CHECKING:\n"
+        "    from composemirror.engine import Engine\n"
+        "def later():\n"
+        "    from composemirror import filters\n"
+    )
+    assert sorted(_imports(source, "composemirror.agent.server", False)) == [
+        "composemirror",
+        "composemirror",
+        "composemirror.agent",
+        "composemirror.agent.resolver",
+        "composemirror.filters",
+        "composemirror.link",
+        "composemirror.protocol",
+        "dnslib.dns",
+    ]
 
 
 def test_bundle_is_small_and_whole() -> None:
