@@ -4,6 +4,7 @@ things are prepared, built and started, what `down` removes, and what `status` a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import stat
 from pathlib import Path
@@ -498,3 +499,12 @@ def test_sandbox_up_and_down_go_to_the_sandbox(project: Project) -> None:
     assert project.engine.downs[0][0].name == "composemirror-sandbox"
     with pytest.raises(ConfigError):
         ops.sandbox("restart", progress=lines.append, runtime=project.runtime)
+
+
+def test_the_agent_image_can_come_from_the_environment(project: Project) -> None:
+    runtime = dataclasses.replace(
+        project.runtime, environ={ops.AGENT_IMAGE_ENV: "registry.local/python:3.12"}
+    )
+    ops.up(project.options, detach=True, progress=lambda _: None, runtime=runtime)
+    prepared = next(arg for call, arg in project.backend.calls if call == "prepare")
+    assert prepared.config.agent.image == "registry.local/python:3.12"
