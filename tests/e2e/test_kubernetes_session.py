@@ -7,7 +7,11 @@ tests/e2e/shop.py), one after the other (the example publishes port 8080).
 
 from __future__ import annotations
 
+import os
 import secrets
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +23,7 @@ import yaml
 from composemirror.backends.kubernetes import manifests
 from composemirror.backends.kubernetes.access import role_manifest
 from tests.cluster.kube import KUBECONFIG, get_json, kubectl, ok
-from tests.conftest import exec_in, labelled, wait_for
+from tests.conftest import ROOT, exec_in, labelled, wait_for
 from tests.e2e.shop import (
     EXAMPLE,
     NAMESPACE,
@@ -153,3 +157,35 @@ def test_a_limited_account_is_told_the_missing_rule_and_gets_a_job(
         down = run("-f", str(EXAMPLE), "-p", project, "down", env=env)
     assert down.returncode == 0, down.stderr
     assert get_json("-n", NAMESPACE, "jobs", "-l", selector)["items"] == []
+
+
+def test_an_attached_up_holds_the_forwarder_and_ctrl_c_stops_it(shop: Shop) -> None:
+    project = f"cm-k8s-attached-{secrets.token_hex(2)}"
+    command = [sys.executable, "-m", "composemirror", "-f", str(EXAMPLE), "-p", project, "up"]
+    up = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    try:
+        app = f"{project}-web-1"
+        wait_for(
+            lambda: exec_in(app, ["curl", "-fsS", "-m", "5", "http://orders:8080/orders"]).stdout,
+            timeout=120,
+        )
+        supervisor = int(forwarder_state()["pid"])
+        assert process_alive(supervisor)
+        os.killpg(up.pid, signal.SIGINT)  # Ctrl-C
+        _, err = up.communicate(timeout=120)
+        assert up.returncode == 0, err
+        assert not process_alive(supervisor)
+        assert not (RENDER_DIR / "forwarder.json").exists()
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+        run("-f", str(EXAMPLE), "-p", project, "down")
