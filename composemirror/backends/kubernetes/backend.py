@@ -253,17 +253,18 @@ class KubernetesBackend:
             session.project, agent_namespace, config.agent, str(config.target)
         )
         mode = "ephemeral" if found is not None and config.agent.ephemeral else "job"
-        address = self.gateway()
+        running = forwarder.read_state(session.render_dir)
+        if running and running["alive"]:
+            # a session is up (`compose -- ARGS`, `config` while it runs): its sidecars dial
+            # the running forwarder, so the rendered project keeps its port
+            address, port = running["spec"]["address"], int(running["spec"]["local_port"])
+        else:
+            address = self.gateway()
+            port = free_port(address)
         plan = Plan(
-            cluster=cluster,
-            where=where,
-            target=found,
-            local_port=free_port(address),
-            address=address,
-            mode=mode,
+            cluster=cluster, where=where, target=found, local_port=port, address=address, mode=mode
         )
         self.plans[session.project] = plan
-        _record(session.render_dir, cluster.context, agent_namespace)
         return ForwardedPlacement(
             link=LinkAddress.parse(f"tcp:{HOST_ALIAS}:{plan.local_port}"),
             extra_hosts=MappingProxyType({HOST_ALIAS: "host-gateway"}),
@@ -278,6 +279,7 @@ class KubernetesBackend:
         """
         plan = self.plans[session.project]
         key = key_from_text(session.key_file.read_text())
+        _record(session.render_dir, plan.cluster.context, plan.where.namespace)
         code = bundle()
         owner = plan.target.pod if plan.target and plan.mode == "ephemeral" else None
         progress(f"creating Secret {plan.where.name} in namespace {plan.where.namespace}")

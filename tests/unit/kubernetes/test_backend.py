@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -269,3 +271,17 @@ def test_doctor_names_missing_rules(
     assert check.ok is ok
     assert fragment in check.detail
     assert check.hint is not None and check.hint.startswith("# Role rules needed")
+
+
+def test_a_running_session_keeps_its_forwarders_port(tmp_path: Path) -> None:
+    """`compose -- ARGS` renders again while the session runs: the sidecars keep dialling the
+    forwarder that is there, so the rendered link must not move."""
+    h = Harness(tmp_path)
+    spec = {"address": "172.17.0.1", "local_port": 40913}
+    state = {"pid": os.getpid(), "state": "forwarding", "spec": spec}
+    (h.session.render_dir / "forwarder.json").write_text(json.dumps(state))
+    cfg = config()
+    placement = h.backend.place(cfg, h.backend.resolve(cfg), h.session)
+    assert str(placement.link) == "tcp:host.docker.internal:40913"
+    assert h.backend.plans["shop-dev"].address == "172.17.0.1"
+    assert not (h.session.render_dir / "kubernetes.json").exists()  # place writes nothing
