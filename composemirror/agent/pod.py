@@ -10,6 +10,7 @@ idle time. Stdlib plus the agent's own modules; no Kubernetes client.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -102,7 +103,16 @@ async def run(environ: MutableMapping[str, str]) -> None:
     resolv = Path("/etc/resolv.conf")
     conf = parse_resolv_conf(resolv.read_text() if resolv.exists() else "")
     agent = IdleAgent(key, Resolver(conf))
-    server = await agent.serve(TcpAddress("127.0.0.1", port))
+    try:
+        server = await agent.serve(TcpAddress("127.0.0.1", port))
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+        # An earlier session's agent in the same pod still holds it (it leaves after its ttl):
+        # any free port does, since the ready line says which one.
+        log.info("port %d is taken (%s): listening on a free one", port, e.strerror)
+        server = await agent.serve(TcpAddress("127.0.0.1", 0))
+    port = int(server.sockets[0].getsockname()[1])
     report = target_environment(environ, targeted=targeted)
     log.info("environment from %s (%d variables)", report.source, len(report.env))
     print(ready_line(version=composemirror.__version__, port=port, sealed=seal(key, report)),

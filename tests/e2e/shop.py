@@ -106,6 +106,10 @@ def shop_on_cluster() -> tuple[Shop, bool]:
     namespace)."""
     require_cluster()
     load_images([SANDBOX_IMAGE, AGENT_IMAGE])
+    # a namespace deleted by an earlier run goes away first (it cannot be applied to meanwhile)
+    phase = kubectl("get", "namespace", NAMESPACE, "-o", "jsonpath={.status.phase}").stdout
+    if phase == "Terminating":
+        kubectl("wait", "--for=delete", f"namespace/{NAMESPACE}", "--timeout=120s", timeout=150)
     created = kubectl("get", "namespace", NAMESPACE).returncode != 0
     ok(kubectl("apply", "-f", str(MANIFESTS)))
     if created:

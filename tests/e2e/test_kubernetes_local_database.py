@@ -25,9 +25,7 @@ from tests.e2e.shop import (
     Shop,
     agent_states,
     forwarder_state,
-    remove_shop,
     run,
-    shop_on_cluster,
 )
 
 pytestmark = pytest.mark.cluster
@@ -37,16 +35,6 @@ APP = f"{PROJECT}-web-1"
 CLUSTER_DB = "postgres.shop.svc.cluster.local"
 DATABASE_URL = f"postgresql://shop:shop-secret@{CLUSTER_DB}:5432/shop"
 ORDERS = "orders.shop.svc.cluster.local"
-
-
-@pytest.fixture(scope="module")
-def shop() -> Iterator[Shop]:
-    """The shop applied to the cluster (its namespace deleted afterwards if created here)."""
-    found, created = shop_on_cluster()
-    try:
-        yield found
-    finally:
-        remove_shop(created)
 
 
 @pytest.fixture(scope="module")

@@ -33,21 +33,10 @@ from tests.e2e.shop import (
     environment,
     forwarder_state,
     process_alive,
-    remove_shop,
     run,
-    shop_on_cluster,
 )
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture(scope="module")
-def shop() -> Iterator[Shop]:
-    found, created = shop_on_cluster()
-    try:
-        yield found
-    finally:
-        remove_shop(created)
 
 
 def test_down_leaves_no_forwarder_job_secret_agent_or_project(shop: Shop) -> None:
