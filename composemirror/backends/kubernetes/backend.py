@@ -73,6 +73,9 @@ PULL_FAILURES = frozenset(
     }
 )
 """Waiting reasons that will not resolve themselves: the wait stops at once."""
+TRANSIENT = ("failed to sync", "timed out waiting for the condition")
+"""Messages of those reasons that do resolve themselves (the kubelet's Secret and ConfigMap
+caches catching up with a Secret created a moment ago): the wait goes on."""
 
 
 class ClusterAPI(Protocol):
@@ -421,7 +424,8 @@ class KubernetesBackend:
         state = status.get("state") or {}
         if "waiting" in state:
             reason = state["waiting"].get("reason") or "waiting"
-            if reason in PULL_FAILURES:
+            message = state["waiting"].get("message") or ""
+            if reason in PULL_FAILURES and not any(t in message for t in TRANSIENT):
                 raise ClusterError(
                     f"the agent cannot start: {reason}: {state['waiting'].get('message', '')}",
                     hint=f"image {plan.where.settings.image!r}: set `agent.image` to one the "

@@ -211,6 +211,26 @@ def test_image_pull_failure_stops_the_wait_at_once(tmp_path: Path) -> None:
     assert h.sleeps == []
 
 
+def test_a_secret_cache_still_syncing_is_waited_for(tmp_path: Path) -> None:
+    """The Secret was created a moment before the agent: the kubelet catches up by itself."""
+    h = Harness(tmp_path)
+    cfg = config()
+    h.backend.place(cfg, h.backend.resolve(cfg), h.session)
+    name = h.backend.plans["shop-dev"].where.name
+    waiting = {
+        "reason": "CreateContainerConfigError",
+        "message": "failed to sync secret cache: timed out waiting for the condition",
+    }
+    for item in h.cluster.objects["pods"]:
+        if item["metadata"]["name"] == POD:
+            item["status"]["ephemeralContainerStatuses"] = [
+                {"name": name, "state": {"waiting": waiting}}
+            ]
+    h.backend.sleep = lambda _: h.agent_runs(POD, name)  # ready at the next poll
+    h.backend.prepare(h.session, h.messages.append)
+    assert h.backend.session_env("shop-dev") == {"DATABASE_URL": "from-process"}
+
+
 def test_wait_is_bounded(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     cfg = config(startup_timeout=5)
