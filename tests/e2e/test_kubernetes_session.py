@@ -148,18 +148,19 @@ def test_a_limited_account_is_told_the_missing_rule_and_gets_a_job(
     assert get_json("-n", NAMESPACE, "jobs", "-l", selector)["items"] == []
 
 
-def test_an_attached_up_holds_the_forwarder_and_ctrl_c_stops_it(shop: Shop) -> None:
+def test_an_attached_up_holds_the_forwarder_and_ctrl_c_stops_it(shop: Shop, tmp_path: Path) -> None:
     project = f"cm-k8s-attached-{secrets.token_hex(2)}"
     command = [sys.executable, "-m", "composemirror", "-f", str(EXAMPLE), "-p", project, "up"]
-    up = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=environment(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a terminal's foreground job
-    )
+    output = tmp_path / "up.log"  # a file, not a pipe: nobody reads while it runs
+    with output.open("w") as log:
+        up = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+        )
     try:
         app = f"{project}-web-1"
         wait_for(
@@ -169,8 +170,7 @@ def test_an_attached_up_holds_the_forwarder_and_ctrl_c_stops_it(shop: Shop) -> N
         supervisor = int(forwarder_state()["pid"])
         assert process_alive(supervisor)
         os.killpg(up.pid, signal.SIGINT)  # Ctrl-C
-        _, err = up.communicate(timeout=120)
-        assert up.returncode == 0, err
+        assert up.wait(timeout=120) == 0, output.read_text()[-3000:]
         assert not process_alive(supervisor)
         assert not (RENDER_DIR / "forwarder.json").exists()
     finally:
