@@ -48,6 +48,8 @@ def main(argv: Sequence[str] | None = None, *, runtime: ops.Runtime | None = Non
         env_files=tuple(args.env_file),
         project_directory=args.project_directory,
         config_file=args.config,
+        context=args.context,
+        namespace=args.namespace,
     )
     runtime = runtime or ops.Runtime()
     global _plain
@@ -142,6 +144,7 @@ def _config(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime
 
 def _status(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
     name, rows = ops.status(options, runtime=runtime)
+    session = ops.session_state(options, runtime=runtime) if rows else []
     if args.format == "json":
         print(
             json.dumps(
@@ -158,6 +161,10 @@ def _status(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime
                         }
                         for r in rows
                     ],
+                    "session": [
+                        {"name": c.name, "ok": c.ok, "detail": c.detail, "hint": c.hint}
+                        for c in session
+                    ],
                 },
                 indent=2,
             )
@@ -173,6 +180,8 @@ def _status(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime
     widths = [max(len(row[i]) for row in table) for i in range(3)]
     for row in table:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+    for check in session:
+        print(f"{check.name}: {check.detail}")
     return 0
 
 
@@ -238,6 +247,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--project-directory", type=Path, help="compose project directory")
     parser.add_argument(
         "--config", type=Path, help="composemirror config file (instead of x-composemirror)"
+    )
+    parser.add_argument(
+        "--context", help="kube config context (over the configuration's kube_context)"
+    )
+    parser.add_argument(
+        "-n", "--namespace", help="the target's namespace (over the configuration's namespace)"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is done")
     parser.add_argument(

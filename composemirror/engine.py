@@ -8,6 +8,7 @@ here, with compose's own message. Nothing here decides what to create; `ops` doe
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -171,6 +172,21 @@ class Engine:
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
             raise EngineError("the docker compose plugin does not run", hint=COMPOSE_HINT) from e
         return result.stdout.strip()
+
+    def host_gateway(self) -> str:
+        """The address `host-gateway` names in containers: the default bridge's gateway (an
+        address of this host that the engine's containers reach). Raises EngineError."""
+        try:
+            network = self.client().networks.get("bridge")
+            config = network.attrs["IPAM"]["Config"][0]
+            # Older engines leave Gateway out; the bridge then has the subnet's first address.
+            gateway = config.get("Gateway") or str(ipaddress.ip_network(config["Subnet"])[1])
+        except (docker.errors.DockerException, KeyError, IndexError, TypeError, ValueError) as e:
+            raise EngineError(
+                f"cannot find the Docker host gateway (the default bridge's gateway): {e}",
+                hint=ENGINE_HINT,
+            ) from e
+        return str(gateway)
 
     def compose_model(self, project: ComposeProject) -> dict[str, Any]:
         """`docker compose config --format json`: the interpolated, merged, normalised model."""

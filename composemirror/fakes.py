@@ -19,6 +19,7 @@ import yaml
 from composemirror.backends import (
     Check,
     ContainerPlacement,
+    NoSessionState,
     Placement,
     Progress,
     Resolution,
@@ -26,7 +27,7 @@ from composemirror.backends import (
 )
 from composemirror.config import Config
 from composemirror.engine import ComposeProject, Container, Engine
-from composemirror.errors import ConfigError, EngineError
+from composemirror.errors import ComposeMirrorError, ConfigError, EngineError
 
 COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
 COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
@@ -144,6 +145,10 @@ class FakeEngine(Engine):
 
     def stdin_is_terminal(self) -> bool:
         return self.terminal
+
+    def host_gateway(self) -> str:
+        self.client()
+        return "172.17.0.1"
 
     def image_exists(self, tag: str) -> bool:
         self.client()
@@ -264,7 +269,7 @@ def _matches(container: Container, labels: Mapping[str, str]) -> bool:
 
 
 @dataclass(slots=True, kw_only=True)
-class FakeBackend:
+class FakeBackend(NoSessionState):
     """A backend whose target is always found (unless `error` is set), recording its calls."""
 
     name: str = "fake"
@@ -281,6 +286,10 @@ class FakeBackend:
     checks: list[Check] = field(default_factory=list)
     torn_down: list[str] = field(default_factory=list)
     """What `teardown` reports removed."""
+    reported_env: Mapping[str, str] | None = None
+    """What `session_env` returns (the agent's report, for backends that have one)."""
+    session: list[Check] = field(default_factory=list)
+    """What `inspect` returns."""
     calls: list[tuple[str, Any]] = field(default_factory=list)
     """(method, its main argument) in call order."""
 
@@ -305,6 +314,19 @@ class FakeBackend:
     def doctor(self, config: Config) -> list[Check]:
         self.calls.append(("doctor", config.target))
         return list(self.checks)
+
+    def session_env(self, project: str) -> Mapping[str, str] | None:
+        self.calls.append(("session_env", project))
+        return self.reported_env
+
+    def release(self, project: str, directory: Path) -> None:
+        self.calls.append(("release", project))
+
+    def inspect(self, config: Config, project: str, directory: Path) -> list[Check]:
+        self.calls.append(("inspect", project))
+        if isinstance(self.error, ComposeMirrorError):
+            raise self.error
+        return list(self.session)
 
     def chooser(self) -> Callable[[Config, Mapping[str, str], Engine], FakeBackend]:
         """For `ops.Runtime(choose=...)`: this backend whatever the configuration."""

@@ -66,6 +66,8 @@ OVERRIDE_FILES = (
 COMPOSE_WORKDIR_LABEL = "com.docker.compose.project.working_dir"
 COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
 COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
+AGENT_IMAGE_ENV = "COMPOSEMIRROR_AGENT_IMAGE"
+"""Overrides the configuration's `agent.image` (Kubernetes targets)."""
 
 _T = TypeVar("_T")
 
@@ -97,6 +99,10 @@ class Options:
     project_directory: Path | None = None
     config_file: Path | None = None
     """`--config FILE`; otherwise x-composemirror, then composemirror.yaml beside the files."""
+    context: str | None = None
+    """`--context`: the kube config context, over the configuration's `kube_context`."""
+    namespace: str | None = None
+    """`-n`/`--namespace`: the target's namespace, over the configuration's `namespace`."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,6 +119,8 @@ class Rendered:
     """The session as the backend sees it, its placement set."""
     images: tuple[images.ImageSpec, ...]
     base_image: str
+    source: Mapping[str, Any] = field(default_factory=dict)
+    """The user's compose model the rewrite started from (for `with_env`)."""
     notices: tuple[str, ...] = ()
 
     @property
@@ -261,7 +269,7 @@ def load_project(options: Options, *, runtime: Runtime) -> Project:
     user = compose_project(options, base, runtime)
     model = runtime.engine.compose_model(user)
     found = discover(options, runtime.environ)
-    config = _load_config(options, model, found)
+    config = _with_flags(_load_config(options, model, found), options, runtime.environ)
     _check_profiles(config, model, user, runtime)
     return Project(
         name=str(model["name"]),
@@ -320,15 +328,6 @@ def rewrite(project: Project, backend: Backend, resolution: Resolution) -> Rende
     placement = backend.place(config, resolution, session)
     session = dataclasses.replace(session, placement=placement)
     specs = tuple(images.spec(role, project.base_image) for role in images.ROLES)
-    plan = compose.Plan(
-        version=composemirror.__version__,
-        sidecar_image=specs[0].tag,
-        agent_image=specs[1].tag,
-        placement=placement,
-        remote_env=resolution.env,
-        env_file=_read_env_file(config),
-        resolver=resolution.resolver,
-    )
     notices = (
         *(f"ignored (no effect at the network level): {key}" for key in config.ignored),
         *compose.notices(project.model, config),
@@ -336,14 +335,44 @@ def rewrite(project: Project, backend: Backend, resolution: Resolution) -> Rende
     return Rendered(
         name=project.name,
         directory=project.directory,
-        model=compose.rewrite(project.model, config, plan),
+        model=_rewrite_model(project.model, config, session, specs, resolution.env),
         config=config,
         backend=backend,
         session=session,
         images=specs,
         base_image=project.base_image,
+        source=project.model,
         notices=notices,
     )
+
+
+def with_env(rendered: Rendered, remote_env: Mapping[str, str]) -> Rendered:
+    """`rendered` with the target's environment replaced by `remote_env` (what the agent
+    reported from the target process), the placement unchanged. Pure like `rewrite`."""
+    model = _rewrite_model(
+        rendered.source, rendered.config, rendered.session, rendered.images, remote_env
+    )
+    return dataclasses.replace(rendered, model=model)
+
+
+def _rewrite_model(
+    model: Mapping[str, Any],
+    config: Config,
+    session: SessionInfo,
+    specs: Sequence[images.ImageSpec],
+    remote_env: Mapping[str, str],
+) -> dict[str, Any]:
+    assert session.placement is not None
+    plan = compose.Plan(
+        version=composemirror.__version__,
+        sidecar_image=specs[0].tag,
+        agent_image=specs[1].tag,
+        placement=session.placement,
+        remote_env=remote_env,
+        env_file=_read_env_file(config),
+        resolver=session.resolution.resolver,
+    )
+    return compose.rewrite(dict(model), config, plan)
 
 
 def up(
@@ -362,6 +391,11 @@ def up(
     container (or, with `abort_on_container_exit`, compose's own code), and 130/143 when the
     attached `up` was stopped by SIGINT/SIGTERM (`Engine.compose_run`). Raises `EngineError`
     for any other failure of compose.
+
+    When the backend reports the target's environment after `prepare` (the agent read the
+    target process's), the project is rendered again with it before compose starts it. What
+    lives only as long as this command (a forwarder) is released when it ends attached or
+    fails; after a successful `up -d` it stays, for `down`.
     """
     flags = flags or UpFlags()
     runtime.engine.client()
@@ -369,16 +403,26 @@ def up(
     for notice in rendered.notices:
         progress(notice)
     progress(f"target: {rendered.resolution.description}")
-    rendered.backend.prepare(rendered.session, progress)
-    ensure_images(rendered.images, force=build, progress=progress, runtime=runtime)
-    args = [
-        "up",
-        *(["--detach"] if detach else []),
-        *(["--build"] if build else []),
-        *flags.args(_own_services(rendered)),
-        *services,
-    ]
-    code = runtime.engine.compose_run(rendered.compose_project(), args)
+    keep = False
+    try:
+        rendered.backend.prepare(rendered.session, progress)
+        reported = rendered.backend.session_env(rendered.name)
+        if reported is not None:
+            rendered = with_env(rendered, reported)
+            _write(rendered)
+        ensure_images(rendered.images, force=build, progress=progress, runtime=runtime)
+        args = [
+            "up",
+            *(["--detach"] if detach else []),
+            *(["--build"] if build else []),
+            *flags.args(_own_services(rendered)),
+            *services,
+        ]
+        code = runtime.engine.compose_run(rendered.compose_project(), args)
+        keep = detach and code == 0
+    finally:
+        if not keep:
+            rendered.backend.release(rendered.name, rendered.directory)
     if code == 0 or code in INTERRUPTED or flags.passes_exit_code:
         return code
     raise EngineError(
@@ -603,6 +647,19 @@ def status(options: Options, *, runtime: Runtime) -> tuple[str, list[ServiceStat
     return name, rows
 
 
+def session_state(options: Options, *, runtime: Runtime) -> list[Check]:
+    """What the backend reports of the project's session (a forwarder, agents left behind);
+    empty when the project's configuration is gone."""
+    name, directory, config = _identify(options, runtime)
+    if config is None:
+        return []
+    checks: list[Check] = []
+    _attempt_all(
+        checks, "session", lambda: runtime.backend(config).inspect(config, name, directory)
+    )
+    return checks
+
+
 def doctor(options: Options, *, runtime: Runtime) -> list[Check]:
     """Check what `up` needs, each independently, in the order it needs them.
 
@@ -635,6 +692,9 @@ def doctor(options: Options, *, runtime: Runtime) -> list[Check]:
     )
     if rendered is None:
         return checks
+    _attempt_all(
+        checks, "session", lambda: backend.inspect(config, project.name, project.directory)
+    )
     for spec in rendered.images:
         present = engine.image_exists(spec.tag)
         checks.append(
@@ -670,6 +730,14 @@ def _attempt(
         return None
     checks.append(Check(name=name, ok=True, detail=describe(value)))
     return value
+
+
+def _attempt_all(checks: list[Check], name: str, probe: Callable[[], list[Check]]) -> None:
+    """Run a probe that returns checks; on failure, record why as one check."""
+    try:
+        checks.extend(probe())
+    except ComposeMirrorError as e:
+        checks.append(Check(name=name, ok=False, detail=e.message, hint=e.hint))
 
 
 def compose_passthrough(
@@ -768,6 +836,20 @@ def _load_file(path: Path) -> Config:
     return load(document, source=str(path), base_dir=path.resolve().parent)
 
 
+def _with_flags(config: Config, options: Options, environ: Mapping[str, str]) -> Config:
+    """`--context` and `-n` over the configuration's `kube_context` and `namespace`, and
+    $COMPOSEMIRROR_AGENT_IMAGE over `agent.image` (a cluster with no registry: CI, air gaps)."""
+    changes: dict[str, Any] = {}
+    image = environ.get(AGENT_IMAGE_ENV)
+    if image:
+        changes["agent"] = dataclasses.replace(config.agent, image=image)
+    if options.context is not None:
+        changes["context"] = options.context
+    if options.namespace is not None:
+        changes["namespace"] = options.namespace
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 def _read_env_file(config: Config) -> dict[str, str]:
     path = config.env.env_file
     if path is None:
@@ -792,7 +874,9 @@ def _identify(options: Options, runtime: Runtime) -> tuple[str, Path, Config | N
             raise
         return options.project_name, (options.project_directory or Path.cwd()).resolve(), None
     try:
-        config: Config | None = _load_config(options, model, found)
+        config: Config | None = _with_flags(
+            _load_config(options, model, found), options, runtime.environ
+        )
     except ConfigError as e:
         log.debug("no configuration for %s: %s", model["name"], e)
         config = None

@@ -10,6 +10,7 @@ idle time. Stdlib plus the agent's own modules; no Kubernetes client.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -117,7 +118,16 @@ async def run(environ: MutableMapping[str, str]) -> None:
         # The Kubernetes backend reports no resolver yet, so the app's resolv.conf lacks the pod's
         # search list: expand here until it does.
         agent = IdleAgent(key, Resolver(conf, expand=True), spawner)
-        server = await agent.serve(TcpAddress("127.0.0.1", port))
+        try:
+            server = await agent.serve(TcpAddress("127.0.0.1", port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            # An earlier session's agent in the same pod still holds it (it leaves after its
+            # ttl): any free port does, since the ready line says which one.
+            log.info("port %d is taken (%s): listening on a free one", port, e.strerror)
+            server = await agent.serve(TcpAddress("127.0.0.1", 0))
+        port = int(server.sockets[0].getsockname()[1])
         report = target_environment(environ, targeted=targeted)
         log.info("environment from %s (%d variables)", report.source, len(report.env))
         print(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from composemirror.config import Config
-from composemirror.errors import ClusterError, ConfigError
+from composemirror.errors import ConfigError
 from composemirror.link import LinkAddress
 
 if TYPE_CHECKING:
@@ -168,6 +168,35 @@ class Backend(Protocol):
         """The backend's own checks (cluster reachable, permissions, ...)."""
         ...
 
+    def session_env(self, project: str) -> Mapping[str, str] | None:
+        """The target's environment as the agent reported it after `prepare` (raw), or None
+        when the backend has nothing better than `Resolution.env`."""
+        ...
+
+    def release(self, project: str, directory: Path) -> None:
+        """Stop what lives only as long as the command that started it (a forwarder), when
+        `up` ends attached or fails. Idempotent; the cluster objects stay for `teardown`."""
+        ...
+
+    def inspect(self, config: Config, project: str, directory: Path) -> list[Check]:
+        """The session's state for `status` and `doctor` (a forwarder, agents left behind);
+        `directory` is the user's project directory. Raises ClusterError when unreachable."""
+        ...
+
+
+class NoSessionState:
+    """The session hooks of `Backend` for backends whose agent is a compose service: the
+    environment is `Resolution.env`, nothing outlives compose, nothing to report."""
+
+    def session_env(self, project: str) -> Mapping[str, str] | None:
+        return None
+
+    def release(self, project: str, directory: Path) -> None:
+        return None
+
+    def inspect(self, config: Config, project: str, directory: Path) -> list[Check]:
+        return []
+
 
 def choose(
     config: Config, environ: Mapping[str, str] | None = None, engine: Engine | None = None
@@ -184,11 +213,9 @@ def choose(
         return DockerBackend(engine)
     forced = environ.get(CLUSTER_ENV, "auto")
     if forced == "kubernetes" or (forced == "auto" and kubeconfig_present(environ)):
-        raise ClusterError(
-            f"target {config.target} needs a Kubernetes cluster, and this version of "
-            "composemirror reaches only the sandbox cluster and docker:// targets",
-            hint=f"set {CLUSTER_ENV}=sandbox to use the sandbox cluster",
-        )
+        from composemirror.backends.kubernetes import KubernetesBackend
+
+        return KubernetesBackend(gateway=engine.host_gateway)
     if forced not in ("sandbox", "auto"):
         raise ConfigError(
             f"{CLUSTER_ENV}={forced!r} is not a choice", hint="use sandbox, kubernetes or auto"

@@ -13,6 +13,7 @@ from pathlib import Path
 from composemirror.backends import (
     Check,
     ContainerPlacement,
+    NoSessionState,
     Placement,
     Progress,
     Resolution,
@@ -24,7 +25,7 @@ from composemirror.engine import Engine
 from composemirror.errors import ClusterError
 
 
-class DockerBackend:
+class DockerBackend(NoSessionState):
     """Targets that are containers on this engine."""
 
     name = "docker"

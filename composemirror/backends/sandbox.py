@@ -17,6 +17,7 @@ import composemirror
 from composemirror.backends import (
     Check,
     ContainerPlacement,
+    NoSessionState,
     Placement,
     Progress,
     Resolution,
@@ -41,7 +42,7 @@ def project(base_image: str = DEFAULT_BASE) -> ComposeProject:
     return ComposeProject(files=(COMPOSE_FILE,), name=PROJECT, environment={BASE_ENV: base_image})
 
 
-class SandboxBackend:
+class SandboxBackend(NoSessionState):
     """Targets in the sandbox cluster."""
 
     name = "sandbox"

@@ -25,16 +25,16 @@ import pytest
 import yaml
 from dnslib import QTYPE, DNSRecord
 
+from composemirror.backends import Resolution, SessionInfo
 from composemirror.backends.kubernetes import client, manifests, targets
-from composemirror.backends.kubernetes._compat import Session
 from composemirror.backends.kubernetes.access import role_manifest
 from composemirror.backends.kubernetes.backend import KubernetesBackend, permissions_check
 from composemirror.backends.kubernetes.carry import bundle
 from composemirror.backends.kubernetes.link import ForwardTarget
 from composemirror.config import AgentSettings, Config, Target
 from composemirror.errors import ClusterError
-from composemirror.link import LinkAddress
-from composemirror.protocol import new_key
+from composemirror.link import LinkAddress, TcpAddress
+from composemirror.protocol import key_to_text, new_key
 from composemirror.sidecar.tunnel import TunnelClient
 from tests.conftest import ROOT, wait_for
 
@@ -234,6 +234,26 @@ def test_missing_ephemeral_rule_is_named_and_refused(
     assert backend.dry_run_check(limited, config(namespace, ephemeral=False), namespace, found).ok
 
 
+def session_of(project: str, directory: Path, cfg: Config) -> tuple[SessionInfo, bytes]:
+    """A session as `up` makes it: the project, and its key file under `.composemirror/`."""
+    info = SessionInfo(
+        project=project,
+        directory=directory,
+        config=cfg,
+        resolution=Resolution(description="e2e", target="pod/target"),
+        base_image="composemirror/base:bookworm",
+    )
+    key = new_key()
+    info.render_dir.mkdir(parents=True, exist_ok=True)
+    info.key_file.write_text(key_to_text(key) + "\n")
+    return info, key
+
+
+def link_port(placement: Any) -> int:
+    assert isinstance(placement.link, TcpAddress)
+    return placement.link.port
+
+
 def port_forward(path: Path, started: list[subprocess.Popen[bytes]]) -> Any:
     """A Forwarder made of `kubectl port-forward` (the real one is built separately)."""
 
@@ -283,8 +303,8 @@ def test_agent_in_the_target_pod(cluster_ns: tuple[Path, str], tmp_path: Path) -
     started: list[subprocess.Popen[bytes]] = []
     messages: list[str] = []
     backend = KubernetesBackend(connect=lambda c, n: cluster, forward=port_forward(path, started))
-    session = Session(project=f"e2e-{namespace}", directory=tmp_path, key=new_key())
     cfg = config(namespace, ttl=10)
+    session, key = session_of(f"e2e-{namespace}", tmp_path, cfg)
     checks = backend.doctor(cfg)
     assert all(c.ok for c in checks), checks
     assert "v1." in checks[0].detail
@@ -293,15 +313,13 @@ def test_agent_in_the_target_pod(cluster_ns: tuple[Path, str], tmp_path: Path) -
         assert resolution.env["GREETING"] == "from-the-target"
         placement = backend.place(cfg, resolution, session)
         backend.prepare(session, messages.append)
-        reported = backend.report_env(session.project)
+        reported = backend.session_env(session.project)
         assert reported is not None
         assert reported["POD_NAME"] == "target" and reported["MEMORY_MI"] == "128"
         assert any("environment from process" in m for m in messages), messages
-        port = placement.link.rpartition(":")[2]
+        port = link_port(placement)
         addresses = asyncio.run(
-            resolve_through(
-                f"tcp:127.0.0.1:{port}", session.key, "kubernetes.default.svc.cluster.local"
-            )
+            resolve_through(f"tcp:127.0.0.1:{port}", key, "kubernetes.default.svc.cluster.local")
         )
         assert addresses, "no A record from the pod's resolver"
         secret_value = base64.b64decode(cluster.find("secrets", namespace)[0]["data"]["key"])
@@ -342,8 +360,8 @@ def test_limited_account_runs_the_agent_as_a_job(
     backend = KubernetesBackend(
         connect=lambda c, n: limited, forward=port_forward(limited_path, started)
     )
-    session = Session(project=f"e2e-job-{namespace}", directory=tmp_path, key=new_key())
     cfg = config(namespace, ttl=10)
+    session, key = session_of(f"e2e-job-{namespace}", tmp_path, cfg)
     try:
         resolution = backend.resolve(cfg)
         assert resolution.env["POD_NAME"] == "target"  # resolved from the API
@@ -351,11 +369,9 @@ def test_limited_account_runs_the_agent_as_a_job(
         backend.prepare(session, messages.append)
         assert any(manifests.JOB_WARNING in m for m in messages), messages
         assert backend.plans[session.project].mode == "job"
-        port = placement.link.rpartition(":")[2]
+        port = link_port(placement)
         addresses = asyncio.run(
-            resolve_through(
-                f"tcp:127.0.0.1:{port}", session.key, "kubernetes.default.svc.cluster.local"
-            )
+            resolve_through(f"tcp:127.0.0.1:{port}", key, "kubernetes.default.svc.cluster.local")
         )
         assert addresses
     finally:

@@ -20,6 +20,7 @@ from composemirror.backends import (
     choose,
 )
 from composemirror.backends.docker import DockerBackend
+from composemirror.backends.kubernetes import KubernetesBackend
 from composemirror.backends.sandbox import COMPOSE_FILE, PROJECT, SandboxBackend
 from composemirror.config import Config, load
 from composemirror.errors import ClusterError, ConfigError
@@ -109,14 +110,13 @@ def test_forcing_the_sandbox_wins_over_a_kube_config(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("forced", ["auto", "kubernetes"])
-def test_a_kubernetes_cluster_is_not_reached_yet(tmp_path: Path, forced: str) -> None:
+def test_a_kube_config_chooses_the_kubernetes_backend(tmp_path: Path, forced: str) -> None:
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text("apiVersion: v1\n")
     environ = {"KUBECONFIG": f"{tmp_path / 'other'}:{kubeconfig}", CLUSTER_ENV: forced}
-    with pytest.raises(ClusterError) as caught:
-        choose(config("deployment/checkout"), environ, FakeEngine())
-    assert "needs a Kubernetes cluster" in caught.value.message
-    assert caught.value.hint == f"set {CLUSTER_ENV}=sandbox to use the sandbox cluster"
+    chosen = choose(config("deployment/checkout"), environ, FakeEngine())
+    assert isinstance(chosen, KubernetesBackend)
+    assert chosen.gateway() == "172.17.0.1"  # the forwarder listens on the engine's gateway
 
 
 def test_an_unknown_cluster_choice_is_bad_input(tmp_path: Path) -> None:

@@ -294,3 +294,44 @@ def test_sigterm_during_a_build_unwinds_to_143(project: Project) -> None:
     project.engine.build_image = terminated  # type: ignore[method-assign]
     assert run(project, "up", "-d") == 143
     assert signal.getsignal(signal.SIGTERM) is not cli._terminate  # restored after main
+
+
+def test_context_and_namespace_flags_win_over_the_configuration(project: Project) -> None:
+    assert run(project, "--context", "staging", "-n", "payments", "up", "-d") == 0
+    prepared = next(arg for call, arg in project.backend.calls if call == "prepare")
+    assert (prepared.config.context, prepared.config.namespace) == ("staging", "payments")
+
+
+def test_status_shows_the_backends_session_state(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(project, "up", "-d") == 0
+    project.backend.session = [
+        Check(name="forwarder", ok=True, detail="forwarding (pid 42, 172.17.0.1:4000 -> pod/x)"),
+        Check(name="note", ok=True, detail="each `up` leaves a terminated entry"),
+    ]
+    capsys.readouterr()
+    assert run(project, "status") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2:] == [
+        "forwarder: forwarding (pid 42, 172.17.0.1:4000 -> pod/x)",
+        "note: each `up` leaves a terminated entry",
+    ]
+    assert run(project, "status", "--format", "json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["session"][0] == {
+        "name": "forwarder",
+        "ok": True,
+        "detail": "forwarding (pid 42, 172.17.0.1:4000 -> pod/x)",
+        "hint": None,
+    }
+
+
+def test_an_unreachable_cluster_is_a_status_line_not_a_failure(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(project, "up", "-d") == 0
+    project.backend.error = ClusterError("cannot reach the cluster", hint="check the VPN")
+    capsys.readouterr()
+    assert run(project, "status") == 0
+    assert "session: cannot reach the cluster" in capsys.readouterr().out

@@ -458,3 +458,22 @@ def test_container_values_are_frozen() -> None:
     )
     with pytest.raises(AttributeError):
         container.state = "exited"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("ipam", "gateway"),
+    [
+        ({"Subnet": "172.17.0.0/16", "Gateway": "172.17.0.1"}, "172.17.0.1"),
+        ({"Subnet": "10.200.0.0/24"}, "10.200.0.1"),  # older engines leave Gateway out
+    ],
+)
+def test_the_host_gateway_is_the_default_bridges(
+    engine: Engine, sdk: StubSDK, ipam: dict[str, str], gateway: str
+) -> None:
+    sdk.networks.items.append(Found({"Name": "bridge", "IPAM": {"Config": [ipam]}}))
+    assert engine.host_gateway() == gateway
+
+
+def test_no_bridge_means_no_gateway(engine: Engine) -> None:
+    with pytest.raises(EngineError, match="host gateway"):
+        engine.host_gateway()

@@ -4,6 +4,7 @@ things are prepared, built and started, what `down` removes, and what `status` a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import stat
 from collections.abc import Sequence
@@ -343,9 +344,33 @@ def test_up_prepares_builds_and_starts_in_that_order(project: Project) -> None:
     ((compose_project, _),) = project.engine.runs
     assert compose_project.files == (project.render_dir / "compose.yaml",)
     assert compose_project.name == "shop"
-    prepared: SessionInfo = project.backend.calls[-1][1]
+    [prepared] = [arg for call, arg in project.backend.calls if call == "prepare"]
+    assert isinstance(prepared, SessionInfo)
     assert prepared.placement == project.backend.placement
     assert prepared.key_file.is_file()  # written before the backend prepares
+    assert ("release", "shop") not in project.backend.calls  # up -d: the session stays
+
+
+def test_up_renders_again_with_the_env_the_agent_reported(project: Project) -> None:
+    project.backend.reported_env = {"FROM_TARGET": "from-the-process", "ONLY_IN_PROCESS": "1"}
+    code, _ = up(project, detach=True)
+    assert code == 0
+    rendered = yaml.safe_load((project.render_dir / "compose.yaml").read_text())
+    env = rendered["services"]["web"]["environment"]
+    assert env["FROM_TARGET"] == "from-the-process" and env["ONLY_IN_PROCESS"] == "1"
+
+
+def test_an_attached_up_releases_the_session_when_it_ends(project: Project) -> None:
+    code, _ = up(project, detach=False)
+    assert code == 0
+    assert project.backend.calls[-1] == ("release", "shop")
+
+
+def test_a_failed_up_releases_the_session(project: Project) -> None:
+    project.engine.exit_codes["up"] = 1
+    with pytest.raises(EngineError):
+        up(project, detach=True)
+    assert project.backend.calls[-1] == ("release", "shop")
 
 
 def test_up_builds_only_missing_images(project: Project) -> None:
@@ -750,3 +775,12 @@ def test_sandbox_up_and_down_go_to_the_sandbox(project: Project) -> None:
     assert project.engine.downs[0][0].name == "composemirror-sandbox"
     with pytest.raises(ConfigError):
         ops.sandbox("restart", progress=lines.append, runtime=project.runtime)
+
+
+def test_the_agent_image_can_come_from_the_environment(project: Project) -> None:
+    runtime = dataclasses.replace(
+        project.runtime, environ={ops.AGENT_IMAGE_ENV: "registry.local/python:3.12"}
+    )
+    ops.up(project.options, detach=True, progress=lambda _: None, runtime=runtime)
+    prepared = next(arg for call, arg in project.backend.calls if call == "prepare")
+    assert prepared.config.agent.image == "registry.local/python:3.12"

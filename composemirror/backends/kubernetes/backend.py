@@ -27,14 +27,15 @@ from tenacity import (
     wait_fixed,
 )
 
-from composemirror.backends.kubernetes import client, manifests, targets
-from composemirror.backends.kubernetes._compat import (
+from composemirror.backends import (
+    RENDER_DIR,
     Check,
     ForwardedPlacement,
     Progress,
     Resolution,
-    Session,
+    SessionInfo,
 )
+from composemirror.backends.kubernetes import client, forwarder, manifests, targets
 from composemirror.backends.kubernetes.access import PERMISSIONS, Permission, render_rules
 from composemirror.backends.kubernetes.carry import bundle
 from composemirror.backends.kubernetes.environment import copy_env, referenced, resolve_env
@@ -43,11 +44,13 @@ from composemirror.backends.kubernetes.link import (
     Forwarder,
     ForwardTarget,
     free_port,
-    not_built,
+    kubectl_forward,
 )
 from composemirror.config import Config, Target
 from composemirror.errors import ClusterError
+from composemirror.link import LinkAddress
 from composemirror.podagent import EnvReport, SealError, parse_ready, unseal
+from composemirror.protocol import key_from_text
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,9 @@ PULL_FAILURES = frozenset(
     }
 )
 """Waiting reasons that will not resolve themselves: the wait stops at once."""
+TRANSIENT = ("failed to sync", "timed out waiting for the condition")
+"""Messages of those reasons that do resolve themselves (the kubelet's Secret and ConfigMap
+caches catching up with a Secret created a moment ago): the wait goes on."""
 
 
 class ClusterAPI(Protocol):
@@ -172,6 +178,8 @@ class Plan:
     where: manifests.Placement
     target: targets.TargetPod | None
     local_port: int
+    address: str = "127.0.0.1"
+    """Where the forwarder listens (the Docker host gateway)."""
     mode: str = "ephemeral"
     """`ephemeral` or `job`."""
     pod: str | None = None
@@ -186,7 +194,12 @@ class KubernetesBackend:
 
     name = "kubernetes"
     connect: Connect = field(default=lambda context, namespace: _connect(context, namespace))
-    forward: Forwarder = not_built
+    forward: Forwarder = kubectl_forward
+    gateway: Callable[[], str] = field(default=lambda: "127.0.0.1")
+    """The Docker host gateway address (what `host-gateway` maps to): the forwarder listens
+    there only. `choose()` passes the engine's."""
+    check_kubectl: Callable[[], Check] = field(default=lambda: kubectl_check())
+    """`doctor`'s check of the kubectl the forwarder runs."""
     sleep: Callable[[float], None] = time.sleep
     plans: dict[str, Plan] = field(default_factory=dict)
     """Project name -> its session's plan (between `place` and `prepare`)."""
@@ -211,7 +224,8 @@ class KubernetesBackend:
         namespace = config.namespace or cluster.namespace
         if config.target.kind == "targetless":
             return Resolution(
-                description=f"targetless in namespace {namespace} (context {cluster.context})"
+                description=f"targetless in namespace {namespace} (context {cluster.context})",
+                target=f"namespace/{namespace}",
             )
         found = find_target(cluster, config.target, namespace)
         self.found[(config.context, config.namespace, str(config.target))] = found
@@ -222,11 +236,15 @@ class KubernetesBackend:
                 log.warning("environment: %s", note)
         return Resolution(
             description=f"{found.description} (context {cluster.context})",
+            target=f"pod/{found.name}",
             env=MappingProxyType(env),
         )
 
-    def place(self, config: Config, resolution: Resolution, session: Session) -> ForwardedPlacement:
-        """Decide the agent's objects for `session`; the sidecars dial the host's forwarder."""
+    def place(
+        self, config: Config, resolution: Resolution, session: SessionInfo
+    ) -> ForwardedPlacement:
+        """Decide the agent's objects for `session`; the sidecars dial the host's forwarder,
+        which will listen on the host gateway address at a port free now."""
         cluster = self.cluster(config.context, config.namespace)
         namespace = config.namespace or cluster.namespace
         found = None
@@ -238,15 +256,24 @@ class KubernetesBackend:
             session.project, agent_namespace, config.agent, str(config.target)
         )
         mode = "ephemeral" if found is not None and config.agent.ephemeral else "job"
-        plan = Plan(cluster=cluster, where=where, target=found, local_port=free_port(), mode=mode)
+        running = forwarder.read_state(session.render_dir)
+        if running and running["alive"]:
+            # a session is up (`compose -- ARGS`, `config` while it runs): its sidecars dial
+            # the running forwarder, so the rendered project keeps its port
+            address, port = running["spec"]["address"], int(running["spec"]["local_port"])
+        else:
+            address = self.gateway()
+            port = free_port(address)
+        plan = Plan(
+            cluster=cluster, where=where, target=found, local_port=port, address=address, mode=mode
+        )
         self.plans[session.project] = plan
-        _record(session.directory, cluster.context, agent_namespace)
         return ForwardedPlacement(
-            link=f"tcp:{HOST_ALIAS}:{plan.local_port}",
+            link=LinkAddress.parse(f"tcp:{HOST_ALIAS}:{plan.local_port}"),
             extra_hosts=MappingProxyType({HOST_ALIAS: "host-gateway"}),
         )
 
-    def prepare(self, session: Session, progress: Progress) -> None:
+    def prepare(self, session: SessionInfo, progress: Progress) -> None:
         """Create the Secret and the agent, wait for its ready line, start the forwarder.
 
         Falls back from an ephemeral container to a Job when the cluster refuses the former
@@ -254,11 +281,13 @@ class KubernetesBackend:
         on refusal, on an image that cannot be pulled, or after `agent.startup_timeout`.
         """
         plan = self.plans[session.project]
+        key = key_from_text(session.key_file.read_text())
+        _record(session.render_dir, plan.cluster.context, plan.where.namespace)
         code = bundle()
         owner = plan.target.pod if plan.target and plan.mode == "ephemeral" else None
         progress(f"creating Secret {plan.where.name} in namespace {plan.where.namespace}")
         plan.cluster.create(
-            "secrets", plan.where.namespace, manifests.secret(plan.where, session.key, code, owner)
+            "secrets", plan.where.namespace, manifests.secret(plan.where, key, code, owner)
         )
         if plan.mode == "ephemeral" and plan.target is not None:
             container = self.ephemeral(plan)
@@ -289,7 +318,7 @@ class KubernetesBackend:
             plan.cluster.create("jobs", plan.where.namespace, self.job(plan))
         ready = self.wait_ready(plan, progress)
         try:
-            plan.env = unseal(session.key, ready.env)
+            plan.env = unseal(key, ready.env)
         except SealError as e:
             raise ClusterError(
                 f"the agent's environment report does not verify: {e}",
@@ -298,6 +327,7 @@ class KubernetesBackend:
         progress(
             f"agent {ready.version} ready in pod {plan.pod} (environment from {plan.env.source})"
         )
+        progress(f"forwarding {plan.address}:{plan.local_port} to the agent")
         self.forward(
             ForwardTarget(
                 context=plan.cluster.context,
@@ -305,6 +335,8 @@ class KubernetesBackend:
                 pod=str(plan.pod),
                 remote_port=ready.port,
                 local_port=plan.local_port,
+                address=plan.address,
+                directory=session.render_dir,
             )
         )
 
@@ -320,7 +352,7 @@ class KubernetesBackend:
                 hint="run `composemirror up` again: it picks a current pod",
             ) from e
 
-    def report_env(self, project: str) -> Mapping[str, str] | None:
+    def session_env(self, project: str) -> Mapping[str, str] | None:
         """The environment the agent reported after `prepare` (the target process's when it
         could read it), or None. Raw: selection is composemirror.environment's."""
         plan = self.plans.get(project)
@@ -392,7 +424,8 @@ class KubernetesBackend:
         state = status.get("state") or {}
         if "waiting" in state:
             reason = state["waiting"].get("reason") or "waiting"
-            if reason in PULL_FAILURES:
+            message = state["waiting"].get("message") or ""
+            if reason in PULL_FAILURES and not any(t in message for t in TRANSIENT):
                 raise ClusterError(
                     f"the agent cannot start: {reason}: {state['waiting'].get('message', '')}",
                     hint=f"image {plan.where.settings.image!r}: set `agent.image` to one the "
@@ -422,9 +455,16 @@ class KubernetesBackend:
         The namespaces and context come from the record `place` wrote (else the current
         context's namespace). Ephemeral containers stay (see EPHEMERAL_NOTE).
         """
-        context, namespaces = _read_record(directory)
-        cluster = self.cluster(context, None)
+        render_dir = directory / RENDER_DIR
         removed = []
+        stopped = forwarder.stop(render_dir)
+        if stopped is not None:
+            removed.append(f"forwarder process {stopped}")
+            progress(f"stopped the forwarder (pid {stopped})")
+        context, namespaces = _read_record(render_dir)
+        if context is None:
+            return removed  # `place` never ran for this project: nothing in a cluster
+        cluster = self.cluster(context, None)
         selector = manifests.project_selector(project)
         for namespace in namespaces or [cluster.namespace]:
             for resource in ("jobs", "secrets"):
@@ -435,16 +475,31 @@ class KubernetesBackend:
         self.plans.pop(project, None)
         return removed
 
-    def status(self, config: Config, project: str) -> list[str]:
-        """For `status`: the ephemeral agents `project` left in the target pod, and why they
-        stay (EPHEMERAL_NOTE). Raises ClusterError."""
+    def release(self, project: str, directory: Path) -> None:
+        """Stop the project's forwarder (an attached `up` ended, or `up` failed)."""
+        forwarder.stop(directory / RENDER_DIR)
+
+    def inspect(self, config: Config, project: str, directory: Path) -> list[Check]:
+        """For `status` and `doctor`: the forwarder (its process, what it forwards, restarts)
+        and the ephemeral agents `project` left in the target pod, with why they stay
+        (EPHEMERAL_NOTE). Raises ClusterError when the cluster cannot be read."""
+        checks = [forwarder_check(directory / RENDER_DIR)]
         if config.target.kind == "targetless":
-            return []
+            return checks
         cluster = self.cluster(config.context, config.namespace)
         found = find_target(cluster, config.target, config.namespace or cluster.namespace)
         entries = manifests.agent_entries(found.pod, project)
-        lines = [f"agent {e.name} in pod {found.name}: {e.state}" for e in entries]
-        return [*lines, f"note: {EPHEMERAL_NOTE}"] if entries else lines
+        checks += [
+            Check(
+                name=f"agent {e.name}",
+                ok=True,
+                detail=f"ephemeral container in pod {found.name}: {e.state}",
+            )
+            for e in entries
+        ]
+        if entries:
+            checks.append(Check(name="note", ok=True, detail=EPHEMERAL_NOTE))
+        return checks
 
     def doctor(self, config: Config) -> list[Check]:
         """API reachable and version; permissions; the target; a server-side dry run."""
@@ -464,6 +519,7 @@ class KubernetesBackend:
             )
         )
         checks.append(permissions_check(cluster, namespace, config))
+        checks.append(self.check_kubectl())
         found = None
         if config.target.kind != "targetless":
             try:
@@ -537,6 +593,39 @@ def permissions_check(cluster: ClusterAPI, namespace: str, config: Config) -> Ch
         detail += " (the agent will run as a Job beside the target)"
     return Check(
         name="permissions", ok=not fatal, detail=detail, hint=render_rules(denied, namespace)
+    )
+
+
+def kubectl_check() -> Check:
+    """The kubectl the forwarder runs: found, and its version."""
+    try:
+        kubectl = forwarder.find_kubectl()
+        version = forwarder.kubectl_version(kubectl)
+    except ClusterError as e:
+        return Check(name="kubectl (port-forward)", ok=False, detail=e.message, hint=e.hint)
+    return Check(name="kubectl (port-forward)", ok=True, detail=f"{kubectl} {version}")
+
+
+def forwarder_check(render_dir: Path) -> Check:
+    """The project's forwarder as its state file and process say."""
+    state = forwarder.read_state(render_dir)
+    if state is None:
+        return Check(name="forwarder", ok=True, detail="not running (no `up` holds a session)")
+    what = f"pid {state['pid']}, {state.get('forwards', '?')}"
+    if not state["alive"]:
+        return Check(
+            name="forwarder",
+            ok=False,
+            detail=f"exited ({what}): {state.get('error') or state.get('state')}",
+            hint="run `composemirror up -d` again to restart it",
+        )
+    restarts = int(state.get("restarts") or 0)
+    detail = f"{state['state']} ({what}; {restarts} restart{'s' if restarts != 1 else ''})"
+    return Check(
+        name="forwarder",
+        ok=state["state"] == "forwarding",
+        detail=detail,
+        hint=state.get("error") if state["state"] != "forwarding" else None,
     )
 
 

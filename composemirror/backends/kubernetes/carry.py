@@ -32,35 +32,11 @@ PART_SIZE = 96 * 1024
 """Characters per part: under MAX_ARG_STRLEN (131072 bytes for `NAME=value`) with room."""
 
 _ROOT = Path(composemirror.__file__).parent
-AGENT_MODULES = (
-    "composemirror",
-    "composemirror.filters",
-    "composemirror.link",
-    "composemirror.protocol",
-    "composemirror.errors",
-    "composemirror.tasks",
-    "composemirror.tunnel",
-    "composemirror.relay",
-    "composemirror.bridge",
-    "composemirror.datagrams",
-    "composemirror.agent",
-    "composemirror.agent.server",
-    "composemirror.agent.resolver",
-    "composemirror.podagent",
-    "composemirror.agent.pod",
-)
-"""What the agent imports, and nothing else (no sidecar, no Docker, no Kubernetes)."""
-LIBRARY_MODULES = (
-    "dnslib",
-    "dnslib.dns",
-    "dnslib.bimap",
-    "dnslib.bit",
-    "dnslib.buffer",
-    "dnslib.label",
-    "dnslib.lex",
-    "dnslib.ranges",
-)
-"""The part of dnslib that `dnslib.dns` needs (its servers and tools are left out)."""
+ENTRY = "composemirror.agent.pod"
+"""The agent's entry module in a pod; what it imports, transitively, is carried."""
+CARRIED_PACKAGES = ("composemirror", "dnslib")
+"""Packages whose modules are carried; everything else the agent imports is the stdlib."""
+
 
 BOOTSTRAP = """\
 import base64, importlib.abc, importlib.util, json, lzma, os, sys
@@ -106,7 +82,7 @@ def bundle() -> Bundle:
     """The agent's code from this installation. Cached: it does not change while running."""
     code: dict[str, tuple[bool, str]] = {}
     total = 0
-    for name in (*AGENT_MODULES, *LIBRARY_MODULES):
+    for name in agent_modules():
         path, package = _source(name)
         text = path.read_text(encoding="utf-8")
         total += len(text.encode())
@@ -120,6 +96,65 @@ def bundle() -> Bundle:
     return Bundle(
         parts=parts, digest=hashlib.sha256(packed.encode()).hexdigest()[:12], source_bytes=total
     )
+
+
+@functools.cache
+def agent_modules(entry: str = ENTRY) -> tuple[str, ...]:
+    """`entry` and every module of CARRIED_PACKAGES it imports, transitively, with their
+    parent packages, sorted. Read from the sources (ast), so a module split or added is carried
+    without a list to keep; imports under `if TYPE_CHECKING:` are not followed (never run).
+    Raises ValueError when a carried module is missing from the installation."""
+    found: set[str] = set()
+    pending = [entry]
+    while pending:
+        name = pending.pop()
+        if name in found:
+            continue
+        found.add(name)
+        parts = name.split(".")
+        pending += [".".join(parts[:i]) for i in range(1, len(parts))]
+        path, package = _source(name)
+        if not path.is_file():
+            raise ValueError(f"the agent imports {name}, which has no source at {path}")
+        pending += _imports(path.read_text(encoding="utf-8"), name, package)
+    return tuple(sorted(found))
+
+
+def _imports(source: str, name: str, package: bool) -> list[str]:
+    """The carried modules `source` (module `name`) imports, including `from P import M`
+    where M is a submodule of P."""
+    tree = ast.parse(source)
+    skipped = {
+        id(node)
+        for statement in ast.walk(tree)
+        if isinstance(statement, ast.If) and "TYPE_CHECKING" in ast.unparse(statement.test)
+        for part in statement.body
+        for node in ast.walk(part)
+    }
+    here = name if package else name.rpartition(".")[0]
+    wanted: list[str] = []
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            wanted += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = here.split(".")[: len(here.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            wanted.append(base)
+            wanted += [
+                f"{base}.{alias.name}" for alias in node.names if _is_module(f"{base}.{alias.name}")
+            ]
+    return [w for w in wanted if w.split(".")[0] in CARRIED_PACKAGES]
+
+
+def _is_module(name: str) -> bool:
+    if name.split(".")[0] not in CARRIED_PACKAGES:
+        return False
+    path, _ = _source(name)
+    return path.is_file()
 
 
 def strip(source: str) -> str:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from composemirror.backends import Check, Resolution, SessionInfo
 from composemirror.backends.kubernetes import manifests
-from composemirror.backends.kubernetes._compat import Session
 from composemirror.backends.kubernetes.backend import KubernetesBackend
 from composemirror.backends.kubernetes.client import NotFoundError, RefusedError
 from composemirror.backends.kubernetes.link import ForwardTarget
@@ -43,8 +45,17 @@ class Harness:
             connect=lambda c, n: self.cluster,
             forward=self.forwarded.append,
             sleep=self.sleeps.append,
+            check_kubectl=lambda: Check(name="kubectl (port-forward)", ok=True, detail="v1.34.4"),
         )
-        self.session = Session(project="shop-dev", directory=tmp_path / ".composemirror", key=KEY)
+        self.session = SessionInfo(
+            project="shop-dev",
+            directory=tmp_path,
+            config=config(),
+            resolution=Resolution(description="test", target=POD),
+            base_image="debian:bookworm-slim",
+        )
+        self.session.render_dir.mkdir()
+        self.session.key_file.write_text(KEY.hex() + "\n")
 
     def agent_runs(
         self,
@@ -84,7 +95,7 @@ def test_place_and_prepare_an_ephemeral_agent(tmp_path: Path) -> None:
     cfg = config()
     placement = h.backend.place(cfg, h.backend.resolve(cfg), h.session)
     plan = h.backend.plans["shop-dev"]
-    assert placement.link == f"tcp:host.docker.internal:{plan.local_port}"
+    assert str(placement.link) == f"tcp:host.docker.internal:{plan.local_port}"
     assert dict(placement.extra_hosts) == {"host.docker.internal": "host-gateway"}
     h.agent_runs(POD, plan.where.name)
     h.backend.prepare(h.session, h.messages.append)
@@ -97,14 +108,24 @@ def test_place_and_prepare_an_ephemeral_agent(tmp_path: Path) -> None:
     assert (pod, dry, container["targetContainerName"]) == (POD, False, "checkout")
     assert h.forwarded == [
         ForwardTarget(
-            context="dev", namespace="shop", pod=POD, remote_port=47017, local_port=plan.local_port
+            context="dev",
+            namespace="shop",
+            pod=POD,
+            remote_port=47017,
+            local_port=plan.local_port,
+            address="127.0.0.1",
+            directory=tmp_path / ".composemirror",
         )
     ]
-    assert h.backend.report_env("shop-dev") == {"DATABASE_URL": "from-process"}
+    assert h.backend.session_env("shop-dev") == {"DATABASE_URL": "from-process"}
     assert any("environment from process" in m for m in h.messages)
-    status = h.backend.status(cfg, "shop-dev")
-    assert status[0] == f"agent {plan.where.name} in pod {POD}: running"
-    assert "cannot be removed" in status[1]
+    forwarder, agent, note = h.backend.inspect(cfg, "shop-dev", tmp_path)
+    assert forwarder.detail.startswith("not running")  # the test's forwarder records nothing
+    assert (agent.name, agent.detail) == (
+        f"agent {plan.where.name}",
+        f"ephemeral container in pod {POD}: running",
+    )
+    assert "cannot be removed" in note.detail
 
 
 @pytest.mark.parametrize(
@@ -190,6 +211,26 @@ def test_image_pull_failure_stops_the_wait_at_once(tmp_path: Path) -> None:
     assert h.sleeps == []
 
 
+def test_a_secret_cache_still_syncing_is_waited_for(tmp_path: Path) -> None:
+    """The Secret was created a moment before the agent: the kubelet catches up by itself."""
+    h = Harness(tmp_path)
+    cfg = config()
+    h.backend.place(cfg, h.backend.resolve(cfg), h.session)
+    name = h.backend.plans["shop-dev"].where.name
+    waiting = {
+        "reason": "CreateContainerConfigError",
+        "message": "failed to sync secret cache: timed out waiting for the condition",
+    }
+    for item in h.cluster.objects["pods"]:
+        if item["metadata"]["name"] == POD:
+            item["status"]["ephemeralContainerStatuses"] = [
+                {"name": name, "state": {"waiting": waiting}}
+            ]
+    h.backend.sleep = lambda _: h.agent_runs(POD, name)  # ready at the next poll
+    h.backend.prepare(h.session, h.messages.append)
+    assert h.backend.session_env("shop-dev") == {"DATABASE_URL": "from-process"}
+
+
 def test_wait_is_bounded(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     cfg = config(startup_timeout=5)
@@ -224,6 +265,7 @@ def test_doctor_all_good(tmp_path: Path) -> None:
     assert [(c.name, c.ok) for c in checks] == [
         ("kubernetes API", True),
         ("permissions", True),
+        ("kubectl (port-forward)", True),
         ("target", True),
         ("agent placement (dry run)", True),
     ]
@@ -249,3 +291,17 @@ def test_doctor_names_missing_rules(
     assert check.ok is ok
     assert fragment in check.detail
     assert check.hint is not None and check.hint.startswith("# Role rules needed")
+
+
+def test_a_running_session_keeps_its_forwarders_port(tmp_path: Path) -> None:
+    """`compose -- ARGS` renders again while the session runs: the sidecars keep dialling the
+    forwarder that is there, so the rendered link must not move."""
+    h = Harness(tmp_path)
+    spec = {"address": "172.17.0.1", "local_port": 40913}
+    state = {"pid": os.getpid(), "state": "forwarding", "spec": spec}
+    (h.session.render_dir / "forwarder.json").write_text(json.dumps(state))
+    cfg = config()
+    placement = h.backend.place(cfg, h.backend.resolve(cfg), h.session)
+    assert str(placement.link) == "tcp:host.docker.internal:40913"
+    assert h.backend.plans["shop-dev"].address == "172.17.0.1"
+    assert not (h.session.render_dir / "kubernetes.json").exists()  # place writes nothing

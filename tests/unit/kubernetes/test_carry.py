@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import lzma
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,36 +15,47 @@ from pathlib import Path
 import pytest
 
 from composemirror.agent.pod import target_environment
-from composemirror.backends.kubernetes.carry import BOOTSTRAP, bundle, strip
+from composemirror.backends.kubernetes.carry import (
+    BOOTSTRAP,
+    _imports,
+    agent_modules,
+    bundle,
+    strip,
+)
 from composemirror.podagent import SPEC_ENV_PREFIX, parse_ready, unseal
 from composemirror.protocol import key_to_text, new_key
 
 
-def test_bootstrap_runs_the_agent_from_memory(tmp_path: Path) -> None:
-    """A python3 in isolated mode, in an empty directory, with only the environment variables
-    the container spec sets: the agent starts, reports, and exits when idle."""
+def run_agent(cwd: Path, key: bytes, port: int) -> subprocess.CompletedProcess[str]:
+    """The bootstrap in a python3 in isolated mode, in `cwd`, with only the environment
+    variables the container spec sets, exiting 1 s after it is ready (no link)."""
     python = shutil.which("python3") or sys.executable
-    key = new_key()
     code = bundle()
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "COMPOSEMIRROR_AGENT_KEY": key_to_text(key),
-        "COMPOSEMIRROR_AGENT_PORT": "0",
+        "COMPOSEMIRROR_AGENT_PORT": str(port),
         "COMPOSEMIRROR_AGENT_TTL": "1",
         "COMPOSEMIRROR_AGENT_TARGETED": "0",
         "COMPOSEMIRROR_CODE_PARTS": str(len(code.parts)),
         f"{SPEC_ENV_PREFIX}DATABASE_URL": "postgres://db/shop",
     }
     env.update({f"COMPOSEMIRROR_CODE_{i}": part for i, part in enumerate(code.parts)})
-    done = subprocess.run(
+    return subprocess.run(
         [python, "-I", "-c", BOOTSTRAP],
         env=env,
-        cwd=tmp_path,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
+
+
+def test_bootstrap_runs_the_agent_from_memory(tmp_path: Path) -> None:
+    """The agent starts from the carried code alone, reports, and exits when idle."""
+    key = new_key()
+    done = run_agent(tmp_path, key, 0)
     assert done.returncode == 0, done.stderr
     ready = parse_ready(done.stdout.strip())
     assert ready is not None and ready.version == "0.1.0"
@@ -49,6 +64,60 @@ def test_bootstrap_runs_the_agent_from_memory(tmp_path: Path) -> None:
     assert "no link for 1 s: exiting" in done.stderr
     assert key_to_text(key) not in done.stdout + done.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_taken_port_gives_a_free_one_named_in_the_ready_line(tmp_path: Path) -> None:
+    """An earlier session's agent in the same pod may still hold the port for its ttl."""
+    with socket.socket() as earlier:
+        earlier.bind(("127.0.0.1", 0))
+        earlier.listen()
+        taken = earlier.getsockname()[1]
+        done = run_agent(tmp_path, new_key(), taken)
+    assert done.returncode == 0, done.stderr
+    ready = parse_ready(done.stdout.strip())
+    assert ready is not None and ready.port not in (0, taken)
+
+
+def test_the_carried_modules_are_what_the_pod_agent_imports() -> None:
+    """Computed from the sources: a module split or added is carried with no list to edit."""
+    carried = agent_modules()
+    assert carried[0] == "composemirror" and "composemirror.agent.pod" in carried
+    for needed in ("composemirror.podagent", "composemirror.protocol", "dnslib.dns"):
+        assert needed in carried
+    # never the host side: no sidecar, backend, engine, CLI (no docker, no kubernetes)
+    assert not [m for m in carried if m.split(".")[1:2] in (["sidecar"], ["backends"])]
+    assert not {"composemirror.engine", "composemirror.cli", "composemirror.ops"} & set(carried)
+    assert set(bundle_names()) == set(carried)
+
+
+def bundle_names() -> list[str]:
+    packed = "".join(bundle().parts)
+    return list(json.loads(lzma.decompress(base64.b64decode(packed))))
+
+
+def test_imports_follow_relative_and_submodule_imports_but_not_type_checking() -> None:
+    source = (
+        "import os\n"
+        "from typing import TYPE_CHECKING\n"
+        "from ..link import LinkAddress\n"
+        "from .. import protocol\n"
+        "from . import resolver\n"
+        "import dnslib.dns\n"
+        "if TYPE_CHECKING:\n"
+        "    from composemirror.engine import Engine\n"
+        "def later():\n"
+        "    from composemirror import filters\n"
+    )
+    assert sorted(_imports(source, "composemirror.agent.server", False)) == [
+        "composemirror",
+        "composemirror",
+        "composemirror.agent",
+        "composemirror.agent.resolver",
+        "composemirror.filters",
+        "composemirror.link",
+        "composemirror.protocol",
+        "dnslib.dns",
+    ]
 
 
 def test_bundle_is_small_and_whole() -> None:

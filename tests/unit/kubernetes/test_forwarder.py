@@ -1,0 +1,157 @@
+"""The forwarder's supervision: what it runs, when it restarts, and that stopping it leaves no
+process behind. The port-forward command is a small script here (the real kubectl against a
+real cluster is exercised by tests/e2e/test_kubernetes_local_database.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from composemirror.backends.kubernetes import forwarder
+from composemirror.backends.kubernetes.backend import forwarder_check
+from composemirror.errors import ClusterError
+
+
+def spec(kubectl: str = "/usr/bin/kubectl") -> forwarder.Spec:
+    return forwarder.Spec(
+        kubectl=kubectl,
+        context="dev",
+        namespace="shop",
+        pod="checkout-1",
+        remote_port=47017,
+        address="172.17.0.1",
+        local_port=41234,
+    )
+
+
+def script(tmp_path: Path, body: str) -> str:
+    """An executable standing in for kubectl: it prints what kubectl prints, then `body`."""
+    path = tmp_path / "kubectl"
+    path.write_text(
+        "#!/bin/sh\n"
+        'echo "Forwarding from 172.17.0.1:41234 -> 47017"\n'
+        'echo "Handling connection for 41234"\n' + body + "\n"
+    )
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+def test_it_forwards_from_the_gateway_address_only_with_the_same_context() -> None:
+    assert spec().command() == [
+        "/usr/bin/kubectl",
+        "--context",
+        "dev",
+        "-n",
+        "shop",
+        "port-forward",
+        "--address",
+        "172.17.0.1",
+        "pod/checkout-1",
+        "41234:47017",
+    ]
+    assert spec().describe() == "172.17.0.1:41234 -> pod/checkout-1:47017 in namespace shop"
+
+
+def test_kubectl_is_found_or_the_error_says_how_to_install_it(tmp_path: Path) -> None:
+    chosen = script(tmp_path, "exit 0")
+    assert forwarder.find_kubectl({forwarder.KUBECTL_ENV: chosen}) == chosen
+    assert forwarder.find_kubectl({"PATH": str(tmp_path)}) == chosen
+    with pytest.raises(ClusterError) as missing:
+        forwarder.find_kubectl({"PATH": str(tmp_path / "nothing")})
+    assert "kubectl is not installed" in missing.value.message
+    assert missing.value.hint == forwarder.INSTALL_HINT
+    with pytest.raises(ClusterError, match="is not an executable"):
+        forwarder.find_kubectl({forwarder.KUBECTL_ENV: str(tmp_path / "nothing")})
+    with pytest.raises(ClusterError, match="does not run"):
+        forwarder.kubectl_version(chosen)  # prints no version
+
+
+def test_a_dropped_forward_is_restarted_with_bounded_backoff(tmp_path: Path) -> None:
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 6:
+            supervisor.stop_now()
+
+    supervisor = forwarder.Supervisor(
+        spec(script(tmp_path, "echo 'lost connection to pod'; exit 1")), tmp_path, sleep=sleep
+    )
+    assert supervisor.run() == 0
+    # Each run forwarded before it dropped: the delay starts again from the first one.
+    assert sleeps == [forwarder.BACKOFF_FIRST] * 6
+    state = json.loads((tmp_path / forwarder.STATE_FILE).read_text())
+    assert state["state"] == "reconnecting" and state["restarts"] == 6
+    assert "lost connection to pod" in state["error"]
+    assert "Handling connection" not in state["error"]
+
+
+def test_a_forward_that_never_starts_backs_off_then_gives_up(tmp_path: Path) -> None:
+    never = tmp_path / "never"
+    never.write_text("#!/bin/sh\necho 'error: pods \"checkout-1\" not found' >&2\nexit 1\n")
+    never.chmod(0o755)
+    now = [0.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds + 30
+
+    supervisor = forwarder.Supervisor(spec(str(never)), tmp_path, sleep=sleep, clock=lambda: now[0])
+    assert supervisor.run() == 1
+    assert sleeps[:5] == [0.2, 0.4, 0.8, 1.6, 2.0]
+    assert max(sleeps) == forwarder.BACKOFF_MAX
+    state = json.loads((tmp_path / forwarder.STATE_FILE).read_text())
+    assert state["state"] == "failed" and 'pods "checkout-1" not found' in state["error"]
+
+
+def test_start_waits_for_the_forward_and_stop_leaves_no_process(tmp_path: Path) -> None:
+    directory = tmp_path / ".composemirror"
+    state = forwarder.start(spec(script(tmp_path, "exec sleep 600")), directory)
+    supervisor, child = int(state["pid"]), int(state["kubectl_pid"])
+    assert state["state"] == "forwarding"
+    assert forwarder_check(directory).ok
+    assert "pid" in forwarder_check(directory).detail
+    assert forwarder.stop(directory) == supervisor
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (alive(supervisor) or alive(child)):
+        time.sleep(0.05)
+    assert not alive(supervisor) and not alive(child)
+    assert forwarder.stop(directory) is None  # idempotent
+    assert forwarder_check(directory).detail.startswith("not running")
+
+
+def test_a_forward_that_cannot_start_fails_with_kubectls_words(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.write_text("#!/bin/sh\necho 'error: unable to listen on any of the requested ports'\n")
+    broken.chmod(0o755)
+    with pytest.raises(ClusterError) as failed:
+        forwarder.start(spec(str(broken)), tmp_path / ".composemirror", timeout=1.5)
+    assert "did not start" in failed.value.message
+    assert "unable to listen" in failed.value.message
+    assert forwarder.read_state(tmp_path / ".composemirror") is None
+
+
+def test_a_dead_forwarder_is_reported_with_what_to_do(tmp_path: Path) -> None:
+    record = {"pid": 2**22 + 1, "state": "forwarding", "forwards": "x", "error": None}
+    (tmp_path / forwarder.STATE_FILE).write_text(json.dumps(record))
+    check = forwarder_check(tmp_path)
+    assert not check.ok and check.detail.startswith("exited")
+    assert check.hint is not None and "up -d" in check.hint
+    assert forwarder.stop(tmp_path) is None
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
