@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tests.conftest import ROOT
 
 KUBECONFIG = ROOT / ".cluster" / "kubeconfig"
@@ -190,3 +192,24 @@ def exec_pod(
 ) -> subprocess.CompletedProcess[str]:
     """`kubectl exec` a shell command in a pod (through the API server and the kubelet)."""
     return kubectl("-n", namespace, "exec", pod, "--", "sh", "-c", command, timeout=timeout)
+
+
+def token_kubeconfig(admin: Path, token: str, namespace: str, out: Path) -> Path:
+    """A kube config at `out` for a ServiceAccount `token` on `admin`'s cluster, its context's
+    namespace `namespace`: how a user with only that account's rights reaches the cluster."""
+    cluster = yaml.safe_load(admin.read_text())["clusters"][0]
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "limited",
+        "clusters": [cluster],
+        "users": [{"name": "limited", "user": {"token": token}}],
+        "contexts": [
+            {
+                "name": "limited",
+                "context": {"cluster": cluster["name"], "user": "limited", "namespace": namespace},
+            }
+        ],
+    }
+    out.write_text(yaml.safe_dump(config))
+    return out

@@ -36,6 +36,7 @@ from composemirror.errors import ClusterError
 from composemirror.link import LinkAddress, TcpAddress
 from composemirror.protocol import key_to_text, new_key
 from composemirror.sidecar.tunnel import TunnelClient
+from tests.cluster.kube import token_kubeconfig
 from tests.conftest import ROOT, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -188,27 +189,7 @@ def limited_kubeconfig(path: Path, namespace: str, tmp_path: Path) -> Path:
         f"--serviceaccount={namespace}:limited",
     )
     token = kubectl(path, "-n", namespace, "create", "token", "limited").stdout.strip()
-    admin = yaml.safe_load(path.read_text())
-    limited = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "current-context": "limited",
-        "clusters": admin["clusters"][:1],
-        "users": [{"name": "limited", "user": {"token": token}}],
-        "contexts": [
-            {
-                "name": "limited",
-                "context": {
-                    "cluster": admin["clusters"][0]["name"],
-                    "user": "limited",
-                    "namespace": namespace,
-                },
-            }
-        ],
-    }
-    out = tmp_path / "limited.kubeconfig"
-    out.write_text(yaml.safe_dump(limited))
-    return out
+    return token_kubeconfig(path, token, namespace, tmp_path / "limited.kubeconfig")
 
 
 def test_missing_ephemeral_rule_is_named_and_refused(

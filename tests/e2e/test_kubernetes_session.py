@@ -22,7 +22,7 @@ import yaml
 
 from composemirror.backends.kubernetes import manifests
 from composemirror.backends.kubernetes.access import role_manifest
-from tests.cluster.kube import KUBECONFIG, get_json, kubectl, ok
+from tests.cluster.kube import KUBECONFIG, get_json, kubectl, ok, token_kubeconfig
 from tests.conftest import ROOT, exec_in, labelled, wait_for
 from tests.e2e.shop import (
     EXAMPLE,
@@ -93,26 +93,7 @@ def limited(shop: Shop, tmp_path: Path) -> Iterator[Path]:
             )
         )
         token = ok(kubectl("-n", NAMESPACE, "create", "token", name)).strip()
-        admin = yaml.safe_load(KUBECONFIG.read_text())
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "current-context": "limited",
-            "clusters": admin["clusters"][:1],
-            "users": [{"name": "limited", "user": {"token": token}}],
-            "contexts": [
-                {
-                    "name": "limited",
-                    "context": {
-                        "cluster": admin["clusters"][0]["name"],
-                        "user": "limited",
-                        "namespace": NAMESPACE,
-                    },
-                }
-            ],
-        }
-        path = tmp_path / "limited.kubeconfig"
-        path.write_text(yaml.safe_dump(config))
+        path = token_kubeconfig(KUBECONFIG, token, NAMESPACE, tmp_path / "limited.kubeconfig")
         yield path
     finally:
         for kind in ("rolebinding", "role", "serviceaccount"):
@@ -170,8 +151,8 @@ def test_an_attached_up_holds_the_forwarder_and_ctrl_c_stops_it(shop: Shop, tmp_
         )
         supervisor = int(forwarder_state()["pid"])
         assert process_alive(supervisor)
-        os.killpg(up.pid, signal.SIGINT)  # Ctrl-C
-        assert up.wait(timeout=120) == 0, output.read_text()[-3000:]
+        os.killpg(up.pid, signal.SIGINT)  # Ctrl-C: the stack stops and, as compose, exit 130
+        assert up.wait(timeout=120) == 130, output.read_text()[-3000:]
         assert not process_alive(supervisor)
         assert not (RENDER_DIR / "forwarder.json").exists()
     finally:
