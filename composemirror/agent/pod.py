@@ -115,9 +115,8 @@ async def run(environ: MutableMapping[str, str]) -> None:
     resolv = Path("/etc/resolv.conf")
     conf = parse_resolv_conf(resolv.read_text() if resolv.exists() else "")
     async with tasks.scope() as spawner:
-        # The Kubernetes backend reports no resolver yet, so the app's resolv.conf lacks the pod's
-        # search list: expand here until it does.
-        agent = IdleAgent(key, Resolver(conf, expand=True), spawner)
+        # The app has the pod's search list and ndots: each name asked is resolved as it is.
+        agent = IdleAgent(key, Resolver(conf), spawner)
         try:
             server = await agent.serve(TcpAddress("127.0.0.1", port))
         except OSError as e:

@@ -212,6 +212,14 @@ def choose(
 
         return DockerBackend(engine)
     forced = environ.get(CLUSTER_ENV, "auto")
+    listed = [p for p in environ.get("KUBECONFIG", "").split(os.pathsep) if p]
+    if forced == "auto" and listed and not kubeconfig_present(environ):
+        # kubectl would fail here too; falling back to the sandbox would fake a cluster.
+        raise ConfigError(
+            f"KUBECONFIG names no file that exists: {', '.join(listed)}",
+            hint=f"fix KUBECONFIG, or unset it (or set {CLUSTER_ENV}=sandbox) for the sandbox "
+            "cluster",
+        )
     if forced == "kubernetes" or (forced == "auto" and kubeconfig_present(environ)):
         from composemirror.backends.kubernetes import KubernetesBackend
 
@@ -229,4 +237,5 @@ def kubeconfig_present(environ: Mapping[str, str]) -> bool:
     paths = environ.get("KUBECONFIG", "")
     if paths:
         return any(Path(p).is_file() for p in paths.split(os.pathsep) if p)
-    return (Path.home() / ".kube" / "config").is_file()
+    home = Path(environ["HOME"]) if environ.get("HOME") else Path.home()
+    return (home / ".kube" / "config").is_file()

@@ -64,6 +64,18 @@ def test_psql_with_the_cluster_db_name_reads_the_local_rows(example: Shop) -> No
     assert result.stdout.strip() == "local|3"
 
 
+def test_the_db_short_name_expands_as_in_the_pod_and_stays_local(example: Shop) -> None:
+    # In the pod, `postgres` is postgres.shop.svc.cluster.local through its search list; `hosts`
+    # makes that name local, so the short name must reach the local rows too, never the cluster's.
+    resolv = exec_in(APP, ["cat", "/etc/resolv.conf"]).stdout
+    assert "search shop.svc.cluster.local svc.cluster.local cluster.local" in resolv, resolv
+    assert "ndots:5" in resolv, resolv
+    url = DATABASE_URL.replace("postgres.shop.svc.cluster.local", "postgres")
+    result = exec_in(APP, ["psql", url, "-Atc", "SELECT DISTINCT source FROM customers"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "local"
+
+
 @pytest.mark.parametrize("host", [ORDERS, "orders"])
 def test_curl_reaches_orders_in_the_cluster_from_the_target_pod(example: Shop, host: str) -> None:
     result = exec_in(APP, ["curl", "-fsS", "-m", "10", f"http://{host}:8080/orders"])
@@ -87,7 +99,9 @@ def test_dig_answers_from_the_cluster_dns_except_the_local_name(example: Shop) -
         return exec_in(APP, ["dig", "+short", "+time=5", "+tries=1", *args]).stdout.strip()
 
     assert dig(ORDERS) == example.orders_ip
-    assert dig("orders") == example.orders_ip  # the target's search domains
+    # dig searches only when asked, as in the pod: then with the pod's search list and ndots
+    assert dig("+search", "orders") == example.orders_ip
+    assert dig("orders") == ""  # `orders.` alone is no name in the cluster
     assert dig("+tcp", ORDERS) == example.orders_ip
     local = dig("db")
     assert local and dig(CLUSTER_DB) == local != example.postgres_ip

@@ -89,7 +89,7 @@ def sandbox_engine(*, up: bool = False) -> FakeEngine:
 
 
 def no_kube(tmp_path: Path, **extra: str) -> dict[str, str]:
-    return {"KUBECONFIG": str(tmp_path / "missing"), **extra}
+    return {"KUBECONFIG": "", "HOME": str(tmp_path), **extra}
 
 
 def test_a_docker_target_gets_the_docker_backend(tmp_path: Path) -> None:
@@ -100,6 +100,14 @@ def test_a_docker_target_gets_the_docker_backend(tmp_path: Path) -> None:
 def test_without_a_kube_config_the_sandbox_is_chosen(tmp_path: Path) -> None:
     chosen = choose(config("deployment/checkout"), no_kube(tmp_path), FakeEngine())
     assert isinstance(chosen, SandboxBackend) and chosen.name == "sandbox"
+
+
+def test_a_kubeconfig_naming_no_file_is_an_error_not_the_sandbox(tmp_path: Path) -> None:
+    environ = {"KUBECONFIG": str(tmp_path / "typo.yaml"), "HOME": str(tmp_path)}
+    with pytest.raises(ConfigError, match="KUBECONFIG names no file that exists"):
+        choose(config("deployment/checkout"), environ, FakeEngine())
+    sandbox = {**environ, CLUSTER_ENV: "sandbox"}
+    assert isinstance(choose(config("deployment/checkout"), sandbox, FakeEngine()), SandboxBackend)
 
 
 def test_forcing_the_sandbox_wins_over_a_kube_config(tmp_path: Path) -> None:

@@ -217,8 +217,8 @@ class KubernetesBackend:
     def resolve(self, config: Config) -> Resolution:
         """The target's description and its environment (from the API; see `report_env`).
 
-        The resolver is the target pod's own resolv.conf, which the agent reads in place, so
-        none is returned. Raises ClusterError.
+        The resolver is the target pod's search list and ndots (`targets.pod_resolver`), which
+        the app gets, so the agent resolves exactly the name asked. Raises ClusterError.
         """
         cluster = self.cluster(config.context, config.namespace)
         namespace = config.namespace or cluster.namespace
@@ -238,6 +238,7 @@ class KubernetesBackend:
             description=f"{found.description} (context {cluster.context})",
             target=f"pod/{found.name}",
             env=MappingProxyType(env),
+            resolver=targets.pod_resolver(found.pod),
         )
 
     def place(

@@ -96,6 +96,14 @@ def connect(
     paths = kubeconfig_paths(os.environ if environ is None else environ)
     kubeconfig = _kubernetes().config
     try:
+        for path in (p for p in paths.split(os.pathsep) if p and Path(p).is_file()):
+            document = yaml.safe_load(Path(path).read_text())
+            if document is not None and not isinstance(document, dict):
+                raise ClusterError(
+                    f"{path} is not a kube config: it holds a YAML "
+                    f"{type(document).__name__}, not a mapping",
+                    hint="point KUBECONFIG at a kube config (`kubectl config view` shows one)",
+                )
         contexts, current = kubeconfig.list_kube_config_contexts(config_file=paths)
         # kubectl takes current-context from the first file that sets it; the python client's
         # merger from the last, so it is read here.

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from composemirror.backends import Resolver
 from composemirror.config import Target
 from composemirror.errors import ClusterError
 
@@ -262,3 +263,36 @@ def resolve(target: Target, pod: Obj) -> TargetPod:
 
 def _kind_name(obj: Obj) -> str:
     return f"{str(obj.get('kind', 'object')).lower()}/{obj.get('metadata', {}).get('name')}"
+
+
+CLUSTER_DOMAIN = "cluster.local"
+"""The kubelet's default `clusterDomain`; the API does not publish a cluster's own."""
+CLUSTER_FIRST_NDOTS = 5
+"""The `ndots` the kubelet writes for ClusterFirst pods."""
+
+
+def pod_resolver(pod: Obj, cluster_domain: str = CLUSTER_DOMAIN) -> Resolver:
+    """The search list and ndots the kubelet writes into `pod`'s resolv.conf, from its spec.
+
+    As the kubelet builds it (pkg/kubelet/network/dns): for `ClusterFirst` (the default, and
+    `ClusterFirstWithHostNet` on the host network) `<ns>.svc.<domain>`, `svc.<domain>`,
+    `<domain>` and ndots 5; for `None` only what `dnsConfig` says; for `Default` (the node's
+    resolver, which the API does not show) no search list. `dnsConfig.searches` are appended
+    and its `ndots` option wins. The node's own search domains are not known here and are left out.
+    """
+    spec = pod.get("spec") or {}
+    namespace = str((pod.get("metadata") or {}).get("namespace", "default"))
+    policy = spec.get("dnsPolicy") or "ClusterFirst"
+    host_network = bool(spec.get("hostNetwork"))
+    search: list[str] = []
+    ndots = 1
+    if policy == "ClusterFirstWithHostNet" or (policy == "ClusterFirst" and not host_network):
+        search = [f"{namespace}.svc.{cluster_domain}", f"svc.{cluster_domain}", cluster_domain]
+        ndots = CLUSTER_FIRST_NDOTS
+    config = spec.get("dnsConfig") or {}
+    search += [str(s).rstrip(".") for s in config.get("searches") or () if str(s).strip(".")]
+    for option in config.get("options") or ():
+        value = str(option.get("value", ""))
+        if option.get("name") == "ndots" and value.isdigit():
+            ndots = min(int(value), 15)
+    return Resolver(search=tuple(dict.fromkeys(search)), ndots=ndots)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from composemirror.backends import Check, Resolution, SessionInfo
+from composemirror.backends import Check, Resolution, Resolver, SessionInfo
 from composemirror.backends.kubernetes import manifests
 from composemirror.backends.kubernetes.backend import KubernetesBackend
 from composemirror.backends.kubernetes.client import NotFoundError, RefusedError
@@ -87,7 +87,9 @@ def test_resolve_gives_the_target_and_its_env(tmp_path: Path) -> None:
     )
     assert resolution.env["DB_PASSWORD"] == "s3cret"
     assert resolution.env["POD_NAME"] == POD
-    assert resolution.resolver is None  # the agent reads the pod's resolv.conf in place
+    assert resolution.resolver == Resolver(
+        search=("shop.svc.cluster.local", "svc.cluster.local", "cluster.local"), ndots=5
+    )  # the app expands short names itself; the agent resolves exactly what it is asked
 
 
 def test_place_and_prepare_an_ephemeral_agent(tmp_path: Path) -> None:

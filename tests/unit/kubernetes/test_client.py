@@ -225,3 +225,10 @@ def test_exec_credential_plugin_runs_on_this_host(tmp_path: Path) -> None:
     cluster = client.connect(None, None, {"KUBECONFIG": str(path)})
     assert cluster.api.configuration.api_key["BearerToken"] == "Bearer from-the-plugin"
     assert cluster.namespace == "default"
+
+
+def test_a_kube_config_that_is_not_a_mapping_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "k.yaml"
+    path.write_text("hello\n")
+    with pytest.raises(ClusterError, match="is not a kube config"):
+        client.connect(None, None, {"KUBECONFIG": str(path)})

@@ -143,3 +143,39 @@ def test_default_container_annotation_naming_nothing() -> None:
     }
     with pytest.raises(ClusterError, match="default-container annotation"):
         targets.pick_container(Target(kind="pod", name="p"), pod)
+
+
+@pytest.mark.parametrize(
+    ("spec", "search", "ndots"),
+    [
+        ({}, ("shop.svc.cluster.local", "svc.cluster.local", "cluster.local"), 5),
+        ({"dnsPolicy": "ClusterFirst", "hostNetwork": True}, (), 1),
+        (
+            {"dnsPolicy": "ClusterFirstWithHostNet", "hostNetwork": True},
+            ("shop.svc.cluster.local", "svc.cluster.local", "cluster.local"),
+            5,
+        ),
+        ({"dnsPolicy": "Default"}, (), 1),
+        (
+            {"dnsPolicy": "None", "dnsConfig": {"searches": ["corp.example."]}},
+            ("corp.example",),
+            1,
+        ),
+        (
+            {
+                "dnsConfig": {
+                    "searches": ["corp.example"],
+                    "options": [{"name": "ndots", "value": "2"}],
+                }
+            },
+            ("shop.svc.cluster.local", "svc.cluster.local", "cluster.local", "corp.example"),
+            2,
+        ),
+    ],
+)
+def test_the_app_gets_the_search_list_the_kubelet_writes(
+    spec: dict[str, object], search: tuple[str, ...], ndots: int
+) -> None:
+    pod = {"metadata": {"name": "p", "namespace": "shop"}, "spec": spec}
+    resolver = targets.pod_resolver(pod)
+    assert (resolver.search, resolver.ndots) == (search, ndots)
