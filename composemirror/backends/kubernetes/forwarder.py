@@ -147,13 +147,21 @@ def start(spec: Spec, directory: Path, *, timeout: float = START_TIMEOUT) -> dic
             close_fds=True,
         )
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = read_state(directory)
-        if state and state.get("state") == "forwarding":
-            return state
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
+    try:
+        while time.monotonic() < deadline:
+            state = read_state(directory)
+            if state and state.get("state") == "forwarding":
+                return state
+            if process.poll() is not None:
+                break
+            time.sleep(0.1)
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM) before it was recorded as forwarding: `stop` may not find
+        # it yet, so its process group (kubectl dies with it) is ended here.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        _reap(process)
+        raise
     last = (read_state(directory) or {}).get("error")
     stop(directory)
     _reap(process)

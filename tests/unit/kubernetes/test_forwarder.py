@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -155,3 +157,34 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_an_interrupted_start_leaves_no_supervisor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[subprocess.Popen[bytes]] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        process = real_popen(["sleep", "60"], start_new_session=True)
+        started.append(process)
+        return process
+
+    def interrupt(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(time, "sleep", interrupt)
+    spec = forwarder.Spec(
+        kubectl="kubectl",
+        context="c",
+        namespace="n",
+        pod="p",
+        address="127.0.0.1",
+        local_port=1,
+        remote_port=2,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        forwarder.start(spec, tmp_path)
+    (process,) = started
+    assert process.poll() is not None  # ended, not left running
