@@ -454,10 +454,10 @@ class _Loader:
         result = {}
         for name, service in hosts.items():
             try:
-                rule = parse_filter("local", [name], protocols=False).rules[0]
+                rule = parse_filter("local", [name], protocols=True).rules[0]
             except FilterSyntaxError as e:
                 raise self.fail(f"{BLOCK}.hosts.{name}", str(e)) from None
-            if rule.name is None or rule.wildcard or rule.port:
+            if rule.name is None or rule.wildcard or rule.qualified:
                 raise self.fail(f"{BLOCK}.hosts.{name}", "expected a plain host name")
             result[rule.name] = service
         return result
@@ -633,11 +633,13 @@ class _Loader:
             try:
                 parse_filter(mode, [entry], protocols=protocols)
             except FilterSyntaxError as e:
-                raise self.fail(
-                    f"{path}.{mode}[{i}]",
-                    str(e),
-                    "entries look like `tcp://host:5432`, `10.0.0.0/8`, `*.internal` or `:53`",
-                ) from None
+                # Each hint is itself a valid entry of the filter it names.
+                usual = (
+                    "entries look like `tcp://host:5432`, `10.0.0.0/8`, `*.internal` or `:53`"
+                    if protocols
+                    else "entries are names: `db.example` or `*.internal`"
+                )
+                raise self.fail(f"{path}.{mode}[{i}]", str(e), e.hint or usual) from None
         return parse_filter(mode, entries, protocols=protocols)
 
 
