@@ -290,17 +290,18 @@ def route_query(name: str, *, dns: Filter | None, outgoing: Filter | None, scope
     return Route.REMOTE
 
 
-def routing_key(outgoing: Filter | None, name: str, side: Route) -> str:
+def routing_key(outgoing: Filter | None, name: str, side: Route, scope: Scope = Scope()) -> str:
     """Names with one key have every connection decided alike, whatever its port and protocol.
 
-    A name some entry of the outgoing filter names is a key of its own, and so, under a
-    `remote` list, is every name resolved in the cluster (its unlisted traffic goes local, to
-    where the name means locally). Other names are decided by their address alone: their key
-    is the side that answered them. The sidecar's DNS gives two names one address only when
-    their keys agree (see `sidecar.dns.Book`).
+    A name some entry of the outgoing filter names is a key of its own, and so is a project
+    name, and, under a `remote` list, every name resolved in the cluster (its unlisted traffic
+    goes local, to where the name means locally). Other names are decided by their address
+    alone: their key is the side that answered them. The sidecar's DNS gives two names one
+    address only when their keys agree (see `sidecar.dns.Book`).
     """
-    if outgoing is not None and (
-        outgoing.match_name(name) or (outgoing.mode == "remote" and side == Route.REMOTE)
+    if scope.owns_name(name) or (
+        outgoing is not None
+        and (outgoing.match_name(name) or (outgoing.mode == "remote" and side == Route.REMOTE))
     ):
         return f"name:{normalise_name(name)}"
     return f"side:{side}"

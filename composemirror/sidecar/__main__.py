@@ -19,7 +19,7 @@ from pathlib import Path
 
 from composemirror import tasks
 from composemirror.errors import ComposeMirrorError, SidecarError
-from composemirror.filters import IPNetwork, Scope
+from composemirror.filters import IPAddress, IPNetwork, Scope
 from composemirror.link import ENV_VAR, READY_FILE, STATUS_FILE, SidecarSettings
 from composemirror.protocol import key_from_text
 from composemirror.sidecar import dns, firewall, status
@@ -44,6 +44,32 @@ def local_networks(route_table: str) -> list[IPNetwork]:
     return networks
 
 
+def own_addresses(fib_trie: str) -> list[str]:
+    """The namespace's own IPv4 addresses but loopback, from /proc/net/fib_trie (an address
+    line followed by `/32 host LOCAL`), once each."""
+    found: list[str] = []
+    last = ""
+    for line in fib_trie.splitlines():
+        words = line.split()
+        if len(words) == 2 and words[0] == "|--":
+            last = words[1]
+        elif words == ["/32", "host", "LOCAL"] and last and not last.startswith("127."):
+            found.append(last)
+    return list(dict.fromkeys(found))
+
+
+def hosts_addresses(table: dict[str, list[str]]) -> frozenset[IPAddress]:
+    """The addresses of an /etc/hosts table (`dns.read_hosts_file`) that parse as addresses."""
+    found: set[IPAddress] = set()
+    for addresses in table.values():
+        for text in addresses:
+            try:
+                found.add(ipaddress.ip_address(text.split("%")[0]))
+            except ValueError:
+                continue
+    return frozenset(found)
+
+
 async def run(settings: SidecarSettings) -> None:
     async with tasks.scope() as spawner:
         await serve(settings, spawner)
@@ -57,12 +83,17 @@ async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
     except (OSError, ValueError) as e:
         raise SidecarError(f"cannot read the tunnel key {settings.key_file}: {e}") from e
     networks = local_networks(Path("/proc/net/route").read_text())
-    scope = Scope(names=frozenset(settings.names), networks=tuple(networks))
+    static = dns.read_hosts_file(Path("/etc/hosts"))
+    scope = Scope(
+        names=frozenset(settings.names),
+        networks=tuple(networks),
+        addresses=hosts_addresses(static),
+    )
     outgoing = settings.outgoing.parse(protocols=True) if settings.outgoing else None
     dns_filter = settings.dns.parse(protocols=False) if settings.dns else None
     counters = status.Counters()
     tunnels = TunnelClient(settings.link, key, mark=MARK)
-    book = dns.Book()
+    book = dns.Book.deciding(outgoing, scope)
     resolver = dns.Resolver(
         tunnels=tunnels,
         book=book,
@@ -75,6 +106,7 @@ async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
         mark=MARK,
         search=dns.read_search(),
     )
+    await resolver.learn_domains(own_addresses(Path("/proc/net/fib_trie").read_text()))
     await loop.create_datagram_endpoint(
         lambda: dns.UdpServer(resolver, spawner), local_addr=("127.0.0.1", DNS_PORT)
     )
@@ -112,6 +144,7 @@ async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
             udp=settings.udp,
             udp_port=UDP_PROXY_PORT,
             direct=direct,
+            stand_ins=dns.STAND_INS,
         )
     )
     log.info(

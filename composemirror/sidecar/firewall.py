@@ -48,6 +48,9 @@ class Plan:
     table: int = ROUTE_TABLE
     direct: Sequence[IPNetwork] = ()
     """Destinations that never need a decision (the project's networks), skipped in-kernel."""
+    stand_ins: IPNetwork | None = None
+    """The sidecar's stand-in addresses (`sidecar.dns.STAND_INS`): always sent to the proxies,
+    before `direct` is skipped, since only the proxies know what they stand for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,11 @@ def render(plan: Plan, *, saved: Mapping[str, str] | None = None) -> str:
         f"-A {CHAIN} -p udp --dport 53 -j REDIRECT --to-ports {plan.dns_port}",
         f"-A {CHAIN} -p tcp --dport 53 -j REDIRECT --to-ports {plan.dns_port}",
         f"-A {CHAIN} -d 127.0.0.0/8 -j RETURN",
+        *(
+            [f"-A {CHAIN} -d {plan.stand_ins} -p tcp -j REDIRECT --to-ports {plan.proxy_port}"]
+            if plan.stand_ins
+            else []
+        ),
         *_skip_direct(plan),
     ]
     if plan.tcp:
@@ -107,6 +115,14 @@ def render(plan: Plan, *, saved: Mapping[str, str] | None = None) -> str:
             f"-A {CHAIN} -m mark --mark {plan.mark:#x} -j RETURN",
             f"-A {CHAIN} -p udp --dport 53 -j RETURN",
             f"-A {CHAIN} -d 127.0.0.0/8 -j RETURN",
+            *(
+                [
+                    f"-A {CHAIN} -d {plan.stand_ins} -p udp -j MARK --set-mark {plan.udp_mark:#x}",
+                    f"-A {CHAIN} -d {plan.stand_ins} -j RETURN",
+                ]
+                if plan.stand_ins
+                else []
+            ),
             *_skip_direct(plan),
             # The namespace's own, broadcast and multicast addresses have no remote side.
             f"-A {CHAIN} -m addrtype --dst-type LOCAL,BROADCAST,MULTICAST -j RETURN",
