@@ -70,6 +70,29 @@ def hosts_addresses(table: dict[str, list[str]]) -> frozenset[IPAddress]:
     return frozenset(found)
 
 
+def global_ipv6(if_inet6: str) -> list[str]:
+    """The namespace's IPv6 addresses of global scope, from /proc/net/if_inet6 (the fourth
+    field is the scope: 00 global, 20 link, 10 host)."""
+    found = []
+    for line in if_inet6.splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[3] == "00":
+            found.append(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
+    return found
+
+
+def refuse_ipv6(if_inet6: str) -> None:
+    """Raise SidecarError when the namespace has a global IPv6 address: the firewall has IPv4
+    rules only, so IPv6 traffic would pass it unfiltered and untunnelled."""
+    addresses = global_ipv6(if_inet6)
+    if addresses:
+        raise SidecarError(
+            f"the network namespace has IPv6 addresses ({', '.join(addresses)}), which "
+            "composemirror does not intercept: the app's IPv6 traffic would bypass the filter "
+            "and the tunnel; attach the mirrored service to IPv4-only networks"
+        )
+
+
 async def run(settings: SidecarSettings) -> None:
     async with tasks.scope() as spawner:
         await serve(settings, spawner)
@@ -82,6 +105,8 @@ async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
         key = key_from_text(Path(settings.key_file).read_text())
     except (OSError, ValueError) as e:
         raise SidecarError(f"cannot read the tunnel key {settings.key_file}: {e}") from e
+    inet6 = Path("/proc/net/if_inet6")  # absent where the kernel has IPv6 off
+    refuse_ipv6(inet6.read_text() if inet6.exists() else "")
     networks = local_networks(Path("/proc/net/route").read_text())
     static = dns.read_hosts_file(Path("/etc/hosts"))
     scope = Scope(

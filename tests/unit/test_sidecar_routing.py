@@ -15,9 +15,10 @@ from typing import Any, ClassVar
 import pytest
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
+from composemirror.errors import SidecarError
 from composemirror.filters import Filter, Route, Scope, parse_filter
 from composemirror.sidecar import dns, firewall
-from composemirror.sidecar.__main__ import hosts_addresses, own_addresses
+from composemirror.sidecar.__main__ import hosts_addresses, own_addresses, refuse_ipv6
 from composemirror.sidecar.proxy import Egress
 from composemirror.sidecar.status import Counters
 from tests.unit.test_sidecar_dns import FakeClient, FakeTunnel
@@ -307,3 +308,21 @@ Local:
 
 def test_own_addresses_are_read_from_the_fib_trie() -> None:
     assert own_addresses(FIB_TRIE) == ["172.17.0.2", "10.9.0.4"]
+
+
+IF_INET6 = """\
+00000000000000000000000000000001 01 80 10 80       lo
+fe8000000000000000fc00fffe000001 04 40 20 80     eth0
+"""
+
+
+def test_a_namespace_with_only_link_local_ipv6_is_fine() -> None:
+    refuse_ipv6(IF_INET6)
+    refuse_ipv6("")
+
+
+def test_a_namespace_with_a_global_ipv6_address_is_refused() -> None:
+    """Issue 10 fault 10, for networks the compose model does not describe (external ones)."""
+    line = "fd00000000000000000000000000000a 05 40 00 80     eth1\n"
+    with pytest.raises(SidecarError, match=r"IPv6 addresses \(fd00::a\)"):
+        refuse_ipv6(IF_INET6 + line)
