@@ -44,6 +44,10 @@ CLUSTER_HTTP = "10.124.0.2"
 """The cluster DNS container: also the cluster's HTTP server, on port 8080."""
 CATALOG = "10.124.200.3"
 """A second address of that HTTP server, which the app also has as an `extra_hosts` line."""
+POSTGRES = "10.124.200.4"
+"""A third one: `postgres`, whose alias `shop-db-alias` is a CNAME of it."""
+REMOTE_LISTED = f"{PROJECT}-remote"
+"""A second project on the same stand-in cluster, with a `remote` list."""
 LOCAL_SUBNET = "10.125.77.0/24"
 OVERLAP = "10.125.77.77"
 """The bystander's address in the project, and a cluster peer's address in the cluster."""
@@ -63,6 +67,7 @@ RECORDS = {
     "10.124.0.50": f"db.{SEARCH}",
     CLUSTER_HTTP: "orders.shop.svc.cluster.local",
     CATALOG: "catalog.shop.svc.cluster.local",
+    POSTGRES: "postgres.shop.svc.cluster.local",
     OVERLAP: f"peer.{SEARCH}",
 }
 """The cluster's names (dnsmasq's hosts file): `big.example.test` has 100 addresses."""
@@ -179,6 +184,38 @@ def mirrored(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         docker("network", "rm", NETWORK, SHARED)
 
 
+@pytest.fixture(scope="module")
+def remote_listed(mirrored: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second mirrored app on the stand-in cluster, under `remote:
+    ["tcp://postgres.shop.svc.cluster.local:8080"]`; its app container's name."""
+    compose_file = tmp_path_factory.mktemp("remote-listed") / "compose.yaml"
+    remote = ["tcp://postgres.shop.svc.cluster.local:8080"]
+    compose_file.write_text(
+        json.dumps(
+            {
+                "name": REMOTE_LISTED,
+                "x-composemirror": {
+                    "target": f"docker://{TARGET}",
+                    "services": ["app"],
+                    "feature": {"network": {"outgoing": {"filter": {"remote": remote}}}},
+                },
+                "services": {
+                    "app": {"image": IMAGE, "command": ["sleep", "infinity"], "init": True}
+                },
+                "networks": {"default": {"ipam": {"config": [{"subnet": "10.125.78.0/24"}]}}},
+            }
+        )
+    )
+    app = f"{REMOTE_LISTED}-app-1"
+    try:
+        result = cli("-f", str(compose_file), "up", "-d")
+        assert result.returncode == 0, result.stdout + result.stderr
+        wait_for(lambda: _resolves(app, "exact.test."), timeout=60)
+        yield app
+    finally:
+        cli("-f", str(compose_file), "down", "-v")
+
+
 def _cluster() -> None:
     docker("rm", "-f", TARGET, DNS, OUTSIDER)
     docker("network", "rm", NETWORK, SHARED)
@@ -194,7 +231,9 @@ def _cluster() -> None:
     cluster = (
         'printf %s "$RECORDS" > /tmp/cluster-hosts && dnsmasq '
         "--log-facility=- --no-resolv --no-hosts --addn-hosts=/tmp/cluster-hosts "
-        "--local-ttl=30 --neg-ttl=5 --address=/#/ && "
+        "--local-ttl=30 --neg-ttl=5 --address=/#/ "
+        "--cname=shop-db-alias.shop.svc.cluster.local,postgres.shop.svc.cluster.local && "
+        f"ip addr add {POSTGRES}/32 dev lo && "
         f'ip addr add {OVERLAP}/32 dev lo && ip addr add {CATALOG}/32 dev lo && exec "$@"'
     )
     started = docker(
@@ -383,6 +422,23 @@ def test_resolving_an_extra_hosts_name_of_the_same_address_changes_no_routing(
         assert looked_up.returncode == 0 and CATALOG in looked_up.stdout
         target, app = both(command)
         assert target == app == first
+
+
+def test_resolving_an_alias_of_a_remote_listed_name_changes_no_routing(
+    remote_listed: str,
+) -> None:
+    """The issue's example: under `remote: [tcp://postgres...:8080]`, merely resolving the
+    CNAME `shop-db-alias` (same address, not listed) must not send `postgres` local."""
+    command = "curl -sS -m 10 http://postgres.shop.svc.cluster.local:8080/"
+    target = exec_in(TARGET, command)
+    assert target.returncode == 0 and target.stdout.startswith("cluster "), target.stderr
+    for _ in range(2):  # the second time from the sidecar's cache
+        first = exec_in(remote_listed, command)
+        alias = exec_in(remote_listed, ["getent", "hosts", "shop-db-alias.shop.svc.cluster.local"])
+        then = exec_in(remote_listed, command)
+        assert alias.returncode == 0
+        assert (first.returncode, first.stdout) == (then.returncode, then.stdout)
+        assert (then.returncode, then.stdout) == (target.returncode, target.stdout)
 
 
 # Fault 8: Docker's own names for the project are answered as a plain neighbour has them.
