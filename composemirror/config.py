@@ -599,6 +599,7 @@ class _Loader:
             tcp = self.boolean(table.get("tcp"), f"{path}.outgoing.tcp", True)
             udp = self.boolean(table.get("udp"), f"{path}.outgoing.udp", True)
             outgoing = self.filter(table.get("filter"), f"{path}.outgoing.filter", protocols=True)
+            self.check_reachable(outgoing, f"{path}.outgoing", tcp=tcp, udp=udp)
             self.ignored.extend(
                 f"{path}.outgoing.{k}" for k in ("ignore_localhost", "unix_streams") if k in table
             )
@@ -614,6 +615,30 @@ class _Loader:
         return NetworkSettings(
             tcp=tcp, udp=udp, outgoing=outgoing, dns_enabled=dns_enabled, dns=dns
         )
+
+    def check_reachable(self, outgoing: Filter | None, path: str, *, tcp: bool, udp: bool) -> None:
+        """Refuse outgoing entries that can never match: a protocol the sidecar does not
+        intercept (`tcp: false`, `udp: false`), or an IPv6 address or subnet (IPv6 is not
+        intercepted; mirrored services on IPv6 networks are refused)."""
+        if outgoing is None:
+            return
+        for i, rule in enumerate(outgoing.rules):
+            key = f"{path}.filter.{outgoing.mode}[{i}]"
+            for protocol, on in (("tcp", tcp), ("udp", udp)):
+                if rule.protocol == protocol and not on:
+                    raise self.fail(
+                        key,
+                        f"{rule.text!r} can never match: `{path.rsplit('.', 1)[-1]}.{protocol}` "
+                        f"is false, so no {protocol.upper()} traffic is intercepted",
+                        f"set {path}.{protocol}: true, or remove the entry",
+                    )
+            network = rule.network
+            if network is not None and network.version == 6:
+                raise self.fail(
+                    key,
+                    f"{rule.text!r} can never match: composemirror intercepts IPv4 only",
+                    "remove the entry",
+                )
 
     def filter(self, value: Any, path: str, *, protocols: bool) -> Filter | None:
         if value is None:

@@ -528,6 +528,50 @@ def test_a_dns_filter_entry_that_can_never_match_is_refused_with_a_valid_hint(
     assert error.hint == hint
 
 
+@pytest.mark.parametrize(
+    ("outgoing", "message", "hint"),
+    [
+        (
+            {"udp": False, "filter": {"remote": ["db", "udp://:53"]}},
+            "'udp://:53' can never match: `outgoing.udp` is false",
+            "set x-composemirror.feature.network.outgoing.udp: true, or remove the entry",
+        ),
+        (
+            {"tcp": False, "filter": {"local": ["db", "tcp://db:5432"]}},
+            "'tcp://db:5432' can never match: `outgoing.tcp` is false",
+            "set x-composemirror.feature.network.outgoing.tcp: true, or remove the entry",
+        ),
+        (
+            {"filter": {"local": ["db", "[fd00::]/8:443"]}},
+            "'[fd00::]/8:443' can never match: composemirror intercepts IPv4 only",
+            "remove the entry",
+        ),
+    ],
+)
+def test_an_outgoing_entry_that_can_never_match_is_refused(
+    outgoing: dict[str, Any], message: str, hint: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_block(feature(network={"outgoing": outgoing}))
+    error = caught.value
+    assert error.exit_code == 2
+    path = "x-composemirror.feature.network.outgoing.filter"
+    assert error.message.startswith(f"{SOURCE}: {path}.")
+    assert f"[1]: {message}" in error.message
+    assert error.hint == hint
+
+
+@pytest.mark.parametrize(
+    "outgoing",
+    [
+        {"udp": False, "filter": {"local": ["tcp://db:5432", ":53", "[::]:53"]}},
+        {"filter": {"remote": ["udp://:53", "tcp://db:5432"]}},
+    ],
+)
+def test_outgoing_entries_that_can_match_are_kept(outgoing: dict[str, Any]) -> None:
+    assert load_block(feature(network={"outgoing": outgoing})).network.outgoing is not None
+
+
 def test_the_usual_hint_of_a_dns_filter_names_only_names() -> None:
     with pytest.raises(ConfigError) as caught:
         load_block(feature(network={"dns": {"filter": {"local": ["bad name"]}}}))
