@@ -100,6 +100,33 @@ server.serve_forever()
 """An HTTP server answering `WORD CLIENT-ADDRESS` (argv: WORD PORT; it prints its port)."""
 
 
+UDP_ECHO = """\
+import socket, sys, threading
+
+
+def echo(address):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((address, 9998))
+    while True:
+        data, peer = sock.recvfrom(2048)
+        sock.sendto(b"cluster " + data, peer)
+
+
+for address in sys.argv[1:]:
+    threading.Thread(target=echo, args=(address,)).start()
+"""
+"""The cluster's UDP echo on port 9998 (`cluster DATA`), one socket per address, so each answer
+comes from the address asked, as a connected client requires."""
+
+UDP_CLIENT = """\
+import socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.settimeout(5)
+sock.sendto(b"ping", (sys.argv[1], 9998))
+print(sock.recv(2048).decode())
+"""
+
+
 def _http_server(word: str, port: int = 8080) -> list[str]:
     return ["python3", "-c", SERVER, word, str(port)]
 
@@ -234,11 +261,13 @@ def _cluster() -> None:
         "--local-ttl=30 --neg-ttl=5 --address=/#/ "
         "--cname=shop-db-alias.shop.svc.cluster.local,postgres.shop.svc.cluster.local && "
         f"ip addr add {POSTGRES}/32 dev lo && "
-        f'ip addr add {OVERLAP}/32 dev lo && ip addr add {CATALOG}/32 dev lo && exec "$@"'
+        f"ip addr add {OVERLAP}/32 dev lo && ip addr add {CATALOG}/32 dev lo && "
+        f'{{ python3 -c "$UDP_ECHO" {CLUSTER_HTTP} {OVERLAP} {CATALOG} & }} && exec "$@"'
     )
     started = docker(
         "run", "-d", "--init", "--name", DNS, "--label", LABEL, "--network", NETWORK,
         "--ip", CLUSTER_HTTP, "--cap-add", "NET_ADMIN", "-e", f"RECORDS={_hosts_file()}",
+        "-e", f"UDP_ECHO={UDP_ECHO}",
         IMAGE, "sh", "-c", cluster, "cluster", *_http_server("cluster"),
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
@@ -395,6 +424,14 @@ def test_a_cluster_address_inside_the_projects_subnet_reaches_the_cluster(mirror
     # The bystander is still reached by its own name.
     local = exec_in(APP, "curl -sS -m 10 http://bystander:8080/")
     assert local.returncode == 0 and local.stdout.startswith("local ")
+
+
+def test_udp_to_a_cluster_address_inside_the_projects_subnet_reaches_the_cluster(
+    mirrored: None,
+) -> None:
+    """The same over UDP: the datagrams go to the cluster peer, and its answers come back."""
+    target, app = both(["python3", "-c", UDP_CLIENT, f"peer.{SEARCH}"])
+    assert target == app == "exit 0\ncluster ping\n"
 
 
 def test_a_local_rule_for_one_udp_port_leaves_the_names_http_in_the_cluster(
