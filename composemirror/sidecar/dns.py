@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 DOCKER_DNS = ("127.0.0.11", 53)
 UPSTREAM_TIMEOUT = 4.0
+DOCKER_PROBE_TIMEOUT = 1.0
+"""How long a single-label name waits for Docker's DNS before it is asked of the cluster."""
 CACHE_SIZE = 10_000
 NEGATIVE_TTL = 5
 MAX_TTL = 300
@@ -473,12 +475,15 @@ class Resolver:
         """Docker's own answer for a single-label `name` otherwise sent to the cluster (a
         container on a shared or external network), or None. Docker answers its names itself
         and, under an explicit `ndots`, forwards no single-label name, so this costs a local
-        round trip and never a query of the host's resolvers."""
+        round trip. Without one, Docker may ask the host's resolvers: the probe waits at most
+        DOCKER_PROBE_TIMEOUT for them before the cluster is asked."""
         if "." in name or self.listed(name):
             return None
         try:
             # Owned or not, Docker says NOERROR to a name's other types: its A answer tells.
-            probe = await self.ask_local(DNSRecord.question(name, "A"))
+            probe = await asyncio.wait_for(
+                self.ask_local(DNSRecord.question(name, "A")), DOCKER_PROBE_TIMEOUT
+            )
             if probe.header.rcode != RCODE.NOERROR or not probe.rr:
                 return None
             return await self.ask_local(request)

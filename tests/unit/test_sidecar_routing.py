@@ -326,3 +326,31 @@ def test_a_namespace_with_a_global_ipv6_address_is_refused() -> None:
     line = "fd00000000000000000000000000000a 05 40 00 80     eth1\n"
     with pytest.raises(SidecarError, match=r"IPv6 addresses \(fd00::a\)"):
         refuse_ipv6(IF_INET6 + line)
+
+
+def test_a_docker_dns_that_does_not_answer_a_single_label_name_delays_it_briefly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without an explicit ndots Docker may ask the host's resolvers; a slow one costs at most
+    DOCKER_PROBE_TIMEOUT before the cluster answers."""
+    monkeypatch.setattr(dns, "DOCKER_PROBE_TIMEOUT", 0.05)
+
+    class SlowDocker(Docker):
+        async def ask_local(self, request: DNSRecord, alias_of: str | None = None) -> DNSRecord:
+            await asyncio.sleep(3600)
+            raise AssertionError("unreachable")
+
+    _, egress, tunnel = sidecar({"printer": "10.96.0.40"})
+    slow = SlowDocker(
+        tunnels=FakeClient(tunnel),  # type: ignore[arg-type]
+        book=egress.book,
+        counters=Counters(),
+        scope=egress.scope,
+        hosts={},
+        dns_filter=None,
+        outgoing=None,
+        remote_enabled=True,
+        mark=0x434D,
+    )
+    assert resolve(slow, "printer") == ["10.96.0.40"]
+    assert tunnel.asked == ["printer"]
