@@ -5,9 +5,9 @@ network namespace to the sidecar's DNS server, and new outgoing TCP connections 
 sidecar's own (marked), not loopback and not to the project's own networks to the transparent
 proxy; connections to the DNS server's stand-in addresses always go to the proxies. With UDP, a
 mangle chain marks the same kind of outgoing UDP datagrams, a policy route sends marked packets
-to loopback, and TPROXY hands them to the UDP proxy (IPv4 only). Docker's
-own DNS rules are left as they are. Rendering is pure; `apply` runs iptables-restore on whichever
-backend (nft or legacy) holds Docker's rules, and `ip` for the policy route.
+to loopback, and TPROXY hands them to the UDP proxy (IPv4 only). Docker's own DNS rules are left
+as they are. Rendering is pure; `apply` runs iptables-restore on whichever backend (nft or
+legacy) holds Docker's rules, and `ip` for the policy route.
 """
 
 from __future__ import annotations

@@ -64,10 +64,8 @@ class Egress:
             scope=self.scope,
             side=known.side if known else None,
         )
-        log.debug(
-            "%s %s:%s (%s) -> %s %s",
-            *(protocol, address, port, known.name if known else "no name", route, destination),
-        )
+        name = known.name if known else "no name"
+        log.debug("%s %s:%s (%s) -> %s %s", protocol, address, port, name, route, destination)
         return Decision(route=route, destination=destination, known=known)
 
     async def local_address(self, decision: Decision) -> str:
