@@ -401,7 +401,9 @@ def test_answer_flags_are_the_cluster_dns_own(mirrored: None, flag: str) -> None
 
 
 @pytest.mark.xfail(
-    strict=True,
+    # Not strict: when the proxy's reset lands before curl checks its connect, curl reports it
+    # as a failed connect (7) and the comparison passes by timing, not by design.
+    strict=False,
     reason="issue 10 fault 2: the proxy's listening socket completes the app's handshake before "
     "the agent reports the remote outcome, so a refusal reaches the app as a reset",
 )
