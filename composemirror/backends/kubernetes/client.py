@@ -259,28 +259,29 @@ class Cluster:
                 self._method(kind, f"create_namespaced_{kind.singular}")(namespace, body, **kwargs)
             )
 
+    def delete(self, resource: str, name: str, namespace: str) -> None:
+        """Delete one object (a Job with its pods). Raises NotFoundError when it is gone."""
+        kind = KINDS[resource]
+        with self._errors(Permission("delete", resource, group=kind.group), namespace, name):
+            self._method(kind, f"delete_namespaced_{kind.singular}")(
+                name,
+                namespace,
+                propagation_policy="Background",
+                _preload_content=False,
+                _request_timeout=TIMEOUT,
+            )
+
     def delete_labelled(self, resource: str, namespace: str, selector: str) -> list[str]:
         """Delete the objects of `resource` matching `selector` (a Job's pods with it).
 
         Returns the names deleted. Listing first keeps the answer exact and needs only the
         `list` and `delete` verbs (not `deletecollection`).
         """
-        kind = KINDS[resource]
         names = [o["metadata"]["name"] for o in self.find(resource, namespace, selector)]
-        method = self._method(kind, f"delete_namespaced_{kind.singular}")
         deleted = []
         for name in names:
             try:
-                with self._errors(
-                    Permission("delete", resource, group=kind.group), namespace, name
-                ):
-                    method(
-                        name,
-                        namespace,
-                        propagation_policy="Background",
-                        _preload_content=False,
-                        _request_timeout=TIMEOUT,
-                    )
+                self.delete(resource, name, namespace)
             except NotFoundError:
                 continue  # gone meanwhile (a TTL, a second `down`)
             deleted.append(name)

@@ -129,6 +129,19 @@ class FakeCluster:
             self.objects.setdefault(resource, []).append(copy.deepcopy(dict(body)))
         return dict(body)
 
+    def delete(self, resource: str, name: str, namespace: str) -> None:
+        if not any(
+            i["metadata"]["name"] == name and i["metadata"]["namespace"] == namespace
+            for i in self.objects.get(resource, [])
+        ):
+            raise NotFoundError(f"{resource}/{name} not found in namespace {namespace}")
+        self.objects[resource] = [
+            i
+            for i in self.objects[resource]
+            if not (i["metadata"]["name"] == name and i["metadata"]["namespace"] == namespace)
+        ]
+        self.deleted.append((resource, name))
+
     def delete_labelled(self, resource: str, namespace: str, selector: str) -> list[str]:
         names = [i["metadata"]["name"] for i in self.find(resource, namespace, selector)]
         self.objects[resource] = [
