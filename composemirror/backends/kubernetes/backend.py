@@ -45,7 +45,7 @@ from composemirror.backends.kubernetes.link import (
     free_port,
     kubectl_forward,
 )
-from composemirror.config import Config, Target
+from composemirror.config import AgentSettings, Config, Target
 from composemirror.errors import ClusterError
 from composemirror.link import LinkAddress
 from composemirror.podagent import EnvReport, SealError, parse_ready, unseal
@@ -58,6 +58,10 @@ EPHEMERAL_NOTE = (
     "an ephemeral container cannot be removed: each `up` leaves a terminated entry "
     "in the target pod until the pod is replaced (a rollout, a restart)"
 )
+IMAGE_FAILURES = frozenset(
+    {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+)
+"""Waiting reasons that say the node cannot get the agent's image."""
 PULL_FAILURES = frozenset(
     {
         "ErrImagePull",
@@ -75,6 +79,17 @@ TRANSIENT = ("failed to sync", "timed out waiting for the condition")
 caches catching up with a Secret created a moment ago): the wait goes on."""
 
 
+def image_hint(image: str) -> str:
+    """How to give a cluster the agent's image, with `image` filled in."""
+    return (
+        f"load {image} into the cluster's node (`kind load docker-image {image}`, "
+        f"`minikube image load {image}`, `k3d image import {image}`, or for this repository's "
+        f"test cluster `scripts/cluster load {image}`), or set `agent.image` (or "
+        "COMPOSEMIRROR_AGENT_IMAGE) to an image with python3 >= 3.11 the cluster can pull, with "
+        "`agent.image_pull_secrets` for a private registry"
+    )
+
+
 class ClusterAPI(Protocol):
     """What the backend needs of `client.Cluster` (a fake implements it in tests)."""
 
@@ -89,6 +104,8 @@ class ClusterAPI(Protocol):
     ) -> list[dict[str, Any]]: ...
     def pod_log(self, name: str, namespace: str, container: str, *, tail: int = 50) -> str: ...
     def version(self) -> dict[str, Any]: ...
+    def node(self, name: str) -> dict[str, Any]: ...
+    def namespace_exists(self, name: str) -> bool | None: ...
     def add_ephemeral_container(
         self, pod: str, namespace: str, patch: Obj, *, dry_run: bool = False
     ) -> dict[str, Any]: ...
@@ -127,6 +144,13 @@ def find_target(cluster: ClusterAPI, target: Target, namespace: str) -> targets.
     try:
         workload: Obj = cluster.get(resource, name, namespace)
     except client.NotFoundError as e:
+        if cluster.namespace_exists(namespace) is False:
+            raise client.MissingNamespaceError(
+                f"target {target}: namespace {namespace!r} does not exist "
+                f"(context {cluster.context})",
+                hint="fix `namespace:` or -n (`kubectl get namespaces` lists them), or "
+                "`--context` if the target lives in another cluster",
+            ) from e
         raise ClusterError(
             f"target {target}: there is no {target.kind} {name!r} in namespace {namespace}",
             hint=f"`kubectl get {resource} -n {namespace}` lists them; "
@@ -314,6 +338,9 @@ class KubernetesBackend:
         record.context = plan.cluster.context
         record.agent = record.pod = record.mode = None
         state.write_record(directory, record)  # before anything is created: `down` finds it
+        check = image_check(plan.cluster, plan.where.settings, plan.target)
+        if not check.ok:  # before an ephemeral container is added, which cannot be removed
+            raise ClusterError(check.detail, hint=check.hint)
         code = bundle()
         owner = plan.target.pod if plan.target and plan.mode == "ephemeral" else None
         progress(f"creating Secret {plan.where.name} in namespace {plan.where.namespace}")
@@ -519,12 +546,19 @@ class KubernetesBackend:
         if "waiting" in state:
             reason = state["waiting"].get("reason") or "waiting"
             message = state["waiting"].get("message") or ""
+            image = plan.where.settings.image
+            if reason in IMAGE_FAILURES:
+                raise ClusterError(
+                    f"the cluster cannot get the agent's image {image} "
+                    f"(imagePullPolicy {plan.where.settings.image_pull_policy}; {reason}: "
+                    f"{message})",
+                    hint=image_hint(image),
+                )
             if reason in PULL_FAILURES and not any(t in message for t in TRANSIENT):
                 raise ClusterError(
-                    f"the agent cannot start: {reason}: {state['waiting'].get('message', '')}",
-                    hint=f"image {plan.where.settings.image!r}: set `agent.image` to one the "
-                    "cluster can pull (and `agent.image_pull_secrets`), or load it into "
-                    "the cluster (kind load / minikube image load / k3d image import)",
+                    f"the agent cannot start: {reason}: {message}",
+                    hint=f"image {image!r}: its container could not be created; "
+                    "`kubectl describe pod` shows the events",
                 )
             raise _NotYet(reason)
         if "running" not in state and "terminated" not in state:
@@ -684,6 +718,7 @@ class KubernetesBackend:
                 checks.append(Check(name="target", ok=False, detail=e.message, hint=e.hint))
                 return checks
         checks.append(self.dry_run_check(cluster, config, namespace, found))
+        checks.append(image_check(cluster, config.agent, found, earlier=True))
         return checks
 
     def dry_run_check(
@@ -749,6 +784,70 @@ def permissions_check(cluster: ClusterAPI, namespace: str, config: Config) -> Ch
     return Check(
         name="permissions", ok=not fatal, detail=detail, hint=render_rules(denied, namespace)
     )
+
+
+def image_check(
+    cluster: ClusterAPI,
+    settings: AgentSettings,
+    found: targets.TargetPod | None,
+    *,
+    earlier: bool = False,
+) -> Check:
+    """Whether the target's node can run the agent's image: it holds it (its Node's
+    `status.images`), or may pull it (imagePullPolicy not `Never`). With `earlier`, an agent
+    of any project that already failed to get this image in the target pod fails the check.
+    A Node this account may not read (`get nodes` is cluster-wide) is reported, not failed.
+    """
+    image, policy = settings.image, settings.image_pull_policy
+    name = "agent image (cluster)"
+    if earlier and found is not None:
+        for entry in failed_pulls(found.pod, image):
+            return Check(
+                name=name,
+                ok=False,
+                detail=f"an earlier agent in pod {found.name} could not get {image}: {entry}",
+                hint=image_hint(image),
+            )
+    node_name = (found.pod.get("spec") or {}).get("nodeName") if found else None
+    if not node_name:
+        return Check(name=name, ok=True, detail=f"{image} ({policy}; its node is not known yet)")
+    try:
+        node = cluster.node(str(node_name))
+    except ClusterError as e:
+        return Check(
+            name=name, ok=True, detail=f"{image} ({policy}; node {node_name} unreadable: {e})"
+        )
+    if manifests.node_has_image(node, image):
+        return Check(name=name, ok=True, detail=f"{image} is on node {node_name}")
+    if policy == "Never":
+        return Check(
+            name=name,
+            ok=False,
+            detail=f"the agent's image {image} is not on node {node_name}, and "
+            "imagePullPolicy Never forbids pulling it",
+            hint=image_hint(image),
+        )
+    return Check(
+        name=name,
+        ok=True,
+        detail=f"{image} is not on node {node_name} yet: it pulls it ({policy}) when `up` "
+        "starts the agent",
+    )
+
+
+def failed_pulls(pod: Obj, image: str) -> list[str]:
+    """`reason: message` of each composemirror agent in `pod` whose `image` could not be got."""
+    images = {
+        c["name"]: c.get("image")
+        for c in (pod.get("spec") or {}).get("ephemeralContainers") or []
+        if c.get("name", "").startswith("composemirror-")
+    }
+    failed = []
+    for status in (pod.get("status") or {}).get("ephemeralContainerStatuses") or []:
+        waiting = (status.get("state") or {}).get("waiting") or {}
+        if images.get(status.get("name")) == image and waiting.get("reason") in IMAGE_FAILURES:
+            failed.append(f"{waiting['reason']}: {waiting.get('message', '')}".rstrip(": "))
+    return failed
 
 
 def kubectl_check() -> Check:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from composemirror.backends.kubernetes.access import Permission
-from composemirror.backends.kubernetes.client import NotFoundError
+from composemirror.backends.kubernetes.client import NotFoundError, RefusedError
 from composemirror.errors import ClusterError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -23,6 +23,7 @@ RESOURCES = {
     "CronJob": "cronjobs",
     "ConfigMap": "configmaps",
     "Secret": "secrets",
+    "Node": "nodes",
 }
 
 
@@ -79,6 +80,7 @@ class FakeCluster:
         self.patched: list[tuple[str, Mapping[str, Any], bool]] = []
         self.deleted: list[tuple[str, str]] = []
         self.logs: dict[tuple[str, str], str] = {}
+        self.namespaces: set[str] = {namespace}
 
     def get(self, resource: str, name: str, namespace: str) -> dict[str, Any]:
         for item in self.objects.get(resource, []):
@@ -98,6 +100,21 @@ class FakeCluster:
 
     def pod_log(self, name: str, namespace: str, container: str, *, tail: int = 50) -> str:
         return self.logs.get((name, container), "")
+
+    def node(self, name: str) -> dict[str, Any]:
+        for item in self.objects.get("nodes", []):
+            if item["metadata"]["name"] == name:
+                return copy.deepcopy(item)
+        if "get nodes" in self.denied:
+            raise RefusedError(f"forbidden: cannot get nodes/{name}")
+        raise NotFoundError(f"nodes/{name} not found")
+
+    def namespace_exists(self, name: str) -> bool | None:
+        if "get namespaces" in self.denied:
+            return None
+        return name in self.namespaces or any(
+            i["metadata"].get("namespace") == name for items in self.objects.values() for i in items
+        )
 
     def version(self) -> dict[str, Any]:
         return {"major": "1", "minor": "34", "gitVersion": "v1.34.2"}

@@ -19,6 +19,7 @@ from composemirror.config import AgentSettings, Config, EnvSettings, Target
 from composemirror.errors import ClusterError
 from composemirror.podagent import EnvReport, ready_line, seal
 from tests.unit.kubernetes.fake import FakeCluster
+from tests.unit.kubernetes.fake import load as fake_load
 
 POD = "checkout-7d9f8b6c5-x2x4q"
 KEY = bytes(range(32))
@@ -212,8 +213,11 @@ def test_image_pull_failure_stops_the_wait_at_once(tmp_path: Path) -> None:
             ]
     with pytest.raises(ClusterError, match="ImagePullBackOff") as failure:
         h.backend.prepare(h.session, h.messages.append)
-    assert "registry.invalid/python:3.12" in str(failure.value.hint)
+    assert "cannot get the agent's image registry.invalid/python:3.12" in failure.value.message
+    assert "scripts/cluster load registry.invalid/python:3.12" in str(failure.value.hint)
+    assert "kind load docker-image registry.invalid/python:3.12" in str(failure.value.hint)
     assert h.sleeps == []
+    assert ("secrets", name) in h.cluster.deleted  # a failed `up` leaves no Secret
 
 
 def test_a_secret_cache_still_syncing_is_waited_for(tmp_path: Path) -> None:
@@ -273,6 +277,7 @@ def test_doctor_all_good(tmp_path: Path) -> None:
         ("kubectl (port-forward)", True),
         ("target", True),
         ("agent placement (dry run)", True),
+        ("agent image (cluster)", True),
     ]
     assert "v1.34.2" in checks[0].detail
 
@@ -491,3 +496,73 @@ def test_status_fails_loudly_when_the_agents_pod_is_gone(tmp_path: Path) -> None
     assert not gone.ok
     assert f"pod {POD} in namespace shop" in gone.detail and "is gone" in gone.detail
     assert gone.hint is not None and "composemirror up" in gone.hint
+
+
+NODE = {
+    "apiVersion": "v1",
+    "kind": "Node",
+    "metadata": {"name": "cm-node"},
+    "status": {
+        "images": [
+            {"names": ["docker.io/library/python:3.12-slim"], "sizeBytes": 1},
+            {"names": ["docker.io/composemirror/base:bookworm"], "sizeBytes": 1},
+        ]
+    },
+}
+
+
+def test_an_image_the_node_lacks_and_may_not_pull_creates_nothing(tmp_path: Path) -> None:
+    h = Harness(tmp_path, FakeCluster([*fake_load(), NODE]))
+    cfg = config(image="example.com/agent:1", image_pull_policy="Never")
+    h.backend.place(cfg, h.backend.resolve(cfg), h.session)
+    with pytest.raises(
+        ClusterError, match=r"example\.com/agent:1 is not on node cm-node"
+    ) as failed:
+        h.backend.prepare(h.session, h.messages.append)
+    assert "scripts/cluster load example.com/agent:1" in str(failed.value.hint)
+    assert (h.cluster.created, h.cluster.patched) == ([], [])  # no entry left in the pod
+
+
+@pytest.mark.parametrize(
+    ("image", "policy", "ok", "fragment"),
+    [
+        ("python:3.12-slim", "Never", True, "is on node cm-node"),
+        ("composemirror/base:bookworm", "IfNotPresent", True, "is on node cm-node"),
+        ("python:3.13", "IfNotPresent", True, "pulls it (IfNotPresent)"),
+        ("python:3.13", "Never", False, "imagePullPolicy Never forbids"),
+    ],
+)
+def test_doctor_checks_the_agents_image_on_the_targets_node(
+    tmp_path: Path, image: str, policy: str, ok: bool, fragment: str
+) -> None:
+    h = Harness(tmp_path, FakeCluster([*fake_load(), NODE]))
+    checks = h.backend.doctor(config(image=image, image_pull_policy=policy))
+    check = next(c for c in checks if c.name == "agent image (cluster)")
+    assert check.ok is ok and fragment in check.detail
+
+
+def test_doctor_fails_the_image_an_earlier_agent_could_not_get(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    name = "composemirror-other-abcde"
+    for item in h.cluster.objects["pods"]:
+        if item["metadata"]["name"] == POD:
+            item["spec"]["ephemeralContainers"] = [{"name": name, "image": "python:3.12-slim"}]
+            item["status"]["ephemeralContainerStatuses"] = [
+                {"name": name, "state": {"waiting": {"reason": "ErrImagePull", "message": "no"}}}
+            ]
+    check = next(c for c in h.backend.doctor(config()) if c.name == "agent image (cluster)")
+    assert not check.ok
+    assert "could not get python:3.12-slim: ErrImagePull" in check.detail
+    assert check.hint is not None and "kind load docker-image python:3.12-slim" in check.hint
+
+
+def test_a_missing_namespace_is_bad_input(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    cfg = dataclasses.replace(config(), namespace="nowhere")
+    with pytest.raises(ClusterError, match="namespace 'nowhere' does not exist") as failed:
+        h.backend.resolve(cfg)
+    assert failed.value.exit_code == 2
+    h.cluster.denied = frozenset({"get namespaces"})  # cannot tell: the workload is named
+    with pytest.raises(ClusterError, match="there is no deployment 'checkout'") as unsure:
+        h.backend.resolve(cfg)
+    assert unsure.value.exit_code == 1
