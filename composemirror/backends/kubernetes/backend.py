@@ -10,6 +10,7 @@ replace with a fake over recorded objects.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -333,14 +334,18 @@ class KubernetesBackend:
     def _start(self, plan: Plan, project: str, key: bytes, progress: Progress) -> None:
         directory = self.session_dir(project)
         record = state.read_record(directory)
+        if record.agent is not None and record.namespace is not None:
+            # the project's earlier session could not be kept: its Secret and Job go now
+            # rather than at `down` (its forwarder is replaced below)
+            for resource in ("jobs", "secrets"):
+                with contextlib.suppress(ClusterError):
+                    plan.cluster.delete(resource, record.agent, record.namespace)
+            progress(f"replacing the project's earlier session (agent {record.agent})")
         if plan.where.namespace not in record.namespaces:
             record.namespaces.append(plan.where.namespace)
         record.context = plan.cluster.context
         record.agent = record.pod = record.mode = None
         state.write_record(directory, record)  # before anything is created: `down` finds it
-        check = image_check(plan.cluster, plan.where.settings, plan.target)
-        if not check.ok:  # before an ephemeral container is added, which cannot be removed
-            raise ClusterError(check.detail, hint=check.hint)
         code = bundle()
         owner = plan.target.pod if plan.target and plan.mode == "ephemeral" else None
         progress(f"creating Secret {plan.where.name} in namespace {plan.where.namespace}")
@@ -718,7 +723,7 @@ class KubernetesBackend:
                 checks.append(Check(name="target", ok=False, detail=e.message, hint=e.hint))
                 return checks
         checks.append(self.dry_run_check(cluster, config, namespace, found))
-        checks.append(image_check(cluster, config.agent, found, earlier=True))
+        checks.append(image_check(cluster, config.agent, found))
         return checks
 
     def dry_run_check(
@@ -790,49 +795,52 @@ def image_check(
     cluster: ClusterAPI,
     settings: AgentSettings,
     found: targets.TargetPod | None,
-    *,
-    earlier: bool = False,
 ) -> Check:
-    """Whether the target's node can run the agent's image: it holds it (its Node's
-    `status.images`), or may pull it (imagePullPolicy not `Never`). With `earlier`, an agent
-    of any project that already failed to get this image in the target pod fails the check.
-    A Node this account may not read (`get nodes` is cluster-wide) is reported, not failed.
+    """For `doctor`: whether the target's node can run the agent's image.
+
+    Fails when an agent (of any project) in the target pod already could not get this image,
+    the one certain sign. Otherwise says whether the node holds it (a container of the target
+    pod runs it, or its Node's `status.images` lists it) or will pull it. A Node's list is
+    only positive evidence: the kubelet refreshes it periodically and keeps the largest
+    images only, so an image loaded a moment ago may be missing from it; and `get nodes`
+    (cluster-wide) may not be granted.
     """
     image, policy = settings.image, settings.image_pull_policy
     name = "agent image (cluster)"
-    if earlier and found is not None:
-        for entry in failed_pulls(found.pod, image):
-            return Check(
-                name=name,
-                ok=False,
-                detail=f"an earlier agent in pod {found.name} could not get {image}: {entry}",
-                hint=image_hint(image),
-            )
-    node_name = (found.pod.get("spec") or {}).get("nodeName") if found else None
-    if not node_name:
-        return Check(name=name, ok=True, detail=f"{image} ({policy}; its node is not known yet)")
-    try:
-        node = cluster.node(str(node_name))
-    except ClusterError as e:
-        return Check(
-            name=name, ok=True, detail=f"{image} ({policy}; node {node_name} unreadable: {e})"
-        )
-    if manifests.node_has_image(node, image):
-        return Check(name=name, ok=True, detail=f"{image} is on node {node_name}")
-    if policy == "Never":
+    if found is None:
+        return Check(name=name, ok=True, detail=f"{image} ({policy}; the Job's node pulls it)")
+    for entry in failed_pulls(found.pod, image):
         return Check(
             name=name,
             ok=False,
-            detail=f"the agent's image {image} is not on node {node_name}, and "
-            "imagePullPolicy Never forbids pulling it",
+            detail=f"an earlier agent in pod {found.name} could not get {image}: {entry}",
             hint=image_hint(image),
         )
-    return Check(
-        name=name,
-        ok=True,
-        detail=f"{image} is not on node {node_name} yet: it pulls it ({policy}) when `up` "
-        "starts the agent",
-    )
+    wanted = manifests.image_reference(image)
+    running = {
+        manifests.image_reference(str(c.get("image", "")))
+        for c in (found.pod.get("spec") or {}).get("containers") or []
+    }
+    node_name = str((found.pod.get("spec") or {}).get("nodeName") or "?")
+    if wanted in running:
+        return Check(
+            name=name, ok=True, detail=f"{image} is on node {node_name} (the target runs it)"
+        )
+    try:
+        listed = manifests.node_has_image(cluster.node(node_name), image)
+    except ClusterError as e:
+        listed, why = False, f"node {node_name} unreadable: {e.message}"
+    else:
+        why = f"not listed on node {node_name}"
+    if listed:
+        return Check(name=name, ok=True, detail=f"{image} is on node {node_name}")
+    if policy == "Never":
+        detail = (
+            f"{image}: {why}; with imagePullPolicy Never `up` fails at once if the node lacks it"
+        )
+    else:
+        detail = f"{image}: {why}; the node pulls it ({policy}) when `up` starts the agent"
+    return Check(name=name, ok=True, detail=detail)
 
 
 def failed_pulls(pod: Obj, image: str) -> list[str]:

@@ -381,6 +381,8 @@ def test_a_session_whose_agent_is_gone_is_not_reused(tmp_path: Path) -> None:
     second = up(h)
     assert second != first
     assert [(r, b["metadata"]["name"]) for r, b, _ in h.cluster.created] == [("secrets", second)]
+    assert h.cluster.deleted == [("secrets", first)]  # the earlier session's, at once
+    assert any(f"replacing the project's earlier session (agent {first})" in m for m in h.messages)
 
 
 def test_a_failed_up_deletes_the_secret_it_created(tmp_path: Path) -> None:
@@ -511,25 +513,14 @@ NODE = {
 }
 
 
-def test_an_image_the_node_lacks_and_may_not_pull_creates_nothing(tmp_path: Path) -> None:
-    h = Harness(tmp_path, FakeCluster([*fake_load(), NODE]))
-    cfg = config(image="example.com/agent:1", image_pull_policy="Never")
-    h.backend.place(cfg, h.backend.resolve(cfg), h.session)
-    with pytest.raises(
-        ClusterError, match=r"example\.com/agent:1 is not on node cm-node"
-    ) as failed:
-        h.backend.prepare(h.session, h.messages.append)
-    assert "scripts/cluster load example.com/agent:1" in str(failed.value.hint)
-    assert (h.cluster.created, h.cluster.patched) == ([], [])  # no entry left in the pod
-
-
 @pytest.mark.parametrize(
     ("image", "policy", "ok", "fragment"),
     [
         ("python:3.12-slim", "Never", True, "is on node cm-node"),
         ("composemirror/base:bookworm", "IfNotPresent", True, "is on node cm-node"),
-        ("python:3.13", "IfNotPresent", True, "pulls it (IfNotPresent)"),
-        ("python:3.13", "Never", False, "imagePullPolicy Never forbids"),
+        ("python:3.13", "IfNotPresent", True, "pulls it (IfNotPresent) when `up` starts"),
+        ("python:3.13", "Never", True, "Never `up` fails at once if the node lacks it"),
+        ("registry.local/shop/checkout:1.4", "Never", True, "on node cm-node (the target runs"),
     ],
 )
 def test_doctor_checks_the_agents_image_on_the_targets_node(
