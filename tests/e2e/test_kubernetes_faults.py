@@ -320,3 +320,35 @@ def test_bad_input_and_certificates_are_named(cluster: Cluster, tmp_path: Path) 
     assert "TLS with the Kubernetes API server at https://" in tls.stdout, tls.stdout
     assert "cannot reach" not in tls.stdout
     assert "certificate-authority /etc/ssl/certs/ca-certificates.crt" in tls.stdout
+
+
+def test_down_uses_the_context_up_used_unless_told_another(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The kube config's current context is one that cannot be reached: `up --context` used
+    the good one, and `down` with no --context still cleans up there, saying so."""
+    kubeconfig = yaml.safe_load(KUBECONFIG.read_text())
+    [good] = kubeconfig["contexts"]
+    [server] = kubeconfig["clusters"]
+    nowhere = {"name": "nowhere", "cluster": {**server["cluster"], "server": "https://127.0.0.1:9"}}
+    kubeconfig["clusters"].append(nowhere)
+    kubeconfig["contexts"].append(
+        {"name": "unreachable", "context": {**good["context"], "cluster": "nowhere"}}
+    )
+    kubeconfig["current-context"] = "unreachable"
+    path = tmp_path / "two-contexts.kubeconfig"
+    path.write_text(yaml.safe_dump(kubeconfig))
+    env = environment(KUBECONFIG=str(path))
+    project = "cm-faults-context"
+    up = cli(cluster, "-p", project, "--context", good["name"], "up", "-d", env=env)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert len(secrets_of(cluster, project)) == 1
+        elsewhere = cli(cluster, "-p", project, "--context", "unreachable", "down", env=env)
+        assert elsewhere.returncode == 1  # the explicit flag wins, and that cluster is not there
+        assert "cannot reach the Kubernetes API server at https://127.0.0.1:9" in elsewhere.stderr
+    finally:
+        down = cli(cluster, "-p", project, "down", env=env)
+    assert down.returncode == 0, down.stderr
+    assert f"cleaning up in context {good['name']} (the one `up` used)" in down.stderr
+    assert secrets_of(cluster, project) == []
