@@ -63,6 +63,9 @@ IMAGE_FAILURES = frozenset(
     {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 )
 """Waiting reasons that say the node cannot get the agent's image."""
+LOG_HEAD = 1 << 20
+"""Bytes of an agent's log read from its start to find its ready line (which holds the sealed
+environment report, a few KiB to tens of KiB)."""
 PULL_FAILURES = frozenset(
     {
         "ErrImagePull",
@@ -103,7 +106,15 @@ class ClusterAPI(Protocol):
     def find(
         self, resource: str, namespace: str, selector: str | None = None
     ) -> list[dict[str, Any]]: ...
-    def pod_log(self, name: str, namespace: str, container: str, *, tail: int = 50) -> str: ...
+    def pod_log(
+        self,
+        name: str,
+        namespace: str,
+        container: str,
+        *,
+        tail: int | None = 50,
+        limit_bytes: int | None = None,
+    ) -> str: ...
     def version(self) -> dict[str, Any]: ...
     def node(self, name: str) -> dict[str, Any]: ...
     def namespace_exists(self, name: str) -> bool | None: ...
@@ -438,7 +449,7 @@ class KubernetesBackend:
         plan.where = dataclasses.replace(plan.where, name=record.agent)
         plan.pod, plan.mode = record.pod, record.mode or "ephemeral"
         try:
-            ready = self._ready_once(plan)
+            ready = self._ready_once(plan, from_start=True)
             plan.env = unseal(key, ready.env)
         except (_NotYet, ClusterError, SealError) as e:
             log.info("not reusing the session of %s: %s", project, e)
@@ -532,7 +543,9 @@ class KubernetesBackend:
             ) from e
         raise AssertionError("unreachable")
 
-    def _ready_once(self, plan: Plan) -> Any:
+    def _ready_once(self, plan: Plan, *, from_start: bool = False) -> Any:
+        """The agent's ready line, or _NotYet. `from_start`: read its log from the beginning
+        (a running session's agent has logged every link since its ready line)."""
         cluster, namespace, name = plan.cluster, plan.where.namespace, plan.where.name
         if plan.mode == "ephemeral":
             pod = cluster.get("pods", str(plan.pod), namespace)
@@ -568,7 +581,10 @@ class KubernetesBackend:
             raise _NotYet(reason)
         if "running" not in state and "terminated" not in state:
             raise _NotYet("starting")  # its log cannot be read before it runs
-        logs = cluster.pod_log(str(plan.pod), namespace, name)
+        if from_start:
+            logs = cluster.pod_log(str(plan.pod), namespace, name, tail=None, limit_bytes=LOG_HEAD)
+        else:
+            logs = cluster.pod_log(str(plan.pod), namespace, name)
         for line in logs.splitlines():
             ready = parse_ready(line.strip())
             if ready is not None:

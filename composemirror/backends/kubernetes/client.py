@@ -255,20 +255,27 @@ class Cluster:
             )
             return list(items.get("items") or [])
 
-    def pod_log(self, name: str, namespace: str, container: str, *, tail: int = 50) -> str:
-        """The last `tail` lines of a container's log (ephemeral containers included)."""
+    def pod_log(
+        self,
+        name: str,
+        namespace: str,
+        container: str,
+        *,
+        tail: int | None = 50,
+        limit_bytes: int | None = None,
+    ) -> str:
+        """The last `tail` lines of a container's log (ephemeral containers included); with
+        `tail=None`, the log from its start, at most `limit_bytes` bytes of it."""
+        kwargs: dict[str, Any] = {"_preload_content": False, "_request_timeout": TIMEOUT}
+        if tail is not None:
+            kwargs["tail_lines"] = tail
+        if limit_bytes is not None:
+            kwargs["limit_bytes"] = limit_bytes
         with self._errors(Permission("get", "pods", "log"), namespace, name):
             response = (
                 _kubernetes()
                 .client.CoreV1Api(self.api)
-                .read_namespaced_pod_log(
-                    name,
-                    namespace,
-                    container=container,
-                    tail_lines=tail,
-                    _preload_content=False,
-                    _request_timeout=TIMEOUT,
-                )
+                .read_namespaced_pod_log(name, namespace, container=container, **kwargs)
             )
             return bytes(response.data).decode(errors="replace")
 

@@ -98,8 +98,19 @@ class FakeCluster:
             and selected(selector, i["metadata"].get("labels") or {})
         ]
 
-    def pod_log(self, name: str, namespace: str, container: str, *, tail: int = 50) -> str:
-        return self.logs.get((name, container), "")
+    def pod_log(
+        self,
+        name: str,
+        namespace: str,
+        container: str,
+        *,
+        tail: int | None = 50,
+        limit_bytes: int | None = None,
+    ) -> str:
+        text = self.logs.get((name, container), "")
+        if tail is not None:
+            text = "".join(text.splitlines(keepends=True)[-tail:])
+        return text if limit_bytes is None else text.encode()[:limit_bytes].decode()
 
     def node(self, name: str) -> dict[str, Any]:
         for item in self.objects.get("nodes", []):

@@ -367,6 +367,21 @@ def test_a_repeated_up_keeps_the_healthy_session(tmp_path: Path) -> None:
     assert (h.backend.session_dir("shop-dev") / "forwarder.json").exists()
 
 
+def test_a_long_running_session_is_kept_too(tmp_path: Path) -> None:
+    """The agent logged a line per link since its ready line: it is still found."""
+    h = Harness(tmp_path)
+    first = up(h)
+    forwarding(h)
+    h.cluster.logs[(POD, first)] += "agent INFO link closed\n" * 500
+    h.cluster.created.clear()
+    h.backend = KubernetesBackend(connect=h.backend.connect, state_root=tmp_path / "state")
+    cfg = config()
+    h.backend.place(cfg, h.backend.resolve(cfg), h.session)
+    h.backend.prepare(h.session, h.messages.append)
+    assert h.cluster.created == []
+    assert any(f"reusing the running session: agent {first}" in m for m in h.messages)
+
+
 def test_a_session_whose_agent_is_gone_is_not_reused(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     first = up(h)
