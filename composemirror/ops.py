@@ -597,7 +597,8 @@ def down(options: Options, *, volumes: bool, progress: Progress, runtime: Runtim
     Idempotent. Without `-p`, this is the project the files name and every other project `up`
     started from the same directory (found by compose's working-directory label), so a `-p`
     given only to `up` is no obstacle. The backend is the one the project's configuration names;
-    when the project's files are gone (`-p NAME`), only what is on this engine is removed.
+    when the project's files are gone (`-p NAME`), what is on this engine is removed, and a
+    Kubernetes session recorded on this host for NAME (its forwarder, its Secrets and Jobs).
     `.composemirror/` goes only once nothing started from it remains.
     """
     engine = runtime.engine
@@ -615,6 +616,8 @@ def down(options: Options, *, volumes: bool, progress: Progress, runtime: Runtim
             removed += runtime.backend(config).teardown(
                 name, directory, progress, config=config, context=options.context
             )
+        elif (leftover := backends.recorded(name, runtime.environ, engine)) is not None:
+            removed += leftover.teardown(name, directory, progress, context=options.context)
     if not _started_here(directory, runtime):
         shutil.rmtree(directory / RENDER_DIR, ignore_errors=True)
     return removed

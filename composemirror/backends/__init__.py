@@ -234,9 +234,9 @@ def choose(
             "cluster",
         )
     if forced == "kubernetes" or (forced == "auto" and kubeconfig_present(environ)):
-        from composemirror.backends.kubernetes import KubernetesBackend
+        from composemirror.backends.kubernetes import KubernetesBackend, state
 
-        return KubernetesBackend(gateway=engine.host_gateway)
+        return KubernetesBackend(gateway=engine.host_gateway, state_root=state.root(environ))
     if forced not in ("sandbox", "auto"):
         raise ConfigError(
             f"{CLUSTER_ENV}={forced!r} is not a choice", hint="use sandbox, kubernetes or auto"
@@ -244,6 +244,20 @@ def choose(
     from composemirror.backends.sandbox import SandboxBackend
 
     return SandboxBackend(engine)
+
+
+def recorded(project: str, environ: Mapping[str, str], engine: Engine) -> Backend | None:
+    """The backend of a session recorded on this host for `project` whose configuration is
+    gone (`down -p NAME` after the project's files were deleted): a Kubernetes session's
+    forwarder and record outlive the project's files. None when there is none."""
+    from composemirror.backends.kubernetes import forwarder, state
+
+    root = state.root(environ)
+    if state.session_dir(project, root).is_dir() or forwarder.find(project):
+        from composemirror.backends.kubernetes import KubernetesBackend
+
+        return KubernetesBackend(gateway=engine.host_gateway, state_root=root)
+    return None
 
 
 def kubeconfig_present(environ: Mapping[str, str]) -> bool:

@@ -16,6 +16,7 @@ import yaml
 
 from composemirror import compose, images, ops
 from composemirror.backends import Check, ForwardedPlacement, SessionInfo
+from composemirror.backends.kubernetes import forwarder
 from composemirror.engine import ComposeProject
 from composemirror.errors import ClusterError, ConfigError, EngineError
 from composemirror.fakes import FakeBackend, FakeEngine
@@ -807,3 +808,35 @@ def test_a_cluster_agent_needs_no_local_agent_image(project: Project) -> None:
     assert [b.tag.split(":")[0] for b in project.engine.builds] == ["composemirror/sidecar"]
     names = [c.name for c in ops.doctor(project.options, runtime=project.runtime)]
     assert "sidecar image" in names and "agent image" not in names
+
+
+def test_down_of_a_deleted_project_stops_its_recorded_forwarder(
+    project: Project, tmp_path: Path
+) -> None:
+    """`down -p NAME` after the project's files were deleted: its Kubernetes forwarder (a real
+    process here, with a stand-in kubectl) is found on this host and stopped."""
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text(
+        '#!/bin/sh\necho "Forwarding from 172.17.0.1:41234 -> 47017"\nexec sleep 60\n'
+    )
+    kubectl.chmod(0o755)
+    root = tmp_path / "state"
+    spec = forwarder.Spec(
+        kubectl=str(kubectl),
+        context="dev",
+        namespace="shop",
+        pod="checkout-1",
+        remote_port=47017,
+        address="127.0.0.1",
+        local_port=41234,
+    )
+    started = forwarder.start(spec, root / "gone", project="gone")
+    runtime = dataclasses.replace(project.runtime, environ={"COMPOSEMIRROR_STATE_DIR": str(root)})
+    options = ops.Options(files=(tmp_path / "deleted" / "compose.yaml",), project_name="gone")
+    try:
+        removed = ops.down(options, volumes=False, progress=lambda _: None, runtime=runtime)
+    finally:
+        forwarder.stop(root / "gone", project="gone")
+    assert removed == [f"forwarder (pid {started['pid']})"]
+    assert forwarder.find("gone") == []
+    assert not (root / "gone").exists()

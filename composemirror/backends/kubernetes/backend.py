@@ -627,6 +627,7 @@ class KubernetesBackend:
         elif config is not None:
             chosen, why = config.context, "from the configuration"
         else:
+            state.remove(folder)
             return removed  # no session was ever recorded, nothing to find a cluster by
         namespaces = list(record.namespaces)
         try:
