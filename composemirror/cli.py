@@ -145,6 +145,10 @@ def _config(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime
 def _status(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
     name, rows = ops.status(options, runtime=runtime)
     session = ops.session_state(options, runtime=runtime) if rows else []
+    # A session found broken (its agent's pod gone) fails; a cluster that cannot be read now
+    # (the `session` line) is only reported.
+    broken = [c for c in session if not c.ok and c.name != "session"]
+    code = 1 if broken else 0
     if args.format == "json":
         print(
             json.dumps(
@@ -169,7 +173,7 @@ def _status(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime
                 indent=2,
             )
         )
-        return 0
+        return code
     if not rows:
         print(f"project {name}: nothing is running")
         return 0
@@ -181,8 +185,10 @@ def _status(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime
     for row in table:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
     for check in session:
-        print(f"{check.name}: {check.detail}")
-    return 0
+        print(f"{'FAIL ' if check in broken else ''}{check.name}: {check.detail}")
+        if check.hint and check in broken:
+            print(f"  hint: {check.hint}")
+    return code
 
 
 def _describe_link(row: ops.ServiceStatus) -> str:

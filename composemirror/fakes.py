@@ -307,7 +307,15 @@ class FakeBackend(NoSessionState):
         self.calls.append(("prepare", session))
         progress(f"prepared {self.resolution.target}")
 
-    def teardown(self, project: str, directory: Path, progress: Progress) -> list[str]:
+    def teardown(
+        self,
+        project: str,
+        directory: Path,
+        progress: Progress,
+        *,
+        config: Config | None = None,
+        context: str | None = None,
+    ) -> list[str]:
         self.calls.append(("teardown", project))
         return list(self.torn_down)
 

@@ -30,6 +30,7 @@ from composemirror.backends import (
     RENDER_DIR,
     Backend,
     Check,
+    ForwardedPlacement,
     Placement,
     Progress,
     Resolution,
@@ -118,6 +119,8 @@ class Rendered:
     session: SessionInfo
     """The session as the backend sees it, its placement set."""
     images: tuple[images.ImageSpec, ...]
+    """composemirror's images this project runs: the sidecar's, and the agent's when the agent
+    is a service of the project (not for a cluster, whose agent runs a stock image)."""
     base_image: str
     source: Mapping[str, Any] = field(default_factory=dict)
     """The user's compose model the rewrite started from (for `with_env`)."""
@@ -328,6 +331,9 @@ def rewrite(project: Project, backend: Backend, resolution: Resolution) -> Rende
     placement = backend.place(config, resolution, session)
     session = dataclasses.replace(session, placement=placement)
     specs = tuple(images.spec(role, project.base_image) for role in images.ROLES)
+    used = tuple(
+        s for s in specs if s.role != "agent" or not isinstance(placement, ForwardedPlacement)
+    )
     notices = (
         *(f"ignored (no effect at the network level): {key}" for key in config.ignored),
         *compose.notices(project.model, config),
@@ -339,7 +345,7 @@ def rewrite(project: Project, backend: Backend, resolution: Resolution) -> Rende
         config=config,
         backend=backend,
         session=session,
-        images=specs,
+        images=used,
         base_image=project.base_image,
         source=project.model,
         notices=notices,
@@ -349,9 +355,8 @@ def rewrite(project: Project, backend: Backend, resolution: Resolution) -> Rende
 def with_env(rendered: Rendered, remote_env: Mapping[str, str]) -> Rendered:
     """`rendered` with the target's environment replaced by `remote_env` (what the agent
     reported from the target process), the placement unchanged. Pure like `rewrite`."""
-    model = _rewrite_model(
-        rendered.source, rendered.config, rendered.session, rendered.images, remote_env
-    )
+    specs = tuple(images.spec(role, rendered.base_image) for role in images.ROLES)
+    model = _rewrite_model(rendered.source, rendered.config, rendered.session, specs, remote_env)
     return dataclasses.replace(rendered, model=model)
 
 
@@ -592,7 +597,8 @@ def down(options: Options, *, volumes: bool, progress: Progress, runtime: Runtim
     Idempotent. Without `-p`, this is the project the files name and every other project `up`
     started from the same directory (found by compose's working-directory label), so a `-p`
     given only to `up` is no obstacle. The backend is the one the project's configuration names;
-    when the project's files are gone (`-p NAME`), only what is on this engine is removed.
+    when the project's files are gone (`-p NAME`), what is on this engine is removed, and a
+    Kubernetes session recorded on this host for NAME (its forwarder, its Secrets and Jobs).
     `.composemirror/` goes only once nothing started from it remains.
     """
     engine = runtime.engine
@@ -607,7 +613,11 @@ def down(options: Options, *, volumes: bool, progress: Progress, runtime: Runtim
         # compose down without files cannot know the project's networks; find them by label.
         removed += engine.remove_labelled({COMPOSE_PROJECT_LABEL: name}, volumes=volumes)
         if config is not None:
-            removed += runtime.backend(config).teardown(name, directory, progress)
+            removed += runtime.backend(config).teardown(
+                name, directory, progress, config=config, context=options.context
+            )
+        elif (leftover := backends.recorded(name, runtime.environ, engine)) is not None:
+            removed += leftover.teardown(name, directory, progress, context=options.context)
     if not _started_here(directory, runtime):
         shutil.rmtree(directory / RENDER_DIR, ignore_errors=True)
     return removed
@@ -684,6 +694,9 @@ def doctor(options: Options, *, runtime: Runtime) -> list[Check]:
     if backend is None:
         return checks
     checks.extend(backend.doctor(config))
+    if any(c.name == "target" and not c.ok for c in checks):
+        return checks  # the backend said why it cannot find the target
+    own = [c for c in checks if c.name == "target"]
     rendered = _attempt(
         checks,
         "target",
@@ -692,6 +705,8 @@ def doctor(options: Options, *, runtime: Runtime) -> list[Check]:
     )
     if rendered is None:
         return checks
+    for line in own:  # one target line: this one, which also names the context
+        checks.remove(line)
     _attempt_all(
         checks, "session", lambda: backend.inspect(config, project.name, project.directory)
     )

@@ -25,7 +25,9 @@ CLUSTER_ENV = "COMPOSEMIRROR_CLUSTER"
 """`sandbox`, `kubernetes` or `auto` (the default: Kubernetes when a kube config exists)."""
 RENDER_DIR = ".composemirror"
 """Where, in the project directory, the rewritten project and the session's files live."""
-KEY_FILE_NAME = "tunnel.key"
+KEY_FILE_NAME = "tunnel-{project}.key"
+"""The session's tunnel key in the render dir, one per compose project (two `-p` projects
+started from one directory have keys of their own)."""
 
 Progress = Callable[[str], None]
 """Reports a step to the person waiting (one line, no newline)."""
@@ -139,7 +141,7 @@ class SessionInfo:
     @property
     def key_file(self) -> Path:
         """The session's tunnel key (written before `prepare`, removed by `down`)."""
-        return self.render_dir / KEY_FILE_NAME
+        return self.render_dir / KEY_FILE_NAME.format(project=self.project)
 
 
 class Backend(Protocol):
@@ -160,8 +162,19 @@ class Backend(Protocol):
         """Start or create what must run before compose starts the stack, and wait for it."""
         ...
 
-    def teardown(self, project: str, directory: Path, progress: Progress) -> list[str]:
-        """Remove, by label, what this backend created for `project`; what went. Idempotent."""
+    def teardown(
+        self,
+        project: str,
+        directory: Path,
+        progress: Progress,
+        *,
+        config: Config | None = None,
+        context: str | None = None,
+    ) -> list[str]:
+        """Remove, by label, what this backend created for `project`; what went. Idempotent.
+
+        `config` is the project's configuration when its files are there; `context` the
+        context `--context` names (over the one the session recorded)."""
         ...
 
     def doctor(self, config: Config) -> list[Check]:
@@ -221,9 +234,9 @@ def choose(
             "cluster",
         )
     if forced == "kubernetes" or (forced == "auto" and kubeconfig_present(environ)):
-        from composemirror.backends.kubernetes import KubernetesBackend
+        from composemirror.backends.kubernetes import KubernetesBackend, state
 
-        return KubernetesBackend(gateway=engine.host_gateway)
+        return KubernetesBackend(gateway=engine.host_gateway, state_root=state.root(environ))
     if forced not in ("sandbox", "auto"):
         raise ConfigError(
             f"{CLUSTER_ENV}={forced!r} is not a choice", hint="use sandbox, kubernetes or auto"
@@ -231,6 +244,20 @@ def choose(
     from composemirror.backends.sandbox import SandboxBackend
 
     return SandboxBackend(engine)
+
+
+def recorded(project: str, environ: Mapping[str, str], engine: Engine) -> Backend | None:
+    """The backend of a session recorded on this host for `project` whose configuration is
+    gone (`down -p NAME` after the project's files were deleted): a Kubernetes session's
+    forwarder and record outlive the project's files. None when there is none."""
+    from composemirror.backends.kubernetes import forwarder, state
+
+    root = state.root(environ)
+    if state.session_dir(project, root).is_dir() or forwarder.find(project):
+        from composemirror.backends.kubernetes import KubernetesBackend
+
+        return KubernetesBackend(gateway=engine.host_gateway, state_root=root)
+    return None
 
 
 def kubeconfig_present(environ: Mapping[str, str]) -> bool:

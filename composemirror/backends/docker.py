@@ -61,7 +61,15 @@ class DockerBackend(NoSessionState):
     def prepare(self, session: SessionInfo, progress: Progress) -> None:
         """The container runs already (`resolve` checked it)."""
 
-    def teardown(self, project: str, directory: Path, progress: Progress) -> list[str]:
+    def teardown(
+        self,
+        project: str,
+        directory: Path,
+        progress: Progress,
+        *,
+        config: Config | None = None,
+        context: str | None = None,
+    ) -> list[str]:
         """The agent is a service of the rendered project: `down` removes it with the rest."""
         return []
 

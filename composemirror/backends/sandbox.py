@@ -90,7 +90,15 @@ class SandboxBackend(NoSessionState):
             progress("starting the sandbox cluster")
             self.start(session.base_image)
 
-    def teardown(self, project: str, directory: Path, progress: Progress) -> list[str]:
+    def teardown(
+        self,
+        project: str,
+        directory: Path,
+        progress: Progress,
+        *,
+        config: Config | None = None,
+        context: str | None = None,
+    ) -> list[str]:
         """The sandbox is shared by every project, like a cluster: it stays up."""
         return []
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from composemirror.backends.kubernetes import state as session_state
 from tests.cluster.kube import CLUSTER_SCRIPT, KUBECONFIG, KUBECTL, get_json, kubectl, ok
 from tests.conftest import ROOT, docker
 
@@ -147,9 +148,15 @@ def remove_shop(created: bool) -> None:
         kubectl("delete", "namespace", NAMESPACE, "--wait=false")
 
 
-def forwarder_state() -> dict[str, Any]:
-    """The forwarder's state file of the example's session."""
-    state: dict[str, Any] = json.loads((RENDER_DIR / "forwarder.json").read_text())
+def session_folder(project: str) -> Path:
+    """The project's session folder (the forwarder's state and log, the record), where the
+    CLI run with `environment()` keeps it."""
+    return session_state.session_dir(project, session_state.root(environment()))
+
+
+def forwarder_state(project: str) -> dict[str, Any]:
+    """The forwarder's state file of `project`'s session."""
+    state: dict[str, Any] = json.loads((session_folder(project) / "forwarder.json").read_text())
     return state
 
 

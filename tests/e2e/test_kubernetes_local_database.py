@@ -160,7 +160,7 @@ def test_status_and_doctor_show_the_forwarder_and_the_agent(example: Shop) -> No
     sidecar = next(r for r in report["services"] if r["role"] == "sidecar")
     assert sidecar["link"]["agent"] == "connected"
     session = {c["name"]: c for c in report["session"]}
-    state = forwarder_state()
+    state = forwarder_state(PROJECT)
     assert session["forwarder"]["ok"], session
     assert f"pid {state['pid']}" in session["forwarder"]["detail"]
     assert f"pod/{example.checkout_pod}:" in session["forwarder"]["detail"]
@@ -178,7 +178,7 @@ def test_a_dropped_port_forward_fails_fast_and_comes_back_alone(example: Shop) -
     """The port-forward dies (kubectl killed) while the supervisor is held, so the gap is
     observable; released, it restores the link within 10 s, no app container restarted."""
     started = docker("inspect", "-f", "{{.State.StartedAt}}", APP).stdout
-    state = forwarder_state()
+    state = forwarder_state(PROJECT)
     supervisor = int(state["pid"])
     os.kill(supervisor, signal.SIGSTOP)
     try:
@@ -195,7 +195,7 @@ def test_a_dropped_port_forward_fails_fast_and_comes_back_alone(example: Shop) -
     released = time.monotonic()
     wait_for(_remote_answers, timeout=10, interval=0.2)
     assert time.monotonic() - released < 10
-    assert forwarder_state()["restarts"] >= 1
+    assert forwarder_state(PROJECT)["restarts"] >= 1
     assert docker("inspect", "-f", "{{.State.StartedAt}}", APP).stdout == started
 
 

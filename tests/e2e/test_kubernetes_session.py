@@ -34,6 +34,7 @@ from tests.e2e.shop import (
     forwarder_state,
     process_alive,
     run,
+    session_folder,
 )
 
 pytestmark = pytest.mark.cluster
@@ -44,7 +45,7 @@ def test_down_leaves_no_forwarder_job_secret_agent_or_project(shop: Shop) -> Non
     up = run("-f", str(EXAMPLE), "-p", project, "up", "-d")
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        state = forwarder_state()
+        state = forwarder_state(project)
         supervisor, port_forward = int(state["pid"]), int(state["kubectl_pid"])
         assert process_alive(supervisor) and process_alive(port_forward)
         # one agent runs (earlier runs of this project left terminated entries)
@@ -52,7 +53,7 @@ def test_down_leaves_no_forwarder_job_secret_agent_or_project(shop: Shop) -> Non
     finally:
         down = run("-f", str(EXAMPLE), "-p", project, "down")
     assert down.returncode == 0, down.stderr
-    assert f"stopped the forwarder (pid {supervisor})" in down.stderr
+    assert f"removed forwarder (pid {supervisor})" in down.stderr
     assert not process_alive(supervisor) and not process_alive(port_forward)
     selector = manifests.project_selector(project)
     for resource in ("jobs", "secrets", "pods"):
@@ -149,12 +150,15 @@ def test_an_attached_up_holds_the_forwarder_and_ctrl_c_stops_it(shop: Shop, tmp_
             lambda: exec_in(app, ["curl", "-fsS", "-m", "5", "http://orders:8080/orders"]).stdout,
             timeout=120,
         )
-        supervisor = int(forwarder_state()["pid"])
+        supervisor = int(forwarder_state(project)["pid"])
         assert process_alive(supervisor)
         os.killpg(up.pid, signal.SIGINT)  # Ctrl-C: the stack stops and, as compose, exit 130
         assert up.wait(timeout=120) == 130, output.read_text()[-3000:]
         assert not process_alive(supervisor)
-        assert not (RENDER_DIR / "forwarder.json").exists()
+        assert not (session_folder(project) / "forwarder.json").exists()
+        # what it created in the cluster went with it
+        selector = manifests.project_selector(project)
+        assert get_json("-n", NAMESPACE, "secrets", "-l", selector)["items"] == []
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)

@@ -228,7 +228,7 @@ def test_up_wait_returns_once_the_service_and_its_sidecar_are_healthy(
         health = docker("inspect", "--format", "{{.State.Health.Status}}", container)
         assert health.stdout.strip() == "healthy", container
     # The tunnel key is copied into the sidecar and agent only: in no inspect, env or log.
-    key = (path.parent / ".composemirror" / "tunnel.key").read_text().strip()
+    key = (path.parent / ".composemirror" / "tunnel-cm-ci-wait.key").read_text().strip()
     containers = labelled("com.docker.compose.project=cm-ci-wait")["container"]
     assert key not in docker("inspect", *containers).stdout
     assert key not in docker("exec", "cm-ci-wait-job-1", "env").stdout

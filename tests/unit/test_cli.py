@@ -335,3 +335,24 @@ def test_an_unreachable_cluster_is_a_status_line_not_a_failure(
     capsys.readouterr()
     assert run(project, "status") == 0
     assert "session: cannot reach the cluster" in capsys.readouterr().out
+
+
+def test_a_broken_session_fails_status(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(project, "up", "-d") == 0
+    project.backend.session = [
+        Check(name="forwarder", ok=True, detail="forwarding (pid 42)"),
+        Check(
+            name="agent pod",
+            ok=False,
+            detail="pod checkout-1 in namespace shop, where the agent ran, is gone",
+            hint="run `composemirror up` again",
+        ),
+    ]
+    capsys.readouterr()
+    assert run(project, "status") == 1
+    out = capsys.readouterr().out
+    assert "FAIL agent pod: pod checkout-1 in namespace shop, where the agent ran, is gone" in out
+    assert "hint: run `composemirror up` again" in out
+    assert run(project, "status", "--format", "json") == 1

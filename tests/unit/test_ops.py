@@ -16,6 +16,7 @@ import yaml
 
 from composemirror import compose, images, ops
 from composemirror.backends import Check, ForwardedPlacement, SessionInfo
+from composemirror.backends.kubernetes import forwarder
 from composemirror.engine import ComposeProject
 from composemirror.errors import ClusterError, ConfigError, EngineError
 from composemirror.fakes import FakeBackend, FakeEngine
@@ -43,7 +44,7 @@ def test_render_writes_the_rewritten_project_and_a_private_key(project: Project)
     assert written["services"]["web"]["environment"] == {"FROM_TARGET": "yes", "APP_MODE": "local"}
     # The key reaches compose as a variable (copied into the containers, never bind-mounted)
     assert written["secrets"][compose.KEY_SECRET] == {"environment": compose.KEY_ENV}
-    key = project.render_dir / "tunnel.key"
+    key = project.render_dir / "tunnel-shop.key"
     assert len(key.read_text().strip()) == 64
     assert rendered.compose_project().process_env()[compose.KEY_ENV] == key.read_text().strip()
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
@@ -53,9 +54,9 @@ def test_render_writes_the_rewritten_project_and_a_private_key(project: Project)
 
 def test_render_keeps_the_key_of_the_running_session(project: Project) -> None:
     ops.render(project.options, write=True, runtime=project.runtime)
-    key = (project.render_dir / "tunnel.key").read_text()
+    key = (project.render_dir / "tunnel-shop.key").read_text()
     ops.render(project.options, write=True, runtime=project.runtime)
-    assert (project.render_dir / "tunnel.key").read_text() == key
+    assert (project.render_dir / "tunnel-shop.key").read_text() == key
 
 
 def test_render_without_write_touches_nothing(project: Project) -> None:
@@ -70,7 +71,7 @@ def test_render_asks_the_backend_to_resolve_then_place(project: Project) -> None
     assert [name for name, _ in project.backend.calls] == ["resolve", "place"]
     assert rendered.session.project == "shop"
     assert rendered.session.directory == project.folder
-    assert rendered.session.key_file == project.render_dir / "tunnel.key"
+    assert rendered.session.key_file == project.render_dir / "tunnel-shop.key"
     assert rendered.placement == project.backend.placement
     assert rendered.resolution == project.backend.resolution
 
@@ -784,3 +785,58 @@ def test_the_agent_image_can_come_from_the_environment(project: Project) -> None
     ops.up(project.options, detach=True, progress=lambda _: None, runtime=runtime)
     prepared = next(arg for call, arg in project.backend.calls if call == "prepare")
     assert prepared.config.agent.image == "registry.local/python:3.12"
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_doctor_says_the_target_once(project: Project, ok: bool) -> None:
+    """A backend that checks the target itself (Kubernetes) and ops both look it up."""
+    project.backend.checks = [Check(name="target", ok=ok, detail="deployment/checkout (pod x)")]
+    if not ok:
+        project.backend.error = ClusterError("no deployment/checkout")
+    checks = ops.doctor(project.options, runtime=project.runtime)
+    [target] = [c for c in checks if c.name == "target"]
+    assert target.ok is ok
+    assert target.detail == ("fake target" if ok else "deployment/checkout (pod x)")
+
+
+def test_a_cluster_agent_needs_no_local_agent_image(project: Project) -> None:
+    project.backend.placement = ForwardedPlacement(
+        link=LinkAddress.parse("tcp:host.docker.internal:41000"),
+        extra_hosts={"host.docker.internal": "host-gateway"},
+    )
+    up(project, detach=True)
+    assert [b.tag.split(":")[0] for b in project.engine.builds] == ["composemirror/sidecar"]
+    names = [c.name for c in ops.doctor(project.options, runtime=project.runtime)]
+    assert "sidecar image" in names and "agent image" not in names
+
+
+def test_down_of_a_deleted_project_stops_its_recorded_forwarder(
+    project: Project, tmp_path: Path
+) -> None:
+    """`down -p NAME` after the project's files were deleted: its Kubernetes forwarder (a real
+    process here, with a stand-in kubectl) is found on this host and stopped."""
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text(
+        '#!/bin/sh\necho "Forwarding from 172.17.0.1:41234 -> 47017"\nexec sleep 60\n'
+    )
+    kubectl.chmod(0o755)
+    root = tmp_path / "state"
+    spec = forwarder.Spec(
+        kubectl=str(kubectl),
+        context="dev",
+        namespace="shop",
+        pod="checkout-1",
+        remote_port=47017,
+        address="127.0.0.1",
+        local_port=41234,
+    )
+    started = forwarder.start(spec, root / "gone", project="gone")
+    runtime = dataclasses.replace(project.runtime, environ={"COMPOSEMIRROR_STATE_DIR": str(root)})
+    options = ops.Options(files=(tmp_path / "deleted" / "compose.yaml",), project_name="gone")
+    try:
+        removed = ops.down(options, volumes=False, progress=lambda _: None, runtime=runtime)
+    finally:
+        forwarder.stop(root / "gone", project="gone")
+    assert removed == [f"forwarder (pid {started['pid']})"]
+    assert forwarder.find("gone") == []
+    assert not (root / "gone").exists()

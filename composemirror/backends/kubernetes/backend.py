@@ -10,7 +10,8 @@ replace with a fake over recorded objects.
 
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -28,14 +29,13 @@ from tenacity import (
 )
 
 from composemirror.backends import (
-    RENDER_DIR,
     Check,
     ForwardedPlacement,
     Progress,
     Resolution,
     SessionInfo,
 )
-from composemirror.backends.kubernetes import client, forwarder, manifests, targets
+from composemirror.backends.kubernetes import client, forwarder, manifests, state, targets
 from composemirror.backends.kubernetes.access import PERMISSIONS, Permission, render_rules
 from composemirror.backends.kubernetes.carry import bundle
 from composemirror.backends.kubernetes.environment import copy_env, referenced, resolve_env
@@ -46,7 +46,7 @@ from composemirror.backends.kubernetes.link import (
     free_port,
     kubectl_forward,
 )
-from composemirror.config import Config, Target
+from composemirror.config import AgentSettings, Config, Target
 from composemirror.errors import ClusterError
 from composemirror.link import LinkAddress
 from composemirror.podagent import EnvReport, SealError, parse_ready, unseal
@@ -55,12 +55,17 @@ from composemirror.protocol import key_from_text
 log = logging.getLogger(__name__)
 
 Obj = Mapping[str, Any]
-RECORD_FILE = "kubernetes.json"
-"""In the project's `.composemirror/` directory: the context and namespaces `down` cleans."""
 EPHEMERAL_NOTE = (
     "an ephemeral container cannot be removed: each `up` leaves a terminated entry "
     "in the target pod until the pod is replaced (a rollout, a restart)"
 )
+IMAGE_FAILURES = frozenset(
+    {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+)
+"""Waiting reasons that say the node cannot get the agent's image."""
+LOG_HEAD = 1 << 20
+"""Bytes of an agent's log read from its start to find its ready line (which holds the sealed
+environment report, a few KiB to tens of KiB)."""
 PULL_FAILURES = frozenset(
     {
         "ErrImagePull",
@@ -78,6 +83,17 @@ TRANSIENT = ("failed to sync", "timed out waiting for the condition")
 caches catching up with a Secret created a moment ago): the wait goes on."""
 
 
+def image_hint(image: str) -> str:
+    """How to give a cluster the agent's image, with `image` filled in."""
+    return (
+        f"load {image} into the cluster's node (`kind load docker-image {image}`, "
+        f"`minikube image load {image}`, `k3d image import {image}`, or for this repository's "
+        f"test cluster `scripts/cluster load {image}`), or set `agent.image` (or "
+        "COMPOSEMIRROR_AGENT_IMAGE) to an image with python3 >= 3.11 the cluster can pull, with "
+        "`agent.image_pull_secrets` for a private registry"
+    )
+
+
 class ClusterAPI(Protocol):
     """What the backend needs of `client.Cluster` (a fake implements it in tests)."""
 
@@ -90,14 +106,25 @@ class ClusterAPI(Protocol):
     def find(
         self, resource: str, namespace: str, selector: str | None = None
     ) -> list[dict[str, Any]]: ...
-    def pod_log(self, name: str, namespace: str, container: str, *, tail: int = 50) -> str: ...
+    def pod_log(
+        self,
+        name: str,
+        namespace: str,
+        container: str,
+        *,
+        tail: int | None = 50,
+        limit_bytes: int | None = None,
+    ) -> str: ...
     def version(self) -> dict[str, Any]: ...
+    def node(self, name: str) -> dict[str, Any]: ...
+    def namespace_exists(self, name: str) -> bool | None: ...
     def add_ephemeral_container(
         self, pod: str, namespace: str, patch: Obj, *, dry_run: bool = False
     ) -> dict[str, Any]: ...
     def create(
         self, resource: str, namespace: str, body: Obj, *, dry_run: bool = False
     ) -> dict[str, Any]: ...
+    def delete(self, resource: str, name: str, namespace: str) -> None: ...
     def delete_labelled(self, resource: str, namespace: str, selector: str) -> list[str]: ...
     def can(self, permission: Permission, namespace: str) -> tuple[bool, str]: ...
 
@@ -129,6 +156,13 @@ def find_target(cluster: ClusterAPI, target: Target, namespace: str) -> targets.
     try:
         workload: Obj = cluster.get(resource, name, namespace)
     except client.NotFoundError as e:
+        if cluster.namespace_exists(namespace) is False:
+            raise client.MissingNamespaceError(
+                f"target {target}: namespace {namespace!r} does not exist "
+                f"(context {cluster.context})",
+                hint="fix `namespace:` or -n (`kubectl get namespaces` lists them), or "
+                "`--context` if the target lives in another cluster",
+            ) from e
         raise ClusterError(
             f"target {target}: there is no {target.kind} {name!r} in namespace {namespace}",
             hint=f"`kubectl get {resource} -n {namespace}` lists them; "
@@ -186,6 +220,13 @@ class Plan:
     """The pod the agent runs in, once known."""
     env: EnvReport | None = None
     """The environment the agent reported (see composemirror.podagent)."""
+    created: list[tuple[str, str]] = field(default_factory=list)
+    """(resource, name) of what this command created in `where.namespace`; removed again
+    when the command fails or an attached `up` ends (`release`)."""
+    forwarding: bool = False
+    """This command started the forwarder (`release` stops only what it started)."""
+    reused: bool = False
+    """`prepare` found the project's session healthy and kept it (a repeated `up -d`)."""
 
 
 @dataclass(slots=True)
@@ -201,11 +242,17 @@ class KubernetesBackend:
     check_kubectl: Callable[[], Check] = field(default=lambda: kubectl_check())
     """`doctor`'s check of the kubectl the forwarder runs."""
     sleep: Callable[[float], None] = time.sleep
+    state_root: Path | None = None
+    """Where sessions' host-side state lives (`state.root()` when None)."""
     plans: dict[str, Plan] = field(default_factory=dict)
     """Project name -> its session's plan (between `place` and `prepare`)."""
     found: dict[tuple[str | None, str | None, str], targets.TargetPod] = field(default_factory=dict)
     clusters: dict[tuple[str | None, str | None], ClusterAPI] = field(default_factory=dict)
     """One client per (context, namespace), reused across the steps of a command."""
+
+    def session_dir(self, project: str) -> Path:
+        """`project`'s session folder: its forwarder's state and log, and its record."""
+        return state.session_dir(project, self.state_root or state.root())
 
     def cluster(self, context: str | None, namespace: str | None) -> ClusterAPI:
         """The cluster of `context`, connected once."""
@@ -257,7 +304,7 @@ class KubernetesBackend:
             session.project, agent_namespace, config.agent, str(config.target)
         )
         mode = "ephemeral" if found is not None and config.agent.ephemeral else "job"
-        running = forwarder.read_state(session.render_dir)
+        running = forwarder.read_state(self.session_dir(session.project))
         if running and running["alive"]:
             # a session is up (`compose -- ARGS`, `config` while it runs): its sidecars dial
             # the running forwarder, so the rendered project keeps its port
@@ -275,21 +322,48 @@ class KubernetesBackend:
         )
 
     def prepare(self, session: SessionInfo, progress: Progress) -> None:
-        """Create the Secret and the agent, wait for its ready line, start the forwarder.
+        """Create the Secret and the agent, wait for its ready line, start the forwarder; or,
+        when the project's session is up and healthy (its forwarder forwarding to an agent that
+        runs in the current target pod with this key), keep it, as compose keeps containers
+        whose configuration did not change.
 
         Falls back from an ephemeral container to a Job when the cluster refuses the former
         (RBAC, admission, no such subresource), saying why and what differs. Raises ClusterError
-        on refusal, on an image that cannot be pulled, or after `agent.startup_timeout`.
+        on refusal, on an image that cannot be pulled, or after `agent.startup_timeout`, having
+        deleted the Secret and Job it created.
         """
         plan = self.plans[session.project]
         key = key_from_text(session.key_file.read_text())
-        _record(session.render_dir, plan.cluster.context, plan.where.namespace)
+        if self._reuse(plan, session.project, key, progress):
+            return
+        try:
+            self._start(plan, session.project, key, progress)
+        except BaseException:
+            self._remove_created(plan)
+            raise
+
+    def _start(self, plan: Plan, project: str, key: bytes, progress: Progress) -> None:
+        directory = self.session_dir(project)
+        record = state.read_record(directory)
+        if record.agent is not None and record.namespace is not None:
+            # the project's earlier session could not be kept: its Secret and Job go now
+            # rather than at `down` (its forwarder is replaced below)
+            for resource in ("jobs", "secrets"):
+                with contextlib.suppress(ClusterError):
+                    plan.cluster.delete(resource, record.agent, record.namespace)
+            progress(f"replacing the project's earlier session (agent {record.agent})")
+        if plan.where.namespace not in record.namespaces:
+            record.namespaces.append(plan.where.namespace)
+        record.context = plan.cluster.context
+        record.agent = record.pod = record.mode = None
+        state.write_record(directory, record)  # before anything is created: `down` finds it
         code = bundle()
         owner = plan.target.pod if plan.target and plan.mode == "ephemeral" else None
         progress(f"creating Secret {plan.where.name} in namespace {plan.where.namespace}")
         plan.cluster.create(
             "secrets", plan.where.namespace, manifests.secret(plan.where, key, code, owner)
         )
+        plan.created.append(("secrets", plan.where.name))
         if plan.mode == "ephemeral" and plan.target is not None:
             container = self.ephemeral(plan)
             progress(
@@ -317,6 +391,7 @@ class KubernetesBackend:
         if plan.mode == "job":
             progress(f"creating Job {plan.where.name} in namespace {plan.where.namespace}")
             plan.cluster.create("jobs", plan.where.namespace, self.job(plan))
+            plan.created.append(("jobs", plan.where.name))
         ready = self.wait_ready(plan, progress)
         try:
             plan.env = unseal(key, ready.env)
@@ -329,6 +404,7 @@ class KubernetesBackend:
             f"agent {ready.version} ready in pod {plan.pod} (environment from {plan.env.source})"
         )
         progress(f"forwarding {plan.address}:{plan.local_port} to the agent")
+        plan.forwarding = True
         self.forward(
             ForwardTarget(
                 context=plan.cluster.context,
@@ -337,9 +413,69 @@ class KubernetesBackend:
                 remote_port=ready.port,
                 local_port=plan.local_port,
                 address=plan.address,
-                directory=session.render_dir,
+                directory=directory,
+                project=project,
             )
         )
+        record.agent, record.pod = plan.where.name, plan.pod
+        record.namespace, record.mode = plan.where.namespace, plan.mode
+        state.write_record(directory, record)
+
+    def _reuse(self, plan: Plan, project: str, key: bytes, progress: Progress) -> bool:
+        """Keep the project's running session when it is healthy: the forwarder forwards at the
+        port the project was rendered with, to the recorded agent, which still runs in the pod
+        the target resolves to now (same context) and answers with this session's key."""
+        directory = self.session_dir(project)
+        record = state.read_record(directory)
+        running = forwarder.read_state(directory)
+        if record.agent is None or record.pod is None or running is None:
+            return False
+        spec = running.get("spec") or {}
+        if (
+            not running["alive"]
+            or running.get("state") != "forwarding"
+            or int(spec.get("local_port", 0)) != plan.local_port
+            or spec.get("pod") != record.pod
+            or record.context != plan.cluster.context
+            or record.namespace != plan.where.namespace
+            or (
+                plan.target is not None
+                and record.mode == "ephemeral"
+                and plan.target.name != record.pod
+            )
+        ):
+            return False
+        previous = (plan.where, plan.pod, plan.mode)
+        plan.where = dataclasses.replace(plan.where, name=record.agent)
+        plan.pod, plan.mode = record.pod, record.mode or "ephemeral"
+        try:
+            ready = self._ready_once(plan, from_start=True)
+            plan.env = unseal(key, ready.env)
+        except (_NotYet, ClusterError, SealError) as e:
+            log.info("not reusing the session of %s: %s", project, e)
+            plan.where, plan.pod, plan.mode = previous
+            return False
+        plan.reused = True
+        progress(
+            f"reusing the running session: agent {record.agent} in pod {record.pod}, "
+            f"forwarder pid {running['pid']} ({running.get('forwards', '?')})"
+        )
+        return True
+
+    def _remove_created(self, plan: Plan) -> list[str]:
+        """Delete what this command created (a failed or interrupted `up`); what went."""
+        removed = []
+        while plan.created:
+            resource, name = plan.created.pop()
+            try:
+                plan.cluster.delete(resource, name, plan.where.namespace)
+            except client.NotFoundError:
+                continue
+            except ClusterError as e:
+                log.warning("could not delete %s/%s: %s", resource, name, e.message)
+                continue
+            removed.append(f"{resource[:-1]}/{name} in namespace {plan.where.namespace}")
+        return removed
 
     @staticmethod
     def _pod_still_there(plan: Plan) -> None:
@@ -407,7 +543,9 @@ class KubernetesBackend:
             ) from e
         raise AssertionError("unreachable")
 
-    def _ready_once(self, plan: Plan) -> Any:
+    def _ready_once(self, plan: Plan, *, from_start: bool = False) -> Any:
+        """The agent's ready line, or _NotYet. `from_start`: read its log from the beginning
+        (a running session's agent has logged every link since its ready line)."""
         cluster, namespace, name = plan.cluster, plan.where.namespace, plan.where.name
         if plan.mode == "ephemeral":
             pod = cluster.get("pods", str(plan.pod), namespace)
@@ -426,17 +564,27 @@ class KubernetesBackend:
         if "waiting" in state:
             reason = state["waiting"].get("reason") or "waiting"
             message = state["waiting"].get("message") or ""
+            image = plan.where.settings.image
+            if reason in IMAGE_FAILURES:
+                raise ClusterError(
+                    f"the cluster cannot get the agent's image {image} "
+                    f"(imagePullPolicy {plan.where.settings.image_pull_policy}; {reason}: "
+                    f"{message})",
+                    hint=image_hint(image),
+                )
             if reason in PULL_FAILURES and not any(t in message for t in TRANSIENT):
                 raise ClusterError(
-                    f"the agent cannot start: {reason}: {state['waiting'].get('message', '')}",
-                    hint=f"image {plan.where.settings.image!r}: set `agent.image` to one the "
-                    "cluster can pull (and `agent.image_pull_secrets`), or load it into "
-                    "the cluster (kind load / minikube image load / k3d image import)",
+                    f"the agent cannot start: {reason}: {message}",
+                    hint=f"image {image!r}: its container could not be created; "
+                    "`kubectl describe pod` shows the events",
                 )
             raise _NotYet(reason)
         if "running" not in state and "terminated" not in state:
             raise _NotYet("starting")  # its log cannot be read before it runs
-        logs = cluster.pod_log(str(plan.pod), namespace, name)
+        if from_start:
+            logs = cluster.pod_log(str(plan.pod), namespace, name, tail=None, limit_bytes=LOG_HEAD)
+        else:
+            logs = cluster.pod_log(str(plan.pod), namespace, name)
         for line in logs.splitlines():
             ready = parse_ready(line.strip())
             if ready is not None:
@@ -450,51 +598,113 @@ class KubernetesBackend:
             )
         raise _NotYet("started, not ready yet")
 
-    def teardown(self, project: str, directory: Path, progress: Progress) -> list[str]:
-        """Delete the project's Jobs and Secrets by label; what was removed, for people.
+    def teardown(
+        self,
+        project: str,
+        directory: Path,
+        progress: Progress,
+        *,
+        config: Config | None = None,
+        context: str | None = None,
+    ) -> list[str]:
+        """Stop the project's forwarder and delete its Jobs and Secrets by label; what was
+        removed, for people.
 
-        The namespaces and context come from the record `place` wrote (else the current
-        context's namespace). Ephemeral containers stay (see EPHEMERAL_NOTE).
+        Needs nothing of `.composemirror/`: the forwarder is found by its state folder and its
+        command line, the cluster objects by label. The context is `context` (`--context`)
+        when given, else the one `up` recorded, else `config`'s, as kubectl users expect; the
+        one used is said through `progress`. The namespaces are those `up` recorded plus
+        `config`'s (or the context's). Ephemeral containers stay (see EPHEMERAL_NOTE).
         """
-        render_dir = directory / RENDER_DIR
-        removed = []
-        stopped = forwarder.stop(render_dir)
-        if stopped is not None:
-            removed.append(f"forwarder process {stopped}")
-            progress(f"stopped the forwarder (pid {stopped})")
-        context, namespaces = _read_record(render_dir)
-        if context is None:
-            return removed  # `place` never ran for this project: nothing in a cluster
-        cluster = self.cluster(context, None)
-        selector = manifests.project_selector(project)
-        for namespace in namespaces or [cluster.namespace]:
-            for resource in ("jobs", "secrets"):
-                for name in cluster.delete_labelled(resource, namespace, selector):
-                    removed.append(f"{resource[:-1]}/{name} in namespace {namespace}")
-                    progress(f"deleted {removed[-1]}")
-        progress(f"note: {EPHEMERAL_NOTE}")
+        folder = self.session_dir(project)
+        removed = [f"forwarder (pid {pid})" for pid in forwarder.stop(folder, project=project)]
+        record = state.read_record(folder)
+        chosen: str | None
+        if context is not None:
+            chosen, why = context, "from --context"
+        elif record.context is not None:
+            chosen, why = record.context, "the one `up` used"
+        elif config is not None:
+            chosen, why = config.context, "from the configuration"
+        else:
+            state.remove(folder)
+            return removed  # no session was ever recorded, nothing to find a cluster by
+        namespaces = list(record.namespaces)
+        try:
+            cluster = self.cluster(chosen, None)
+            configured = (config.namespace if config else None) or cluster.namespace
+            if configured not in namespaces:
+                namespaces.append(configured)
+            progress(f"cleaning up in context {cluster.context} ({why})")
+            selector = manifests.project_selector(project)
+            for namespace in namespaces:
+                for resource in ("jobs", "secrets"):
+                    for name in cluster.delete_labelled(resource, namespace, selector):
+                        removed.append(f"{resource[:-1]}/{name} in namespace {namespace}")
+        except ClusterError:
+            if record.context is not None or context is not None:
+                raise  # `up` created objects there: failing to remove them is an error
+            return removed  # never `up`: nothing there to remove
+        if record.mode == "ephemeral" or record.context is not None:
+            progress(f"note: {EPHEMERAL_NOTE}")
+        state.remove(folder)
         self.plans.pop(project, None)
         return removed
 
     def release(self, project: str, directory: Path) -> None:
-        """Stop the project's forwarder (an attached `up` ended, or `up` failed)."""
-        forwarder.stop(directory / RENDER_DIR)
+        """An attached `up` ended, or `up` failed: stop the forwarder this command started and
+        delete the Secret and Job it created (a session it reused stays, for `down`)."""
+        plan = self.plans.get(project)
+        if plan is None:
+            return
+        folder = self.session_dir(project)
+        if plan.forwarding:
+            forwarder.stop(folder, project=project)
+        if plan.created:
+            self._remove_created(plan)
+            record = state.read_record(folder)
+            record.agent = record.pod = record.mode = None
+            state.write_record(folder, record)
 
     def inspect(self, config: Config, project: str, directory: Path) -> list[Check]:
-        """For `status` and `doctor`: the forwarder (its process, what it forwards, restarts)
-        and the ephemeral agents `project` left in the target pod, with why they stay
-        (EPHEMERAL_NOTE). Raises ClusterError when the cluster cannot be read."""
-        checks = [forwarder_check(directory / RENDER_DIR)]
-        if config.target.kind == "targetless":
+        """For `status` and `doctor`: the forwarder (its process, what it forwards, restarts),
+        whether the recorded agent's pod still exists (a failure when it was deleted or
+        replaced), and the ephemeral agents `project` left in the pod, with why they stay
+        (EPHEMERAL_NOTE). The pod and namespace are those `up` recorded, whatever `-n` says
+        now. Raises ClusterError when the cluster cannot be read."""
+        folder = self.session_dir(project)
+        checks = [forwarder_check(folder)]
+        record = state.read_record(folder)
+        pod: Obj
+        if record.pod is not None and record.namespace is not None:
+            cluster = self.cluster(record.context, None)
+            try:
+                pod = cluster.get("pods", record.pod, record.namespace)
+            except client.NotFoundError:
+                checks.append(
+                    Check(
+                        name="agent pod",
+                        ok=False,
+                        detail=f"pod {record.pod} in namespace {record.namespace}, where the "
+                        f"agent {record.agent} ran, is gone (deleted or replaced by a rollout)",
+                        hint="run `composemirror up` again to place an agent in the current "
+                        "pod (`composemirror down` first for a clean start)",
+                    )
+                )
+                return checks
+            name = pod["metadata"]["name"]
+        elif config.target.kind == "targetless":
             return checks
-        cluster = self.cluster(config.context, config.namespace)
-        found = find_target(cluster, config.target, config.namespace or cluster.namespace)
-        entries = manifests.agent_entries(found.pod, project)
+        else:
+            cluster = self.cluster(config.context, config.namespace)
+            found = find_target(cluster, config.target, config.namespace or cluster.namespace)
+            pod, name = found.pod, found.name
+        entries = manifests.agent_entries(pod, project)
         checks += [
             Check(
                 name=f"agent {e.name}",
                 ok=True,
-                detail=f"ephemeral container in pod {found.name}: {e.state}",
+                detail=f"ephemeral container in pod {name}: {e.state}",
             )
             for e in entries
         ]
@@ -530,6 +740,7 @@ class KubernetesBackend:
                 checks.append(Check(name="target", ok=False, detail=e.message, hint=e.hint))
                 return checks
         checks.append(self.dry_run_check(cluster, config, namespace, found))
+        checks.append(image_check(cluster, config.agent, found))
         return checks
 
     def dry_run_check(
@@ -597,6 +808,73 @@ def permissions_check(cluster: ClusterAPI, namespace: str, config: Config) -> Ch
     )
 
 
+def image_check(
+    cluster: ClusterAPI,
+    settings: AgentSettings,
+    found: targets.TargetPod | None,
+) -> Check:
+    """For `doctor`: whether the target's node can run the agent's image.
+
+    Fails when an agent (of any project) in the target pod already could not get this image,
+    the one certain sign. Otherwise says whether the node holds it (a container of the target
+    pod runs it, or its Node's `status.images` lists it) or will pull it. A Node's list is
+    only positive evidence: the kubelet refreshes it periodically and keeps the largest
+    images only, so an image loaded a moment ago may be missing from it; and `get nodes`
+    (cluster-wide) may not be granted.
+    """
+    image, policy = settings.image, settings.image_pull_policy
+    name = "agent image (cluster)"
+    if found is None:
+        return Check(name=name, ok=True, detail=f"{image} ({policy}; the Job's node pulls it)")
+    for entry in failed_pulls(found.pod, image):
+        return Check(
+            name=name,
+            ok=False,
+            detail=f"an earlier agent in pod {found.name} could not get {image}: {entry}",
+            hint=image_hint(image),
+        )
+    wanted = manifests.image_reference(image)
+    running = {
+        manifests.image_reference(str(c.get("image", "")))
+        for c in (found.pod.get("spec") or {}).get("containers") or []
+    }
+    node_name = str((found.pod.get("spec") or {}).get("nodeName") or "?")
+    if wanted in running:
+        return Check(
+            name=name, ok=True, detail=f"{image} is on node {node_name} (the target runs it)"
+        )
+    try:
+        listed = manifests.node_has_image(cluster.node(node_name), image)
+    except ClusterError as e:
+        listed, why = False, f"node {node_name} unreadable: {e.message}"
+    else:
+        why = f"not listed on node {node_name}"
+    if listed:
+        return Check(name=name, ok=True, detail=f"{image} is on node {node_name}")
+    if policy == "Never":
+        detail = (
+            f"{image}: {why}; with imagePullPolicy Never `up` fails at once if the node lacks it"
+        )
+    else:
+        detail = f"{image}: {why}; the node pulls it ({policy}) when `up` starts the agent"
+    return Check(name=name, ok=True, detail=detail)
+
+
+def failed_pulls(pod: Obj, image: str) -> list[str]:
+    """`reason: message` of each composemirror agent in `pod` whose `image` could not be got."""
+    images = {
+        c["name"]: c.get("image")
+        for c in (pod.get("spec") or {}).get("ephemeralContainers") or []
+        if c.get("name", "").startswith("composemirror-")
+    }
+    failed = []
+    for status in (pod.get("status") or {}).get("ephemeralContainerStatuses") or []:
+        waiting = (status.get("state") or {}).get("waiting") or {}
+        if images.get(status.get("name")) == image and waiting.get("reason") in IMAGE_FAILURES:
+            failed.append(f"{waiting['reason']}: {waiting.get('message', '')}".rstrip(": "))
+    return failed
+
+
 def kubectl_check() -> Check:
     """The kubectl the forwarder runs: found, and its version."""
     try:
@@ -613,6 +891,13 @@ def forwarder_check(render_dir: Path) -> Check:
     if state is None:
         return Check(name="forwarder", ok=True, detail="not running (no `up` holds a session)")
     what = f"pid {state['pid']}, {state.get('forwards', '?')}"
+    if state.get("pod_gone"):
+        return Check(
+            name="forwarder",
+            ok=False,
+            detail=f"stopped: {state.get('error')}",
+            hint="run `composemirror up -d` again (or `down`, then `up`)",
+        )
     if not state["alive"]:
         return Check(
             name="forwarder",
@@ -636,23 +921,3 @@ def _connect(context: str | None, namespace: str | None) -> ClusterAPI:
 
 class _NotYet(Exception):
     """The agent is not ready yet; the wait goes on."""
-
-
-def _record(directory: Path, context: str, namespace: str) -> None:
-    path = directory / RECORD_FILE
-    record: dict[str, Any] = {"context": context, "namespaces": []}
-    if path.is_file():
-        record = json.loads(path.read_text())
-    if namespace not in record["namespaces"]:
-        record["namespaces"].append(namespace)
-    record["context"] = context
-    directory.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-
-
-def _read_record(directory: Path) -> tuple[str | None, list[str]]:
-    path = directory / RECORD_FILE
-    if not path.is_file():
-        return None, []
-    record = json.loads(path.read_text())
-    return record.get("context"), list(record.get("namespaces") or [])

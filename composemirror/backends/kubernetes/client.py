@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import ssl
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +43,12 @@ class RefusedError(ClusterError):
 
 class ConflictError(ClusterError):
     """The API server answered 409: the object exists already, or changed meanwhile."""
+
+
+class MissingNamespaceError(ClusterError):
+    """The namespace the configuration or `-n` names does not exist: bad input, exit 2."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,9 +146,37 @@ def connect(
     api.configuration.retries = 0  # failing fast; callers retry with a bound where it matters
     api.user_agent = "composemirror"
     context_namespace = (chosen.get("context") or {}).get("namespace")
+    cluster_name = str((chosen.get("context") or {}).get("cluster") or "")
     return Cluster(
-        api, context=chosen["name"], namespace=namespace or context_namespace or "default"
+        api,
+        context=chosen["name"],
+        namespace=namespace or context_namespace or "default",
+        trust=certificate_authority(paths, cluster_name),
     )
+
+
+def certificate_authority(paths: str, cluster: str) -> str:
+    """Where the kube config's CA for `cluster` comes from, for people: `certificate-authority
+    /path` or `certificate-authority-data` of the cluster entry and its file, as kubectl
+    takes the first file of `paths` that defines the entry."""
+    for path in filter(None, paths.split(os.pathsep)):
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        for entry in (data.get("clusters") or []) if isinstance(data, dict) else []:
+            if not isinstance(entry, dict) or entry.get("name") != cluster:
+                continue
+            fields = entry.get("cluster") or {}
+            where = f"cluster {cluster!r} in {path}"
+            if fields.get("insecure-skip-tls-verify"):
+                return f"none (insecure-skip-tls-verify of {where})"
+            if fields.get("certificate-authority"):
+                return f"certificate-authority {fields['certificate-authority']} ({where})"
+            if fields.get("certificate-authority-data"):
+                return f"certificate-authority-data of {where}"
+            return f"the system's CA certificates ({where} names no certificate-authority)"
+    return f"the CA of cluster {cluster!r} in {paths}"
 
 
 def current_context(paths: str) -> str | None:
@@ -165,11 +200,13 @@ class Cluster:
     ConflictError for 409.
     """
 
-    def __init__(self, api: Any, *, context: str, namespace: str) -> None:
+    def __init__(self, api: Any, *, context: str, namespace: str, trust: str = "") -> None:
         self.api = api
         self.context = context
         self.namespace = namespace
         """The namespace to use when the configuration names none."""
+        self.trust = trust
+        """Which CA the kube config trusts for this cluster (see `certificate_authority`)."""
 
     @property
     def server(self) -> str:
@@ -188,6 +225,24 @@ class Cluster:
                 )
             )
 
+    def node(self, name: str) -> Obj:
+        """One Node (cluster-scoped; `get nodes` is often not granted)."""
+        with self._errors(Permission("get", "nodes"), None, name):
+            api = _kubernetes().client.CoreV1Api(self.api)
+            return self._json(api.read_node(name, _preload_content=False, _request_timeout=TIMEOUT))
+
+    def namespace_exists(self, name: str) -> bool | None:
+        """Whether namespace `name` exists; None when this account may not read it."""
+        try:
+            with self._errors(Permission("get", "namespaces"), None, name):
+                api = _kubernetes().client.CoreV1Api(self.api)
+                api.read_namespace(name, _preload_content=False, _request_timeout=TIMEOUT)
+        except NotFoundError:
+            return False
+        except RefusedError:
+            return None
+        return True
+
     def find(self, resource: str, namespace: str, selector: str | None = None) -> list[Obj]:
         """The objects of `resource` in `namespace`, optionally by label selector."""
         kind = KINDS[resource]
@@ -200,20 +255,27 @@ class Cluster:
             )
             return list(items.get("items") or [])
 
-    def pod_log(self, name: str, namespace: str, container: str, *, tail: int = 50) -> str:
-        """The last `tail` lines of a container's log (ephemeral containers included)."""
+    def pod_log(
+        self,
+        name: str,
+        namespace: str,
+        container: str,
+        *,
+        tail: int | None = 50,
+        limit_bytes: int | None = None,
+    ) -> str:
+        """The last `tail` lines of a container's log (ephemeral containers included); with
+        `tail=None`, the log from its start, at most `limit_bytes` bytes of it."""
+        kwargs: dict[str, Any] = {"_preload_content": False, "_request_timeout": TIMEOUT}
+        if tail is not None:
+            kwargs["tail_lines"] = tail
+        if limit_bytes is not None:
+            kwargs["limit_bytes"] = limit_bytes
         with self._errors(Permission("get", "pods", "log"), namespace, name):
             response = (
                 _kubernetes()
                 .client.CoreV1Api(self.api)
-                .read_namespaced_pod_log(
-                    name,
-                    namespace,
-                    container=container,
-                    tail_lines=tail,
-                    _preload_content=False,
-                    _request_timeout=TIMEOUT,
-                )
+                .read_namespaced_pod_log(name, namespace, container=container, **kwargs)
             )
             return bytes(response.data).decode(errors="replace")
 
@@ -259,28 +321,29 @@ class Cluster:
                 self._method(kind, f"create_namespaced_{kind.singular}")(namespace, body, **kwargs)
             )
 
+    def delete(self, resource: str, name: str, namespace: str) -> None:
+        """Delete one object (a Job with its pods). Raises NotFoundError when it is gone."""
+        kind = KINDS[resource]
+        with self._errors(Permission("delete", resource, group=kind.group), namespace, name):
+            self._method(kind, f"delete_namespaced_{kind.singular}")(
+                name,
+                namespace,
+                propagation_policy="Background",
+                _preload_content=False,
+                _request_timeout=TIMEOUT,
+            )
+
     def delete_labelled(self, resource: str, namespace: str, selector: str) -> list[str]:
         """Delete the objects of `resource` matching `selector` (a Job's pods with it).
 
         Returns the names deleted. Listing first keeps the answer exact and needs only the
         `list` and `delete` verbs (not `deletecollection`).
         """
-        kind = KINDS[resource]
         names = [o["metadata"]["name"] for o in self.find(resource, namespace, selector)]
-        method = self._method(kind, f"delete_namespaced_{kind.singular}")
         deleted = []
         for name in names:
             try:
-                with self._errors(
-                    Permission("delete", resource, group=kind.group), namespace, name
-                ):
-                    method(
-                        name,
-                        namespace,
-                        propagation_policy="Background",
-                        _preload_content=False,
-                        _request_timeout=TIMEOUT,
-                    )
+                self.delete(resource, name, namespace)
             except NotFoundError:
                 continue  # gone meanwhile (a TTL, a second `down`)
             deleted.append(name)
@@ -338,6 +401,18 @@ class Cluster:
                 e, permission, namespace, name, context=self.context, server=self.server
             ) from e
         except (urllib3.exceptions.HTTPError, OSError) as e:
+            reason = getattr(e, "reason", None)
+            if isinstance(e, ssl.SSLError | urllib3.exceptions.SSLError) or isinstance(
+                reason, ssl.SSLError | urllib3.exceptions.SSLError
+            ):
+                raise ClusterError(
+                    f"TLS with the Kubernetes API server at {self.server} failed (context "
+                    f"{self.context}): {reason or e}",
+                    hint=f"a certificate problem, not a network one: the kube config trusts "
+                    f"{self.trust or 'its cluster entry CA'} for this server; fix that CA (a "
+                    "cluster recreated with new certificates needs its kube config again), "
+                    "then `kubectl cluster-info` checks the same",
+                ) from e
             raise ClusterError(
                 f"cannot reach the Kubernetes API server at {self.server} "
                 f"(context {self.context}): {e}",

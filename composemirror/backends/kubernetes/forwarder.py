@@ -2,9 +2,12 @@
 the agent in its pod, restarted with bounded backoff whenever it drops.
 
 `start()` launches the supervisor (this module run as a program) in a session of its own, waits
-until kubectl forwards, and returns; the supervisor's state file under `.composemirror/` records
-its pid and what it forwards (`read_state()` for `status` and `doctor`); `stop()` ends it, and
-kubectl dies with it (PR_SET_PDEATHSIG), so no process outlives it. It listens on one address,
+until kubectl forwards, and returns; the supervisor's state file in the project's session folder
+(see `state`) records its pid and what it forwards (`read_state()` for `status` and `doctor`);
+`stop()` ends it, and kubectl dies with it (PR_SET_PDEATHSIG), so no process outlives it. Its
+command line names its project (`--project NAME`), so `stop()` also finds it with no state file.
+When the agent's pod is gone (deleted, replaced by a rollout) it says so and exits: no restart
+can reach an agent that no longer exists. It listens on one address,
 the host gateway that compose's `host-gateway` names, never on every address; the tunnel's key
 authentication runs end to end through it. It never imports the kubernetes client.
 """
@@ -17,6 +20,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from composemirror.backends.kubernetes import state as session_state
 from composemirror.errors import ClusterError
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,8 @@ again without having forwarded, up to BACKOFF_MAX."""
 BACKOFF_MAX = 2.0
 GIVE_UP_AFTER = 300.0
 """Seconds of restarts that never reached a forwarding state before the supervisor exits."""
+POD_GONE = re.compile(r'(pods|namespaces) "([^"]+)" not found')
+"""kubectl's words (the API server's NotFound) when the pod or its namespace is gone."""
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
 _PR_SET_PDEATHSIG = 1
@@ -130,16 +137,27 @@ def read_state(directory: Path) -> dict[str, Any] | None:
     return state
 
 
-def start(spec: Spec, directory: Path, *, timeout: float = START_TIMEOUT) -> dict[str, Any]:
-    """Start the supervisor for `spec`, recorded in `directory`; return its state once kubectl
-    forwards. Stops what it started and raises ClusterError when that does not happen within
-    `timeout` seconds (with kubectl's last words)."""
-    stop(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+def start(
+    spec: Spec, directory: Path, *, project: str, timeout: float = START_TIMEOUT
+) -> dict[str, Any]:
+    """Start the supervisor of `project` for `spec`, recorded in `directory` (the project's
+    session folder); return its state once kubectl forwards. Stops the project's earlier
+    forwarder first. Stops what it started and raises ClusterError when kubectl does not forward
+    within `timeout` seconds (with kubectl's last words)."""
+    stop(directory, project=project)
+    session_state.ensure(directory)
     (directory / STATE_FILE).unlink(missing_ok=True)
     with open(directory / LOG_FILE, "ab") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", MODULE, json.dumps(asdict(spec)), str(directory)],
+            [
+                sys.executable,
+                "-m",
+                MODULE,
+                "--project",
+                project,
+                json.dumps(asdict(spec)),
+                str(directory),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,
@@ -163,7 +181,7 @@ def start(spec: Spec, directory: Path, *, timeout: float = START_TIMEOUT) -> dic
         _reap(process)
         raise
     last = (read_state(directory) or {}).get("error")
-    stop(directory)
+    stop(directory, project=project)
     _reap(process)
     raise ClusterError(
         f"the port-forward to the agent did not start ({spec.describe()})"
@@ -172,33 +190,57 @@ def start(spec: Spec, directory: Path, *, timeout: float = START_TIMEOUT) -> dic
     )
 
 
-def stop(directory: Path, *, timeout: float = STOP_TIMEOUT) -> int | None:
-    """Stop the forwarder recorded in `directory` and its kubectl; the pid stopped, or None.
+def stop(
+    directory: Path, *, project: str | None = None, timeout: float = STOP_TIMEOUT
+) -> list[int]:
+    """Stop the forwarder recorded in `directory` and, with `project`, every other forwarder
+    process of that project (found by its command line: a state folder deleted or moved); the
+    pids stopped, each with its kubectl.
 
-    SIGTERM to its process group, then SIGKILL after `timeout` seconds. Idempotent; a pid that
+    SIGTERM to each process group, then SIGKILL after `timeout` seconds. Idempotent; a pid that
     no longer belongs to a forwarder (a stale record) is left alone.
     """
     state = read_state(directory)
     (directory / STATE_FILE).unlink(missing_ok=True)
-    if state is None or not state["alive"]:
-        return None
-    pid = int(state["pid"])
-    if not _is_forwarder(pid):
-        return None
-    _signal_group(pid, signal.SIGTERM)
+    pids = []
+    if state is not None and state["alive"] and _is_forwarder(int(state["pid"])):
+        pids.append(int(state["pid"]))
+    if project is not None:
+        pids += [pid for pid in find(project) if pid not in pids]
+    for pid in pids:
+        _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
         time.sleep(0.05)
-    _signal_group(pid, signal.SIGKILL)
-    return pid
+    for pid in pids:
+        _signal_group(pid, signal.SIGKILL)
+    return pids
+
+
+def find(project: str) -> list[int]:
+    """The pids of this user's forwarder supervisors for `project`, by their command line."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if _names(argv, project):
+            found.append(int(entry.name))
+    return sorted(found)
 
 
 class Supervisor:
     """Runs kubectl port-forward for `spec` until stopped, restarting it when it exits.
 
     `state` is written to `directory/forwarder.json` at each change: `starting`, `forwarding`
-    (kubectl said so), `reconnecting` (with the error and the restart count). kubectl's output
-    is read line by line and only the last lines are kept (bounded).
+    (kubectl said so), `reconnecting` (with the error and the restart count), and `failed`
+    (given up, or `pod_gone`: the API server says the agent's pod or namespace no longer
+    exists). kubectl's output is read line by line and only the last lines are kept (bounded).
     """
 
     def __init__(
@@ -217,9 +259,12 @@ class Supervisor:
         self.child: subprocess.Popen[str] | None = None
         self.restarts = 0
         self.last: collections.deque[str] = collections.deque(maxlen=5)
+        self.gone: str | None = None
+        """What kubectl said is gone (`pods "NAME"`), once it has said so."""
 
     def run(self) -> int:
-        """Supervise until `stop_now()` (0) or GIVE_UP_AFTER seconds without forwarding (1)."""
+        """Supervise until `stop_now()` (0), the agent's pod is gone or GIVE_UP_AFTER seconds
+        passed without forwarding (1)."""
         delay = BACKOFF_FIRST
         failing_since = self.clock()
         self.write("starting")
@@ -227,6 +272,16 @@ class Supervisor:
             forwarded = self.run_once()
             if self.stopping:
                 break
+            if self.gone is not None:
+                error = (
+                    f"the agent's pod {self.spec.pod} in namespace {self.spec.namespace} is "
+                    f"gone (the API server says {self.gone} not found): it was deleted or "
+                    "replaced (a rollout, an eviction); run `composemirror up` again to place "
+                    "an agent in the current pod"
+                )
+                log.error("%s", error)
+                self.write("failed", error=error, pod_gone=True)
+                return 1
             now = self.clock()
             if forwarded:
                 delay, failing_since = BACKOFF_FIRST, now
@@ -257,6 +312,9 @@ class Supervisor:
             if line.startswith("Handling connection"):
                 continue
             self.last.append(line)
+            gone = POD_GONE.search(line)
+            if gone is not None:
+                self.gone = f'{gone.group(1)} "{gone.group(2)}"'
             if line.startswith("Forwarding from") and not forwarded:
                 forwarded = True
                 self.write("forwarding")
@@ -272,7 +330,7 @@ class Supervisor:
     def error(self) -> str:
         return "; ".join(self.last)
 
-    def write(self, state: str, *, error: str | None = None) -> None:
+    def write(self, state: str, *, error: str | None = None, pod_gone: bool = False) -> None:
         record = {
             "pid": os.getpid(),
             "kubectl_pid": self.child.pid if self.child else None,
@@ -280,6 +338,7 @@ class Supervisor:
             "since": time.time(),
             "restarts": self.restarts,
             "error": error,
+            "pod_gone": pod_gone,
             "forwards": self.spec.describe(),
             "spec": asdict(self.spec),
         }
@@ -290,8 +349,11 @@ class Supervisor:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m composemirror.backends.kubernetes.forwarder SPEC_JSON DIRECTORY`."""
+    """`python -m composemirror.backends.kubernetes.forwarder --project NAME SPEC_JSON DIRECTORY`
+    (the project only labels the process, for `stop` and `find`)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--project"]:
+        args = args[2:]
     logging.basicConfig(level=logging.INFO, format="forwarder %(levelname)s %(message)s")
     supervisor = Supervisor(Spec(**json.loads(args[0])), Path(args[1]))
     signal.signal(signal.SIGTERM, supervisor.stop_now)
@@ -324,7 +386,15 @@ def _is_forwarder(pid: int) -> bool:
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return MODULE.encode() in command
+    return MODULE.encode() in command.split(b"\0")
+
+
+def _names(argv: Sequence[bytes], project: str) -> bool:
+    """Whether `argv` is a forwarder supervisor's command line for `project`."""
+    if MODULE.encode() not in argv or b"--project" not in argv:
+        return False
+    at = argv.index(b"--project")
+    return argv[at + 1 : at + 2] == [project.encode()]
 
 
 def _signal_group(pid: int, signum: int) -> None:

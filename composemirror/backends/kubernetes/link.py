@@ -34,7 +34,10 @@ class ForwardTarget:
     address: str = "127.0.0.1"
     """The host address to listen on: the Docker host gateway, never every address."""
     directory: Path | None = None
-    """Where the forwarder's state is recorded (`.composemirror/`); None: not recorded."""
+    """Where the forwarder's state is recorded (the project's session folder, see `state`);
+    None: not recorded."""
+    project: str = ""
+    """The compose project: it labels the forwarder's process, so `down` finds it."""
 
 
 Forwarder = Callable[[ForwardTarget], None]
@@ -54,7 +57,7 @@ def kubectl_forward(target: ForwardTarget) -> None:
         address=target.address,
         local_port=target.local_port,
     )
-    forwarder.start(spec, target.directory)
+    forwarder.start(spec, target.directory, project=target.project or target.directory.name)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

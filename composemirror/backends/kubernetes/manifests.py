@@ -321,3 +321,30 @@ def _label_value(text: str) -> str:
     """`text` as a valid label value (<= 63 of [A-Za-z0-9_.-], alphanumeric at both ends)."""
     value = re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[:63]
     return value.strip("-_.") or "project"
+
+
+def image_reference(image: str) -> str:
+    """`image` fully qualified as the container runtime and a Node's `status.images` name it:
+    `python:3.12-slim` is `docker.io/library/python:3.12-slim`, a missing tag is `latest`
+    (the Docker reference grammar: a first component with a dot or a colon, or `localhost`,
+    is a registry)."""
+    name, at, digest = image.partition("@")
+    slash, colon = name.rfind("/"), name.rfind(":")
+    repository, tag = (name[:colon], name[colon + 1 :]) if colon > slash else (name, "latest")
+    first = repository.split("/", 1)[0]
+    if "/" not in repository:
+        repository = f"docker.io/library/{repository}"
+    elif "." not in first and ":" not in first and first != "localhost":
+        repository = f"docker.io/{repository}"
+    return f"{repository}@{digest}" if at else f"{repository}:{tag}"
+
+
+def node_has_image(node: Obj, image: str) -> bool:
+    """Whether a Node reports `image` among the images its runtime holds (`status.images`,
+    which lists the largest ones, up to the kubelet's `nodeStatusMaxImages`)."""
+    wanted = image_reference(image)
+    return any(
+        image_reference(name) == wanted
+        for entry in (node.get("status") or {}).get("images") or []
+        for name in entry.get("names") or []
+    )

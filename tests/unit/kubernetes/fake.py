@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from composemirror.backends.kubernetes.access import Permission
-from composemirror.backends.kubernetes.client import NotFoundError
+from composemirror.backends.kubernetes.client import NotFoundError, RefusedError
 from composemirror.errors import ClusterError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -23,6 +23,7 @@ RESOURCES = {
     "CronJob": "cronjobs",
     "ConfigMap": "configmaps",
     "Secret": "secrets",
+    "Node": "nodes",
 }
 
 
@@ -79,6 +80,7 @@ class FakeCluster:
         self.patched: list[tuple[str, Mapping[str, Any], bool]] = []
         self.deleted: list[tuple[str, str]] = []
         self.logs: dict[tuple[str, str], str] = {}
+        self.namespaces: set[str] = {namespace}
 
     def get(self, resource: str, name: str, namespace: str) -> dict[str, Any]:
         for item in self.objects.get(resource, []):
@@ -96,8 +98,34 @@ class FakeCluster:
             and selected(selector, i["metadata"].get("labels") or {})
         ]
 
-    def pod_log(self, name: str, namespace: str, container: str, *, tail: int = 50) -> str:
-        return self.logs.get((name, container), "")
+    def pod_log(
+        self,
+        name: str,
+        namespace: str,
+        container: str,
+        *,
+        tail: int | None = 50,
+        limit_bytes: int | None = None,
+    ) -> str:
+        text = self.logs.get((name, container), "")
+        if tail is not None:
+            text = "".join(text.splitlines(keepends=True)[-tail:])
+        return text if limit_bytes is None else text.encode()[:limit_bytes].decode()
+
+    def node(self, name: str) -> dict[str, Any]:
+        for item in self.objects.get("nodes", []):
+            if item["metadata"]["name"] == name:
+                return copy.deepcopy(item)
+        if "get nodes" in self.denied:
+            raise RefusedError(f"forbidden: cannot get nodes/{name}")
+        raise NotFoundError(f"nodes/{name} not found")
+
+    def namespace_exists(self, name: str) -> bool | None:
+        if "get namespaces" in self.denied:
+            return None
+        return name in self.namespaces or any(
+            i["metadata"].get("namespace") == name for items in self.objects.values() for i in items
+        )
 
     def version(self) -> dict[str, Any]:
         return {"major": "1", "minor": "34", "gitVersion": "v1.34.2"}
@@ -128,6 +156,19 @@ class FakeCluster:
         if not dry_run:
             self.objects.setdefault(resource, []).append(copy.deepcopy(dict(body)))
         return dict(body)
+
+    def delete(self, resource: str, name: str, namespace: str) -> None:
+        if not any(
+            i["metadata"]["name"] == name and i["metadata"]["namespace"] == namespace
+            for i in self.objects.get(resource, [])
+        ):
+            raise NotFoundError(f"{resource}/{name} not found in namespace {namespace}")
+        self.objects[resource] = [
+            i
+            for i in self.objects[resource]
+            if not (i["metadata"]["name"] == name and i["metadata"]["namespace"] == namespace)
+        ]
+        self.deleted.append((resource, name))
 
     def delete_labelled(self, resource: str, namespace: str, selector: str) -> list[str]:
         names = [i["metadata"]["name"] for i in self.find(resource, namespace, selector)]

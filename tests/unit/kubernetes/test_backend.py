@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from composemirror.config import AgentSettings, Config, EnvSettings, Target
 from composemirror.errors import ClusterError
 from composemirror.podagent import EnvReport, ready_line, seal
 from tests.unit.kubernetes.fake import FakeCluster
+from tests.unit.kubernetes.fake import load as fake_load
 
 POD = "checkout-7d9f8b6c5-x2x4q"
 KEY = bytes(range(32))
@@ -46,6 +48,7 @@ class Harness:
             forward=self.forwarded.append,
             sleep=self.sleeps.append,
             check_kubectl=lambda: Check(name="kubectl (port-forward)", ok=True, detail="v1.34.4"),
+            state_root=tmp_path / "state",
         )
         self.session = SessionInfo(
             project="shop-dev",
@@ -116,7 +119,8 @@ def test_place_and_prepare_an_ephemeral_agent(tmp_path: Path) -> None:
             remote_port=47017,
             local_port=plan.local_port,
             address="127.0.0.1",
-            directory=tmp_path / ".composemirror",
+            directory=tmp_path / "state" / "shop-dev",
+            project="shop-dev",
         )
     ]
     assert h.backend.session_env("shop-dev") == {"DATABASE_URL": "from-process"}
@@ -209,8 +213,11 @@ def test_image_pull_failure_stops_the_wait_at_once(tmp_path: Path) -> None:
             ]
     with pytest.raises(ClusterError, match="ImagePullBackOff") as failure:
         h.backend.prepare(h.session, h.messages.append)
-    assert "registry.invalid/python:3.12" in str(failure.value.hint)
+    assert "cannot get the agent's image registry.invalid/python:3.12" in failure.value.message
+    assert "scripts/cluster load registry.invalid/python:3.12" in str(failure.value.hint)
+    assert "kind load docker-image registry.invalid/python:3.12" in str(failure.value.hint)
     assert h.sleeps == []
+    assert ("secrets", name) in h.cluster.deleted  # a failed `up` leaves no Secret
 
 
 def test_a_secret_cache_still_syncing_is_waited_for(tmp_path: Path) -> None:
@@ -270,6 +277,7 @@ def test_doctor_all_good(tmp_path: Path) -> None:
         ("kubectl (port-forward)", True),
         ("target", True),
         ("agent placement (dry run)", True),
+        ("agent image (cluster)", True),
     ]
     assert "v1.34.2" in checks[0].detail
 
@@ -301,9 +309,266 @@ def test_a_running_session_keeps_its_forwarders_port(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     spec = {"address": "172.17.0.1", "local_port": 40913}
     state = {"pid": os.getpid(), "state": "forwarding", "spec": spec}
-    (h.session.render_dir / "forwarder.json").write_text(json.dumps(state))
+    folder = h.backend.session_dir("shop-dev")
+    folder.mkdir(parents=True)
+    (folder / "forwarder.json").write_text(json.dumps(state))
     cfg = config()
     placement = h.backend.place(cfg, h.backend.resolve(cfg), h.session)
     assert str(placement.link) == "tcp:host.docker.internal:40913"
     assert h.backend.plans["shop-dev"].address == "172.17.0.1"
-    assert not (h.session.render_dir / "kubernetes.json").exists()  # place writes nothing
+    assert sorted(p.name for p in folder.iterdir()) == ["forwarder.json"]  # place writes nothing
+
+
+def forwarding(h: Harness, project: str = "shop-dev") -> None:
+    """Record a live forwarder for the session `prepare` started, as the real one does."""
+    [target] = h.forwarded[-1:]
+    spec = {"address": target.address, "local_port": target.local_port, "pod": target.pod}
+    state = {"pid": os.getpid(), "state": "forwarding", "spec": spec, "forwards": "x"}
+    (h.backend.session_dir(project) / "forwarder.json").write_text(json.dumps(state))
+
+
+def up(h: Harness, cfg: Config | None = None) -> str:
+    """One `up` (a fresh backend, as each command has): resolve, place, prepare; the agent's
+    name."""
+    cfg = cfg or config()
+    h.backend = KubernetesBackend(
+        connect=h.backend.connect,
+        forward=h.forwarded.append,
+        sleep=h.sleeps.append,
+        state_root=h.backend.state_root,
+    )
+    h.backend.place(cfg, h.backend.resolve(cfg), h.session)
+    name = h.backend.plans["shop-dev"].where.name
+    if not h.cluster.logs.get((POD, name)):
+        h.agent_runs(POD, name)
+    h.backend.prepare(h.session, h.messages.append)
+    return name
+
+
+def test_a_repeated_up_keeps_the_healthy_session(tmp_path: Path) -> None:
+    """As compose keeps unchanged containers: no second Secret, agent or forwarder."""
+    h = Harness(tmp_path)
+    first = up(h)
+    forwarding(h)
+    h.cluster.created.clear()
+    h.cluster.patched.clear()
+    h.forwarded.clear()
+    h.backend = KubernetesBackend(connect=h.backend.connect, state_root=tmp_path / "state")
+    cfg = config()
+    placement = h.backend.place(cfg, h.backend.resolve(cfg), h.session)
+    h.backend.prepare(h.session, h.messages.append)
+    assert (h.cluster.created, h.cluster.patched, h.forwarded) == ([], [], [])
+    assert any(f"reusing the running session: agent {first}" in m for m in h.messages)
+    assert h.backend.session_env("shop-dev") == {"DATABASE_URL": "from-process"}
+    assert str(placement.link).endswith(f":{h.backend.plans['shop-dev'].local_port}")
+    # and a failure of that command afterwards leaves the session it did not create alone
+    h.backend.release("shop-dev", tmp_path)
+    assert h.cluster.deleted == []
+    assert (h.backend.session_dir("shop-dev") / "forwarder.json").exists()
+
+
+def test_a_long_running_session_is_kept_too(tmp_path: Path) -> None:
+    """The agent logged a line per link since its ready line: it is still found."""
+    h = Harness(tmp_path)
+    first = up(h)
+    forwarding(h)
+    h.cluster.logs[(POD, first)] += "agent INFO link closed\n" * 500
+    h.cluster.created.clear()
+    h.backend = KubernetesBackend(connect=h.backend.connect, state_root=tmp_path / "state")
+    cfg = config()
+    h.backend.place(cfg, h.backend.resolve(cfg), h.session)
+    h.backend.prepare(h.session, h.messages.append)
+    assert h.cluster.created == []
+    assert any(f"reusing the running session: agent {first}" in m for m in h.messages)
+
+
+def test_a_session_whose_agent_is_gone_is_not_reused(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    first = up(h)
+    forwarding(h)
+    for item in h.cluster.objects["pods"]:  # the agent exited (its ttl, no link)
+        if item["metadata"]["name"] == POD:
+            item["status"]["ephemeralContainerStatuses"] = [
+                {"name": first, "state": {"terminated": {"reason": "Completed"}}}
+            ]
+    h.cluster.logs[(POD, first)] = "agent INFO idle, exiting\n"
+    h.cluster.created.clear()
+    second = up(h)
+    assert second != first
+    assert [(r, b["metadata"]["name"]) for r, b, _ in h.cluster.created] == [("secrets", second)]
+    assert h.cluster.deleted == [("secrets", first)]  # the earlier session's, at once
+    assert any(f"replacing the project's earlier session (agent {first})" in m for m in h.messages)
+
+
+def test_a_failed_up_deletes_the_secret_it_created(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    cfg = config(image="registry.invalid/python:3.12", startup_timeout=3)
+    h.backend.place(cfg, h.backend.resolve(cfg), h.session)
+    with pytest.raises(ClusterError, match="did not become ready"):
+        h.backend.prepare(h.session, h.messages.append)
+    name = h.backend.plans["shop-dev"].where.name
+    assert ("secrets", name) in h.cluster.deleted
+    assert name not in {s["metadata"]["name"] for s in h.cluster.objects["secrets"]}
+
+
+def test_a_failed_job_agent_leaves_no_job_or_secret(tmp_path: Path) -> None:
+    cluster = FakeCluster(refuse_ephemeral=RefusedError("forbidden"))
+    h = Harness(tmp_path, cluster)
+    cfg = config(startup_timeout=2)
+    h.backend.place(cfg, h.backend.resolve(cfg), h.session)
+    with pytest.raises(ClusterError):
+        h.backend.prepare(h.session, h.messages.append)
+    name = h.backend.plans["shop-dev"].where.name
+    assert sorted(cluster.deleted) == [("jobs", name), ("secrets", name)]
+
+
+def test_an_interrupted_prepare_deletes_what_it_created(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    cfg = config()
+    h.backend.place(cfg, h.backend.resolve(cfg), h.session)
+
+    def interrupt(seconds: float) -> None:
+        raise KeyboardInterrupt  # Ctrl-C while waiting for the agent
+
+    h.backend.sleep = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        h.backend.prepare(h.session, h.messages.append)
+    name = h.backend.plans["shop-dev"].where.name
+    assert h.cluster.deleted == [("secrets", name)]
+
+
+def test_release_after_an_attached_up_deletes_its_secret(tmp_path: Path) -> None:
+    """Ctrl-C on an attached `up`: compose stops the stack; the Secret goes with it."""
+    h = Harness(tmp_path)
+    name = up(h)
+    forwarding(h)
+    h.backend.release("shop-dev", tmp_path)
+    assert h.cluster.deleted == [("secrets", name)]
+    assert not (h.backend.session_dir("shop-dev") / "forwarder.json").exists()
+
+
+def test_down_needs_nothing_of_the_render_dir(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    name = up(h)
+    for path in h.session.render_dir.iterdir():
+        path.unlink()
+    h.session.render_dir.rmdir()
+    backend = KubernetesBackend(connect=h.backend.connect, state_root=tmp_path / "state")
+    removed = backend.teardown("shop-dev", tmp_path, h.messages.append, config=config())
+    assert removed == [f"secret/{name} in namespace shop"]
+    assert not backend.session_dir("shop-dev").exists()
+
+
+def test_down_uses_the_context_given_else_the_recorded_one(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    asked: list[str | None] = []
+
+    def connect(context: str | None, namespace: str | None) -> FakeCluster:
+        asked.append(context)
+        return h.cluster
+
+    h.backend.connect = connect
+    up(h)
+    recorded = KubernetesBackend(connect=connect, state_root=tmp_path / "state")
+    asked.clear()
+    messages: list[str] = []
+    recorded.teardown("shop-dev", tmp_path, messages.append, config=config())
+    assert asked == ["dev"]  # the recorded one, not the configuration's (None: current)
+    assert "cleaning up in context dev (the one `up` used)" in messages
+    up(h)
+    explicit = KubernetesBackend(connect=connect, state_root=tmp_path / "state")
+    asked.clear()
+    messages.clear()
+    explicit.teardown("shop-dev", tmp_path, messages.append, config=config(), context="other")
+    assert asked == ["other"]
+    assert "cleaning up in context dev (from --context)" in messages  # the fake answers as dev
+
+
+def test_down_reports_each_deletion_once(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    name = up(h)
+    messages: list[str] = []
+    removed = h.backend.teardown("shop-dev", tmp_path, messages.append, config=config())
+    assert removed == [f"secret/{name} in namespace shop"]
+    assert not any(name in m for m in messages)  # the CLI prints what `removed` holds
+
+
+def test_status_finds_the_agent_where_up_placed_it(tmp_path: Path) -> None:
+    """`up -n shop` then `status` with no -n (the configuration names another namespace)."""
+    h = Harness(tmp_path)
+    name = up(h)
+    elsewhere = dataclasses.replace(config(), namespace="staging")
+    checks = h.backend.inspect(elsewhere, "shop-dev", tmp_path)
+    assert [c.name for c in checks] == ["forwarder", f"agent {name}", "note"]
+
+
+def test_status_fails_loudly_when_the_agents_pod_is_gone(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    up(h)
+    h.cluster.objects["pods"] = [
+        p for p in h.cluster.objects["pods"] if p["metadata"]["name"] != POD
+    ]
+    checks = h.backend.inspect(config(), "shop-dev", tmp_path)
+    gone = next(c for c in checks if c.name == "agent pod")
+    assert not gone.ok
+    assert f"pod {POD} in namespace shop" in gone.detail and "is gone" in gone.detail
+    assert gone.hint is not None and "composemirror up" in gone.hint
+
+
+NODE = {
+    "apiVersion": "v1",
+    "kind": "Node",
+    "metadata": {"name": "cm-node"},
+    "status": {
+        "images": [
+            {"names": ["docker.io/library/python:3.12-slim"], "sizeBytes": 1},
+            {"names": ["docker.io/composemirror/base:bookworm"], "sizeBytes": 1},
+        ]
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("image", "policy", "ok", "fragment"),
+    [
+        ("python:3.12-slim", "Never", True, "is on node cm-node"),
+        ("composemirror/base:bookworm", "IfNotPresent", True, "is on node cm-node"),
+        ("python:3.13", "IfNotPresent", True, "pulls it (IfNotPresent) when `up` starts"),
+        ("python:3.13", "Never", True, "Never `up` fails at once if the node lacks it"),
+        ("registry.local/shop/checkout:1.4", "Never", True, "on node cm-node (the target runs"),
+    ],
+)
+def test_doctor_checks_the_agents_image_on_the_targets_node(
+    tmp_path: Path, image: str, policy: str, ok: bool, fragment: str
+) -> None:
+    h = Harness(tmp_path, FakeCluster([*fake_load(), NODE]))
+    checks = h.backend.doctor(config(image=image, image_pull_policy=policy))
+    check = next(c for c in checks if c.name == "agent image (cluster)")
+    assert check.ok is ok and fragment in check.detail
+
+
+def test_doctor_fails_the_image_an_earlier_agent_could_not_get(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    name = "composemirror-other-abcde"
+    for item in h.cluster.objects["pods"]:
+        if item["metadata"]["name"] == POD:
+            item["spec"]["ephemeralContainers"] = [{"name": name, "image": "python:3.12-slim"}]
+            item["status"]["ephemeralContainerStatuses"] = [
+                {"name": name, "state": {"waiting": {"reason": "ErrImagePull", "message": "no"}}}
+            ]
+    check = next(c for c in h.backend.doctor(config()) if c.name == "agent image (cluster)")
+    assert not check.ok
+    assert "could not get python:3.12-slim: ErrImagePull" in check.detail
+    assert check.hint is not None and "kind load docker-image python:3.12-slim" in check.hint
+
+
+def test_a_missing_namespace_is_bad_input(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    cfg = dataclasses.replace(config(), namespace="nowhere")
+    with pytest.raises(ClusterError, match="namespace 'nowhere' does not exist") as failed:
+        h.backend.resolve(cfg)
+    assert failed.value.exit_code == 2
+    h.cluster.denied = frozenset({"get namespaces"})  # cannot tell: the workload is named
+    with pytest.raises(ClusterError, match="there is no deployment 'checkout'") as unsure:
+        h.backend.resolve(cfg)
+    assert unsure.value.exit_code == 1

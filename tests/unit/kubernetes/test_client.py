@@ -232,3 +232,41 @@ def test_a_kube_config_that_is_not_a_mapping_is_named(tmp_path: Path) -> None:
     path.write_text("hello\n")
     with pytest.raises(ClusterError, match="is not a kube config"):
         client.connect(None, None, {"KUBECONFIG": str(path)})
+
+
+def test_a_tls_failure_is_a_certificate_problem_naming_the_ca(tmp_path: Path) -> None:
+    path = tmp_path / "config"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "current-context": "dev",
+                "clusters": [
+                    {
+                        "name": "c",
+                        "cluster": {
+                            "server": "https://127.0.0.1:9",
+                            "certificate-authority": "/ca",
+                        },
+                    }
+                ],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "dev", "context": {"cluster": "c", "user": "u"}}],
+            }
+        )
+    )
+    assert client.certificate_authority(str(path), "c") == (
+        f"certificate-authority /ca (cluster 'c' in {path})"
+    )
+    cluster = client.Cluster(
+        type("Api", (), {"configuration": type("Conf", (), {"host": "https://k:6443"})})(),
+        context="dev",
+        namespace="shop",
+        trust=client.certificate_authority(str(path), "c"),
+    )
+    verify = urllib3.exceptions.SSLError("certificate verify failed: unable to get local issuer")
+    with pytest.raises(ClusterError) as failure, cluster._errors(Permission("get", "pods"), "shop"):
+        raise urllib3.exceptions.MaxRetryError(None, "/api", reason=verify)  # type: ignore[arg-type]
+    assert failure.value.message.startswith("TLS with the Kubernetes API server at https://k:6443")
+    assert "certificate verify failed" in failure.value.message
+    assert "cannot reach" not in failure.value.message
+    assert f"certificate-authority /ca (cluster 'c' in {path})" in str(failure.value.hint)

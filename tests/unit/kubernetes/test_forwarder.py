@@ -95,7 +95,9 @@ def test_a_dropped_forward_is_restarted_with_bounded_backoff(tmp_path: Path) -> 
 
 def test_a_forward_that_never_starts_backs_off_then_gives_up(tmp_path: Path) -> None:
     never = tmp_path / "never"
-    never.write_text("#!/bin/sh\necho 'error: pods \"checkout-1\" not found' >&2\nexit 1\n")
+    never.write_text(
+        "#!/bin/sh\necho 'error: unable to upgrade connection: Unauthorized' >&2\nexit 1\n"
+    )
     never.chmod(0o755)
     now = [0.0]
     sleeps: list[float] = []
@@ -109,22 +111,22 @@ def test_a_forward_that_never_starts_backs_off_then_gives_up(tmp_path: Path) -> 
     assert sleeps[:5] == [0.2, 0.4, 0.8, 1.6, 2.0]
     assert max(sleeps) == forwarder.BACKOFF_MAX
     state = json.loads((tmp_path / forwarder.STATE_FILE).read_text())
-    assert state["state"] == "failed" and 'pods "checkout-1" not found' in state["error"]
+    assert state["state"] == "failed" and "Unauthorized" in state["error"]
 
 
 def test_start_waits_for_the_forward_and_stop_leaves_no_process(tmp_path: Path) -> None:
     directory = tmp_path / ".composemirror"
-    state = forwarder.start(spec(script(tmp_path, "exec sleep 600")), directory)
+    state = forwarder.start(spec(script(tmp_path, "exec sleep 600")), directory, project="shop")
     supervisor, child = int(state["pid"]), int(state["kubectl_pid"])
     assert state["state"] == "forwarding"
     assert forwarder_check(directory).ok
     assert "pid" in forwarder_check(directory).detail
-    assert forwarder.stop(directory) == supervisor
+    assert forwarder.stop(directory) == [supervisor]
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and (alive(supervisor) or alive(child)):
         time.sleep(0.05)
     assert not alive(supervisor) and not alive(child)
-    assert forwarder.stop(directory) is None  # idempotent
+    assert forwarder.stop(directory, project="shop") == []  # idempotent
     assert forwarder_check(directory).detail.startswith("not running")
 
 
@@ -133,7 +135,7 @@ def test_a_forward_that_cannot_start_fails_with_kubectls_words(tmp_path: Path) -
     broken.write_text("#!/bin/sh\necho 'error: unable to listen on any of the requested ports'\n")
     broken.chmod(0o755)
     with pytest.raises(ClusterError) as failed:
-        forwarder.start(spec(str(broken)), tmp_path / ".composemirror", timeout=1.5)
+        forwarder.start(spec(str(broken)), tmp_path / ".composemirror", project="x", timeout=1.5)
     assert "did not start" in failed.value.message
     assert "unable to listen" in failed.value.message
     assert forwarder.read_state(tmp_path / ".composemirror") is None
@@ -145,7 +147,7 @@ def test_a_dead_forwarder_is_reported_with_what_to_do(tmp_path: Path) -> None:
     check = forwarder_check(tmp_path)
     assert not check.ok and check.detail.startswith("exited")
     assert check.hint is not None and "up -d" in check.hint
-    assert forwarder.stop(tmp_path) is None
+    assert forwarder.stop(tmp_path) == []
 
 
 def alive(pid: int) -> bool:
@@ -185,6 +187,63 @@ def test_an_interrupted_start_leaves_no_supervisor(
         remote_port=2,
     )
     with pytest.raises(KeyboardInterrupt):
-        forwarder.start(spec, tmp_path)
+        forwarder.start(spec, tmp_path, project="x")
     (process,) = started
-    assert process.poll() is not None  # ended, not left running
+    monkeypatch.undo()
+    assert process.wait(timeout=5) is not None  # signalled: ended, not left running
+
+
+def test_a_projects_forwarder_is_found_by_its_command_line_and_only_its_own(
+    tmp_path: Path,
+) -> None:
+    """Two projects started from one directory: each has its own forwarder; stopping one
+    (even with its state folder deleted) leaves the other running."""
+    kubectl = script(tmp_path, "exec sleep 600")
+    first = forwarder.start(spec(kubectl), tmp_path / "shop-a", project="shop-a")
+    second = forwarder.start(spec(kubectl), tmp_path / "shop-b", project="shop-b")
+    try:
+        assert forwarder.find("shop-a") == [first["pid"]]
+        assert forwarder.stop(tmp_path / "unused", project="unused") == []
+        assert alive(first["pid"]) and alive(second["pid"])
+        (tmp_path / "shop-a" / forwarder.STATE_FILE).unlink()  # its state is gone
+        assert forwarder.stop(tmp_path / "shop-a", project="shop-a") == [first["pid"]]
+        wait_gone(first["pid"], first["kubectl_pid"])
+        assert alive(second["pid"]) and forwarder.find("shop-b") == [second["pid"]]
+    finally:
+        forwarder.stop(tmp_path / "shop-b", project="shop-b")
+    wait_gone(second["pid"], second["kubectl_pid"])
+
+
+def wait_gone(*pids: int) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.05)
+    assert not any(alive(p) for p in pids)
+
+
+def test_a_gone_pod_stops_the_retries_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kubectl forwarded, lost the pod, and the API server now says it does not exist: no
+    restart can reach that agent, so the supervisor says why and exits at once."""
+    gone = tmp_path / "gone"
+    gone.write_text(
+        "#!/bin/sh\n"
+        "echo 'E1201 lost connection to pod'\n"
+        "echo 'Error from server (NotFound): pods \"checkout-1\" not found' >&2\n"
+        "exit 1\n"
+    )
+    gone.chmod(0o755)
+    sleeps: list[float] = []
+    supervisor = forwarder.Supervisor(spec(str(gone)), tmp_path, sleep=sleeps.append)
+    assert supervisor.run() == 1
+    assert sleeps == []  # no retry
+    state = json.loads((tmp_path / forwarder.STATE_FILE).read_text())
+    assert state["state"] == "failed" and state["pod_gone"] is True
+    assert "pod checkout-1 in namespace shop is gone" in state["error"]
+    assert "composemirror up" in state["error"]
+    assert any("is gone" in r.getMessage() for r in caplog.records)  # the forwarder's log
+    state["pid"] = os.getpid()  # as `status` sees it while the process lingers, or after
+    (tmp_path / forwarder.STATE_FILE).write_text(json.dumps(state))
+    check = forwarder_check(tmp_path)
+    assert not check.ok and "is gone" in check.detail

@@ -184,3 +184,19 @@ def test_entries_left_in_the_pod_are_found_by_project() -> None:
     assert manifests.agent_entries(pod, "other") == [
         manifests.AgentEntry(name=other["name"], state="not started")
     ]
+
+
+@pytest.mark.parametrize(
+    ("image", "reference"),
+    [
+        ("python:3.12-slim", "docker.io/library/python:3.12-slim"),
+        ("python", "docker.io/library/python:latest"),
+        ("composemirror/base:bookworm", "docker.io/composemirror/base:bookworm"),
+        ("ghcr.io/org/agent:1", "ghcr.io/org/agent:1"),
+        ("localhost:5000/agent", "localhost:5000/agent:latest"),
+        ("localhost/agent:2", "localhost/agent:2"),
+        ("python@sha256:abc", "docker.io/library/python@sha256:abc"),
+    ],
+)
+def test_image_references_as_the_runtime_names_them(image: str, reference: str) -> None:
+    assert manifests.image_reference(image) == reference

@@ -1,0 +1,354 @@
+"""What a session leaves behind and how it fails, against the real cluster.
+
+Each test runs the CLI on a small project of its own (an app service and its sidecar) whose
+target is `deployment/target` in a namespace of this module (PodSecurity `restricted`), so
+deleting the target's pod disturbs nobody else: a repeated `up -d` keeps the session, a failed
+`up` and an interrupted attached `up` delete what they created, `down` needs nothing of
+`.composemirror/` and stops only its own project's forwarder, a replaced pod is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from composemirror.backends.kubernetes import manifests
+from tests.cluster.kube import CLUSTER_SCRIPT, KUBECONFIG, get_json, kubectl, ok
+from tests.conftest import ROOT, docker, wait_for
+from tests.e2e.shop import (
+    AGENT_IMAGE,
+    environment,
+    forwarder_state,
+    process_alive,
+    require_cluster,
+    session_folder,
+)
+
+pytestmark = pytest.mark.cluster
+
+TARGET = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: target}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: target}}
+  template:
+    metadata: {labels: {app: target}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      securityContext: {runAsNonRoot: true, runAsUser: 1000, runAsGroup: 1000,
+                        seccompProfile: {type: RuntimeDefault}}
+      containers:
+      - name: app
+        image: IMAGE
+        imagePullPolicy: Never
+        command: [python3, -m, http.server, "8080"]
+        readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 1}
+        securityContext: {allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}
+        env: [{name: GREETING, value: from-the-target}]
+"""
+COMPOSE = """
+services:
+  web:
+    image: IMAGE
+    command: [sleep, infinity]
+x-composemirror:
+  target: deployment/target
+  namespace: NAMESPACE
+  services: [web]
+  agent: {ttl: 10}
+"""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    namespace: str
+    compose: Path
+    """A compose file whose target is `deployment/target` in `namespace`."""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    require_cluster()
+    load = subprocess.run(
+        [str(CLUSTER_SCRIPT), "load", AGENT_IMAGE], capture_output=True, text=True, timeout=900
+    )
+    assert load.returncode == 0, load.stdout + load.stderr
+    namespace = f"cm-faults-{secrets.token_hex(3)}"
+    ok(kubectl("create", "namespace", namespace))
+    try:
+        ok(
+            kubectl(
+                "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted"
+            )
+        )
+        ok(kubectl("-n", namespace, "apply", "-f", "-", input=TARGET.replace("IMAGE", AGENT_IMAGE)))
+        ok(
+            kubectl(
+                "-n",
+                namespace,
+                "rollout",
+                "status",
+                "deployment/target",
+                "--timeout=180s",
+                timeout=200,
+            )
+        )
+        folder = tmp_path_factory.mktemp("faults")
+        compose = folder / "compose.yaml"
+        compose.write_text(COMPOSE.replace("IMAGE", AGENT_IMAGE).replace("NAMESPACE", namespace))
+        yield Cluster(namespace=namespace, compose=compose)
+    finally:
+        kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+def cli(
+    cluster: Cluster, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "composemirror", "-f", str(cluster.compose), *args],
+        cwd=ROOT,
+        env=env or environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def secrets_of(cluster: Cluster, project: str) -> list[str]:
+    selector = manifests.project_selector(project)
+    items = get_json("-n", cluster.namespace, "secrets", "-l", selector)["items"]
+    return sorted(i["metadata"]["name"] for i in items)
+
+
+def target_pod(cluster: Cluster) -> dict[str, object]:
+    pods = get_json("-n", cluster.namespace, "pods", "-l", "app=target")["items"]
+    [pod] = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    return dict(pod)
+
+
+def agents(cluster: Cluster) -> list[str]:
+    spec = target_pod(cluster)["spec"]
+    assert isinstance(spec, dict)
+    return [c["name"] for c in spec.get("ephemeralContainers") or []]
+
+
+def container_id(name: str) -> str:
+    return docker("inspect", "--format", "{{.Id}}", name).stdout.strip()
+
+
+def test_a_repeated_up_keeps_the_running_session(cluster: Cluster) -> None:
+    project = "cm-faults-again"
+    first = cli(cluster, "-p", project, "up", "-d")
+    try:
+        assert first.returncode == 0, first.stdout + first.stderr
+        secret, pid = secrets_of(cluster, project), forwarder_state(project)["pid"]
+        entries, app = agents(cluster), container_id(f"{project}-web-1")
+        assert len(secret) == 1
+        again = cli(cluster, "-p", project, "up", "-d")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "reusing the running session" in again.stderr
+        assert secrets_of(cluster, project) == secret
+        assert agents(cluster) == entries  # no second ephemeral container
+        assert forwarder_state(project)["pid"] == pid
+        assert container_id(f"{project}-web-1") == app  # compose changed nothing either
+    finally:
+        down = cli(cluster, "-p", project, "down")
+    assert down.returncode == 0, down.stderr
+    assert secrets_of(cluster, project) == []
+
+
+def test_down_needs_no_local_state_and_stops_only_its_own_project(cluster: Cluster) -> None:
+    project = "cm-faults-gone"
+    up = cli(cluster, "-p", project, "up", "-d")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = forwarder_state(project)
+        supervisor, port_forward = int(state["pid"]), int(state["kubectl_pid"])
+        other = cli(cluster, "-p", "cm-faults-unused", "down")  # same directory, another -p
+        assert other.returncode == 0, other.stderr
+        assert process_alive(supervisor) and process_alive(port_forward)
+        assert len(secrets_of(cluster, project)) == 1
+        shutil.rmtree(cluster.compose.parent / ".composemirror")
+        shutil.rmtree(session_folder(project))  # even the state folder
+    finally:
+        down = cli(cluster, "-p", project, "down")
+    assert down.returncode == 0, down.stderr
+    assert f"removed forwarder (pid {supervisor})" in down.stderr
+    wait_for(lambda: not process_alive(supervisor) and not process_alive(port_forward), timeout=10)
+    assert secrets_of(cluster, project) == []
+    assert (
+        docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={project}").stdout == ""
+    )
+
+
+def test_an_interrupted_attached_up_deletes_its_secret(cluster: Cluster, tmp_path: Path) -> None:
+    project = "cm-faults-ctrl-c"
+    output = tmp_path / "up.log"
+    with output.open("w") as log:
+        up = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "composemirror",
+                "-f",
+                str(cluster.compose),
+                "-p",
+                project,
+                "up",
+            ],
+            cwd=ROOT,
+            env=environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for(
+            lambda: (
+                "running"
+                in docker("inspect", "--format", "{{.State.Status}}", f"{project}-web-1").stdout
+            ),
+            timeout=240,
+        )
+        assert len(secrets_of(cluster, project)) == 1
+        supervisor = int(forwarder_state(project)["pid"])
+        os.killpg(up.pid, signal.SIGINT)
+        assert up.wait(timeout=120) == 130, output.read_text()[-3000:]
+        assert secrets_of(cluster, project) == [], output.read_text()[-3000:]
+        assert not process_alive(supervisor)
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+        cli(cluster, "-p", project, "down")
+
+
+def test_a_replaced_target_pod_is_reported_and_not_retried(cluster: Cluster) -> None:
+    project = "cm-faults-replaced"
+    up = cli(cluster, "-p", project, "up", "-d")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        supervisor = int(forwarder_state(project)["pid"])
+        old = str(target_pod(cluster)["metadata"]["name"])  # type: ignore[index]
+        ok(kubectl("-n", cluster.namespace, "delete", "pod", old, "--wait=true", timeout=120))
+        # the supervisor stops at once instead of retrying for minutes
+        wait_for(lambda: not process_alive(supervisor), timeout=60)
+        state = forwarder_state(project)
+        assert state["state"] == "failed" and state["pod_gone"], state
+        log = (session_folder(project) / "forwarder.log").read_text()
+        assert f"the agent's pod {old} in namespace {cluster.namespace} is gone" in log
+        status = cli(cluster, "-p", project, "status")
+        assert status.returncode == 1, status.stdout + status.stderr
+        assert f"FAIL agent pod: pod {old} in namespace {cluster.namespace}" in status.stdout
+        doctor = cli(cluster, "-p", project, "doctor")
+        assert doctor.returncode == 1
+        assert f"pod {old} in namespace {cluster.namespace}" in doctor.stdout
+    finally:
+        down = cli(cluster, "-p", project, "down")
+    assert down.returncode == 0, down.stderr
+
+
+def test_an_image_the_cluster_cannot_get_fails_fast_and_leaves_no_secret(cluster: Cluster) -> None:
+    project = "cm-faults-image"
+    image = "composemirror.invalid/agent:none"
+    env = environment(COMPOSEMIRROR_AGENT_IMAGE=image)
+    try:
+        started = time.monotonic()
+        up = cli(cluster, "-p", project, "up", "-d", env=env)
+        assert up.returncode == 1, up.stdout + up.stderr
+        assert time.monotonic() - started < 120  # not the 120 s startup timeout
+        assert f"the cluster cannot get the agent's image {image}" in up.stderr, up.stderr
+        assert f"scripts/cluster load {image}" in up.stderr
+        assert secrets_of(cluster, project) == []
+        assert not session_folder(project).joinpath("forwarder.json").exists()
+        doctor = cli(cluster, "-p", project, "doctor", env=env)
+        assert doctor.returncode == 1
+        assert "FAIL  agent image (cluster): an earlier agent in pod" in doctor.stdout
+        assert f"could not get {image}" in doctor.stdout, doctor.stdout
+    finally:
+        cli(cluster, "-p", project, "down", env=env)
+
+
+def test_bad_input_and_certificates_are_named(cluster: Cluster, tmp_path: Path) -> None:
+    folder = tmp_path / "fresh"
+    folder.mkdir()
+    compose = folder / "compose.yaml"
+    compose.write_text(cluster.compose.read_text())
+    project = "cm-faults-fresh"
+
+    def fresh(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "composemirror", "-f", str(compose), "-p", project, *args],
+            cwd=ROOT,
+            env=env or environment(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    config = fresh("config")
+    assert config.returncode == 0, config.stderr
+    assert not (folder / ".composemirror").exists()  # config writes nothing
+    assert not session_folder(project).exists()
+    missing = fresh("-n", "cm-faults-no-such-namespace", "config")
+    assert missing.returncode == 2, missing.stderr
+    assert "namespace 'cm-faults-no-such-namespace' does not exist" in missing.stderr
+    doctor = fresh("doctor")
+    assert [line.split(":")[0] for line in doctor.stdout.splitlines()].count("ok    target") == 1
+    # a kube config whose CA did not sign the API server's certificate
+    kubeconfig = yaml.safe_load(KUBECONFIG.read_text())
+    for entry in kubeconfig["clusters"]:
+        entry["cluster"].pop("certificate-authority-data", None)
+        entry["cluster"]["certificate-authority"] = "/etc/ssl/certs/ca-certificates.crt"
+    wrong = tmp_path / "wrong-ca.kubeconfig"
+    wrong.write_text(yaml.safe_dump(kubeconfig))
+    tls = fresh("doctor", env=environment(KUBECONFIG=str(wrong)))
+    assert tls.returncode == 1
+    assert "TLS with the Kubernetes API server at https://" in tls.stdout, tls.stdout
+    assert "cannot reach" not in tls.stdout
+    assert "certificate-authority /etc/ssl/certs/ca-certificates.crt" in tls.stdout
+
+
+def test_down_uses_the_context_up_used_unless_told_another(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The kube config's current context is one that cannot be reached: `up --context` used
+    the good one, and `down` with no --context still cleans up there, saying so."""
+    kubeconfig = yaml.safe_load(KUBECONFIG.read_text())
+    [good] = kubeconfig["contexts"]
+    [server] = kubeconfig["clusters"]
+    nowhere = {"name": "nowhere", "cluster": {**server["cluster"], "server": "https://127.0.0.1:9"}}
+    kubeconfig["clusters"].append(nowhere)
+    kubeconfig["contexts"].append(
+        {"name": "unreachable", "context": {**good["context"], "cluster": "nowhere"}}
+    )
+    kubeconfig["current-context"] = "unreachable"
+    path = tmp_path / "two-contexts.kubeconfig"
+    path.write_text(yaml.safe_dump(kubeconfig))
+    env = environment(KUBECONFIG=str(path))
+    project = "cm-faults-context"
+    up = cli(cluster, "-p", project, "--context", good["name"], "up", "-d", env=env)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert len(secrets_of(cluster, project)) == 1
+        elsewhere = cli(cluster, "-p", project, "--context", "unreachable", "down", env=env)
+        assert elsewhere.returncode == 1  # the explicit flag wins, and that cluster is not there
+        assert "cannot reach the Kubernetes API server at https://127.0.0.1:9" in elsewhere.stderr
+    finally:
+        down = cli(cluster, "-p", project, "down", env=env)
+    assert down.returncode == 0, down.stderr
+    assert f"cleaning up in context {good['name']} (the one `up` used)" in down.stderr
+    assert secrets_of(cluster, project) == []
