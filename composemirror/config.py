@@ -207,6 +207,7 @@ _AGENT_KEYS = (
     "labels",
     "annotations",
     "port",
+    "handshake_timeout",
 )
 _IGNORED_AGENT_KEYS = (
     "log_level",
@@ -261,6 +262,9 @@ class AgentSettings:
     """Extra annotations on what composemirror creates in the cluster."""
     port: int = 47017
     """Port the agent listens on, on 127.0.0.1 inside the pod."""
+    handshake_timeout: int = 5
+    """Seconds a connection to the agent has to prove the tunnel key before the agent drops it
+    (composemirror's own key, for any target)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -593,6 +597,13 @@ class _Loader:
             image_pull_policy=policy,
             image_pull_secrets=tuple(secrets),
             ttl=self.seconds(raw.get("ttl"), f"{path}.ttl", defaults.ttl, 1, 3600),
+            handshake_timeout=self.seconds(
+                raw.get("handshake_timeout"),
+                f"{path}.handshake_timeout",
+                defaults.handshake_timeout,
+                1,
+                300,
+            ),
             startup_timeout=self.seconds(
                 raw.get("startup_timeout"),
                 f"{path}.startup_timeout",

@@ -184,3 +184,11 @@ def test_entries_left_in_the_pod_are_found_by_project() -> None:
     assert manifests.agent_entries(pod, "other") == [
         manifests.AgentEntry(name=other["name"], state="not started")
     ]
+
+
+def test_a_handshake_timeout_other_than_the_default_reaches_the_pod_agent() -> None:
+    def env(container: dict[str, Any]) -> dict[str, str]:
+        return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+    assert "COMPOSEMIRROR_AGENT_HANDSHAKE_TIMEOUT" not in env(ephemeral())
+    assert env(ephemeral(handshake_timeout=2))["COMPOSEMIRROR_AGENT_HANDSHAKE_TIMEOUT"] == "2"
