@@ -92,6 +92,7 @@ def rewrite(model: Mapping[str, Any], config: Config, plan: Plan) -> dict[str, A
     project = str(rendered.get("name", ""))
     services: dict[str, Any] = rendered.setdefault("services", {})
     _check(services, config)
+    _check_ipv6(services, rendered.get("networks") or {}, config)
     local = project_names(services, config, project)
     if isinstance(plan.placement, ForwardedPlacement):
         local |= {name.lower() for name in plan.placement.extra_hosts}
@@ -254,6 +255,22 @@ def _check(services: Mapping[str, Any], config: Config) -> None:
                     f"{key}: {target!r} shares no network with {name!r}, "
                     f"so {name!r} cannot reach it",
                     hint=f"put {target!r} and {name!r} on a common network",
+                )
+
+
+def _check_ipv6(services: Mapping[str, Any], networks: Mapping[str, Any], config: Config) -> None:
+    """Refuse a mirrored service on an IPv6-enabled network: the sidecar intercepts IPv4 only,
+    so the app's IPv6 traffic would bypass the filter and the tunnel unnoticed. (An external
+    network's settings are not in the model: the sidecar refuses to start on one instead.)"""
+    for name in config.services:
+        for network in services[name].get("networks") or {}:
+            if (networks.get(network) or {}).get("enable_ipv6"):
+                raise ConfigError(
+                    f"service {name!r} is on network {network!r}, which has `enable_ipv6: "
+                    "true`; composemirror intercepts IPv4 only, so the app's IPv6 traffic "
+                    "would bypass the filter and the tunnel",
+                    hint=f"remove `enable_ipv6` from network {network!r}, or put {name!r} "
+                    "on an IPv4-only network",
                 )
 
 

@@ -496,10 +496,10 @@ class _Loader:
         result = {}
         for name, service in hosts.items():
             try:
-                rule = parse_filter("local", [name], protocols=False).rules[0]
+                rule = parse_filter("local", [name], protocols=True).rules[0]
             except FilterSyntaxError as e:
                 raise self.fail(f"{BLOCK}.hosts.{name}", str(e)) from None
-            if rule.name is None or rule.wildcard or rule.port:
+            if rule.name is None or rule.wildcard or rule.qualified:
                 raise self.fail(f"{BLOCK}.hosts.{name}", "expected a plain host name")
             result[rule.name] = service
         return result
@@ -648,6 +648,7 @@ class _Loader:
             tcp = self.boolean(table.get("tcp"), f"{path}.outgoing.tcp", True)
             udp = self.boolean(table.get("udp"), f"{path}.outgoing.udp", True)
             outgoing = self.filter(table.get("filter"), f"{path}.outgoing.filter", protocols=True)
+            self.check_reachable(outgoing, f"{path}.outgoing", tcp=tcp, udp=udp)
             self.ignored.extend(
                 f"{path}.outgoing.{k}" for k in ("ignore_localhost", "unix_streams") if k in table
             )
@@ -663,6 +664,30 @@ class _Loader:
         return NetworkSettings(
             tcp=tcp, udp=udp, outgoing=outgoing, dns_enabled=dns_enabled, dns=dns
         )
+
+    def check_reachable(self, outgoing: Filter | None, path: str, *, tcp: bool, udp: bool) -> None:
+        """Refuse outgoing entries that can never match: a protocol the sidecar does not
+        intercept (`tcp: false`, `udp: false`), or an IPv6 address or subnet (IPv6 is not
+        intercepted; mirrored services on IPv6 networks are refused)."""
+        if outgoing is None:
+            return
+        for i, rule in enumerate(outgoing.rules):
+            key = f"{path}.filter.{outgoing.mode}[{i}]"
+            for protocol, on in (("tcp", tcp), ("udp", udp)):
+                if rule.protocol == protocol and not on:
+                    raise self.fail(
+                        key,
+                        f"{rule.text!r} can never match: `{path.rsplit('.', 1)[-1]}.{protocol}` "
+                        f"is false, so no {protocol.upper()} traffic is intercepted",
+                        f"set {path}.{protocol}: true, or remove the entry",
+                    )
+            network = rule.network
+            if network is not None and network.version == 6:
+                raise self.fail(
+                    key,
+                    f"{rule.text!r} can never match: composemirror intercepts IPv4 only",
+                    "remove the entry",
+                )
 
     def filter(self, value: Any, path: str, *, protocols: bool) -> Filter | None:
         if value is None:
@@ -682,11 +707,13 @@ class _Loader:
             try:
                 parse_filter(mode, [entry], protocols=protocols)
             except FilterSyntaxError as e:
-                raise self.fail(
-                    f"{path}.{mode}[{i}]",
-                    str(e),
-                    "entries look like `tcp://host:5432`, `10.0.0.0/8`, `*.internal` or `:53`",
-                ) from None
+                # Each hint is itself a valid entry of the filter it names.
+                usual = (
+                    "entries look like `tcp://host:5432`, `10.0.0.0/8`, `*.internal` or `:53`"
+                    if protocols
+                    else "entries are names: `db.example` or `*.internal`"
+                )
+                raise self.fail(f"{path}.{mode}[{i}]", str(e), e.hint or usual) from None
         return parse_filter(mode, entries, protocols=protocols)
 
 

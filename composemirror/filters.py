@@ -27,7 +27,12 @@ _BRACKETED = re.compile(r"\[(?P<host>[^\]]*)\](?:/(?P<prefix>[^:]*))?(?::(?P<por
 
 
 class FilterSyntaxError(ValueError):
-    """A filter entry that does not follow the grammar; the message says what is wrong."""
+    """A filter entry that does not follow the grammar, or one that can never match; the message
+    says what is wrong, `hint` (when there is one) is an entry to write instead."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 class Route(enum.StrEnum):
@@ -52,6 +57,11 @@ class Rule:
     """An address (as a /32 or /128) or a CIDR; None for any address, including `0.0.0.0`."""
     port: int = 0
     """0 matches every port."""
+
+    @property
+    def qualified(self) -> bool:
+        """Whether the rule takes only some of a name's traffic (one protocol or one port)."""
+        return self.protocol != "any" or self.port != 0
 
     def matches_name(self, name: str | None) -> bool:
         """Whether this rule's name part matches a (query) name. Rules without a name never do."""
@@ -91,8 +101,9 @@ class Filter:
             r.matches(name=name, address=address, port=port, protocol=protocol) for r in self.rules
         )
 
-    def match_name(self, name: str) -> bool:
-        return any(r.matches_name(name) for r in self.rules)
+    def match_name(self, name: str, *, whole: bool = False) -> bool:
+        """Whether a rule names `name`; with `whole`, only a rule that takes all its traffic."""
+        return any(r.matches_name(name) and not (whole and r.qualified) for r in self.rules)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,6 +114,9 @@ class Scope:
     """Lower-case service names, aliases, container names and `hosts` names."""
     networks: tuple[IPNetwork, ...] = ()
     """Subnets of the project's networks that the sidecar is attached to."""
+    addresses: frozenset[IPAddress] = frozenset()
+    """Addresses of the namespace's /etc/hosts (`extra_hosts`, `host-gateway`): an app that
+    reads that file connects to them without asking DNS, so they are local by address."""
 
     def owns_name(self, name: str | None) -> bool:
         return name is not None and normalise_name(name) in self.names
@@ -110,7 +124,11 @@ class Scope:
     def owns_address(self, address: IPAddress | None) -> bool:
         if address is None:
             return False
-        return address.is_loopback or any(address in net for net in self.networks)
+        return (
+            address.is_loopback
+            or address in self.addresses
+            or any(address in net for net in self.networks)
+        )
 
 
 def normalise_name(name: str) -> str:
@@ -119,15 +137,27 @@ def normalise_name(name: str) -> str:
 
 
 def parse_rule(text: str, *, protocols: bool = True) -> Rule:
-    """Parse one filter entry. `protocols=False` is the DNS filter's grammar (no `tcp://`)."""
+    """Parse one filter entry. `protocols=False` is the DNS filter's grammar: a host name or a
+    `*.suffix`, without protocol or port (a query has neither); anything else raises
+    `FilterSyntaxError`."""
+    rule = _parse_rule(text, protocols=protocols)
+    if not protocols:
+        _check_names_only(rule)
+    return rule
+
+
+def _parse_rule(text: str, *, protocols: bool) -> Rule:
     if not isinstance(text, str):
         raise FilterSyntaxError(f"expected a string, got {type(text).__name__}")
     protocol: Literal["tcp", "udp", "any"] = "any"
     rest = text.strip()
     if "://" in rest:
-        if not protocols:
-            raise FilterSyntaxError(f"{text!r}: a DNS filter entry takes no protocol prefix")
         given, rest = rest.split("://", 1)
+        if not protocols:
+            raise FilterSyntaxError(
+                f"{text!r}: a DNS filter entry takes no protocol prefix",
+                hint=_dns_hint(rest, text.strip()),
+            )
         lowered = given.lower()
         if lowered == "tcp":
             protocol = "tcp"
@@ -164,6 +194,41 @@ def parse_rule(text: str, *, protocols: bool = True) -> Rule:
     return Rule(text=text, protocol=protocol, name=name, wildcard=wildcard, port=port)
 
 
+def _check_names_only(rule: Rule) -> None:
+    """Refuse a DNS filter entry that can never match: a query has a name, but no address and
+    no port. The hint is an entry that does what was likely meant."""
+    if rule.name is not None:
+        if rule.port:
+            written = ("*." if rule.wildcard else "") + rule.name
+            raise FilterSyntaxError(
+                f"{rule.text!r}: a DNS filter matches names, never ports", hint=f"write `{written}`"
+            )
+        return
+    written = rule.text.strip()
+    if rule.network is None and not rule.port:
+        raise FilterSyntaxError(f"{rule.text!r}: matches no name; remove it")
+    if rule.network is not None:
+        raise FilterSyntaxError(
+            f"{rule.text!r}: a DNS filter matches names, never addresses",
+            hint=f"list `{written}` in feature.network.outgoing.filter instead",
+        )
+    if rule.port:
+        raise FilterSyntaxError(
+            f"{rule.text!r}: a DNS filter matches names, never ports",
+            hint=f"list `any://:{rule.port}` in feature.network.outgoing.filter instead",
+        )
+
+
+def _dns_hint(rest: str, written: str) -> str:
+    """What to write instead of the DNS filter entry `written`, whose protocol prefix is
+    followed by `rest`: the name alone, or the whole entry in the outgoing filter."""
+    try:
+        rule = parse_rule(rest, protocols=False)
+    except FilterSyntaxError:
+        return f"list `{written}` in feature.network.outgoing.filter instead"
+    return f"write `{rule.text.strip()}`"
+
+
 def parse_filter(mode: Mode, entries: Iterable[str], *, protocols: bool = True) -> Filter:
     """Parse a whole `local` or `remote` list; the first bad entry raises `FilterSyntaxError`."""
     return Filter(mode=mode, rules=tuple(parse_rule(e, protocols=protocols) for e in entries))
@@ -177,17 +242,24 @@ def route_connection(
     port: int,
     protocol: Protocol,
     scope: Scope,
+    side: Route | None = None,
 ) -> Route:
     """Decide where a connection goes.
 
-    `name` is the DNS name the sidecar answered for `address`, when it knows one: names match on
-    the query name, never by comparing addresses. The project's own names and networks are local
-    unless a `remote` filter lists them.
+    `name` is the name the app asked for this connection's address (see `sidecar.dns.Book`),
+    when there is one; `side` is where that name was resolved. Names match on the name asked,
+    never by comparing addresses; port and protocol come from the connection itself, so a
+    qualified rule (`udp://name:9999`) takes only that traffic. The project's own names and
+    networks are local unless a `remote` filter lists them, but an address the cluster answered
+    for a name is the cluster's even where it falls inside a local subnet (cluster CIDRs
+    overlap Docker's pools). Address rules of the filter apply to the cluster's address.
     """
     if outgoing is not None and outgoing.mode == "remote":
         listed = outgoing.match(name=name, address=address, port=port, protocol=protocol)
         return Route.REMOTE if listed else Route.LOCAL
-    if scope.owns_name(name) or scope.owns_address(address):
+    if scope.owns_name(name):
+        return Route.LOCAL
+    if (name is None or side != Route.REMOTE) and scope.owns_address(address):
         return Route.LOCAL
     if outgoing is not None and outgoing.match(
         name=name, address=address, port=port, protocol=protocol
@@ -199,18 +271,40 @@ def route_connection(
 def route_query(name: str, *, dns: Filter | None, outgoing: Filter | None, scope: Scope) -> Route:
     """Decide where a DNS query for `name` is resolved.
 
-    A name listed in the DNS filter goes where it says. A name listed in the outgoing filter is
-    resolved on the same side its traffic goes (as mirrord does). Otherwise the project's names
-    are local, and the rest is remote unless the DNS filter is a `remote` list.
+    A name listed in the DNS filter goes where it says. A name the outgoing filter sends to
+    one side whole (an entry without protocol or port) is resolved on that side, as mirrord
+    does; a name a `remote` list takes only some traffic of is resolved in the cluster too. A
+    `local` entry that takes one port or protocol (`udp://name:9999`) leaves the name's answer
+    as it would be: the rest of its traffic goes where it went, and the proxy resolves the name
+    again on this side for the listed traffic. Otherwise the project's names are local, and
+    the rest is remote unless the DNS filter is a `remote` list.
     """
-    for listing in (dns, outgoing):
-        if listing is not None and listing.match_name(name):
-            return Route(listing.mode)
+    if dns is not None and dns.match_name(name):
+        return Route(dns.mode)
+    if outgoing is not None and outgoing.match_name(name, whole=outgoing.mode == "local"):
+        return Route(outgoing.mode)
     if scope.owns_name(name):
         return Route.LOCAL
     if dns is not None and dns.mode == "remote":
         return Route.LOCAL
     return Route.REMOTE
+
+
+def routing_key(outgoing: Filter | None, name: str, side: Route, scope: Scope = Scope()) -> str:
+    """Names with one key have every connection decided alike, whatever its port and protocol.
+
+    A name some entry of the outgoing filter names is a key of its own, and so is a project
+    name, and, under a `remote` list, every name resolved in the cluster (its unlisted traffic
+    goes local, to where the name means locally). Other names are decided by their address
+    alone: their key is the side that answered them. The sidecar's DNS gives two names one
+    address only when their keys agree (see `sidecar.dns.Book`).
+    """
+    if scope.owns_name(name) or (
+        outgoing is not None
+        and (outgoing.match_name(name) or (outgoing.mode == "remote" and side == Route.REMOTE))
+    ):
+        return f"name:{normalise_name(name)}"
+    return f"side:{side}"
 
 
 def _parse_port(text: str, port_text: str | None) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from composemirror import tasks
 from composemirror.errors import ComposeMirrorError, SidecarError
-from composemirror.filters import IPNetwork, Scope
+from composemirror.filters import IPAddress, IPNetwork, Scope
 from composemirror.link import ENV_VAR, READY_FILE, STATUS_FILE, SidecarSettings
 from composemirror.protocol import key_from_text
 from composemirror.sidecar import dns, firewall, status
@@ -44,6 +44,55 @@ def local_networks(route_table: str) -> list[IPNetwork]:
     return networks
 
 
+def own_addresses(fib_trie: str) -> list[str]:
+    """The namespace's own IPv4 addresses but loopback, from /proc/net/fib_trie (an address
+    line followed by `/32 host LOCAL`), once each."""
+    found: list[str] = []
+    last = ""
+    for line in fib_trie.splitlines():
+        words = line.split()
+        if len(words) == 2 and words[0] == "|--":
+            last = words[1]
+        elif words == ["/32", "host", "LOCAL"] and last and not last.startswith("127."):
+            found.append(last)
+    return list(dict.fromkeys(found))
+
+
+def hosts_addresses(table: dict[str, list[str]]) -> frozenset[IPAddress]:
+    """The addresses of an /etc/hosts table (`dns.read_hosts_file`) that parse as addresses."""
+    found: set[IPAddress] = set()
+    for addresses in table.values():
+        for text in addresses:
+            try:
+                found.add(ipaddress.ip_address(text.split("%")[0]))
+            except ValueError:
+                continue
+    return frozenset(found)
+
+
+def global_ipv6(if_inet6: str) -> list[str]:
+    """The namespace's IPv6 addresses of global scope, from /proc/net/if_inet6 (the fourth
+    field is the scope: 00 global, 20 link, 10 host)."""
+    found = []
+    for line in if_inet6.splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[3] == "00":
+            found.append(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
+    return found
+
+
+def refuse_ipv6(if_inet6: str) -> None:
+    """Raise SidecarError when the namespace has a global IPv6 address: the firewall has IPv4
+    rules only, so IPv6 traffic would pass it unfiltered and untunnelled."""
+    addresses = global_ipv6(if_inet6)
+    if addresses:
+        raise SidecarError(
+            f"the network namespace has IPv6 addresses ({', '.join(addresses)}), which "
+            "composemirror does not intercept: the app's IPv6 traffic would bypass the filter "
+            "and the tunnel; attach the mirrored service to IPv4-only networks"
+        )
+
+
 async def run(settings: SidecarSettings) -> None:
     async with tasks.scope() as spawner:
         await serve(settings, spawner)
@@ -56,13 +105,20 @@ async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
         key = key_from_text(Path(settings.key_file).read_text())
     except (OSError, ValueError) as e:
         raise SidecarError(f"cannot read the tunnel key {settings.key_file}: {e}") from e
+    inet6 = Path("/proc/net/if_inet6")  # absent where the kernel has IPv6 off
+    refuse_ipv6(inet6.read_text() if inet6.exists() else "")
     networks = local_networks(Path("/proc/net/route").read_text())
-    scope = Scope(names=frozenset(settings.names), networks=tuple(networks))
+    static = dns.read_hosts_file(Path("/etc/hosts"))
+    scope = Scope(
+        names=frozenset(settings.names),
+        networks=tuple(networks),
+        addresses=hosts_addresses(static),
+    )
     outgoing = settings.outgoing.parse(protocols=True) if settings.outgoing else None
     dns_filter = settings.dns.parse(protocols=False) if settings.dns else None
     counters = status.Counters()
     tunnels = TunnelClient(settings.link, key, mark=MARK)
-    book = dns.Book()
+    book = dns.Book.deciding(outgoing, scope)
     resolver = dns.Resolver(
         tunnels=tunnels,
         book=book,
@@ -75,6 +131,7 @@ async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
         mark=MARK,
         search=dns.read_search(),
     )
+    await resolver.learn_domains(own_addresses(Path("/proc/net/fib_trie").read_text()))
     await loop.create_datagram_endpoint(
         lambda: dns.UdpServer(resolver, spawner), local_addr=("127.0.0.1", DNS_PORT)
     )
@@ -112,6 +169,7 @@ async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
             udp=settings.udp,
             udp_port=UDP_PROXY_PORT,
             direct=direct,
+            stand_ins=dns.STAND_INS,
         )
     )
     log.info(

@@ -1,15 +1,17 @@
 """The sidecar's DNS server: every query of the shared network namespace arrives here.
 
-Local names (the project's services, `hosts` entries, names the filters keep local) are answered
-on this side: `hosts` names with the address Docker's DNS gives their compose service, the rest by
-/etc/hosts or Docker's DNS. Remote names go through the tunnel to the agent, which resolves them
-as the target does. Answers are cached by TTL; an upstream that does not answer gives SERVFAIL,
-which is never cached. Each address answered is remembered with its name, for the proxy.
+Local names (the project's services, `hosts` entries, names the filters keep local, and every
+name Docker's DNS answers for the namespace) are answered on this side: `hosts` names with the
+address Docker's DNS gives their compose service, the rest by /etc/hosts or Docker's DNS. Remote
+names go through the tunnel to the agent, which resolves them as the target does. Answers are
+cached by TTL; an upstream that does not answer gives SERVFAIL, which is never cached. The book
+records the name each address was answered for, so the proxy decides by the name asked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import struct
@@ -20,10 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from dnslib import AAAA, QTYPE, RCODE, RR, A, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
+from dnslib import AAAA, PTR, QTYPE, RCODE, RR, A, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
 from composemirror.errors import TunnelClosed
-from composemirror.filters import Filter, Route, Scope, normalise_name, route_query
+from composemirror.filters import (
+    Filter,
+    Route,
+    Scope,
+    normalise_name,
+    route_query,
+    routing_key,
+)
 from composemirror.sidecar.status import Counters
 from composemirror.sidecar.tunnel import TunnelClient
 from composemirror.tasks import Tasks
@@ -32,6 +41,8 @@ log = logging.getLogger(__name__)
 
 DOCKER_DNS = ("127.0.0.11", 53)
 UPSTREAM_TIMEOUT = 4.0
+DOCKER_PROBE_TIMEOUT = 1.0
+"""How long a single-label name waits for Docker's DNS before it is asked of the cluster."""
 CACHE_SIZE = 10_000
 NEGATIVE_TTL = 5
 MAX_TTL = 300
@@ -45,21 +56,118 @@ CD_BIT = 0x10
 """Bits of the header's second flags byte (RFC 4035 3.2)."""
 
 
-class Book:
-    """Which name (and side) each answered address was given for: the proxy decides with it."""
+STAND_INS = ipaddress.IPv4Network("198.18.0.0/15")
+"""Where stand-in addresses come from: RFC 2544's benchmarking range, routed nowhere real. The
+firewall sends every connection to it to the proxies, whatever the local networks are."""
 
-    def __init__(self, size: int = BOOK_SIZE) -> None:
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """What an address given to the app stands for."""
+
+    name: str
+    """The name the app asked for (normalised), not a CNAME's target."""
+    side: Route
+    """Where the name was resolved."""
+    address: str
+    """The address it resolved to there: the one a connection is made to."""
+
+
+class Book:
+    """The name (and side) behind each address the app was given, so the proxies decide each
+    connection by the name the app asked for it, never by "the last name that resolved to this
+    address".
+
+    The app gets the address the name has on its side, as the target would, unless that
+    address would be ambiguous here. A remote name then gets a *stand-in* address of its own
+    from `STAND_INS` (one per name and address), which the proxies translate back, as
+    Telepresence translates cluster subnets that conflict with local ones into a virtual
+    subnet. That happens when the cluster's address is one this side owns (a local subnet, an
+    /etc/hosts address, loopback: `reserved`), or when the address was already given for a
+    name whose connections are decided differently (another `routing_key`). So aliases of one
+    address share it when they route alike, and only then. The trade-off: in those cases the
+    app sees an address the target does not (`getent hosts` differs, the connection does not).
+    The first name to claim an address keeps it; local answers always keep their own address.
+    """
+
+    def __init__(
+        self,
+        size: int = BOOK_SIZE,
+        *,
+        key: Callable[[str, Route], str] = lambda name, side: f"side:{side}",
+        reserved: Callable[[str], bool] = lambda address: False,
+        stand_ins: ipaddress.IPv4Network = STAND_INS,
+    ) -> None:
         self.size = size
-        self.entries: OrderedDict[str, tuple[str, Route]] = OrderedDict()
+        self.key = key
+        self.reserved = reserved
+        self.stand_ins = stand_ins
+        self.entries: OrderedDict[str, tuple[str, Answered]] = OrderedDict()
+        """Real address -> (routing key, the first name given it)."""
+        self.standing: OrderedDict[str, Answered] = OrderedDict()
+        """Stand-in address -> what it stands for."""
+        self.stood: dict[tuple[str, str], str] = {}
+        """(name, real address) -> its stand-in."""
+        self.next = 1
+
+    def give(self, name: str, side: Route, address: str) -> str:
+        """The address to answer `name` with, for `address` resolved on `side`; remembered."""
+        name = normalise_name(name)
+        answered = Answered(name, side, address)
+        if ipaddress.ip_address(address).version != 4:
+            return address  # IPv6 is not intercepted: nothing to decide
+        if side == Route.REMOTE and (self.reserved(address) or self._is_stand_in(address)):
+            return self._stand_in(answered)
+        key = self.key(name, side)
+        found = self.entries.get(address)
+        if found is None:
+            self.entries[address] = (key, answered)
+            if len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+            return address
+        self.entries.move_to_end(address)
+        if found[0] == key or side == Route.LOCAL:
+            return address
+        return self._stand_in(answered)
+
+    @classmethod
+    def deciding(cls, outgoing: Filter | None, scope: Scope) -> Book:
+        """A book for a sidecar with this filter and scope (see `filters.routing_key`)."""
+        return cls(
+            key=lambda name, side: routing_key(outgoing, name, side, scope),
+            reserved=lambda address: scope.owns_address(ipaddress.ip_address(address)),
+        )
+
+    def lookup(self, address: str) -> Answered | None:
+        """What `address` was given for, if the app got it from this book."""
+        if self._is_stand_in(address):
+            return self.standing.get(address)
+        found = self.entries.get(address)
+        return None if found is None else found[1]
 
     def remember(self, address: str, name: str, route: Route) -> None:
-        self.entries[address] = (name, route)
-        self.entries.move_to_end(address)
-        if len(self.entries) > self.size:
-            self.entries.popitem(last=False)
+        """Record an address the app may reach by `name` without asking (an /etc/hosts line)."""
+        self.give(name, route, address)
 
-    def lookup(self, address: str) -> tuple[str, Route] | None:
-        return self.entries.get(address)
+    def _is_stand_in(self, address: str) -> bool:
+        parsed = ipaddress.ip_address(address)
+        return parsed.version == 4 and parsed in self.stand_ins
+
+    def _stand_in(self, answered: Answered) -> str:
+        pair = (answered.name, answered.address)
+        given = self.stood.get(pair)
+        if given is not None:
+            self.standing.move_to_end(given)
+            return given
+        if self.next < self.stand_ins.num_addresses - 1:
+            given = str(self.stand_ins[self.next])
+            self.next += 1
+        else:  # all taken: the one used longest ago is reused
+            given, old = self.standing.popitem(last=False)
+            del self.stood[(old.name, old.address)]
+        self.standing[given] = answered
+        self.stood[pair] = given
+        return given
 
 
 @dataclass(slots=True)
@@ -230,11 +338,51 @@ class Resolver:
         self.static = read_hosts_file(hosts_file)
         self.search = tuple(normalise_name(domain) for domain in search)
         """The namespace's search domains (the target's): see `shadows_local`."""
+        self.domains: set[str] = set()
+        """Names of the namespace's Docker networks (see `learn_domains`)."""
+        for name, addresses in self.static.items():
+            for address in addresses:
+                # An app reads /etc/hosts without asking: its lines are answers given locally.
+                self.book.remember(address, name, Route.LOCAL)
 
     def route(self, name: str) -> Route:
+        """Where `name` is resolved: `filters.route_query`, and every name Docker's DNS answers
+        for this namespace is local unless a filter lists it (see `docker_owns`)."""
         if not self.remote_enabled:
             return Route.LOCAL
-        return route_query(name, dns=self.dns_filter, outgoing=self.outgoing, scope=self.scope)
+        route = route_query(name, dns=self.dns_filter, outgoing=self.outgoing, scope=self.scope)
+        if route == Route.REMOTE and not self.listed(name) and self.docker_owns(name):
+            return Route.LOCAL
+        return route
+
+    def listed(self, name: str) -> bool:
+        """Whether a filter names `name` (then it goes where the filter says)."""
+        return any(f is not None and f.match_name(name) for f in (self.dns_filter, self.outgoing))
+
+    def docker_owns(self, name: str) -> bool:
+        """Whether `name` is one Docker's DNS answers for this namespace without asking anyone:
+        `<container>.<network>` on one of its networks (`domains`), or a reverse lookup of an
+        address this side owns (its networks, /etc/hosts). A single-label name is asked of
+        Docker's DNS first in `answer` (Docker does not forward those when `ndots` is set)."""
+        if any(name.endswith("." + domain) for domain in self.domains):
+            return True
+        address = reverse_address(name)
+        return address is not None and self.scope.owns_address(address)
+
+    async def learn_domains(self, addresses: list[str]) -> None:
+        """Learn the namespace's network names from Docker's reverse answers for its own
+        addresses (`<container>.<network>.`), so `<name>.<network>` stays local."""
+        for address in addresses:
+            try:
+                response = await self.ask_local(DNSRecord.question(reverse_name(address), "PTR"))
+            except (OSError, TimeoutError, ValueError) as e:
+                log.debug("no network name for %s: %s", address, e)
+                continue
+            for rr in response.rr:
+                if rr.rtype == QTYPE.PTR:
+                    labels = normalise_name(str(rr.rdata)).split(".")
+                    if len(labels) > 1:
+                        self.domains.add(".".join(labels[1:]))
 
     def shadows_local(self, name: str) -> bool:
         """Whether `name` is a project name expanded with a search domain, e.g. `db` tried as
@@ -286,15 +434,24 @@ class Resolver:
             missing.header.rcode = RCODE.NXDOMAIN
             return with_edns(bytes(missing.pack()), query)
         route = Route.LOCAL if name in self.hosts else self.route(name)
+        stand_in = self.stand_in_pointer(request, name)
+        if stand_in is not None:
+            return with_edns(bytes(stand_in.pack()), query)
         try:
             if name in self.hosts:
                 response = await self.ask_local(request, self.hosts[name])
             elif route == Route.LOCAL:
                 response = self.from_hosts_file(request, name) or await self.ask_local(request)
             else:
-                response = DNSRecord.parse(
-                    await asyncio.wait_for(self.tunnels.current().query(query), UPSTREAM_TIMEOUT)
-                )
+                response = await self.docker_first(request, name)
+                if response is not None:
+                    route = Route.LOCAL
+                else:
+                    response = DNSRecord.parse(
+                        await asyncio.wait_for(
+                            self.tunnels.current().query(query), UPSTREAM_TIMEOUT
+                        )
+                    )
         except (TimeoutError, OSError, TunnelClosed) as e:
             log.debug("%s (%s): %s", name, route, e)
             self.counters.dns_failed += 1
@@ -306,11 +463,45 @@ class Resolver:
         else:
             self.counters.dns_remote += 1
         for rr in response.rr:
-            if rr.rtype in (QTYPE.A, QTYPE.AAAA):
-                self.book.remember(str(rr.rdata), name, route)
+            if rr.rtype == QTYPE.A:
+                given = self.book.give(name, route, str(rr.rdata))
+                if given != str(rr.rdata):
+                    rr.rdata = A(given)
         response = without_edns(response)
         self.cache.put(key, response)
         return with_edns(_as_reply(request, response), query)
+
+    async def docker_first(self, request: DNSRecord, name: str) -> DNSRecord | None:
+        """Docker's own answer for a single-label `name` otherwise sent to the cluster (a
+        container on a shared or external network), or None. Docker answers its names itself
+        and, under an explicit `ndots`, forwards no single-label name, so this costs a local
+        round trip. Without one, Docker may ask the host's resolvers: the probe waits at most
+        DOCKER_PROBE_TIMEOUT for them before the cluster is asked."""
+        if "." in name or self.listed(name):
+            return None
+        try:
+            # Owned or not, Docker says NOERROR to a name's other types: its A answer tells.
+            probe = await asyncio.wait_for(
+                self.ask_local(DNSRecord.question(name, "A")), DOCKER_PROBE_TIMEOUT
+            )
+            if probe.header.rcode != RCODE.NOERROR or not probe.rr:
+                return None
+            return await self.ask_local(request)
+        except (OSError, TimeoutError):
+            return None
+
+    def stand_in_pointer(self, request: DNSRecord, name: str) -> DNSRecord | None:
+        """The answer to a reverse lookup of a stand-in address (see `Book`): the name it was
+        given for, as the cluster's DNS would answer for the real address."""
+        address = reverse_address(name)
+        if address is None or request.q.qtype != QTYPE.PTR:
+            return None
+        answered = self.book.lookup(str(address)) if address.version == 4 else None
+        if answered is None or answered.address == str(address):
+            return None
+        reply = _reply_to(request)
+        reply.add_answer(RR(request.q.qname, QTYPE.PTR, rdata=PTR(answered.name + "."), ttl=30))
+        return reply
 
     async def ask_local(self, request: DNSRecord, alias_of: str | None = None) -> DNSRecord:
         """Ask Docker's DNS; for a `hosts` name, ask for its compose service instead."""
@@ -365,6 +556,30 @@ class Resolver:
             return await loop.sock_recv(sock, 65535)
         finally:
             sock.close()
+
+
+def reverse_name(address: str) -> str:
+    """The in-addr.arpa/ip6.arpa name of `address` (RFC 1035 3.5, RFC 3596 2.5)."""
+    return ipaddress.ip_address(address).reverse_pointer
+
+
+def reverse_address(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a reverse-lookup name asks about, or None for any other name."""
+    name = normalise_name(name)
+    if name.endswith(".in-addr.arpa"):
+        parts = name.removesuffix(".in-addr.arpa").split(".")
+        text = ".".join(reversed(parts))
+    elif name.endswith(".ip6.arpa"):
+        nibbles = "".join(reversed(name.removesuffix(".ip6.arpa").split(".")))
+        if len(nibbles) != 32:
+            return None
+        text = ":".join(nibbles[i : i + 4] for i in range(0, 32, 4))
+    else:
+        return None
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 def read_search(path: Path = Path("/etc/resolv.conf")) -> tuple[str, ...]:

@@ -3,10 +3,11 @@
 Rules live in one nat chain jumped to first from OUTPUT. They send every DNS query of the shared
 network namespace to the sidecar's DNS server, and new outgoing TCP connections that are not the
 sidecar's own (marked), not loopback and not to the project's own networks to the transparent
-proxy. With UDP, a mangle chain marks the same kind of outgoing UDP datagrams, a policy route
-sends marked packets to loopback, and TPROXY hands them to the UDP proxy (IPv4 only). Docker's
-own DNS rules are left as they are. Rendering is pure; `apply` runs iptables-restore on whichever
-backend (nft or legacy) holds Docker's rules, and `ip` for the policy route.
+proxy; connections to the DNS server's stand-in addresses always go to the proxies. With UDP, a
+mangle chain marks the same kind of outgoing UDP datagrams, a policy route sends marked packets
+to loopback, and TPROXY hands them to the UDP proxy (IPv4 only). Docker's own DNS rules are left
+as they are. Rendering is pure; `apply` runs iptables-restore on whichever backend (nft or
+legacy) holds Docker's rules, and `ip` for the policy route.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class Plan:
     table: int = ROUTE_TABLE
     direct: Sequence[IPNetwork] = ()
     """Destinations that never need a decision (the project's networks), skipped in-kernel."""
+    stand_ins: IPNetwork | None = None
+    """The sidecar's stand-in addresses (`sidecar.dns.STAND_INS`): always sent to the proxies,
+    before `direct` is skipped, since only the proxies know what they stand for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,11 @@ def render(plan: Plan, *, saved: Mapping[str, str] | None = None) -> str:
         f"-A {CHAIN} -p udp --dport 53 -j REDIRECT --to-ports {plan.dns_port}",
         f"-A {CHAIN} -p tcp --dport 53 -j REDIRECT --to-ports {plan.dns_port}",
         f"-A {CHAIN} -d 127.0.0.0/8 -j RETURN",
+        *(
+            [f"-A {CHAIN} -d {plan.stand_ins} -p tcp -j REDIRECT --to-ports {plan.proxy_port}"]
+            if plan.stand_ins
+            else []
+        ),
         *_skip_direct(plan),
     ]
     if plan.tcp:
@@ -107,6 +116,14 @@ def render(plan: Plan, *, saved: Mapping[str, str] | None = None) -> str:
             f"-A {CHAIN} -m mark --mark {plan.mark:#x} -j RETURN",
             f"-A {CHAIN} -p udp --dport 53 -j RETURN",
             f"-A {CHAIN} -d 127.0.0.0/8 -j RETURN",
+            *(
+                [
+                    f"-A {CHAIN} -d {plan.stand_ins} -p udp -j MARK --set-mark {plan.udp_mark:#x}",
+                    f"-A {CHAIN} -d {plan.stand_ins} -j RETURN",
+                ]
+                if plan.stand_ins
+                else []
+            ),
             *_skip_direct(plan),
             # The namespace's own, broadcast and multicast addresses have no remote side.
             f"-A {CHAIN} -m addrtype --dst-type LOCAL,BROADCAST,MULTICAST -j RETURN",

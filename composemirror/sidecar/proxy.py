@@ -1,9 +1,10 @@
 """The transparent proxy: where each redirected TCP connection of the app goes.
 
-The kernel gives the original destination; the DNS book gives the name the sidecar answered for
-that address. With name, port and protocol the filter decides: remote connections become tunnel
-streams, local ones are connected directly (a remotely answered name is resolved again locally
-first, as mirrord does). A refused or failed remote connection resets the app's connection.
+The kernel gives the original destination; the DNS book gives the name the app asked for that
+address (and, for a stand-in address, the address it stands for). With name, port and protocol
+the filter decides: remote connections become tunnel streams, local ones are connected directly
+(a remotely answered name is resolved again locally first, as mirrord does). A refused or failed
+remote connection resets the app's connection.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from composemirror.bridge import Bridge, reset_transport
 from composemirror.errors import TunnelClosed
 from composemirror.filters import Filter, Protocol, Route, Scope, route_connection
 from composemirror.protocol import Failure, Proto
-from composemirror.sidecar.dns import Book, Resolver
+from composemirror.sidecar.dns import Answered, Book, Resolver
 from composemirror.sidecar.status import Counters
 from composemirror.sidecar.tunnel import TunnelClient
 from composemirror.tasks import Tasks
@@ -63,29 +64,41 @@ class Egress:
     mark: int
     """Set on the sidecar's own sockets, which the firewall lets through untouched."""
 
-    def decide(
-        self, address: str, port: int, protocol: Protocol
-    ) -> tuple[Route, tuple[str, Route] | None]:
-        """Where a new flow goes, and the name (and side) its address was answered for."""
+    def decide(self, address: str, port: int, protocol: Protocol) -> Decision:
+        """Where a new flow to `address`:`port` goes, by the name the app asked for it."""
         known = self.book.lookup(address)
-        name = known[0] if known else None
-        decision = route_connection(
+        destination = known.address if known else address
+        route = route_connection(
             self.outgoing,
-            name=name,
-            address=ipaddress.ip_address(address),
+            name=known.name if known else None,
+            address=ipaddress.ip_address(destination),
             port=port,
             protocol=protocol,
             scope=self.scope,
+            side=known.side if known else None,
         )
-        log.debug("%s %s:%s (%s) -> %s", protocol, address, port, name or "no name", decision)
-        return decision, known
+        name = known.name if known else "no name"
+        log.debug("%s %s:%s (%s) -> %s %s", protocol, address, port, name, route, destination)
+        return Decision(route=route, destination=destination, known=known)
 
-    async def local_address(self, address: str, known: tuple[str, Route] | None) -> str:
+    async def local_address(self, decision: Decision) -> str:
         """Where to connect locally. A remotely answered address is the cluster's: locally its
         name may mean something else, so it is resolved again (as mirrord does)."""
-        if known and known[1] == Route.REMOTE:
-            return await self.resolver.local_address(known[0]) or address
-        return address
+        known = decision.known
+        if known and known.side == Route.REMOTE:
+            return await self.resolver.local_address(known.name) or decision.destination
+        return decision.destination
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    """Where one connection goes."""
+
+    route: Route
+    destination: str
+    """The address it is made to: the original one, or what a stand-in address stands for."""
+    known: Answered | None
+    """The name the app asked for the original address, if it asked the sidecar's DNS."""
 
 
 class Proxy:
@@ -117,11 +130,11 @@ class Proxy:
             self.egress.counters.tcp_refused += 1
             reset_transport(app.transport)
             return
-        decision, known = self.egress.decide(address, port, "tcp")
-        if decision == Route.REMOTE:
-            self._remote(app, address, port)
+        decision = self.egress.decide(address, port, "tcp")
+        if decision.route == Route.REMOTE:
+            self._remote(app, decision.destination, port)
         else:
-            self.tasks.spawn(self._local(app, address, port, known), name=f"local {address}:{port}")
+            self.tasks.spawn(self._local(app, port, decision), name=f"local {address}:{port}")
 
     def _remote(self, app: AppConnection, address: str, port: int) -> None:
         assert app.transport is not None
@@ -134,11 +147,9 @@ class Proxy:
             return
         app.start()  # the app's first bytes go with the request (early data)
 
-    async def _local(
-        self, app: AppConnection, address: str, port: int, known: tuple[str, Route] | None
-    ) -> None:
+    async def _local(self, app: AppConnection, port: int, decision: Decision) -> None:
         assert app.transport is not None
-        address = await self.egress.local_address(address, known)
+        address = await self.egress.local_address(decision)
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.egress.mark)

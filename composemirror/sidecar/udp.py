@@ -21,7 +21,7 @@ from composemirror.datagrams import BACKLOG, IDLE_TIMEOUT, Flow, FlowTable, Stre
 from composemirror.errors import TunnelClosed
 from composemirror.filters import Route
 from composemirror.protocol import Failure, Proto
-from composemirror.sidecar.proxy import Egress
+from composemirror.sidecar.proxy import Decision, Egress
 from composemirror.tasks import Tasks
 from composemirror.tunnel import Tunnel
 
@@ -282,9 +282,9 @@ class UdpProxy:
         destination = ipaddress.ip_address(address)
         if destination.is_loopback:
             return None  # sent to this socket itself, not diverted: there is nowhere to go
-        decision, known = self.egress.decide(address, port, "udp")
+        decision = self.egress.decide(address, port, "udp")
         tunnel: Tunnel | None = None
-        if decision == Route.REMOTE:
+        if decision.route == Route.REMOTE:
             try:
                 tunnel = self.egress.tunnels.current()
             except TunnelClosed as e:
@@ -299,17 +299,17 @@ class UdpProxy:
         if tunnel is not None:
             remote = RemoteFlow(self, app, original, reply)
             self.flows.add(remote, (app, original))
-            tunnel.open(Proto.UDP, address, port, remote)
+            tunnel.open(Proto.UDP, decision.destination, port, remote)
             remote.start()  # datagrams go at once: the agent holds them until connected
             return remote
         local = LocalFlow(self, app, original, reply)
         self.flows.add(local, (app, original))
-        self.tasks.spawn(self._local(local, known), name=f"udp local {address}:{port}")
+        self.tasks.spawn(self._local(local, decision), name=f"udp local {address}:{port}")
         return local
 
-    async def _local(self, flow: LocalFlow, known: tuple[str, Route] | None) -> None:
-        address, port = flow.original
-        address = await self.egress.local_address(address, known)
+    async def _local(self, flow: LocalFlow, decision: Decision) -> None:
+        port = flow.original[1]
+        address = await self.egress.local_address(decision)
         if flow.closed:
             return
         try:

@@ -514,6 +514,18 @@ def test_mirrored_service_with_one_replica_is_fine(keys: dict[str, Any]) -> None
     )
 
 
+def test_a_mirrored_service_on_an_ipv6_network_is_refused() -> None:
+    """Issue 10 fault 10: the sidecar intercepts IPv4 only; IPv6 would bypass it unnoticed."""
+    model = model_of(web=service(networks={"v6": None}), db=service(networks={"v6": None}))
+    model["networks"]["v6"] = {"name": "proj_v6", "enable_ipv6": True}
+    error = rewrite_error(model, config_of())
+    assert "'web' is on network 'v6', which has `enable_ipv6: true`" in error.message
+    assert error.hint is not None and "remove `enable_ipv6` from network 'v6'" in error.hint
+    # An unmirrored service may use it.
+    model["services"]["web"] = service()
+    assert "web-mirror" in compose.rewrite(model, config_of(), PLAN)["services"]
+
+
 def test_hosts_naming_a_missing_service() -> None:
     error = rewrite_error(
         model_of(web=service(), db=service()), config_of(hosts={"postgres.shop": "dbb"})

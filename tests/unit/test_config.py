@@ -48,7 +48,7 @@ MIRRORD_FEATURE: dict[str, Any] = {
                 "local": ["tcp://1.1.1.0/24:1337", "1.1.5.0/24", "google.com", ":53"],
             },
         },
-        "dns": {"enabled": True, "filter": {"remote": ["*.svc.cluster.local", "1.1.1.0/24:53"]}},
+        "dns": {"enabled": True, "filter": {"remote": ["*.svc.cluster.local", "my-service"]}},
         "ipv6": False,
     },
 }
@@ -93,7 +93,7 @@ def test_full_block() -> None:
         ":53",
     ]
     assert network.dns is not None and network.dns.mode == "remote"
-    assert [r.text for r in network.dns.rules] == ["*.svc.cluster.local", "1.1.1.0/24:53"]
+    assert [r.text for r in network.dns.rules] == ["*.svc.cluster.local", "my-service"]
 
     assert config.agent.ttl == 30
     assert set(config.ignored) == {
@@ -367,7 +367,7 @@ ERRORS = [
     (
         minimal(hosts={"tcp://db.shop": "db"}),
         "x-composemirror.hosts.tcp://db.shop",
-        "takes no protocol prefix",
+        "expected a plain host name",
     ),
     (
         minimal(hosts={"bad name": "db"}),
@@ -502,6 +502,80 @@ ERRORS = [
         "matches nothing",
     ),
 ]
+
+
+@pytest.mark.parametrize(
+    ("entry", "hint"),
+    [
+        ("1.1.1.0/24:53", "list `1.1.1.0/24:53` in feature.network.outgoing.filter instead"),
+        ("db:5432", "write `db`"),
+        (":53", "list `any://:53` in feature.network.outgoing.filter instead"),
+        ("tcp://db", "write `db`"),
+    ],
+)
+def test_a_dns_filter_entry_that_can_never_match_is_refused_with_a_valid_hint(
+    entry: str, hint: str
+) -> None:
+    """A query has a name, no address and no port (issue 10): such an entry is an error, and the
+    hint is an entry that is itself valid where it says."""
+    with pytest.raises(ConfigError) as caught:
+        load_block(feature(network={"dns": {"filter": {"local": ["ok.example", entry]}}}))
+    error = caught.value
+    assert error.exit_code == 2
+    assert error.message.startswith(
+        f"{SOURCE}: x-composemirror.feature.network.dns.filter.local[1]"
+    )
+    assert error.hint == hint
+
+
+@pytest.mark.parametrize(
+    ("outgoing", "message", "hint"),
+    [
+        (
+            {"udp": False, "filter": {"remote": ["db", "udp://:53"]}},
+            "'udp://:53' can never match: `outgoing.udp` is false",
+            "set x-composemirror.feature.network.outgoing.udp: true, or remove the entry",
+        ),
+        (
+            {"tcp": False, "filter": {"local": ["db", "tcp://db:5432"]}},
+            "'tcp://db:5432' can never match: `outgoing.tcp` is false",
+            "set x-composemirror.feature.network.outgoing.tcp: true, or remove the entry",
+        ),
+        (
+            {"filter": {"local": ["db", "[fd00::]/8:443"]}},
+            "'[fd00::]/8:443' can never match: composemirror intercepts IPv4 only",
+            "remove the entry",
+        ),
+    ],
+)
+def test_an_outgoing_entry_that_can_never_match_is_refused(
+    outgoing: dict[str, Any], message: str, hint: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_block(feature(network={"outgoing": outgoing}))
+    error = caught.value
+    assert error.exit_code == 2
+    path = "x-composemirror.feature.network.outgoing.filter"
+    assert error.message.startswith(f"{SOURCE}: {path}.")
+    assert f"[1]: {message}" in error.message
+    assert error.hint == hint
+
+
+@pytest.mark.parametrize(
+    "outgoing",
+    [
+        {"udp": False, "filter": {"local": ["tcp://db:5432", ":53", "[::]:53"]}},
+        {"filter": {"remote": ["udp://:53", "tcp://db:5432"]}},
+    ],
+)
+def test_outgoing_entries_that_can_match_are_kept(outgoing: dict[str, Any]) -> None:
+    assert load_block(feature(network={"outgoing": outgoing})).network.outgoing is not None
+
+
+def test_the_usual_hint_of_a_dns_filter_names_only_names() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_block(feature(network={"dns": {"filter": {"local": ["bad name"]}}}))
+    assert caught.value.hint == "entries are names: `db.example` or `*.internal`"
 
 
 @pytest.mark.parametrize(

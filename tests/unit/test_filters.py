@@ -22,6 +22,7 @@ from composemirror.filters import (
     parse_rule,
     route_connection,
     route_query,
+    routing_key,
 )
 
 
@@ -121,9 +122,7 @@ def test_parse_rule_valid_entries(
 DNS_VALID = [
     ("*.svc.cluster.local", ("any", "svc.cluster.local", True, None, 0)),
     ("db", ("any", "db", False, None, 0)),
-    ("db:5432", ("any", "db", False, None, 5432)),
-    ("10.0.0.0/8", ("any", None, False, "10.0.0.0/8", 0)),
-    (":53", ("any", None, False, None, 53)),
+    ("DB.", ("any", "db", False, None, 0)),
 ]
 
 
@@ -215,6 +214,43 @@ def test_parse_rule_dns_grammar_rejects(text: str, message: str) -> None:
     with pytest.raises(FilterSyntaxError) as caught:
         parse_rule(text, protocols=False)
     assert message in str(caught.value)
+
+
+NEVER_MATCH = [
+    # a query has a name but no port: the name alone
+    ("db:5432", "never ports", "db", False),
+    ("*.internal:53", "never ports", "*.internal", False),
+    ("tcp://db", "no protocol prefix", "db", False),
+    # ... nor an address or a port of its own: the same entry in the outgoing filter
+    ("10.0.0.0/8", "never addresses", "10.0.0.0/8", True),
+    ("10.96.0.10:53", "never addresses", "10.96.0.10:53", True),
+    ("[fd00::]/8", "never addresses", "[fd00::]/8", True),
+    (":53", "never ports", "any://:53", True),
+    ("udp://:53", "no protocol prefix", "udp://:53", True),
+    ("tcp://db:5432", "no protocol prefix", "tcp://db:5432", True),
+]
+
+
+@pytest.mark.parametrize(("text", "message", "suggested", "outgoing"), NEVER_MATCH)
+def test_a_dns_filter_entry_that_can_never_match_is_refused_with_a_valid_entry_to_write(
+    text: str, message: str, suggested: str, outgoing: bool
+) -> None:
+    with pytest.raises(FilterSyntaxError) as caught:
+        parse_rule(text, protocols=False)
+    assert message in str(caught.value)
+    hint = caught.value.hint or ""
+    assert f"`{suggested}`" in hint
+    # The hint is itself valid where it says to put it.
+    if outgoing:
+        assert "feature.network.outgoing.filter" in hint
+        parse_rule(suggested, protocols=True)
+    else:
+        assert parse_rule(suggested, protocols=False).name is not None
+
+
+def test_a_dns_filter_entry_for_any_address_matches_no_name() -> None:
+    with pytest.raises(FilterSyntaxError, match="matches no name; remove it"):
+        parse_rule("0.0.0.0", protocols=False)
 
 
 def test_parse_rule_rejects_non_strings() -> None:
@@ -370,6 +406,54 @@ def test_route_connection(outgoing: Filter | None, conn: Conn, expected: Route) 
     assert route is expected
 
 
+ANSWERED = [
+    # issue 10 fault 3: a cluster name's address inside a local subnet is still the cluster's
+    (None, Conn("peer.team.svc.cluster.local", "172.18.0.77", 8080), R, R),
+    (None, Conn(None, "172.18.0.77", 8080), None, L),  # a bare address: local by its subnet
+    (None, Conn("db", "172.18.0.3", 5432), L, L),
+    # ... and an explicit address rule still applies to it
+    (filt("local", "172.18.0.0/16"), Conn("peer.x", "172.18.0.77", 8080), R, L),
+    # issue 10 fault 5: a qualified rule takes only its port and protocol
+    (filt("local", "udp://orders.x:9999"), Conn("orders.x", "10.96.0.21", 8080), R, R),
+    (filt("local", "udp://orders.x:9999"), Conn("orders.x", "10.96.0.21", 9999, "tcp"), R, R),
+    (filt("local", "udp://orders.x:9999"), Conn("orders.x", "10.96.0.21", 9999, "udp"), R, L),
+    # an extra_hosts address is local by address (the app reads /etc/hosts, not DNS)
+    (None, Conn(None, "172.17.0.1", 8080), None, L),
+]
+
+
+@pytest.mark.parametrize(("outgoing", "conn", "side", "expected"), ANSWERED)
+def test_route_connection_by_the_name_asked_and_the_side_that_answered_it(
+    outgoing: Filter | None, conn: Conn, side: Route | None, expected: Route
+) -> None:
+    scope = Scope(
+        names=SCOPE.names, networks=SCOPE.networks, addresses=frozenset({ip("172.17.0.1")})
+    )
+    route = route_connection(outgoing, scope=scope, side=side, **conn.kwargs())  # type: ignore[arg-type]
+    assert route is expected
+
+
+KEYS = [
+    # no filter, or names no entry names: decided by the address alone, one key per side
+    (None, "orders.x", R, "side:remote"),
+    (None, "shop-db.x", R, "side:remote"),
+    (None, "legacy.example", L, "side:local"),
+    (filt("local", "udp://orders.x:9999"), "payments.x", R, "side:remote"),
+    # a name an entry names decides by itself
+    (filt("local", "udp://orders.x:9999"), "Orders.X.", R, "name:orders.x"),
+    (filt("local", "*.internal"), "a.internal", L, "name:a.internal"),
+    # under a remote list every cluster-answered name does (its other traffic is re-resolved)
+    (filt("remote", "tcp://postgres.x:5432"), "postgres.x", R, "name:postgres.x"),
+    (filt("remote", "tcp://postgres.x:5432"), "shop-db.x", R, "name:shop-db.x"),
+    (filt("remote", "tcp://postgres.x:5432"), "db", L, "side:local"),
+]
+
+
+@pytest.mark.parametrize(("outgoing", "name", "side", "key"), KEYS)
+def test_routing_key(outgoing: Filter | None, name: str, side: Route, key: str) -> None:
+    assert routing_key(outgoing, name, side) == key
+
+
 def test_route_connection_without_scope_sends_project_names_remote() -> None:
     # The scope is what makes the project's names local; with an empty one they are not.
     conn = Conn("db", "172.18.0.3", 5432)
@@ -397,10 +481,17 @@ QUERIES = [
     ("db", dns("remote", "db"), None, R),
     ("orders.x", dns("local", "orders.x"), filt("remote", "orders.x"), L),
     ("orders.x", dns("remote", "orders.x"), filt("local", "orders.x"), R),
-    # outgoing-filter names are resolved on their traffic's side (port/protocol ignored)
-    ("pg.example", None, filt("local", "tcp://pg.example:5432"), L),
-    ("PG.Example.", None, filt("local", "tcp://pg.example:5432"), L),
+    # names the outgoing filter sends to one side whole are resolved on that side
     ("x.internal", None, filt("local", "*.internal"), L),
+    ("pg.example", None, filt("local", "pg.example"), L),
+    # issue 10 fault 5: a local entry for one port or protocol leaves the name's answer alone
+    ("pg.example", None, filt("local", "tcp://pg.example:5432"), R),
+    ("PG.Example.", None, filt("local", "tcp://pg.example:5432"), R),
+    ("orders.x", None, filt("local", "udp://orders.x:9999"), R),
+    ("db", None, filt("local", "tcp://db:5432"), L),
+    # ... and a remote entry for some of a name's traffic resolves it in the cluster
+    ("postgres.x", None, filt("remote", "tcp://postgres.x:5432"), R),
+    ("db", None, filt("remote", "tcp://db:5432"), R),
     ("orders.shop.svc.cluster.local", None, filt("remote", "orders.shop.svc.cluster.local"), R),
     ("db", None, filt("remote", "db"), R),
     ("db", None, filt("remote", "orders.x"), L),

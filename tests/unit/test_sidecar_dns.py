@@ -97,15 +97,17 @@ def test_hosts_names_answer_with_the_local_service_and_never_go_remote() -> None
     assert addresses(answer) == ["172.20.0.5"]
     assert str(answer.rr[0].rname) == "postgres.shop.svc.cluster.local."
     assert tunnel.asked == []
-    assert r.book.lookup("172.20.0.5") == ("postgres.shop.svc.cluster.local", Route.LOCAL)
+    assert r.book.lookup("172.20.0.5") == dns.Answered(
+        "postgres.shop.svc.cluster.local", Route.LOCAL, "172.20.0.5"
+    )
 
 
 def test_remote_names_go_to_the_agent_and_are_remembered() -> None:
-    tunnel = FakeTunnel({"orders": "10.96.0.21"})
+    tunnel = FakeTunnel({"orders.x": "10.96.0.21"})
     r = resolver(tunnel)
-    assert addresses(ask(r, "orders")) == ["10.96.0.21"]
+    assert addresses(ask(r, "orders.x")) == ["10.96.0.21"]
     assert r.asked_locally == []
-    assert r.book.lookup("10.96.0.21") == ("orders", Route.REMOTE)
+    assert r.book.lookup("10.96.0.21") == dns.Answered("orders.x", Route.REMOTE, "10.96.0.21")
 
 
 def test_project_names_are_answered_locally() -> None:
@@ -195,7 +197,7 @@ def test_the_book_forgets_the_oldest_beyond_its_size() -> None:
     book.remember("10.0.0.2", "b", Route.REMOTE)
     book.remember("10.0.0.3", "c", Route.LOCAL)
     assert book.lookup("10.0.0.1") is None
-    assert book.lookup("10.0.0.3") == ("c", Route.LOCAL)
+    assert book.lookup("10.0.0.3") == dns.Answered("c", Route.LOCAL, "10.0.0.3")
 
 
 def test_local_networks_are_the_directly_connected_routes() -> None:
