@@ -19,11 +19,14 @@ from benchmarks.lab import HERE, BenchError, Lab, machine
 from benchmarks.report import (
     HEADER,
     SECTIONS,
+    SOAK,
     USAGE_HEADER,
     Figure,
     Usage,
+    merge_documents,
     results_document,
     rows,
+    soak_document,
     summary,
     text_table,
     usage_rows,
@@ -73,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "dns": lambda: suite.dns(lab, stack, settings),
                     "concurrency": lambda: suite.concurrency(lab, stack, settings),
                     "memory": lambda: suite.memory(lab),
+                    # Last: its flood must not count in "memory after the loads".
+                    SOAK: lambda: suite.soak(lab, stack, settings),
                 }
                 for section, benchmark in loads.items():
                     if section in selected:
@@ -92,15 +97,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text_table(usage_rows(usage), USAGE_HEADER))
     if args.write_results:
         command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
-        RESULTS.write_text(
-            results_document(
-                figures=figures,
-                usage=usage,
-                machine=machine(load),
-                command=command,
-                parameters=asdict(settings),
+        measured_on = machine(load)
+        document = RESULTS.read_text() if RESULTS.exists() else ""
+        main_figures = [f for f in figures if f.section != SOAK]
+        if main_figures:
+            document = merge_documents(
+                document,
+                results_document(
+                    figures=main_figures,
+                    usage={load: use for load, use in usage.items() if load != SOAK},
+                    machine=measured_on,
+                    command=command,
+                    parameters=asdict(settings),
+                ),
             )
-        )
+        soak_figures = [f for f in figures if f.section == SOAK]
+        if soak_figures:
+            document = merge_documents(
+                document,
+                soak_document(
+                    figures=soak_figures,
+                    machine=measured_on,
+                    command=command,
+                    parameters=asdict(settings),
+                ),
+            )
+        RESULTS.write_text(document)
         log.info("wrote %s", RESULTS)
     return 1 if failed else 0
 

@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from benchmarks.report import merge_documents
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 KUBECONFIG = ROOT / ".cluster" / "kubeconfig"
@@ -378,9 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = document(table, when)
     print(text)
     if args.write_results:
-        current = RESULTS.read_text()
-        kept = current.split(f"\n{SECTION}\n")[0].rstrip("\n")
-        RESULTS.write_text(kept + "\n\n" + text)
+        RESULTS.write_text(merge_documents(RESULTS.read_text(), text))
     return 0
 
 

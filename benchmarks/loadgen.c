@@ -8,10 +8,13 @@
  *   loadgen latency  HOST PORT COUNT WARMUP SIZE   connect + SIZE-byte request/response
  *   loadgen hold     HOST PORT CONNS SECONDS SIZE  CONNS open at once, echo traffic on all
  *   loadgen dns      SERVER NAME CONCURRENCY SECONDS   A queries; %d in NAME makes each unique
+ *   loadgen dnsrate  SERVER RATE SECONDS NAME...   RATE queries/s, not waiting for answers, the
+ *                                                  NAMEs in turn; answers counted by RCODE
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -531,6 +534,58 @@ static int dns(int argc, char **argv) {
     return 0;
 }
 
+/* Open loop: queries leave at the rate whatever the answers do, as from many clients. */
+static int dnsrate(int argc, char **argv) {
+    if (argc < 6) return 2;
+    enum { SOCKETS = 64 };
+    struct sockaddr_in sa = address(argv[2], "53");
+    double rate = atof(argv[3]), seconds = atof(argv[4]);
+    int nnames = argc - 5;
+    char **names = argv + 5;
+    if (rate <= 0 || seconds <= 0) return 2;
+    struct pollfd fds[SOCKETS];
+    for (int i = 0; i < SOCKETS; i++) {
+        int fd = socket(AF_INET, SOCK_DGRAM, 0);
+        if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0) die("dnsrate socket");
+        fcntl(fd, F_SETFL, O_NONBLOCK);
+        fds[i] = (struct pollfd){.fd = fd, .events = POLLIN};
+    }
+    long sent = 0, send_errors = 0, counter = 0, rcodes[16] = {0};
+    unsigned char packet[512], reply[4096];
+    char name[256];
+    double start = now(), end = start + seconds, drain = end + 2 * DNS_TIMEOUT_S;
+    for (;;) {
+        double t = now();
+        if (t < end) {
+            long due = (long)((t - start) * rate);
+            while (sent < due) {
+                const char *pattern = names[sent % nnames];
+                if (strstr(pattern, "%d"))
+                    snprintf(name, sizeof name, pattern, (int)counter++);
+                else
+                    snprintf(name, sizeof name, "%s", pattern);
+                size_t len = dns_query(packet, (uint16_t)sent, name);
+                if (send(fds[sent % SOCKETS].fd, packet, len, 0) != (ssize_t)len) send_errors++;
+                sent++;
+            }
+        } else if (t > drain) {
+            break;
+        }
+        if (poll(fds, SOCKETS, 1) < 0 && errno != EINTR) die("poll");
+        for (int i = 0; i < SOCKETS; i++) {
+            if (!(fds[i].revents & POLLIN)) continue;
+            ssize_t n;
+            while ((n = recv(fds[i].fd, reply, sizeof reply, 0)) >= 12) rcodes[reply[3] & 0x0f]++;
+        }
+    }
+    long answered = 0;
+    for (int i = 0; i < 16; i++) answered += rcodes[i];
+    printf("{\"sent\": %ld, \"send_errors\": %ld, \"seconds\": %.6f, \"answered\": %ld, "
+           "\"noerror\": %ld, \"servfail\": %ld, \"nxdomain\": %ld, \"refused\": %ld}\n",
+           sent, send_errors, end - start, answered, rcodes[0], rcodes[2], rcodes[3], rcodes[5]);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -542,6 +597,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[1], "latency")) rc = latency(argc, argv);
         else if (!strcmp(argv[1], "hold")) rc = hold(argc, argv);
         else if (!strcmp(argv[1], "dns")) rc = dns(argc, argv);
+        else if (!strcmp(argv[1], "dnsrate")) rc = dnsrate(argc, argv);
     }
     if (rc == 2) fprintf(stderr, "usage: see the comment at the top of loadgen.c\n");
     return rc;

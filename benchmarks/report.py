@@ -13,8 +13,11 @@ from typing import Literal
 
 Quantity = Literal["value", "ratio", "added"]
 
-SECTIONS = ("throughput", "latency", "dns", "concurrency", "startup", "memory")
+SECTIONS = ("throughput", "latency", "dns", "concurrency", "startup", "memory", "soak")
 """The benchmarks, in the order they are shown (and `--only` names them)."""
+SOAK = "soak"
+"""The soak benchmark: its figures have their own section of RESULTS.md (`soak_document`)."""
+SOAK_HEADING = "## Soak: 1,000 connections and 10,000 DNS queries a second"
 
 MIB = 1024 * 1024
 
@@ -317,3 +320,67 @@ def results_document(
         METHOD.format(**parameters),
     ]
     return "\n".join(parts)
+
+
+SOAK_METHOD = """\
+The load generator in the mirrored app holds {soak_connections:,} TCP connections to the echo
+server (each echoing {hold_size} bytes back and forth) and, at the same time, sends
+{soak_rate:,} DNS A queries a second to its resolver (open loop: queries leave at that rate
+whatever the answers do), half for a cluster name (`orders.shop.svc.cluster.local`, cached by
+the sidecar) and half for names that do not exist, each new (`soak-N.nx.test`, NXDOMAIN from the
+cluster DNS, each one a lookup in the agent), for {soak_seconds:g} s through one sidecar. RSS
+is VmRSS of the sidecar's and the agent's PID 1: idle before, the peak sampled every 0.2 s
+during the load, and {soak_settle:g} s after it ended ("final")."""
+
+
+def soak_document(
+    *, figures: Sequence[Figure], machine: Machine, command: str, parameters: Mapping[str, float]
+) -> str:
+    """The soak's section of RESULTS.md: its figures, when and how they were measured."""
+    return "\n".join(
+        [
+            SOAK_HEADING,
+            "",
+            f"Measured on {machine.date} by `{command}` (load average {machine.load} as the run"
+            f" began; composemirror {machine.composemirror}).",
+            "",
+            markdown_table(rows(figures), HEADER),
+            "",
+            SOAK_METHOD.format(**parameters),
+            "",
+        ]
+    )
+
+
+def merge_documents(old: str, new: str) -> str:
+    """RESULTS.md after writing `new` over `old`, section by section (`## ` headings).
+
+    `new` with a preamble (the title and machine) is a whole document: its sections, then the
+    sections of `old` it does not have (written by other programs: the Kubernetes link, the
+    soak). `new` with only sections updates those in `old` and keeps everything else.
+    """
+    old_preamble, old_sections = _split(old)
+    new_preamble, new_sections = _split(new)
+    if new_preamble.strip():
+        merged = {
+            **new_sections,
+            **{h: t for h, t in old_sections.items() if h not in new_sections},
+        }
+        preamble = new_preamble
+    else:
+        merged = {**old_sections, **new_sections}
+        preamble = old_preamble
+    parts = [preamble.rstrip("\n"), *(text.rstrip("\n") for text in merged.values())]
+    return "\n\n".join(part for part in parts if part) + "\n"
+
+
+def _split(document: str) -> tuple[str, dict[str, str]]:
+    """(text before the first `## ` heading, heading -> the section's text, in order)."""
+    preamble: list[str] = []
+    sections: dict[str, list[str]] = {}
+    current = preamble
+    for line in document.splitlines():
+        if line.startswith("## "):
+            current = sections.setdefault(line.strip(), [])
+        current.append(line)
+    return "\n".join(preamble), {h: "\n".join(lines) for h, lines in sections.items()}

@@ -11,6 +11,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -23,6 +24,8 @@ T = TypeVar("T")
 
 CLUSTER_NAME = "orders.shop.svc.cluster.local"
 """A name the sandbox's cluster DNS knows (with a 5 s TTL)."""
+SOAK_NAMES = "soak-%d.nx.test"
+"""Names the cluster DNS does not know, a new one for every query (NXDOMAIN)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,6 +47,13 @@ class Settings:
     """Bytes each held connection echoes per round trip."""
     startup_repeats: int = 3
     idle_seconds: float = 3.0
+    soak_seconds: float = 60.0
+    """Length of the soak: connections held and DNS queries sent all along."""
+    soak_connections: int = 1000
+    soak_rate: int = 10_000
+    """DNS queries a second during the soak, half for names that do not exist."""
+    soak_settle: float = 10.0
+    """Seconds after the soak before the final memory is read."""
 
     @classmethod
     def quick(cls) -> Settings:
@@ -56,6 +66,8 @@ class Settings:
             hold_seconds=2.0,
             startup_repeats=1,
             idle_seconds=1.0,
+            soak_seconds=10.0,
+            soak_settle=3.0,
         )
 
 
@@ -403,6 +415,78 @@ def memory(lab: Lab) -> list[Figure]:
             value=after["agent"] / MIB,
         ),
     ]
+
+
+def soak(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
+    """Many connections and a DNS flood (half names that do not exist) through one sidecar at
+    once, for a while: errors, rates, and the sidecar's and agent's memory idle, at peak and
+    after (does it come back?)."""
+    lab.await_link()
+    idle = lab.monitor.snapshot()
+    server = lab.nameserver(stack.app)
+    n, seconds = settings.soak_connections, settings.soak_seconds
+    log.info("soak: %d connections and %d DNS queries/s for %g s", n, settings.soak_rate, seconds)
+    hold = (stack.app, "hold", SERVER_IP, ECHO_PORT, n, seconds, settings.hold_size)
+    flood = (stack.app, "dnsrate", server, settings.soak_rate, seconds, CLUSTER_NAME, SOAK_NAMES)
+    with lab.monitor.watch("soak"), ThreadPoolExecutor(2) as pool:
+        held = pool.submit(lambda: lab.loadgen(*hold, timeout=seconds + 300))
+        time.sleep(1.0)  # the connections open first; the flood then meets them established
+        asked = pool.submit(lambda: lab.loadgen(*flood, timeout=seconds + 60))
+        connections, queries = held.result(), asked.result()
+    time.sleep(settings.soak_settle)
+    final = lab.monitor.snapshot()
+    peak = lab.monitor.usage["soak"].rss_peak
+    errors = float(connections["connect_errors"]) + float(connections["io_errors"])
+    sent = float(queries["sent"])
+    answered = float(queries["answered"])
+    count = f"{n:,} connections"
+    figures = [
+        Figure(
+            section="soak",
+            name=f"errors, {count} for {seconds:g} s",
+            unit="",
+            value=errors,
+            target=Target(text="= 0", on="value", at_most=0),
+        ),
+        Figure(
+            section="soak",
+            name=f"echo throughput, {count}",
+            unit="MiB/s",
+            value=float(connections["bytes"]) / float(connections["seconds"]) / MIB,
+        ),
+        Figure(
+            section="soak",
+            name="DNS queries sent",
+            unit="q/s",
+            value=sent / float(queries["seconds"]),
+            # The load generator's own pace: it must not be what limits the load.
+            target=Target(
+                text=f">= 99 % of {settings.soak_rate:,} q/s",
+                on="value",
+                at_least=0.99 * settings.soak_rate,
+            ),
+        ),
+        Figure(
+            section="soak",
+            name="DNS queries answered",
+            unit="%",
+            value=100.0 * answered / sent if sent else None,
+            note=f"NOERROR {queries['noerror']}, NXDOMAIN {queries['nxdomain']}, "
+            f"SERVFAIL {queries['servfail']}, none {int(sent - answered)}",
+        ),
+    ]
+    for role in ("sidecar", "agent"):
+        figures += [
+            Figure(section="soak", name=f"{role} RSS, idle", unit="MiB", value=idle[role] / MIB),
+            Figure(section="soak", name=f"{role} RSS, peak", unit="MiB", value=peak[role] / MIB),
+            Figure(
+                section="soak",
+                name=f"{role} RSS, final ({settings.soak_settle:g} s after)",
+                unit="MiB",
+                value=final[role] / MIB,
+            ),
+        ]
+    return figures
 
 
 def _timed(action: Callable[[], T]) -> tuple[float, T]:

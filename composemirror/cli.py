@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -57,7 +58,9 @@ def main(argv: Sequence[str] | None = None, *, runtime: ops.Runtime | None = Non
     _plain = runtime.engine.output.ansi == "never"
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return int(args.run(args, options, runtime))
+        code = int(args.run(args, options, runtime))
+        sys.stdout.flush()  # here, so that a reader gone early is met in this `try`
+        return code
     except ComposeMirrorError as e:
         print(f"composemirror: {e.message}", file=sys.stderr)
         if e.hint:
@@ -69,8 +72,23 @@ def main(argv: Sequence[str] | None = None, *, runtime: ops.Runtime | None = Non
     except Terminated:
         print("composemirror: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except BrokenPipeError:
+        # The reader went (`status | head -1`): as the Python docs' "Note on SIGPIPE" says,
+        # point stdout at devnull so that flushing it at exit cannot fail again, and exit 1.
+        _silence_stdout()
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _silence_stdout() -> None:
+    try:
+        fileno = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a non-file (tests) or closed
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fileno)
+    os.close(devnull)
 
 
 _plain = False

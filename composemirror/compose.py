@@ -123,7 +123,9 @@ def rewrite(model: Mapping[str, Any], config: Config, plan: Plan) -> dict[str, A
     if isinstance(plan.placement, ContainerPlacement):
         services[AGENT_SERVICE] = {
             "image": plan.agent_image,
-            "command": AgentSettings(listen=AGENT_LINK).command(),
+            "command": AgentSettings(
+                listen=AGENT_LINK, handshake_timeout=config.agent.handshake_timeout
+            ).command(),
             "network_mode": plan.placement.network_mode,
             "volumes": [_link_mount()],
             "secrets": [KEY_SECRET],

@@ -21,6 +21,11 @@ from composemirror.filters import Filter, FilterSyntaxError, Mode, parse_filter
 
 BLOCK = "x-composemirror"
 CONFIG_FILE_NAME = "composemirror.yaml"
+MAX_DEPTH = 100
+"""Deepest nesting of mappings and lists accepted in a compose model or configuration file; no
+key of compose or composemirror needs more, and deeper data would exhaust Python's recursion."""
+MAX_NAME_LENGTH = 253
+"""Longest target name: a Kubernetes object name is a DNS subdomain (RFC 1123), at most 253."""
 
 TargetKind = Literal[
     "pod",
@@ -202,6 +207,7 @@ _AGENT_KEYS = (
     "labels",
     "annotations",
     "port",
+    "handshake_timeout",
 )
 _IGNORED_AGENT_KEYS = (
     "log_level",
@@ -256,6 +262,9 @@ class AgentSettings:
     """Extra annotations on what composemirror creates in the cluster."""
     port: int = 47017
     """Port the agent listens on, on 127.0.0.1 inside the pod."""
+    handshake_timeout: int = 5
+    """Seconds a connection to the agent has to prove the tunnel key before the agent drops it
+    (composemirror's own key, for any target)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -282,7 +291,30 @@ class Config:
 
 def load(block: Any, *, source: str, base_dir: Path) -> Config:
     """Validate a raw x-composemirror block. `base_dir` anchors relative paths (`env_file`)."""
+    check_depth(block, source=source, path=BLOCK)
     return _Loader(source, base_dir).config(block)
+
+
+def check_depth(document: Any, *, source: str, path: str = "") -> None:
+    """Raise ConfigError when `document` (plain data: dicts, lists, scalars) nests mappings and
+    lists more than MAX_DEPTH levels deep, naming `source` and where. Iterative, so it cannot
+    itself run out of stack."""
+    stack: list[tuple[Any, int, str]] = [(document, 0, path)]
+    while stack:
+        value, depth, where = stack.pop()
+        if depth > MAX_DEPTH:
+            shown = where if len(where) <= 80 else where[:77] + "..."
+            raise ConfigError(
+                f"{source}: {shown}: nested more than {MAX_DEPTH} levels deep",
+                hint="flatten it: no compose or composemirror key needs that depth",
+            )
+        if isinstance(value, dict):
+            stack.extend(
+                (item, depth + 1, f"{where}.{key}" if where else str(key))
+                for key, item in value.items()
+            )
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1, f"{where}[{i}]") for i, item in enumerate(value))
 
 
 class _Loader:
@@ -428,24 +460,34 @@ class _Loader:
     def target_text(self, text: str, path: str) -> Target:
         if text == "targetless":
             return Target(kind="targetless")
+        for name in re.split(r"/|://", text):
+            if len(name) > MAX_NAME_LENGTH:
+                raise self.fail(
+                    path,
+                    f"{_shorten(name)} is {len(name)} characters long: not a name",
+                    "name a pod, workload or container: such names are at most "
+                    f"{MAX_NAME_LENGTH} characters",
+                )
         if text.startswith("docker://"):
             name = text.removeprefix("docker://")
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-                raise self.fail(path, f"{text!r}: expected docker://CONTAINER (a name or an id)")
+                raise self.fail(
+                    path, f"{_shorten(text)}: expected docker://CONTAINER (a name or an id)"
+                )
             return Target(kind="docker", name=name)
         parts = text.split("/")
         kind = _KINDS.get(parts[0].lower())
         if kind is None or len(parts) not in (2, 4) or not parts[1]:
             raise self.fail(
                 path,
-                f"{text!r} is not a target",
+                f"{_shorten(text)} is not a target",
                 "use pod/NAME, deployment/NAME, statefulset/NAME (optionally /container/C), "
                 "targetless, or docker://CONTAINER",
             )
         container = None
         if len(parts) == 4:
             if parts[2] != "container" or not parts[3]:
-                raise self.fail(path, f"{text!r}: expected KIND/NAME/container/CONTAINER")
+                raise self.fail(path, f"{_shorten(text)}: expected KIND/NAME/container/CONTAINER")
             container = parts[3]
         return Target(kind=kind, name=parts[1], container=container)
 
@@ -555,6 +597,13 @@ class _Loader:
             image_pull_policy=policy,
             image_pull_secrets=tuple(secrets),
             ttl=self.seconds(raw.get("ttl"), f"{path}.ttl", defaults.ttl, 1, 3600),
+            handshake_timeout=self.seconds(
+                raw.get("handshake_timeout"),
+                f"{path}.handshake_timeout",
+                defaults.handshake_timeout,
+                1,
+                300,
+            ),
             startup_timeout=self.seconds(
                 raw.get("startup_timeout"),
                 f"{path}.startup_timeout",
@@ -670,6 +719,11 @@ class _Loader:
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    """`text` quoted for an error message, cut to about `limit` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
 
 def _kind(value: Any) -> str:

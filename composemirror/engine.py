@@ -207,7 +207,13 @@ class Engine:
                 f"docker compose rejected the project: {message}",
                 hint="fix the compose file(s) named above",
             )
-        model: dict[str, Any] = json.loads(result.stdout)
+        try:
+            model: dict[str, Any] = json.loads(result.stdout)
+        except RecursionError:
+            raise ConfigError(
+                "the compose model is nested too deeply to be read",
+                hint="flatten the deepest value of the compose file(s): no compose key needs it",
+            ) from None
         return model
 
     def compose_down(self, project: ComposeProject, *, volumes: bool) -> None:

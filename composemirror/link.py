@@ -35,6 +35,10 @@ STATUS_FILE = "/run/composemirror-status.json"
 """The sidecar's report (link state, counters), read by `composemirror status`."""
 RESOLV_CONF = "/etc/resolv.conf"
 """The resolver configuration the agent answers with: the target's."""
+HANDSHAKE_TIMEOUT = 5.0
+"""Seconds a connection to the agent has to authenticate (the agent's default)."""
+MAX_LOOKUPS = 256
+"""DNS lookups the agent runs at once (its default)."""
 
 _Proto = TypeVar("_Proto", bound=asyncio.BaseProtocol)
 
@@ -249,6 +253,10 @@ class AgentSettings:
     key_file: str = KEY_FILE
     resolv_conf: str = RESOLV_CONF
     """The resolver configuration it answers DNS queries with."""
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    """Seconds a new connection has to prove the key before it is dropped."""
+    max_lookups: int = MAX_LOOKUPS
+    """DNS lookups in flight at once; queries beyond are answered SERVFAIL at once."""
 
     def command(self, python: str = "python3") -> list[str]:
         """The agent's command line; options at their defaults are left out."""
@@ -257,6 +265,10 @@ class AgentSettings:
             argv += ["--key-file", self.key_file]
         if self.resolv_conf != RESOLV_CONF:
             argv += ["--resolv-conf", self.resolv_conf]
+        if self.handshake_timeout != HANDSHAKE_TIMEOUT:
+            argv += ["--handshake-timeout", f"{self.handshake_timeout:g}"]
+        if self.max_lookups != MAX_LOOKUPS:
+            argv += ["--max-lookups", str(self.max_lookups)]
         return argv
 
     @classmethod
@@ -269,8 +281,43 @@ class AgentSettings:
         )
         parser.add_argument("--key-file", default=KEY_FILE)
         parser.add_argument("--resolv-conf", default=RESOLV_CONF)
+        parser.add_argument(
+            "--handshake-timeout",
+            type=_positive(float),
+            default=HANDSHAKE_TIMEOUT,
+            metavar="SECONDS",
+            help="drop a connection that has not authenticated by then",
+        )
+        parser.add_argument(
+            "--max-lookups",
+            type=_positive(int),
+            default=MAX_LOOKUPS,
+            metavar="N",
+            help="DNS lookups in flight at once (beyond: SERVFAIL)",
+        )
         parsed = parser.parse_args(args)
-        return cls(listen=parsed.listen, key_file=parsed.key_file, resolv_conf=parsed.resolv_conf)
+        return cls(
+            listen=parsed.listen,
+            key_file=parsed.key_file,
+            resolv_conf=parsed.resolv_conf,
+            handshake_timeout=parsed.handshake_timeout,
+            max_lookups=parsed.max_lookups,
+        )
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    """An argparse type: `kind(text)` when it is above zero, else a usage error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be above zero")
+        return value
+
+    return parse
 
 
 def _link_argument(text: str) -> LinkAddress:

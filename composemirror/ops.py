@@ -10,6 +10,7 @@ file is kept.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -37,7 +38,14 @@ from composemirror.backends import (
     SessionInfo,
 )
 from composemirror.backends.sandbox import SandboxBackend
-from composemirror.config import BLOCK, CONFIG_FILE_NAME, Config, load
+from composemirror.config import (
+    BLOCK,
+    CONFIG_FILE_NAME,
+    MAX_DEPTH,
+    Config,
+    check_depth,
+    load,
+)
 from composemirror.engine import ComposeProject, Engine
 from composemirror.errors import ComposeMirrorError, ConfigError, EngineError
 from composemirror.link import STATUS_FILE
@@ -271,6 +279,8 @@ def load_project(options: Options, *, runtime: Runtime) -> Project:
     base = base_image(runtime)
     user = compose_project(options, base, runtime)
     model = runtime.engine.compose_model(user)
+    # The rewrite walks the model recursively: deeper data is refused here, with its place.
+    check_depth(model, source=" ".join(map(str, user.files)) or "the compose model")
     found = discover(options, runtime.environ)
     config = _with_flags(_load_config(options, model, found), options, runtime.environ)
     _check_profiles(config, model, user, runtime)
@@ -839,13 +849,23 @@ def _load_config(options: Options, model: Mapping[str, Any], found: Discovery) -
 
 def _load_file(path: Path) -> Config:
     try:
-        document = yaml.safe_load(path.read_text())
+        document = yaml.safe_load(path.read_bytes().decode("utf-8"))
     except OSError as e:
         raise ConfigError(
             f"cannot read {path}: {e.strerror}", hint="check the path given to --config"
         ) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {e.start}: {e.reason})",
+            hint="give --config (or composemirror.yaml) a YAML file saved as UTF-8",
+        ) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except RecursionError:
+        raise ConfigError(
+            f"{path}: nested more than {MAX_DEPTH} levels deep",
+            hint="flatten it: no composemirror key needs that depth",
+        ) from None
     if isinstance(document, dict) and set(document) == {BLOCK}:
         document = document[BLOCK]
     return load(document, source=str(path), base_dir=path.resolve().parent)
@@ -874,7 +894,21 @@ def _read_env_file(config: Config) -> dict[str, str]:
             f"{config.source}: {BLOCK}.feature.env.env_file: {path} does not exist",
             hint="fix the path (relative paths start at the project directory)",
         )
-    return {k: v for k, v in dotenv.dotenv_values(path).items() if v is not None}
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(
+            f"{config.source}: {BLOCK}.feature.env.env_file: cannot read {path}: {e.strerror}",
+            hint="fix the path or the file's permissions",
+        ) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{config.source}: {BLOCK}.feature.env.env_file: {path} is not UTF-8 text "
+            f"(byte {e.start}: {e.reason})",
+            hint="an env file holds KEY=VALUE lines saved as UTF-8",
+        ) from None
+    values = dotenv.dotenv_values(stream=io.StringIO(text))
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _identify(options: Options, runtime: Runtime) -> tuple[str, Path, Config | None]:

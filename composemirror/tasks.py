@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+RESTART_DELAY = 1.0
+"""Seconds before a failed helper (`Tasks.keep`) is started again."""
 
 
 class _ScopeOver(Exception):
@@ -33,9 +36,21 @@ class Tasks:
         return self._group.create_task(_logged(coroutine, name), name=name)
 
     def service(self, coroutine: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
-        """A task the process lives by (the tunnel link, the status file): if it fails, the
-        scope ends and the failure leaves the process."""
+        """A task the process lives by: if it fails, the scope ends and the failure leaves the
+        process. For a helper that must not take the process down, see `keep`."""
         return self._group.create_task(coroutine, name=name)
+
+    def keep(
+        self,
+        start: Callable[[], Coroutine[Any, Any, None]],
+        *,
+        name: str,
+        delay: float = RESTART_DELAY,
+    ) -> asyncio.Task[None]:
+        """A helper that runs as long as the process (the agent link, the status file):
+        `start()` makes its coroutine; if it fails, the failure is logged and it is started
+        again after `delay` seconds, so a helper's error never ends the process."""
+        return self._group.create_task(_kept(start, name, delay), name=name)
 
 
 @contextlib.asynccontextmanager
@@ -50,6 +65,16 @@ async def scope() -> AsyncIterator[Tasks]:
             raise _ScopeOver
     except* _ScopeOver:
         pass
+
+
+async def _kept(start: Callable[[], Coroutine[Any, Any, None]], name: str, delay: float) -> None:
+    while True:
+        try:
+            await start()
+            return
+        except Exception:
+            log.exception("%s failed; restarting it in %g s", name, delay)
+        await asyncio.sleep(delay)
 
 
 async def _logged(coroutine: Coroutine[Any, Any, None], name: str) -> None:

@@ -41,6 +41,10 @@ from composemirror.protocol import (
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1024 * 1024
+"""Receive buffer of an authenticated tunnel."""
+HANDSHAKE_READ_SIZE = 4096
+"""Receive buffer until the peer is authenticated: the handshake's frames are under 100 bytes,
+and an unauthenticated peer must not cost the agent more than this."""
 TUNNEL_HIGH_WATER = 512 * 1024
 
 
@@ -79,7 +83,16 @@ class Endpoint(Protocol):
 class Tunnel(asyncio.BufferedProtocol):
     """One tunnel connection: bytes in, events dispatched, bytes out."""
 
-    def __init__(self, conn: Connection, handler: Handler | None = None) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        handler: Handler | None = None,
+        *,
+        handshake_timeout: float | None = None,
+    ) -> None:
+        """`handshake_timeout` (seconds, None for none): a peer that has not authenticated
+        by then is disconnected; the agent sets it, so that silent connections cost nothing
+        for long."""
         self.conn = conn
         self.handler = handler
         self.transport: asyncio.Transport | None = None
@@ -91,7 +104,10 @@ class Tunnel(asyncio.BufferedProtocol):
         self.done: asyncio.Future[str] = loop.create_future()
         self.last_heard = time.monotonic()
         self.writing_paused = False
-        self._buffer = bytearray(READ_SIZE)
+        # Small until authenticated; the full buffer is allocated on `Authenticated`.
+        self._buffer = bytearray(HANDSHAKE_READ_SIZE)
+        self.handshake_timeout = handshake_timeout
+        self._handshake_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -101,6 +117,10 @@ class Tunnel(asyncio.BufferedProtocol):
         # Small: Python 3.11's transport moves its whole buffer on every partial send, so a
         # large buffer costs more than the pauses it saves (measured: 4 MiB -> 512 KiB, +40 %).
         transport.set_write_buffer_limits(high=TUNNEL_HIGH_WATER)
+        if self.handshake_timeout is not None:
+            self._handshake_timer = asyncio.get_running_loop().call_later(
+                self.handshake_timeout, self._handshake_expired
+            )
         self.conn.initiate()
         self.flush()
 
@@ -273,6 +293,8 @@ class Tunnel(asyncio.BufferedProtocol):
             case DnsQueryReceived() if self.handler is not None:
                 self.handler.dns_query(self, event)
             case Authenticated():
+                self._stop_handshake_timer()
+                self._buffer = bytearray(READ_SIZE)
                 if not self.authenticated.done():
                     self.authenticated.set_result(None)
             case Rejected(reason):
@@ -280,7 +302,18 @@ class Tunnel(asyncio.BufferedProtocol):
             case PongReceived():
                 pass
 
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if not self.conn.authenticated:
+            self.close(f"no handshake within {self.handshake_timeout:g} s")
+
+    def _stop_handshake_timer(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+
     def _finish(self, reason: str) -> None:
+        self._stop_handshake_timer()
         if self.done.done():
             return
         log.info("%s", reason)

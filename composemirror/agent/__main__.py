@@ -12,11 +12,13 @@ from composemirror import tasks
 from composemirror.agent.resolver import Resolver, parse_resolv_conf
 from composemirror.agent.server import Agent
 from composemirror.errors import AgentError, ComposeMirrorError
-from composemirror.link import AgentSettings, LinkAddress
+from composemirror.link import AgentSettings
 from composemirror.protocol import key_from_text
 
 
-async def run(listen: LinkAddress, key_file: Path, resolv_conf: Path) -> None:
+async def run(settings: AgentSettings) -> None:
+    listen, key_file = settings.listen, Path(settings.key_file)
+    resolv_conf = Path(settings.resolv_conf)
     conf = parse_resolv_conf(resolv_conf.read_text() if resolv_conf.exists() else "")
     logging.getLogger(__name__).info(
         "resolving names as asked with nameservers %s (the app applies search %s, ndots %d)",
@@ -29,7 +31,8 @@ async def run(listen: LinkAddress, key_file: Path, resolv_conf: Path) -> None:
     except (OSError, ValueError) as e:
         raise AgentError(f"cannot read the tunnel key {key_file}: {e}") from e
     async with tasks.scope() as spawner:
-        agent = Agent(key, Resolver(conf), spawner)
+        resolver = Resolver(conf, max_lookups=settings.max_lookups)
+        agent = Agent(key, resolver, spawner, handshake_timeout=settings.handshake_timeout)
         server = await agent.serve(listen)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -43,7 +46,7 @@ def main() -> None:
     settings = AgentSettings.from_args()
     logging.basicConfig(level=logging.INFO, format="agent %(levelname)s %(message)s")
     try:
-        asyncio.run(run(settings.listen, Path(settings.key_file), Path(settings.resolv_conf)))
+        asyncio.run(run(settings))
     except* ComposeMirrorError as group:
         for error in group.exceptions:
             logging.getLogger(__name__).error("%s", error)

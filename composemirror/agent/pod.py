@@ -23,8 +23,9 @@ import composemirror
 from composemirror import tasks
 from composemirror.agent.resolver import Resolver, parse_resolv_conf
 from composemirror.agent.server import Agent
-from composemirror.link import TcpAddress
+from composemirror.link import HANDSHAKE_TIMEOUT, TcpAddress
 from composemirror.podagent import (
+    ENV_HANDSHAKE_TIMEOUT,
     ENV_KEY,
     ENV_PORT,
     ENV_TARGETED,
@@ -43,8 +44,15 @@ log = logging.getLogger(__name__)
 class IdleAgent(Agent):
     """An `Agent` that knows when a tunnel was last connected."""
 
-    def __init__(self, key: bytes, resolver: Resolver, spawner: tasks.Tasks) -> None:
-        super().__init__(key, resolver, spawner)
+    def __init__(
+        self,
+        key: bytes,
+        resolver: Resolver,
+        spawner: tasks.Tasks,
+        *,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> None:
+        super().__init__(key, resolver, spawner, handshake_timeout=handshake_timeout)
         self.open: list[Tunnel] = []
         self.last_connected = time.monotonic()
 
@@ -111,12 +119,13 @@ async def run(environ: MutableMapping[str, str]) -> None:
     key = key_from_text(environ.pop(ENV_KEY))
     port = int(environ.get(ENV_PORT, "47017"))
     ttl = float(environ.get(ENV_TTL, "30"))
+    handshake_timeout = float(environ.get(ENV_HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT))
     targeted = environ.get(ENV_TARGETED) == "1"
     resolv = Path("/etc/resolv.conf")
     conf = parse_resolv_conf(resolv.read_text() if resolv.exists() else "")
     async with tasks.scope() as spawner:
         # The app has the pod's search list and ndots: each name asked is resolved as it is.
-        agent = IdleAgent(key, Resolver(conf), spawner)
+        agent = IdleAgent(key, Resolver(conf), spawner, handshake_timeout=handshake_timeout)
         try:
             server = await agent.serve(TcpAddress("127.0.0.1", port))
         except OSError as e:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import struct
+import time
 from dataclasses import dataclass
 
 from dnslib import (
@@ -25,6 +26,8 @@ from dnslib import (
     DNSQuestion,
     DNSRecord,
 )
+
+from composemirror.link import MAX_LOOKUPS
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +83,56 @@ def candidates(name: str, conf: ResolvConf) -> list[str]:
     return [name, *expanded] if name.count(".") >= conf.ndots else [*expanded, name]
 
 
+ZONE_SHARE = 4
+"""One domain (a name's last two labels) may hold 1/ZONE_SHARE of the lookups in flight, so a
+flood of names under one domain that never resolve (random labels under `never.test`, however
+deep) cannot take every slot from the other names, as BIND's `fetches-per-zone` quota does for
+the zone being asked. The target's resolver is spared too: Docker's embedded DNS, for one, drops
+queries beyond 100 at once."""
+SATURATION_LOG_INTERVAL = 10.0
+"""Seconds between two warnings that queries are being refused."""
+
+
+def zone_of(name: str) -> str:
+    """The domain a lookup of `name` counts against: its last two labels, lower case
+    (`a.b.never.test` -> `never.test`, `orders.shop.svc.cluster.local` -> `cluster.local`)."""
+    labels = name.rstrip(".").lower().split(".")
+    return ".".join(labels[-2:]) or "."
+
+
 class Resolver:
     """Answers raw DNS queries as the target's nameservers answer the same question.
 
     `expand` is for a caller whose app did not get the target's search list and ndots (a pod
     agent until its backend reports the pod's resolver): then a name is tried with the search
     list, as before. Otherwise (the default) exactly the name asked is resolved.
+
+    At most `max_lookups` lookups are in flight at once, and `max_zone_lookups` under any one
+    domain (`zone_of`); a query beyond either is answered SERVFAIL at once (what a resolver answers
+    when it cannot resolve now), so names that never resolve cannot exhaust the agent's files
+    and memory or delay the other names.
     """
 
-    def __init__(self, conf: ResolvConf, *, expand: bool = False) -> None:
+    def __init__(
+        self,
+        conf: ResolvConf,
+        *,
+        expand: bool = False,
+        max_lookups: int = MAX_LOOKUPS,
+        max_zone_lookups: int | None = None,
+    ) -> None:
+        """`max_zone_lookups` defaults to `max_lookups // ZONE_SHARE` (at least 1)."""
         self.conf = conf
         self.expand = expand
+        self.max_lookups = max_lookups
+        self.max_zone_lookups = max_zone_lookups or max(1, max_lookups // ZONE_SHARE)
+        self.in_flight = 0
+        """Lookups under way now."""
+        self.zones: dict[str, int] = {}
+        """Lookups under way now, per domain (only domains with one or more)."""
+        self.refused = 0
+        """Queries answered SERVFAIL because a limit was reached, since start."""
+        self._last_warning = -SATURATION_LOG_INTERVAL
 
     async def resolve(self, query: bytes) -> bytes:
         """The response to `query`: always a response (FORMERR, SERVFAIL at worst)."""
@@ -100,9 +142,38 @@ class Resolver:
             return _formerr(query)
         if not request.questions:
             return _formerr(query)
-        question = request.q
         # Every name on the wire is absolute: the app's resolver applied the search list.
-        name = str(question.qname).rstrip(".") or "."
+        name = str(request.q.qname).rstrip(".") or "."
+        zone = zone_of(name)
+        in_zone = self.zones.get(zone, 0)
+        if self.in_flight >= self.max_lookups or in_zone >= self.max_zone_lookups:
+            self._refuse(name, zone)
+            return bytes(_servfail(request).pack())
+        self.in_flight += 1
+        self.zones[zone] = in_zone + 1
+        try:
+            return await self._lookup(request, name)
+        finally:
+            self.in_flight -= 1
+            left = self.zones[zone] - 1
+            if left:
+                self.zones[zone] = left
+            else:
+                del self.zones[zone]
+
+    def _refuse(self, name: str, zone: str) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._last_warning >= SATURATION_LOG_INTERVAL:
+            self._last_warning = now
+            log.warning(
+                "too many lookups in flight (%d, %d under %s): %s and others answered SERVFAIL "
+                "(%d so far)",
+                self.in_flight, self.zones.get(zone, 0), zone, name, self.refused,
+            )  # fmt: skip
+
+    async def _lookup(self, request: DNSRecord, name: str) -> bytes:
+        question = request.q
         names = candidates(name, self.conf) if self.expand else [name]
         response: DNSRecord | None = None
         looked_up = name

@@ -32,6 +32,8 @@ from composemirror.tunnel import Tunnel
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
+HANDSHAKE_TIMEOUT = 5.0
+"""Seconds a new connection has to authenticate before the agent drops it."""
 
 
 class Datagrams(StreamFlow, asyncio.DatagramProtocol):
@@ -71,17 +73,29 @@ class Datagrams(StreamFlow, asyncio.DatagramProtocol):
 class Agent:
     """Opens what sidecars ask for. One instance serves every tunnel."""
 
-    def __init__(self, key: bytes, resolver: Resolver, tasks: Tasks) -> None:
+    def __init__(
+        self,
+        key: bytes,
+        resolver: Resolver,
+        tasks: Tasks,
+        *,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> None:
+        """`handshake_timeout`: seconds a connection may stay unauthenticated (it holds only
+        a small buffer meanwhile)."""
         self.key = key
         self.resolver = resolver
         self.tasks = tasks
+        self.handshake_timeout = handshake_timeout
         self.flows = FlowTable()
         self.tunnels = 0
         tasks.service(self.flows.expire(), name="udp flow expiry")
 
     def new_tunnel(self) -> Tunnel:
         self.tunnels += 1
-        return Tunnel(Connection(Role.AGENT, self.key), self)
+        return Tunnel(
+            Connection(Role.AGENT, self.key), self, handshake_timeout=self.handshake_timeout
+        )
 
     async def serve(self, listen: LinkAddress) -> asyncio.Server:
         """Listen where the link address says."""

@@ -185,8 +185,9 @@ async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     report = functools.partial(lambda: status.report(counters, tunnels.report()))
-    spawner.service(tunnels.run(), name="agent link")
-    spawner.service(status.publish(Path(STATUS_FILE), report), name="status file")
+    # Helpers: an error in one is logged and it starts again; the sidecar never dies of it.
+    spawner.keep(tunnels.run, name="agent link")
+    spawner.keep(lambda: status.publish(Path(STATUS_FILE), report), name="status file")
     try:
         await stop.wait()  # then the scope cancels the services and the connections' tasks
     finally:

@@ -38,6 +38,19 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(packed), port
 
 
+def redirected(original: tuple[str, int], local: tuple[str, int]) -> bool:
+    """Whether a connection that reached the proxy at `local` (its listening address) with
+    original destination `original` was sent here by the firewall.
+
+    The rules never redirect loopback, so a loopback original destination (the proxy's own
+    127.0.0.1:15001 among them) was dialled directly: proxying it would connect to the
+    destination it already reached, the proxy itself, over and over.
+    """
+    if original == local:
+        return False
+    return not ipaddress.ip_address(original[0]).is_loopback
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Egress:
     """What both proxies (TCP here, UDP in `udp`) decide with and send through."""
@@ -101,9 +114,20 @@ class Proxy:
     def route(self, app: AppConnection) -> None:
         """Decide where a new connection goes; remote ones are on their way before returning."""
         assert app.transport is not None
+        sock = app.transport.get_extra_info("socket")
         try:
-            address, port = original_destination(app.transport.get_extra_info("socket"))
+            address, port = original_destination(sock)
+            local = sock.getsockname()
         except OSError:
+            reset_transport(app.transport)
+            return
+        if not redirected((address, port), local):
+            peer = app.transport.get_extra_info("peername") or ("?", 0)
+            log.warning(
+                "refused %s:%s -> %s:%s: not redirected by the firewall (the proxy's own port)",
+                peer[0], peer[1], address, port,
+            )  # fmt: skip
+            self.egress.counters.tcp_refused += 1
             reset_transport(app.transport)
             return
         decision = self.egress.decide(address, port, "tcp")

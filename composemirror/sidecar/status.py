@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -24,6 +27,8 @@ class Counters:
     tcp_remote: int = 0
     tcp_local: int = 0
     tcp_failed: int = 0
+    tcp_refused: int = 0
+    """Connections to the proxy's port that the firewall did not redirect (dialled directly)."""
     udp_remote: int = 0
     """UDP flows tunnelled to the agent."""
     udp_local: int = 0
@@ -35,15 +40,26 @@ class Counters:
 
 
 async def publish(path: Path, report: Any, interval: float = 1.0) -> None:
-    """Write `report()` (a JSON-able dict) to `path` whenever it changes."""
+    """Write `report()` (a JSON-able dict) to `path` whenever it changes, every `interval`
+    seconds. Never raises: the file is a convenience, the sidecar must not die with it, so a
+    failed write (EMFILE, a full disk) is logged once and tried again at the next interval."""
     last = ""
+    failing: str | None = None
     while True:
-        text = json.dumps(report(), sort_keys=True)
-        if text != last:
-            temporary = path.with_suffix(".tmp")
-            temporary.write_text(text)
-            os.replace(temporary, path)
-            last = text
+        try:
+            text = json.dumps(report(), sort_keys=True)
+            if text != last:
+                temporary = path.with_suffix(".tmp")
+                temporary.write_text(text)
+                os.replace(temporary, path)
+                last = text
+            if failing is not None:
+                log.info("status file %s written again", path)
+                failing = None
+        except Exception as e:  # whatever it is, the next interval tries again
+            if failing != str(e):
+                log.warning("cannot write the status file %s: %s (retrying)", path, e)
+                failing = str(e)
         await asyncio.sleep(interval)
 
 

@@ -82,7 +82,9 @@ class TunnelClient:
         _, tunnel = await self.address.dial(lambda: Tunnel(conn), mark=self.mark)
         try:
             await tunnel.authenticated
-        except TunnelClosed:
+        except BaseException:
+            # Failed, or timed out by the caller: this connection is not kept, so close it.
+            tunnel.close("the handshake did not complete")
             raise
         return tunnel
 

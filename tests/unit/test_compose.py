@@ -616,3 +616,11 @@ def test_the_app_resolves_with_the_targets_search_list_and_ndots() -> None:
     bare = compose.rewrite(model_of(web=service()), config_of(), replace(PLAN, resolver=Resolver()))
     assert bare["services"]["web-mirror"]["dns_search"] == ["."]
     assert bare["services"]["web-mirror"]["dns_opt"] == ["ndots:1"]
+
+
+def test_the_agent_gets_the_configured_handshake_timeout() -> None:
+    rendered = compose.rewrite(
+        model_of(web=service()), config_of(agent={"handshake_timeout": 2}), PLAN
+    )
+    command = rendered["services"][compose.AGENT_SERVICE]["command"]
+    assert command[-2:] == ["--handshake-timeout", "2"]

@@ -638,3 +638,18 @@ def test_errors_carry_hints_on_what_to_do() -> None:
     with pytest.raises(ConfigError) as caught:
         load_block(outgoing_filter({"local": ["meow://"]}))
     assert caught.value.hint is not None and "tcp://host:5432" in caught.value.hint
+
+
+@pytest.mark.parametrize("value", [0, 301, "5", True])
+def test_the_handshake_timeout_is_a_few_seconds(value: Any) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_block(
+            {"target": "targetless", "services": ["web"], "agent": {"handshake_timeout": value}}
+        )
+    assert "x-composemirror.agent.handshake_timeout: expected a whole number from 1 to 300" in str(
+        caught.value
+    )
+    ok = load_block(
+        {"target": "targetless", "services": ["web"], "agent": {"handshake_timeout": 2}}
+    )
+    assert ok.agent.handshake_timeout == 2

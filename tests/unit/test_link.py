@@ -184,6 +184,7 @@ def test_agent_command_leaves_defaults_out() -> None:
         AgentSettings(),
         AgentSettings(listen=TcpAddress("127.0.0.1", 7000), key_file="/key"),
         AgentSettings(resolv_conf="/tmp/resolv.conf"),
+        AgentSettings(handshake_timeout=2.5, max_lookups=32),
     ],
 )
 def test_the_agent_reads_back_the_command_it_is_given(settings: AgentSettings) -> None:
@@ -197,3 +198,20 @@ def test_the_agent_refuses_a_bad_link_address(capsys: pytest.CaptureFixture[str]
     assert "link address 'udp:1.2.3.4:53': use unix:PATH or tcp:HOST:PORT" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--handshake-timeout", "0"], "'0': must be above zero"),
+        (["--handshake-timeout", "soon"], "'soon' is not a number"),
+        (["--max-lookups", "-1"], "'-1': must be above zero"),
+    ],
+)
+def test_the_agent_refuses_limits_that_are_not_positive(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        AgentSettings.from_args(args)
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err

@@ -60,3 +60,25 @@ def test_a_failed_service_ends_the_scope_with_its_error() -> None:
     with pytest.raises(ExceptionGroup) as caught:
         asyncio.run(asyncio.wait_for(scenario(), 5))
     assert caught.group_contains(OSError, match="disk is gone")
+
+
+def test_a_kept_helper_that_fails_is_logged_and_started_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runs = 0
+
+    async def helper() -> None:
+        nonlocal runs
+        runs += 1
+        if runs < 3:
+            raise OSError(24, "Too many open files")
+
+    async def scenario() -> None:
+        async with tasks.scope() as spawner:
+            kept = spawner.keep(helper, name="status file", delay=0.01)
+            await kept
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(asyncio.wait_for(scenario(), 5))
+    assert runs == 3
+    assert caplog.text.count("status file failed; restarting it in 0.01 s") == 2

@@ -20,7 +20,14 @@ from typing import Any
 import composemirror
 from composemirror.backends.kubernetes.carry import BOOTSTRAP, PART_ENV, PART_KEY, PARTS_ENV, Bundle
 from composemirror.config import AgentSettings
-from composemirror.podagent import ENV_KEY, ENV_PORT, ENV_TARGETED, ENV_TTL
+from composemirror.link import HANDSHAKE_TIMEOUT
+from composemirror.podagent import (
+    ENV_HANDSHAKE_TIMEOUT,
+    ENV_KEY,
+    ENV_PORT,
+    ENV_TARGETED,
+    ENV_TTL,
+)
 from composemirror.protocol import key_to_text
 
 Obj = Mapping[str, Any]
@@ -171,6 +178,8 @@ def agent_env(
         {"name": PARTS_ENV, "value": str(len(code.parts))},
         from_secret(ENV_KEY, SECRET_KEY),
     ]
+    if where.settings.handshake_timeout != HANDSHAKE_TIMEOUT:
+        env.append({"name": ENV_HANDSHAKE_TIMEOUT, "value": str(where.settings.handshake_timeout)})
     env += [from_secret(PART_ENV.format(i), PART_KEY.format(i)) for i in range(len(code.parts))]
     return env + [dict(e) for e in copied]
 

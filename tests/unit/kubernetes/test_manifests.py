@@ -200,3 +200,11 @@ def test_entries_left_in_the_pod_are_found_by_project() -> None:
 )
 def test_image_references_as_the_runtime_names_them(image: str, reference: str) -> None:
     assert manifests.image_reference(image) == reference
+
+
+def test_a_handshake_timeout_other_than_the_default_reaches_the_pod_agent() -> None:
+    def env(container: dict[str, Any]) -> dict[str, str]:
+        return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+    assert "COMPOSEMIRROR_AGENT_HANDSHAKE_TIMEOUT" not in env(ephemeral())
+    assert env(ephemeral(handshake_timeout=2))["COMPOSEMIRROR_AGENT_HANDSHAKE_TIMEOUT"] == "2"
