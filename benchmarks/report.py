@@ -17,6 +17,7 @@ SECTIONS = ("throughput", "latency", "dns", "concurrency", "startup", "memory")
 """The benchmarks, in the order they are shown (and `--only` names them)."""
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
