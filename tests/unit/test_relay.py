@@ -49,6 +49,7 @@ from composemirror.relay import (
     SocketFull,
     SocketLost,
     SocketRead,
+    Splice,
     Started,
     TunnelDrained,
     TunnelFull,
@@ -449,6 +450,49 @@ def test_a_refused_open_resets_the_apps_connection() -> None:
     for event in client.receive_data(wire.ends["agent"].data_to_send()):
         wire.dispatch("client", event)
     assert wire.sockets["client", stream_id].closed == "reset"
+
+
+# -- two sockets spliced (the sidecar's local connections) --------------------------------------
+
+NEAR, FAR = Splice.NEAR, Splice.FAR
+
+
+def splice_steps(*steps: tuple[int, Event, list[tuple[int, Action]]]) -> bool:
+    """Feed each (side, event) to one splice; it must return exactly the actions given."""
+    splice = Splice()
+    for number, (side, event, expected) in enumerate(steps, 1):
+        actual = splice.handle(side, event)
+        assert actual == expected, f"step {number}, {side} {event}: {actual} != {expected}"
+    return True
+
+
+def test_a_splice_half_closes_each_way_and_closes_each_socket_once_both_ways_ended() -> None:
+    assert splice_steps(
+        (NEAR, SocketRead(b"query"), [(FAR, Write(b"query"))]),
+        (NEAR, SocketEnded(), [(FAR, WriteEof())]),
+        (NEAR, SocketEnded(), []),  # a reader re-armed after EOF reports it again
+        (FAR, SocketRead(b"answer"), [(NEAR, Write(b"answer"))]),
+        (FAR, SocketEnded(), [(NEAR, WriteEof()), (NEAR, Close()), (FAR, Close())]),
+        (NEAR, SocketLost(), []),
+        (FAR, SocketLost(), []),
+    )
+
+
+def test_a_full_socket_stops_the_other_being_read_until_it_drains() -> None:
+    assert splice_steps(
+        (FAR, SocketFull(), [(NEAR, PauseReading())]),
+        (FAR, SocketDrained(), [(NEAR, ResumeReading())]),
+        (NEAR, SocketFull(), [(FAR, PauseReading())]),
+    )
+
+
+def test_a_reset_on_one_side_resets_the_other_and_an_orderly_close_closes_it() -> None:
+    assert splice_steps(
+        (FAR, SocketLost(failed=True), [(NEAR, Abort())]),
+        (NEAR, SocketLost(failed=True), []),
+        (NEAR, SocketRead(b"late"), []),
+    )
+    assert splice_steps((NEAR, SocketLost(), [(FAR, Close())]), (FAR, SocketEnded(), []))
 
 
 # -- any order of events -----------------------------------------------------------------------
