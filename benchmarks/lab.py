@@ -73,6 +73,7 @@ def run(
     timeout: float = 120,
     check: bool = True,
     env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command to completion; with `check`, a failure is a BenchError naming it."""
     try:
@@ -82,6 +83,7 @@ def run(
             text=True,
             timeout=timeout,
             env=None if env is None else dict(env),
+            cwd=cwd,
         )
     except FileNotFoundError as e:
         raise BenchError(f"{argv[0]} is not installed") from e
@@ -297,7 +299,21 @@ class Reference:
             timeout=timeout,
             check=check,
             env=self.env,
+            # `python -m` puts the working directory first on sys.path: not this checkout's.
+            cwd=self.directory,
         )
+
+    def check(self) -> None:
+        """BenchError unless the commit's CLI runs the commit's code (not this checkout's)."""
+        found = run(
+            [sys.executable, "-c", "import composemirror; print(composemirror.__file__)"],
+            env=self.env,
+            cwd=self.directory,
+        ).stdout.strip()
+        if not found.startswith(str(self.directory)):
+            raise BenchError(
+                f"--against {self.ref}: its composemirror is not the one run ({found})"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -476,6 +492,7 @@ class Lab:
     def _up_reference(self) -> Mirrored:
         """The project again, run by the reference commit's composemirror."""
         assert self.reference is not None
+        self.reference.check()
         log.info("starting the benchmark project with composemirror %s", self.reference.ref)
         self.reference.composemirror("up", "-d")
         app = self._container(
