@@ -132,7 +132,12 @@ class Bridge(asyncio.Protocol):
         self._perform(self.relay.on_connected())
 
     def data_received(self, data: bytes) -> None:
-        self._perform(self.relay.on_socket_read(data))
+        if self.relay.take(len(data)):  # the steady state: what on_socket_read would return
+            tunnel = self.tunnel
+            assert tunnel is not None
+            tunnel.send(self.stream_id, data)
+        else:
+            self._perform(self.relay.on_socket_read(data))
 
     def eof_received(self) -> bool:
         self._perform(self.relay.on_socket_ended())
@@ -158,7 +163,13 @@ class Bridge(asyncio.Protocol):
         self._perform(self.relay.on_peer_reset())
 
     def deliver(self, data: bytes) -> None:
-        self._perform(self.relay.on_peer_data(data))
+        if self.relay.deliverable():  # the steady state: what on_peer_data would return
+            tunnel, transport = self.tunnel, self.transport
+            assert tunnel is not None and transport is not None
+            transport.write(data)
+            tunnel.acknowledge(self.stream_id, len(data))
+        else:
+            self._perform(self.relay.on_peer_data(data))
 
     def window_open(self) -> None:
         if self.tunnel is not None:

@@ -322,6 +322,23 @@ class Relay:
             actions.append(WriteEof())
         return actions
 
+    # -- the per-chunk fast paths: with the relay in its steady state, a chunk's actions are
+    # known without making them. `bridge` asks these first and feeds the event only when they
+    # say no; the state changes exactly as the event would change it.
+
+    def take(self, size: int) -> bool:
+        """Whether `size` bytes just read go into the stream whole, as `on_socket_read`'s only
+        action (`[Send(data)]`); if so they are counted against the window as it would."""
+        if self.started and size <= self.credit and not self.held:
+            self.credit -= size
+            return True
+        return False
+
+    def deliverable(self) -> bool:
+        """Whether the peer's bytes go to the socket and are acknowledged at once, as
+        `on_peer_data` would return them: `[Write(data), Acknowledge(len(data))]`."""
+        return self.connected and not self.socket_full
+
     def on_socket_read(self, data: bytes) -> list[Action]:
         if not self.started or self.held:
             self.held.append(memoryview(data))
@@ -388,7 +405,9 @@ class Relay:
                 actions.append(Send(chunk[:taken] if taken < len(chunk) else chunk))
             if taken < len(chunk):
                 held[0] = chunk[taken:]
-                return actions
+                # The rest waits for the window (also when the start gave none): a drained
+                # tunnel must not resume reading meanwhile.
+                return actions + self._pause(WINDOW)
             held.popleft()
         if self.eof_held:
             self.eof_held = False
