@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from benchmarks import suite
 from benchmarks.lab import HERE, BenchError, Lab, machine
@@ -41,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)
     selected = _selection(args.only)
     settings = suite.Settings.quick() if args.quick else suite.Settings()
+    if args.rounds is not None:
+        settings = replace(settings, rounds=args.rounds)
     started = time.monotonic()
     load = os.getloadavg()
     figures: list[Figure] = []
@@ -64,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
 
     try:
-        with Lab.open() as lab:
+        with Lab.open(against=args.against, own_target=args.own_target) as lab:
             if "startup" in selected:
                 attempt("startup", lambda: suite.startup(lab, settings))
             if set(selected) - {"startup"}:
@@ -139,6 +141,16 @@ def _selection(only: str | None) -> tuple[str, ...]:
     return chosen
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of rounds >= 1, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -155,6 +167,26 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"rewrite {RESULTS.relative_to(HERE.parent)} with the table and "
         "the machine's description",
+    )
+    parser.add_argument(
+        "--against",
+        metavar="COMMIT",
+        help="also run the throughput loads through composemirror as of this git commit, "
+        "in the same rounds, and print the ratios to it (e.g. --against 77b5d41)",
+    )
+    parser.add_argument(
+        "--own-target",
+        action="store_true",
+        help="the agent joins a container of the suite's (docker://) instead of the sandbox's "
+        "checkout: the same path for the bytes, without needing the sandbox's workloads "
+        "(the DNS benchmark's cluster names then do not resolve)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=_positive,
+        metavar="N",
+        help="alternating rounds of throughput and latency (default 2; more give steadier "
+        "medians on a busy machine)",
     )
     parser.add_argument(
         "--quick",

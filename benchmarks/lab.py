@@ -2,8 +2,8 @@
 
 `Lab.open()` builds the load generator, makes sure the sandbox cluster and the images are there,
 and on the way out removes everything the suite started, even after a failure: its own containers
-(labelled `io.composemirror.bench`), the benchmark project, and the sandbox if it started it.
-It measures nothing itself; `suite` decides what to run.
+(labelled `io.composemirror.bench`), the benchmark project, the reference project (`--against`),
+and the sandbox if it started it. It measures nothing itself; `suite` decides what to run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "benchmarks"
 PROJECT_FILE = HERE / "project" / "compose.yaml"
 PROJECT = "cm-bench"
+REFERENCE_PROJECT = "cm-bench-ref"
+"""The same project run by another commit's composemirror (`--against`)."""
 LABEL = "io.composemirror.bench"
 """On every container the suite starts itself (servers, the direct client)."""
 CLIENT_IMAGE = "composemirror-bench/client:0.1"
@@ -49,6 +51,12 @@ SERVER_IP = "10.96.7.50"
 """The benchmark server: on the sandbox network, reached by the agent as a cluster address."""
 DIRECT_IP = "10.96.7.51"
 """The baseline client: on the same bridge as the server."""
+TARGET = "cm-bench-target"
+TARGET_IP = "10.96.7.52"
+"""With `own_target`, the agent joins this container of the suite's (`docker://`) instead of
+the sandbox's checkout: the same path for the bytes, and the sandbox's workloads are neither
+needed nor started."""
+TARGET_ENV = "COMPOSEMIRROR_BENCH_TARGET"
 SINK_PORT, SOURCE_PORT, ECHO_PORT = 5001, 5002, 5003
 LOADGEN = "/usr/local/bin/loadgen"
 STATUS_FILE = "/run/composemirror-status.json"
@@ -65,6 +73,7 @@ def run(
     timeout: float = 120,
     check: bool = True,
     env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command to completion; with `check`, a failure is a BenchError naming it."""
     try:
@@ -74,6 +83,7 @@ def run(
             text=True,
             timeout=timeout,
             env=None if env is None else dict(env),
+            cwd=cwd,
         )
     except FileNotFoundError as e:
         raise BenchError(f"{argv[0]} is not installed") from e
@@ -233,6 +243,91 @@ class Monitor:
             self.usage.setdefault(load, Usage()).add(peaks, cpu, wall, host)
 
 
+class Reference:
+    """composemirror as of another commit, to measure beside this checkout (`--against REF`).
+
+    `git archive` extracts the commit's package into a temporary directory; its CLI runs with this
+    interpreter and that package first on PYTHONPATH, so it builds and runs its own sidecar and
+    agent images (their tags hash their code). Its project is a copy of this checkout's in that
+    directory, named REFERENCE_PROJECT, so that neither `up` nor `down` touches the other's
+    rendered files or containers.
+    """
+
+    def __init__(self, ref: str, directory: Path, env: Mapping[str, str]) -> None:
+        self.ref = ref
+        self.directory = directory
+        self.project_file = directory / "benchmarks" / "project" / "compose.yaml"
+        self.env = {**env, "PYTHONPATH": str(directory)}
+
+    @classmethod
+    @contextmanager
+    def extract(cls, ref: str, env: Mapping[str, str]) -> Iterator[Reference]:
+        """The commit's code in a temporary directory, removed on the way out."""
+        commit = run(["git", "-C", str(ROOT), "rev-parse", "--short", f"{ref}^{{commit}}"])
+        with tempfile.TemporaryDirectory(prefix="composemirror-bench-ref-") as directory:
+            archive = subprocess.run(
+                ["git", "-C", str(ROOT), "archive", ref, "composemirror"],
+                capture_output=True,
+                check=False,
+            )
+            if archive.returncode != 0:
+                raise BenchError(f"--against {ref}: {archive.stderr.decode().strip()}")
+            subprocess.run(["tar", "-x", "-C", directory], input=archive.stdout, check=True)
+            for part in ("project", "client"):
+                shutil.copytree(
+                    HERE / part,
+                    Path(directory) / "benchmarks" / part,
+                    ignore=shutil.ignore_patterns(".composemirror"),
+                )
+            yield cls(commit.stdout.strip(), Path(directory), env)
+
+    def composemirror(
+        self, *args: str, timeout: float = 300, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """The commit's `composemirror -f COPY -p REFERENCE_PROJECT ARGS`."""
+        return run(
+            [
+                sys.executable,
+                "-m",
+                "composemirror",
+                "-f",
+                str(self.project_file),
+                "-p",
+                REFERENCE_PROJECT,
+                *args,
+            ],
+            timeout=timeout,
+            check=check,
+            env=self.env,
+            # `python -m` puts the working directory first on sys.path: not this checkout's.
+            cwd=self.directory,
+        )
+
+    def check(self) -> None:
+        """BenchError unless the commit's CLI runs the commit's code (not this checkout's)."""
+        found = run(
+            [sys.executable, "-c", "import composemirror; print(composemirror.__file__)"],
+            env=self.env,
+            cwd=self.directory,
+        ).stdout.strip()
+        if not found.startswith(str(self.directory)):
+            raise BenchError(
+                f"--against {self.ref}: its composemirror is not the one run ({found})"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Mirrored:
+    """A running mirrored app of the benchmark project: the app, its sidecar, the agent."""
+
+    app: str
+    """The mirrored app `client`: its traffic goes through the sidecar."""
+    sidecar: str
+    agent: str
+    label: str
+    """What the tables call it: `composemirror`, or the commit it was run against."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Stack:
     """The running benchmark project and the suite's own containers, by name."""
@@ -246,27 +341,50 @@ class Stack:
     server: str
     direct: str
     """The baseline client, on the server's bridge."""
+    reference: Mirrored | None = None
+    """The same app run by the `--against` commit's composemirror, when asked for."""
+
+    @property
+    def mirrored(self) -> Mirrored:
+        """This checkout's app, sidecar and agent."""
+        return Mirrored(app=self.app, sidecar=self.sidecar, agent=self.agent, label="composemirror")
 
 
 class Lab:
     """What the benchmarks run on; see the module docstring."""
 
-    def __init__(self, loadgen: Path, base: str) -> None:
+    def __init__(self, loadgen: Path, base: str, *, own_target: bool = False) -> None:
         self.loadgen_binary = loadgen
         self.base = base
         self.env = {**os.environ, BASE_ENV: base}
+        self.own_target = own_target
+        if own_target:
+            self.env[TARGET_ENV] = f"docker://{TARGET}"
         self.started_sandbox = False
         self.stack: Stack | None = None
         self.monitor = Monitor({})
+        self.reference: Reference | None = None
+        self.reference_probes: dict[str, Probe] = {}
+        """Role -> probe of the reference's sidecar and agent (CPU per byte moved)."""
 
     @classmethod
     @contextmanager
-    def open(cls) -> Iterator[Lab]:
-        """Prepare everything the benchmarks share; remove what the suite started at the end."""
+    def open(cls, against: str | None = None, *, own_target: bool = False) -> Iterator[Lab]:
+        """Prepare everything the benchmarks share; remove what the suite started at the end.
+
+        With `against` (a git commit), `up` also starts the project with that commit's
+        composemirror (see `Reference`); BenchError if git cannot extract it. With
+        `own_target`, the agents join a container of the suite's (see TARGET).
+        """
         if docker("info", check=False, timeout=30).returncode != 0:
             raise BenchError("no Docker engine answers: run scripts/setup (or start dockerd)")
-        with tempfile.TemporaryDirectory(prefix="composemirror-bench-") as workdir:
-            lab = cls(build_loadgen(Path(workdir)), base_image())
+        with (
+            ExitStack() as stack,
+            tempfile.TemporaryDirectory(prefix="composemirror-bench-") as workdir,
+        ):
+            lab = cls(build_loadgen(Path(workdir)), base_image(), own_target=own_target)
+            if against is not None:
+                lab.reference = stack.enter_context(Reference.extract(against, lab.env))
             try:
                 lab._prepare()
                 yield lab
@@ -309,10 +427,11 @@ class Lab:
             ) from e
         return report
 
-    def await_link(self) -> None:
-        """Wait until the sidecar's tunnel to the agent is up (after a drop it reconnects)."""
+    def await_link(self, sidecar: str | None = None) -> None:
+        """Wait until a sidecar's tunnel to its agent is up (after a drop it reconnects);
+        this checkout's sidecar unless another is named."""
         assert self.stack is not None
-        sidecar = self.stack.sidecar
+        sidecar = sidecar or self.stack.sidecar
         wait_until(
             "the sidecar's link to the agent",
             lambda: self._link(sidecar) == "connected",
@@ -355,13 +474,52 @@ class Lab:
             lambda: self._link(sidecar) == "connected",
             timeout=60,
         )
+        reference = self._up_reference() if self.reference is not None else None
         stack = Stack(
-            app=app, peer=peer, sidecar=sidecar, agent=agent, server=server, direct=direct
+            app=app,
+            peer=peer,
+            sidecar=sidecar,
+            agent=agent,
+            server=server,
+            direct=direct,
+            reference=reference,
         )
         wait_until("the benchmark server", lambda: self._answers(stack), timeout=30)
         self.stack = stack
         self.monitor = Monitor({"sidecar": Probe(sidecar), "agent": Probe(agent)})
         return stack
+
+    def _up_reference(self) -> Mirrored:
+        """The project again, run by the reference commit's composemirror."""
+        assert self.reference is not None
+        self.reference.check()
+        log.info("starting the benchmark project with composemirror %s", self.reference.ref)
+        self.reference.composemirror("up", "-d")
+        app = self._container(
+            f"com.docker.compose.project={REFERENCE_PROJECT}", "com.docker.compose.service=client"
+        )
+        sidecar = self._container(
+            f"io.composemirror.project={REFERENCE_PROJECT}", "io.composemirror.role=sidecar"
+        )
+        agent = self._container(
+            f"io.composemirror.project={REFERENCE_PROJECT}", "io.composemirror.role=agent"
+        )
+        docker("cp", str(self.loadgen_binary), f"{app}:{LOADGEN}")
+        wait_until(
+            f"the {self.reference.ref} sidecar's link to the agent",
+            lambda: self._link(sidecar) == "connected",
+            timeout=60,
+        )
+        self.reference_probes = {"sidecar": Probe(sidecar), "agent": Probe(agent)}
+        return Mirrored(app=app, sidecar=sidecar, agent=agent, label=self.reference.ref)
+
+    def cpu_of(self, mirrored: Mirrored) -> float:
+        """CPU seconds the sidecar and the agent of `mirrored` have used so far, together."""
+        assert self.stack is not None
+        probes = (
+            self.reference_probes if mirrored.sidecar != self.stack.sidecar else self.monitor.probes
+        )
+        return sum(probe.cpu() for probe in probes.values())
 
     def _container(self, *labels: str) -> str:
         filters = [arg for label in labels for arg in ("--filter", f"label={label}")]
@@ -381,6 +539,11 @@ class Lab:
             name,
             "--label",
             f"{LABEL}={PROJECT}",
+            # The image was built by compose, whose labels it carries: this is no service of it.
+            "--label",
+            "com.docker.compose.project=",
+            "--label",
+            "com.docker.compose.service=",
             "--init",
             "--network",
             SANDBOX_NETWORK,
@@ -401,8 +564,11 @@ class Lab:
         return state
 
     def _answers(self, stack: Stack) -> bool:
-        """Both paths reach the server's echo port."""
-        for container in (stack.direct, stack.app):
+        """Every path reaches the server's echo port."""
+        containers = [stack.direct, stack.app]
+        if stack.reference is not None:
+            containers.append(stack.reference.app)
+        for container in containers:
             result = docker(
                 "exec",
                 container,
@@ -424,6 +590,11 @@ class Lab:
 
     def _prepare(self) -> None:
         if (
+            self.own_target
+            and docker("network", "inspect", SANDBOX_NETWORK, check=False).returncode == 0
+        ):
+            log.info("the sandbox's network is there: its workloads are not needed")
+        elif (
             docker(
                 "container",
                 "inspect",
@@ -442,6 +613,10 @@ class Lab:
         # Leftovers of an interrupted run would collide with names and addresses.
         self._remove_own()
         self.composemirror("down", check=False)
+        if self.reference is not None:
+            self.reference.composemirror("down", check=False)
+        if self.own_target:
+            self._start(TARGET, TARGET_IP, ["sleep", "infinity"])
 
     def _remove_own(self) -> None:
         names = docker("ps", "-aq", "--filter", f"label={LABEL}={PROJECT}").stdout.split()
@@ -455,6 +630,14 @@ class Lab:
             ("the benchmark project", lambda: self.composemirror("down", check=False)),
             ("the plain compose project", lambda: self.compose("down", check=False)),
         ]
+        reference = self.reference
+        if reference is not None:
+            steps.append(
+                (
+                    f"the project run by {reference.ref}",
+                    lambda: reference.composemirror("down", check=False),
+                )
+            )
         if self.started_sandbox:
             steps.append(
                 (

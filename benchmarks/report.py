@@ -20,6 +20,7 @@ SOAK = "soak"
 SOAK_HEADING = "## Soak: 1,000 connections and 10,000 DNS queries a second"
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -16,8 +16,8 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from benchmarks.lab import ECHO_PORT, SERVER_IP, SINK_PORT, SOURCE_PORT, Lab, Stack
-from benchmarks.report import MIB, Figure, Target, median, percentile
+from benchmarks.lab import ECHO_PORT, SERVER_IP, SINK_PORT, SOURCE_PORT, Lab, Mirrored, Stack
+from benchmarks.report import GIB, MIB, Figure, Target, median, percentile
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -108,24 +108,41 @@ def idle(lab: Lab, settings: Settings) -> None:
 
 
 def throughput(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
-    """Bulk TCP, one stream and eight, app to server (targets) and back (for information)."""
+    """Bulk TCP, one stream and eight, app to server (targets) and back (for information).
+
+    With a reference stack (`--against`), its app runs the same loads in the same rounds, the
+    three sides in turn, and each case gets two more figures against it: the median of the
+    rounds' throughputs (with the median and spread of the per-round ratios in the note), and
+    the CPU time the sidecar and the agent spent per GiB moved, which a busy machine disturbs
+    less than throughput.
+    """
     cases = [
         ("upload", SINK_PORT, 1, Target(text=">= 1/3 of direct", on="ratio", at_least=1 / 3)),
         ("upload", SINK_PORT, 8, Target(text=">= 1/2 of direct", on="ratio", at_least=1 / 2)),
         ("download", SOURCE_PORT, 1, None),
         ("download", SOURCE_PORT, 8, None),
     ]
+    sides = [("direct", stack.direct), ("tunnel", stack.app)]
+    if stack.reference is not None:
+        sides.append(("reference", stack.reference.app))
     figures = []
     for mode, port, streams, target in cases:
-        moved = {"tunnel": 0, "direct": 0}
-        took = {"tunnel": 0.0, "direct": 0.0}
-        errors = {"tunnel": 0, "direct": 0}
+        moved = dict.fromkeys(("tunnel", "direct", "reference"), 0)
+        took = dict.fromkeys(("tunnel", "direct", "reference"), 0.0)
+        errors = dict.fromkeys(("tunnel", "direct", "reference"), 0)
+        rates: dict[str, list[float]] = {"tunnel": [], "reference": []}
+        cpu_per_gib: dict[str, list[float]] = {"tunnel": [], "reference": []}
         for round_ in range(settings.rounds):
-            for side, container in _sides(stack, round_):
+            shift = round_ % len(sides)
+            for side, container in sides[shift:] + sides[:shift]:
                 log.info("throughput: %s, %d stream(s), %s", mode, streams, side)
+                mirrored = _mirrored(stack, side)
+                if mirrored is not None:
+                    lab.await_link(mirrored.sidecar)
+                    cpu_before = lab.cpu_of(mirrored)
                 report = _measure(
                     lab,
-                    side,
+                    "direct" if side == "reference" else side,
                     container,
                     "throughput",
                     mode,
@@ -138,12 +155,17 @@ def throughput(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
                 moved[side] += int(report["bytes"])
                 took[side] += float(report["seconds"])
                 errors[side] += int(report["errors"])
+                if mirrored is not None and report["bytes"] and report["seconds"]:
+                    rates[side].append(int(report["bytes"]) / float(report["seconds"]) / MIB)
+                    cpu = lab.cpu_of(mirrored) - cpu_before
+                    cpu_per_gib[side].append(cpu / (int(report["bytes"]) / GIB))
         rate = {side: moved[side] / took[side] / MIB if took[side] else None for side in moved}
         what = "app to server" if mode == "upload" else "server to app"
+        name = f"{mode} ({what}), {streams} stream{'s' if streams > 1 else ''}"
         figures.append(
             Figure(
                 section="throughput",
-                name=f"{mode} ({what}), {streams} stream{'s' if streams > 1 else ''}",
+                name=name,
                 unit="MiB/s",
                 value=rate["tunnel"],
                 baseline=rate["direct"],
@@ -151,7 +173,58 @@ def throughput(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
                 note=_errors_note(errors),
             )
         )
+        if stack.reference is not None:
+            figures += _against(name, stack.reference.label, rates, cpu_per_gib, errors)
     return figures
+
+
+def _mirrored(stack: Stack, side: str) -> Mirrored | None:
+    """The sidecar and agent a side's traffic goes through (none for direct)."""
+    if side == "tunnel":
+        return stack.mirrored
+    return stack.reference if side == "reference" else None
+
+
+def _against(
+    name: str,
+    label: str,
+    rates: dict[str, list[float]],
+    cpu_per_gib: dict[str, list[float]],
+    errors: dict[str, int],
+) -> list[Figure]:
+    """A case's figures against the reference commit: median throughput and CPU per GiB."""
+
+    def spread(values: dict[str, list[float]]) -> str:
+        ratios = [a / b for a, b in zip(values["tunnel"], values["reference"], strict=False) if b]
+        if not ratios:
+            return ""
+        return (
+            f"per round {median(ratios):.3f}x median, {min(ratios):.3f}-{max(ratios):.3f}x "
+            f"over {len(ratios)}"
+        )
+
+    def mid(values: list[float]) -> float | None:
+        return median(values) if values else None
+
+    lost = f"errors: {label} {errors['reference']}" if errors["reference"] else ""
+    return [
+        Figure(
+            section="throughput",
+            name=f"{name}, against {label}",
+            unit="MiB/s",
+            value=mid(rates["tunnel"]),
+            baseline=mid(rates["reference"]),
+            note="; ".join(part for part in (spread(rates), lost) if part),
+        ),
+        Figure(
+            section="throughput",
+            name=f"{name}, sidecar + agent CPU per GiB, against {label}",
+            unit="s",
+            value=mid(cpu_per_gib["tunnel"]),
+            baseline=mid(cpu_per_gib["reference"]),
+            note=spread(cpu_per_gib),
+        ),
+    ]
 
 
 def latency(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:

@@ -1,10 +1,11 @@
 """Datagram flows, the same at both ends of the tunnel: one UDP path, one idle expiry.
 
-A `Flow` is one conversation of datagrams with what it holds while it opens and when it was last
-used; a `FlowTable` keeps a process's flows and closes those unused for a while, as a NAT table
-forgets them (the only idle expiry of sidecar and agent). A `StreamFlow` carries a flow over a
-tunnel stream, one DATA frame per datagram: the sidecar's remote flows and the agent's sockets
-are both one. No sockets here: subclasses own them.
+A `Flow` is one conversation of datagrams between a local socket and a far end, with what it
+holds while either end opens and when it was last used; a `FlowTable` keeps a process's flows
+and closes those unused for a while, as a NAT table forgets them (the only idle expiry of sidecar
+and agent). A `StreamFlow`'s far end is a tunnel stream, one DATA frame per datagram: the
+sidecar's remote flows and the agent's sockets are both one; the sidecar's direct flows are
+plain `Flow`s whose far end is a socket. No sockets here: subclasses own them.
 """
 
 from __future__ import annotations
@@ -28,13 +29,28 @@ BACKLOG = 64
 
 
 class Flow(abc.ABC):
-    """One datagram flow. `close()` ends it once; subclasses release their sockets."""
+    """One datagram flow between a local socket and a far end: the one datagram path.
+
+    Datagrams either way wait while their way's end is not ready yet (at most BACKLOG each way,
+    the oldest dropped first) and go at once after; every datagram counts as activity for the
+    idle expiry; once closed, nothing more goes anywhere. Subclasses say how a datagram leaves
+    (`send_local`, `send_far`), call `local_ready` and `far_ready` when each end can take
+    datagrams, and release their sockets and stream in `release`. The far end is a tunnel stream
+    (`StreamFlow`) or, for the sidecar's direct flows, a socket of its own.
+    """
 
     def __init__(self) -> None:
         self.last_active = time.monotonic()
         self.closed = False
         self.table: FlowTable | None = None
         self.key: Hashable = id(self)
+        self.far_open = False
+        self.local_open = False
+        self.outbound: deque[bytes] = deque(maxlen=BACKLOG)
+        """From the local socket, waiting for the far end."""
+        self.inbound: deque[bytes] = deque(maxlen=BACKLOG)
+        """From the far end, waiting for the local socket."""
+        self.drops = 0
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
@@ -46,6 +62,59 @@ class Flow(abc.ABC):
         self.release()
         if self.table is not None:
             self.table.forget(self)
+
+    # -- the path ------------------------------------------------------------------------------
+
+    def from_local(self, data: bytes) -> None:
+        """One datagram from the local socket, for the far end."""
+        if self.closed:
+            return
+        self.touch()
+        if self.far_open:
+            self.send_far(data)
+        else:
+            self._hold(self.outbound, data)
+
+    def from_far(self, data: bytes) -> None:
+        """One datagram from the far end, for the local socket."""
+        if self.closed:
+            return
+        self.touch()
+        if self.local_open:
+            self.send_local(data)
+        else:
+            self._hold(self.inbound, data)
+
+    def far_ready(self) -> None:
+        """The far end takes datagrams now, beginning with those held."""
+        self.far_open = True
+        while self.outbound and not self.closed:
+            self.send_far(self.outbound.popleft())
+
+    def local_ready(self) -> None:
+        """The local socket takes datagrams now, beginning with those held."""
+        self.local_open = True
+        while self.inbound and not self.closed:
+            self.send_local(self.inbound.popleft())
+
+    def _hold(self, held: deque[bytes], data: bytes) -> None:
+        if len(held) == held.maxlen:
+            self.dropped()
+        held.append(data)
+
+    # -- what subclasses provide ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def send_local(self, data: bytes) -> None:
+        """Send one datagram out of the local socket."""
+
+    @abc.abstractmethod
+    def send_far(self, data: bytes) -> None:
+        """Send one datagram to the far end."""
+
+    def dropped(self) -> None:
+        """A held datagram was dropped (its way's backlog was full); counted in `drops`."""
+        self.drops += 1
 
     @abc.abstractmethod
     def release(self) -> None:
@@ -95,55 +164,27 @@ class FlowTable:
 
 
 class StreamFlow(Flow):
-    """A flow carried by a tunnel stream; a `tunnel.Endpoint`.
+    """A flow whose far end is a tunnel stream, one DATA frame per datagram; a `tunnel.Endpoint`.
 
-    Datagrams to the stream wait until `start` (the client starts at once, so they go with the
-    OPEN; the agent once its socket is up); datagrams from the stream wait until `local_ready`.
-    A UDP stream has no window and no half-close: EOF or reset from the peer ends the flow.
+    The stream takes datagrams from `start` (the client starts at once, so they go with the
+    OPEN; the agent once its socket is up). A UDP stream has no window and no half-close: EOF
+    or reset from the peer ends the flow.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.tunnel: Tunnel | None = None
         self.stream_id = 0
-        self.started = False
-        self.ready = False
-        self.outbound: deque[bytes] = deque(maxlen=BACKLOG)
-        self.inbound: deque[bytes] = deque(maxlen=BACKLOG)
-
-    @abc.abstractmethod
-    def send_local(self, data: bytes) -> None:
-        """Send one datagram from the stream to the local side."""
-
-    def dropped(self) -> None:
-        """A held datagram was dropped (the backlog was full)."""
-
-    def to_stream(self, data: bytes) -> None:
-        """One datagram from the local side."""
-        if self.closed:
-            return
-        self.touch()
-        tunnel = self.tunnel
-        if not self.started or tunnel is None:
-            if len(self.outbound) == self.outbound.maxlen:
-                self.dropped()
-            self.outbound.append(data)
-        elif tunnel.alive:
-            tunnel.send(self.stream_id, data)
 
     def start(self) -> None:
         """Datagrams may go into the stream, beginning with those held."""
-        tunnel = self.tunnel
-        assert tunnel is not None
-        self.started = True
-        while self.outbound:
-            tunnel.send(self.stream_id, self.outbound.popleft())
+        assert self.tunnel is not None
+        self.far_ready()
 
-    def local_ready(self) -> None:
-        """The local side can take datagrams, beginning with those held."""
-        self.ready = True
-        while self.inbound and not self.closed:
-            self.send_local(self.inbound.popleft())
+    def send_far(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel.alive:
+            tunnel.send(self.stream_id, data)
 
     # -- tunnel.Endpoint -----------------------------------------------------------------------
 
@@ -157,13 +198,7 @@ class StreamFlow(Flow):
         self.peer_reset()
 
     def deliver(self, data: bytes) -> None:
-        if self.closed:
-            return
-        self.touch()
-        if self.ready:
-            self.send_local(data)
-        else:
-            self.inbound.append(data)
+        self.from_far(data)
 
     def window_open(self) -> None:
         pass  # UDP streams have no flow control

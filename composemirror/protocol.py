@@ -431,20 +431,19 @@ class Connection:
         if self._state is _State.CLOSED or not data:
             return events
         try:
+            view = memoryview(data)
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
             if self._inbuf:
-                buf = self._inbuf
-                buf += data
-                with memoryview(buf) as view:
-                    used = self._parse(view, events)
-                del buf[:used]
-            else:
-                # Fast path: parse straight from the caller's buffer; copy only a partial tail.
-                view = memoryview(data)
-                if view.format != "B" or view.ndim != 1:
-                    view = view.cast("B")
-                used = self._parse(view, events)
-                if used < len(view):
-                    self._inbuf += view[used:]
+                # Complete the frame begun in an earlier read, copying only its missing bytes;
+                # the frames after it are parsed straight from the caller's buffer.
+                taken = self._complete_frame(view, events)
+                if taken is None or self.closed:  # a REJECT: what follows is discarded
+                    return events
+                view = view[taken:]
+            used = self._parse(view, events)
+            if used < len(view):
+                self._inbuf += view[used:]  # a partial frame: only the tail is copied
         except ProtocolError as exc:
             self._fail(str(exc))
             self._failure_type = type(exc)
@@ -697,6 +696,34 @@ class Connection:
         return hmac.digest(self._key, label + first + second, hashlib.sha256)
 
     # ----------------------------------------------------------------- internals: receiving
+
+    def _complete_frame(self, view: memoryview, events: list[Event]) -> int | None:
+        """Add to the buffered partial frame what it misses from `view`; once whole, handle it.
+
+        Returns how many bytes of `view` it took, or None when all of them went into a frame
+        still incomplete.
+        """
+        buf = self._inbuf
+        have = len(buf)
+        if have < HEADER_SIZE:
+            needed = HEADER_SIZE - have
+            buf += view[:needed]
+            if len(buf) < HEADER_SIZE:
+                return None
+            taken = needed
+        else:
+            taken = 0
+        length = HEADER.unpack_from(buf)[2]
+        missing = HEADER_SIZE + length - len(buf)
+        if length <= MAX_PAYLOAD and missing > 0:
+            buf += view[taken : taken + missing]
+            taken += min(missing, len(view) - taken)
+            if len(buf) < HEADER_SIZE + length:
+                return None
+        with memoryview(buf) as frame:
+            self._parse(frame, events)  # exactly one frame (or the error of its header)
+        del buf[:]
+        return taken
 
     def _parse(self, view: memoryview, events: list[Event]) -> int:
         """Handle every complete frame in view; return the number of bytes consumed."""

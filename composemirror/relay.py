@@ -1,9 +1,11 @@
-"""Sans-IO relay of one TCP stream: a socket on one side, a tunnel stream on the other.
+"""Sans-IO relay of one TCP connection: a socket, and a tunnel stream or another socket.
 
-Owns every per-stream decision: what the socket's bytes wait for (the stream being started, the
-peer's window, a full tunnel), early data either way, half-close both ways, when received bytes
-are acknowledged, and what a reset or a lost socket does to the other side. It is fed events and
-returns actions; it must do no I/O and know nothing of asyncio (`bridge` performs the actions).
+`Relay` owns every per-stream decision: what the socket's bytes wait for (the stream being
+started, the peer's window, a full tunnel), early data either way, half-close both ways, when
+received bytes are acknowledged, and what a reset or a lost socket does to the other side.
+`Splice` owns the same decisions for two sockets joined directly (the sidecar's local
+connections). Both are fed events and return actions; they must do no I/O and know nothing of
+asyncio (`bridge` performs the actions).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = [
     "SocketFull",
     "SocketLost",
     "SocketRead",
+    "Splice",
     "Started",
     "TunnelDrained",
     "TunnelFull",
@@ -88,7 +91,9 @@ class SocketDrained:
 
 @dataclass(slots=True)
 class SocketLost:
-    """The socket is gone (closed or failed)."""
+    """The socket is gone (closed or failed). `failed`: by an error, such as a reset."""
+
+    failed: bool = False
 
 
 @dataclass(slots=True)
@@ -317,6 +322,23 @@ class Relay:
             actions.append(WriteEof())
         return actions
 
+    # -- the per-chunk fast paths: with the relay in its steady state, a chunk's actions are
+    # known without making them. `bridge` asks these first and feeds the event only when they
+    # say no; the state changes exactly as the event would change it.
+
+    def take(self, size: int) -> bool:
+        """Whether `size` bytes just read go into the stream whole, as `on_socket_read`'s only
+        action (`[Send(data)]`); if so they are counted against the window as it would."""
+        if self.started and size <= self.credit and not self.held:
+            self.credit -= size
+            return True
+        return False
+
+    def deliverable(self) -> bool:
+        """Whether the peer's bytes go to the socket and are acknowledged at once, as
+        `on_peer_data` would return them: `[Write(data), Acknowledge(len(data))]`."""
+        return self.connected and not self.socket_full
+
     def on_socket_read(self, data: bytes) -> list[Action]:
         if not self.started or self.held:
             self.held.append(memoryview(data))
@@ -383,7 +405,9 @@ class Relay:
                 actions.append(Send(chunk[:taken] if taken < len(chunk) else chunk))
             if taken < len(chunk):
                 held[0] = chunk[taken:]
-                return actions
+                # The rest waits for the window (also when the start gave none): a drained
+                # tunnel must not resume reading meanwhile.
+                return actions + self._pause(WINDOW)
             held.popleft()
         if self.eof_held:
             self.eof_held = False
@@ -442,3 +466,61 @@ class Relay:
             return []
         self.reading = reading
         return [ResumeReading()] if reading else [PauseReading()]
+
+
+class Splice:
+    """Two sockets joined directly, `NEAR` (the app's) and `FAR`; `handle(side, event)` returns
+    (side, action) pairs to perform in order.
+
+    What one socket reads the other writes; a socket whose write buffer is full stops the other
+    being read until it drains. EOF read on one side is written to the other (half-close), and a
+    socket is closed once it has both read and written EOF. A socket lost in an orderly way
+    closes the other; one lost to an error (a reset) resets the other. There is no stream here,
+    so no window, acknowledgement or early data: the sockets' own buffers are the flow control.
+    """
+
+    NEAR: Final = 0
+    FAR: Final = 1
+
+    def __init__(self) -> None:
+        self.eof_read = [False, False]
+        """Per side: its socket's peer half-closed."""
+        self.eof_written = [False, False]
+        """Per side: EOF was written to it."""
+        self.closed = [False, False]
+        """Per side: it was closed, aborted or lost; nothing more is done to it."""
+
+    def handle(self, side: int, event: Event) -> list[tuple[int, Action]]:
+        """Feed one event of `side`'s socket; return what to do to which side, in order."""
+        other = 1 - side
+        match event:
+            case SocketRead(data):
+                return [] if self.closed[other] else [(other, Write(data))]
+            case SocketEnded():
+                return self._ended(side, other)
+            case SocketFull():
+                return [] if self.closed[other] else [(other, PauseReading())]
+            case SocketDrained():
+                return [] if self.closed[other] else [(other, ResumeReading())]
+            case SocketLost(failed):
+                self.closed[side] = True
+                if self.closed[other]:
+                    return []
+                self.closed[other] = True
+                return [(other, Abort() if failed else Close())]
+        raise TypeError(f"not a splice event: {event!r}")
+
+    def _ended(self, side: int, other: int) -> list[tuple[int, Action]]:
+        if self.eof_read[side]:
+            return []  # a reader re-armed after EOF reports it again
+        self.eof_read[side] = True
+        actions: list[tuple[int, Action]] = []
+        if not self.closed[other]:
+            self.eof_written[other] = True
+            actions.append((other, WriteEof()))
+        for end in (other, side):
+            if self.eof_read[end] and self.eof_written[end] and not self.closed[end]:
+                # asyncio keeps a half-closed socket open; once both ways ended, close it.
+                self.closed[end] = True
+                actions.append((end, Close()))
+        return actions

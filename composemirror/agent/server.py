@@ -52,7 +52,7 @@ class Datagrams(StreamFlow, asyncio.DatagramProtocol):
         self.local_ready()  # datagrams the peer sent while this socket was being made
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.to_stream(data)
+        self.from_local(data)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("udp stream %s: %s", self.stream_id, exc)

@@ -16,10 +16,11 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from composemirror.bridge import Bridge, reset_transport
+from composemirror.bridge import Bridge, Splicer, reset_transport
 from composemirror.errors import TunnelClosed
 from composemirror.filters import Filter, Protocol, Route, Scope, route_connection
 from composemirror.protocol import Failure, Proto
+from composemirror.relay import Splice
 from composemirror.sidecar.dns import Answered, Book, Resolver
 from composemirror.sidecar.status import Counters
 from composemirror.sidecar.tunnel import TunnelClient
@@ -166,21 +167,11 @@ class Proxy:
             sock.close()  # the app gave up meanwhile
             return
         self.egress.counters.tcp_local += 1
-        near = Pipe()
-        far = Pipe()
-        near.peer, far.peer = far, near
-        await loop.create_connection(lambda: far, sock=sock)
-        assert far.transport is not None
+        splicer = Splicer()
+        await loop.create_connection(lambda: splicer.end(Splice.FAR), sock=sock)
         # What the app sent while we connected waits in its relay; it goes first.
         held, eof = app.relay.unsent()
-        for chunk in held:
-            far.transport.write(chunk)
-        app.transport.set_protocol(near)
-        near.connection_made(app.transport)
-        if eof:
-            near.eof_received()
-        else:
-            near.transport_resume()
+        splicer.join(app.transport, held, eof)
 
 
 class AppConnection(Bridge):
@@ -201,57 +192,3 @@ class AppConnection(Bridge):
         log.info("remote connection failed: %s", message or failure.name.lower())
         self.proxy.egress.counters.tcp_failed += 1
         super().open_failed(failure, message)
-
-
-class Pipe(asyncio.Protocol):
-    """One end of a local splice: what it reads, its peer writes; backpressure both ways."""
-
-    def __init__(self) -> None:
-        self.peer: Pipe | None = None
-        self.transport: asyncio.Transport | None = None
-        self.eof_in = False
-        self.eof_out = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def transport_resume(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
-
-    def data_received(self, data: bytes) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.write(data)
-
-    def eof_received(self) -> bool:
-        self.eof_in = True
-        peer = self.peer
-        if peer is not None and peer.transport is not None:
-            peer.transport.write_eof()
-            peer.eof_out = True
-            peer.close_if_done()
-        self.close_if_done()
-        return True
-
-    def close_if_done(self) -> None:
-        # asyncio keeps a half-closed socket open; once both directions ended, close it.
-        if self.eof_in and self.eof_out and self.transport is not None:
-            self.transport.close()
-
-    def pause_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        peer, self.peer = self.peer, None
-        if peer is not None and peer.transport is not None:
-            peer.peer = None
-            if exc is None:
-                peer.transport.close()
-            else:
-                reset_transport(peer.transport)

@@ -28,6 +28,12 @@ SILENCE_LIMIT = 20.0
 """A link that has not been heard from for this long is dropped and reconnected."""
 
 
+def reconnect_wait() -> wait_exponential_jitter:
+    """The wait before each new attempt to reach the agent, in seconds: 0.05 s doubling with
+    every failed attempt, plus up to 1 s of jitter (tenacity's default), at most 2 s."""
+    return wait_exponential_jitter(multiplier=0.05, max=2.0)
+
+
 class TunnelClient:
     """Keeps one tunnel to the agent up; hands it out while it is."""
 
@@ -68,7 +74,7 @@ class TunnelClient:
 
     async def _connect(self) -> Tunnel:
         retrying = AsyncRetrying(
-            wait=wait_exponential_jitter(initial=0.05, max=2.0),
+            wait=reconnect_wait(),
             retry=retry_if_exception_type((OSError, TimeoutError, TunnelClosed)),
             before_sleep=self._note_failure,
         )

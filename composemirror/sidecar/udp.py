@@ -14,10 +14,9 @@ import ipaddress
 import logging
 import socket
 import struct
-from collections import deque
 from collections.abc import Callable
 
-from composemirror.datagrams import BACKLOG, IDLE_TIMEOUT, Flow, FlowTable, StreamFlow
+from composemirror.datagrams import IDLE_TIMEOUT, Flow, FlowTable, StreamFlow
 from composemirror.errors import TunnelClosed
 from composemirror.filters import Route
 from composemirror.protocol import Failure, Proto
@@ -155,13 +154,14 @@ class RemoteFlow(StreamFlow):
         super().__init__()
         self.proxy = proxy
         self.original = original
-        self.side = AppSide(proxy.loop, app, original, reply, self.to_stream)
+        self.side = AppSide(proxy.loop, app, original, reply, self.from_local)
         self.local_ready()
 
     def send_local(self, data: bytes) -> None:
         self.side.send(data)
 
     def dropped(self) -> None:
+        super().dropped()
         self.proxy.egress.counters.udp_dropped += 1
 
     def opened(self) -> None:
@@ -178,7 +178,8 @@ class RemoteFlow(StreamFlow):
 
 
 class LocalFlow(Flow):
-    """A flow sent directly from the sidecar."""
+    """A flow sent directly from the sidecar: its far end is a socket of the sidecar's own,
+    ready once `connect` gives it (the route's local address may need a lookup first)."""
 
     def __init__(
         self, proxy: UdpProxy, app: Address, original: Address, reply: socket.socket
@@ -186,30 +187,29 @@ class LocalFlow(Flow):
         super().__init__()
         self.proxy = proxy
         self.original = original
-        self.side = AppSide(proxy.loop, app, original, reply, self.from_app)
-        self.pending: deque[bytes] = deque(maxlen=BACKLOG)
+        self.side = AppSide(proxy.loop, app, original, reply, self.from_local)
         self.upstream: socket.socket | None = None
-
-    def from_app(self, data: bytes) -> None:
-        if self.closed:
-            return
-        self.touch()
-        if self.upstream is None:
-            if len(self.pending) == self.pending.maxlen:
-                self.proxy.egress.counters.udp_dropped += 1
-            self.pending.append(data)
-            return
-        try:
-            self.upstream.send(data)
-        except OSError as e:
-            log.debug("udp to %s:%s lost: %s", *self.original, e)
+        self.local_ready()
 
     def connect(self, upstream: socket.socket) -> None:
         """The direct socket is ready: send what arrived meanwhile, then relay both ways."""
         self.upstream = upstream
         self.proxy.loop.add_reader(upstream.fileno(), self._upstream_readable)
-        while self.pending:
-            self.from_app(self.pending.popleft())
+        self.far_ready()
+
+    def send_local(self, data: bytes) -> None:
+        self.side.send(data)
+
+    def send_far(self, data: bytes) -> None:
+        assert self.upstream is not None
+        try:
+            self.upstream.send(data)
+        except OSError as e:
+            log.debug("udp to %s:%s lost: %s", *self.original, e)
+
+    def dropped(self) -> None:
+        super().dropped()
+        self.proxy.egress.counters.udp_dropped += 1
 
     def release(self) -> None:
         upstream, self.upstream = self.upstream, None
@@ -221,9 +221,7 @@ class LocalFlow(Flow):
     def _upstream_readable(self) -> None:
         if self.upstream is not None:
             for data in _read(self.upstream):
-                if not self.closed:
-                    self.touch()
-                    self.side.send(data)
+                self.from_far(data)
 
 
 class UdpProxy:
@@ -254,12 +252,10 @@ class UdpProxy:
         flow = self.flows.get((app, original))
         if flow is None:
             flow = self._open(app, original)
-        if isinstance(flow, RemoteFlow):
-            flow.to_stream(data)
-        elif isinstance(flow, LocalFlow):
-            flow.from_app(data)
-        else:
+        if flow is None:
             self.egress.counters.udp_dropped += 1
+        else:
+            flow.from_local(data)
 
     def _readable(self) -> None:
         assert self.sock is not None
@@ -317,7 +313,7 @@ class UdpProxy:
         except OSError as e:
             log.info("local udp %s:%s failed: %s", address, port, e)
             self.egress.counters.udp_failed += 1
-            self.egress.counters.udp_dropped += len(flow.pending)
+            self.egress.counters.udp_dropped += len(flow.outbound)
             flow.close()
             return
         self.egress.counters.udp_local += 1

@@ -4,10 +4,13 @@ hypothesis state machine that checks the relay's promises under any order of eve
 
 from __future__ import annotations
 
+import copy
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -49,6 +52,7 @@ from composemirror.relay import (
     SocketFull,
     SocketLost,
     SocketRead,
+    Splice,
     Started,
     TunnelDrained,
     TunnelFull,
@@ -451,6 +455,94 @@ def test_a_refused_open_resets_the_apps_connection() -> None:
     assert wire.sockets["client", stream_id].closed == "reset"
 
 
+def test_bytes_held_at_a_start_without_window_keep_reading_paused_until_credit() -> None:
+    assert (
+        Playbook()
+        >> Connected()
+        << PauseReading()
+        >> SocketRead(b"x")
+        << PauseReading(again=True)
+        >> Started(0)
+        >> TunnelFull()
+        >> TunnelDrained()  # the tunnel has room, but the stream's window is still shut
+        >> Credit(1)
+        << Send(b"x")
+        << ResumeReading()
+    )
+
+
+# -- the bridge's per-chunk fast paths ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("credit", "size"), [(10, 9), (10, 10), (10, 11), (0, 1)])
+def test_a_chunk_takes_the_fast_path_exactly_when_the_event_would_send_it_whole(
+    credit: int, size: int
+) -> None:
+    fast, event = Relay(), Relay()
+    for relay in (fast, event):
+        relay.on_connected()
+        relay.on_started(credit)
+    taken = fast.take(size)
+    actions = event.on_socket_read(b"x" * size)
+    assert taken == (actions == [Send(b"x" * size)]) == (size <= credit)
+    if taken:
+        assert fast.credit == event.credit == credit - size
+
+
+def test_peer_bytes_take_the_fast_path_only_into_a_connected_socket_with_room() -> None:
+    relay = Relay()
+    assert not relay.deliverable()  # early data waits for the socket
+    relay.on_connected()
+    assert relay.deliverable()
+    relay.on_socket_full()
+    assert not relay.deliverable()  # acknowledged once it drains
+    relay.on_socket_drained()
+    assert relay.deliverable()
+
+
+# -- two sockets spliced (the sidecar's local connections) --------------------------------------
+
+NEAR, FAR = Splice.NEAR, Splice.FAR
+
+
+def splice_steps(*steps: tuple[int, Event, list[tuple[int, Action]]]) -> bool:
+    """Feed each (side, event) to one splice; it must return exactly the actions given."""
+    splice = Splice()
+    for number, (side, event, expected) in enumerate(steps, 1):
+        actual = splice.handle(side, event)
+        assert actual == expected, f"step {number}, {side} {event}: {actual} != {expected}"
+    return True
+
+
+def test_a_splice_half_closes_each_way_and_closes_each_socket_once_both_ways_ended() -> None:
+    assert splice_steps(
+        (NEAR, SocketRead(b"query"), [(FAR, Write(b"query"))]),
+        (NEAR, SocketEnded(), [(FAR, WriteEof())]),
+        (NEAR, SocketEnded(), []),  # a reader re-armed after EOF reports it again
+        (FAR, SocketRead(b"answer"), [(NEAR, Write(b"answer"))]),
+        (FAR, SocketEnded(), [(NEAR, WriteEof()), (NEAR, Close()), (FAR, Close())]),
+        (NEAR, SocketLost(), []),
+        (FAR, SocketLost(), []),
+    )
+
+
+def test_a_full_socket_stops_the_other_being_read_until_it_drains() -> None:
+    assert splice_steps(
+        (FAR, SocketFull(), [(NEAR, PauseReading())]),
+        (FAR, SocketDrained(), [(NEAR, ResumeReading())]),
+        (NEAR, SocketFull(), [(FAR, PauseReading())]),
+    )
+
+
+def test_a_reset_on_one_side_resets_the_other_and_an_orderly_close_closes_it() -> None:
+    assert splice_steps(
+        (FAR, SocketLost(failed=True), [(NEAR, Abort())]),
+        (NEAR, SocketLost(failed=True), []),
+        (NEAR, SocketRead(b"late"), []),
+    )
+    assert splice_steps((NEAR, SocketLost(), [(FAR, Close())]), (FAR, SocketEnded(), []))
+
+
 # -- any order of events -----------------------------------------------------------------------
 
 
@@ -478,7 +570,7 @@ class RelayMachine(RuleBasedStateMachine):
         self.reading: bool | None = None
         self.closed_socket = False
 
-    def do(self, event: Event) -> None:
+    def do(self, event: Event) -> list[Action]:
         actions = self.relay.handle(event)
         for action in actions:
             match action:
@@ -511,6 +603,7 @@ class RelayMachine(RuleBasedStateMachine):
                     self.closed_socket = True
                 case Reset():
                     pass
+        return actions
 
     @precondition(lambda self: not self.connected)
     @rule()
@@ -534,7 +627,15 @@ class RelayMachine(RuleBasedStateMachine):
     @rule(data=st.binary(min_size=1, max_size=40))
     def socket_read(self, data: bytes) -> None:
         self.read += data
-        self.do(SocketRead(data))
+        twin = copy.copy(self.relay)
+        twin.held, twin.early = deque(self.relay.held), list(self.relay.early)
+        fast = twin.take(len(data))
+        actions = self.do(SocketRead(data))
+        # The bridge's fast path says yes exactly when the event's only action is the Send,
+        # and leaves the relay as the event does.
+        assert fast == (actions == [Send(data)])
+        if fast:
+            assert vars(twin) == vars(self.relay)
 
     @precondition(lambda self: self.connected and not self.lost and not self.closed_socket)
     @rule()
@@ -565,7 +666,9 @@ class RelayMachine(RuleBasedStateMachine):
     @rule(data=st.binary(min_size=1, max_size=40))
     def peer_data(self, data: bytes) -> None:
         self.peer_sent += data
-        self.do(PeerData(data))
+        fast = self.relay.deliverable()
+        actions = self.do(PeerData(data))
+        assert fast == (actions == [Write(data), Acknowledge(len(data))])
 
     @precondition(lambda self: not self.peer_eof and not self.gone)
     @rule()
