@@ -158,13 +158,11 @@ def _status(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime
                             "state": r.state,
                             "health": r.health,
                             "link": dict(r.link),
+                            "namespace": _check_json(r.namespace),
                         }
                         for r in rows
                     ],
-                    "session": [
-                        {"name": c.name, "ok": c.ok, "detail": c.detail, "hint": c.hint}
-                        for c in session
-                    ],
+                    "session": [_check_json(c) for c in session],
                 },
                 indent=2,
             )
@@ -173,25 +171,51 @@ def _status(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime
     if not rows:
         print(f"project {name}: nothing is running")
         return 0
-    table = [("SERVICE", "ROLE", "STATE", "LINK")]
+    table = [("SERVICE", "ROLE", "STATE", "DETAIL")]
+    problems: list[ops.Check] = []
     for r in rows:
         state = r.state + (f" ({r.health})" if r.health else "")
-        table.append((r.service, r.role, state, _describe_link(r)))
+        table.append((r.service, r.role, state, _describe(r)))
+        if r.role == "sidecar" and r.link:
+            rules = ops.rules_check(r)
+            problems += [] if rules.ok else [rules]
+        if r.namespace is not None and not r.namespace.ok:
+            problems.append(r.namespace)
     widths = [max(len(row[i]) for row in table) for i in range(3)]
     for row in table:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
     for check in session:
-        print(f"{check.name}: {check.detail}")
+        print(f"{check.name}: {check.detail}" + ("" if check.ok else " (FAILING)"))
+        if check.hint and not check.ok:
+            print(f"  hint: {check.hint}")
+    for check in problems:
+        print(f"{check.name}: FAILING: {check.detail}")
+        if check.hint:
+            print(f"  hint: {check.hint}")
     return 0
 
 
-def _describe_link(row: ops.ServiceStatus) -> str:
+def _check_json(check: ops.Check | None) -> dict[str, object] | None:
+    if check is None:
+        return None
+    return {"name": check.name, "ok": check.ok, "detail": check.detail, "hint": check.hint}
+
+
+def _describe(row: ops.ServiceStatus) -> str:
+    """The DETAIL column: a sidecar's link, rules and counters; a joined container's namespace."""
+    if row.namespace is not None:
+        return ("namespace " if row.namespace.ok else "namespace BROKEN: ") + row.namespace.detail
     if row.role != "sidecar":
         return ""
     link = row.link
     if not link:
         return "no report"
-    parts = [f"agent {link.get('agent', '?')}"]
+    rules = link.get("rules") or {}
+    restored = int(rules.get("restored") or 0)
+    parts = [
+        f"link {link.get('agent', '?')}",
+        f"rules {rules.get('state', '?')}" + (f" (restored {restored}x)" if restored else ""),
+    ]
     counters = link.get("counters") or {}
     parts += [f"{key} {value}" for key, value in sorted(counters.items())]
     return ", ".join(parts)

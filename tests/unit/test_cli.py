@@ -7,6 +7,7 @@ import copy
 import json
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -56,15 +57,18 @@ def test_up_detached_then_status_then_down(
     assert "target: fake target" in err
     assert project.engine.commands() == [["up", "--detach"]]
 
+    rules = {"state": "in place", "checked": time.time(), "restored": 0}
     project.engine.outputs["shop-web-mirror-1"] = json.dumps(
-        {"agent": "connected", "counters": {"tcp_remote": 2, "dns_remote": 5}}
+        {"agent": "connected", "rules": rules, "counters": {"tcp_remote": 2, "dns_remote": 5}}
     )
     assert run(project, "status") == 0
     out, _ = capsys.readouterr()
     lines = out.splitlines()
-    assert lines[0].split() == ["SERVICE", "ROLE", "STATE", "LINK"]
+    assert lines[0].split() == ["SERVICE", "ROLE", "STATE", "DETAIL"]
     assert lines[1].split()[:3] == ["composemirror-agent", "agent", "running"]
-    assert lines[-1].endswith("agent connected, dns_remote 5, tcp_remote 2")
+    assert lines[-2].split()[:2] == ["web", "app"]
+    assert lines[-2].endswith("namespace shares web-mirror's")
+    assert lines[-1].endswith("link connected, rules in place, dns_remote 5, tcp_remote 2")
 
     assert run(project, "ps", "--format", "json") == 0
     data = json.loads(capsys.readouterr().out)
