@@ -339,3 +339,32 @@ def test_an_unreachable_cluster_is_a_status_line_not_a_failure(
     capsys.readouterr()
     assert run(project, "status") == 0
     assert "session: cannot reach the cluster" in capsys.readouterr().out
+
+
+def test_status_shows_an_app_out_of_its_sidecars_namespace_and_rules_restored(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(project, "up", "-d") == 0
+    project.engine.restart("shop-web-mirror-1")
+    rules = {
+        "state": "in place",
+        "checked": time.time(),
+        "restored": 2,
+        "restored_at": time.time(),
+        "drift": "nat OUTPUT no longer jumps to COMPOSEMIRROR",
+    }
+    project.engine.outputs["shop-web-mirror-1"] = json.dumps({"agent": "connected", "rules": rules})
+    capsys.readouterr()
+    assert run(project, "status") == 0
+    out = capsys.readouterr().out
+    web = next(line for line in out.splitlines() if line.startswith("web "))
+    assert "namespace BROKEN: shop-web-mirror-1 restarted at" in web
+    assert "link connected, rules in place (restored 2x)" in out
+    assert "interception rules of web-mirror: FAILING: restored 2 time(s)" in out
+    assert "network namespace of web: FAILING: " in out
+    assert "  hint: `composemirror up -d` recreates web in its sidecar's namespace" in out
+    assert run(project, "status", "--format", "json") == 0
+    data = json.loads(capsys.readouterr().out)
+    app = next(s for s in data["services"] if s["role"] == "app")
+    assert app["namespace"]["ok"] is False
+    assert run(project, "doctor") == 1
