@@ -676,6 +676,7 @@ def run(
     progress(f"target: {rendered.resolution.description}")
     rendered.backend.prepare(rendered.session, progress)
     ensure_images(rendered.images, force=build, progress=progress, runtime=runtime)
+    _relink(rendered, progress=progress, runtime=runtime)
     project = rendered.compose_project()
     if no_deps and service in rendered.config.services:
         own = [compose.sidecar_name(service)] + [

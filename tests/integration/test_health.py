@@ -164,6 +164,20 @@ def test_a_restarted_sidecar_is_reported_and_up_puts_the_app_back_in_its_namespa
     assert "network namespace of app: shares app-mirror's" in doctor.stdout
 
 
+def test_up_after_the_sidecar_died_brings_the_app_back(session: Callable[..., Session]) -> None:
+    s = session("cmh-died")
+    s.up()
+    wait_for(s.remote_works, timeout=60)
+    assert docker("kill", s.sidecar).returncode == 0
+    namespace = s.row("app")["namespace"]
+    assert namespace["ok"] is False and "has no network" in namespace["detail"], namespace
+
+    result = s.up()
+    assert "recreating app" in result.stderr
+    wait_for(s.remote_works, timeout=30)
+    assert s.row("app")["namespace"]["ok"] is True
+
+
 # Issue 13, fault 3: a restarted target leaves the agent in an empty namespace.
 
 

@@ -681,6 +681,16 @@ def test_a_sidecar_that_stays_unhealthy_stops_up_with_a_hint(
     assert project.engine.commands()[-1] == ["up", "--detach", "--no-deps", compose.AGENT_SERVICE]
 
 
+def test_run_behind_a_sidecar_that_stays_unhealthy_stops_with_a_hint(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unhealthy_sidecar(project)
+    monkeypatch.setattr(ops, "SIDECAR_WAIT", 0.0)
+    with pytest.raises(EngineError, match="shop-web-mirror-1 stayed unhealthy"):
+        ops.run(project.options, "web", progress=print, runtime=project.runtime)
+    assert not any(args[0] == "run" for args in project.engine.commands())
+
+
 # -- down ----------------------------------------------------------------------------------------
 
 
