@@ -163,10 +163,7 @@ def _config(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime
 def _status(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
     name, rows = ops.status(options, runtime=runtime)
     session = ops.session_state(options, runtime=runtime) if rows else []
-    # A session found broken (its agent's pod gone) fails; a cluster that cannot be read now
-    # (the `session` line) is only reported.
-    broken = [c for c in session if not c.ok and c.name != "session"]
-    code = 1 if broken else 0
+    # `status` reports, as `docker compose ps` does (exit 0); `doctor` is the check that fails.
     if args.format == "json":
         print(
             json.dumps(
@@ -180,42 +177,64 @@ def _status(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime
                             "state": r.state,
                             "health": r.health,
                             "link": dict(r.link),
+                            "namespace": _check_json(r.namespace),
                         }
                         for r in rows
                     ],
-                    "session": [
-                        {"name": c.name, "ok": c.ok, "detail": c.detail, "hint": c.hint}
-                        for c in session
-                    ],
+                    "session": [_check_json(c) for c in session],
                 },
                 indent=2,
             )
         )
-        return code
+        return 0
     if not rows:
         print(f"project {name}: nothing is running")
         return 0
-    table = [("SERVICE", "ROLE", "STATE", "LINK")]
+    table = [("SERVICE", "ROLE", "STATE", "DETAIL")]
+    problems: list[ops.Check] = []
     for r in rows:
         state = r.state + (f" ({r.health})" if r.health else "")
-        table.append((r.service, r.role, state, _describe_link(r)))
+        table.append((r.service, r.role, state, _describe(r)))
+        if r.role == "sidecar" and r.link:
+            rules = ops.rules_check(r)
+            problems += [] if rules.ok else [rules]
+        if r.namespace is not None and not r.namespace.ok:
+            problems.append(r.namespace)
     widths = [max(len(row[i]) for row in table) for i in range(3)]
     for row in table:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
     for check in session:
-        print(f"{'FAIL ' if check in broken else ''}{check.name}: {check.detail}")
-        if check.hint and check in broken:
+        problems += [] if check.ok else [check]
+        if check.ok:
+            print(f"{check.name}: {check.detail}")
+    for check in problems:
+        print(f"FAIL {check.name}: {check.detail}")
+        if check.hint:
             print(f"  hint: {check.hint}")
-    return code
+    return 0
 
 
-def _describe_link(row: ops.ServiceStatus) -> str:
+def _check_json(check: ops.Check | None) -> dict[str, object] | None:
+    if check is None:
+        return None
+    return {"name": check.name, "ok": check.ok, "detail": check.detail, "hint": check.hint}
+
+
+def _describe(row: ops.ServiceStatus) -> str:
+    """The DETAIL column: a sidecar's link, rules and counters; a joined container's namespace."""
+    if row.namespace is not None:
+        return ("namespace " if row.namespace.ok else "namespace BROKEN: ") + row.namespace.detail
     if row.role != "sidecar":
         return ""
     link = row.link
     if not link:
         return "no report"
-    parts = [f"agent {link.get('agent', '?')}"]
+    rules = link.get("rules") or {}
+    restored = int(rules.get("restored") or 0)
+    parts = [
+        f"link {link.get('agent', '?')}",
+        f"rules {rules.get('state', '?')}" + (f" (restored {restored}x)" if restored else ""),
+    ]
     counters = link.get("counters") or {}
     parts += [f"{key} {value}" for key, value in sorted(counters.items())]
     return ", ".join(parts)

@@ -324,11 +324,14 @@ def _sidecar(
         "environment": {ENV_VAR: escape(settings.to_json())},
         **({"volumes": mounts} if mounts else {}),
         "secrets": [KEY_SECRET],
+        # Healthy while the rules are in place and the link is up (link.READY_FILE); failures
+        # in the first minute do not count, later three in a row make the sidecar unhealthy.
         "healthcheck": {
             "test": ["CMD", "test", "-e", READY_FILE],
             "interval": "1s",
             "timeout": "5s",
-            "retries": 60,
+            "retries": 3,
+            "start_period": "60s",
         },
         **(
             {"depends_on": {AGENT_SERVICE: {"condition": "service_started", "required": True}}}

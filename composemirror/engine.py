@@ -20,6 +20,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -118,6 +119,11 @@ class Container:
     """healthy, unhealthy, starting, or None without a healthcheck."""
     env: Mapping[str, str]
     image: str
+    network_mode: str = ""
+    """`HostConfig.NetworkMode`: `container:<id>` for a container that joined another's network
+    namespace (the engine resolves a name to the id when the container is created)."""
+    started_at: datetime | None = None
+    """`State.StartedAt` (UTC, to the microsecond); None when it never started."""
 
 
 class Engine:
@@ -430,7 +436,27 @@ def _container(attrs: Mapping[str, Any]) -> Container:
         health=(state.get("Health") or {}).get("Status"),
         env=env,
         image=str(config.get("Image", "")),
+        network_mode=str((attrs.get("HostConfig") or {}).get("NetworkMode") or ""),
+        started_at=parse_timestamp(str(state.get("StartedAt") or "")),
     )
+
+
+def parse_timestamp(text: str) -> datetime | None:
+    """An engine timestamp (Go's RFC 3339 with up to nine fraction digits, `Z` or an offset) as
+    an aware datetime, to the microsecond; None for Go's zero time (never started) or no text.
+
+    Go trims trailing zeros of the fraction, so the strings do not compare as text.
+    """
+    match = _TIMESTAMP.fullmatch(text.strip())
+    if match is None:
+        return None
+    whole, fraction, zone = match.groups()
+    micro = (fraction or "").ljust(6, "0")[:6]
+    stamp = datetime.fromisoformat(f"{whole}.{micro}{'+00:00' if zone == 'Z' else zone}")
+    return None if stamp.year <= 1 else stamp.astimezone(UTC)
+
+
+_TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)")
 
 
 def _compose_message(error: Any) -> str:

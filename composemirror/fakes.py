@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from composemirror.errors import ComposeMirrorError, ConfigError, EngineError
 COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
 COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
 COMPOSE_WORKDIR_LABEL = "com.docker.compose.project.working_dir"
+FAKE_EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
+"""When the fake engine's first container starts."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -140,6 +143,15 @@ class FakeEngine(Engine):
         command = args[0] if args else ""
         code = self.exit_codes.get(command, 0)
         if command == "up" and code == 0:
+            if "--force-recreate" in args:
+                named = {a for a in args[1:] if not a.startswith("-")}
+                name = project.name or self._name_of(project)
+                self._remove(
+                    lambda c: (
+                        c.labels.get(COMPOSE_PROJECT_LABEL) == name
+                        and c.labels.get(COMPOSE_SERVICE_LABEL) in named
+                    )
+                )
             self._start(project)
         return code
 
@@ -202,18 +214,36 @@ class FakeEngine(Engine):
         health: str | None = None,
         env: Mapping[str, str] | None = None,
         image: str = "example/app",
+        network_mode: str = "",
     ) -> Container:
+        """A container that started now (each one a second after the one before)."""
+        number = next(self._ids)
         container = Container(
-            id=f"c{next(self._ids):04d}",
+            id=f"c{number:04d}",
             name=name,
             labels=dict(labels or {}),
             state=state,
             health=health,
             env=dict(env or {}),
             image=image,
+            network_mode=network_mode,
+            started_at=FAKE_EPOCH + timedelta(seconds=number) if state == "running" else None,
         )
         self.running.append(container)
         return container
+
+    def restart(self, name: str) -> Container:
+        """`docker restart`: the same container, started now (after every other)."""
+        number = next(self._ids)
+        self.running = [
+            replace(c, state="running", started_at=FAKE_EPOCH + timedelta(seconds=number))
+            if c.name == name
+            else c
+            for c in self.running
+        ]
+        found = self.inspect_container(name)
+        assert found is not None, name
+        return found
 
     def set_state(self, name: str, state: str) -> None:
         self.running = [replace(c, state=state) if c.name == name else c for c in self.running]
@@ -228,7 +258,11 @@ class FakeEngine(Engine):
             return
         model = yaml.safe_load(project.files[0].read_text()) or {}
         name = project.name or str(model.get("name", ""))
-        for service, spec in (model.get("services") or {}).items():
+        services = model.get("services") or {}
+        # Those that join another's namespace start after it, as compose starts them.
+        for service, spec in sorted(
+            services.items(), key=lambda item: _joins(item[1] or {}) is not None
+        ):
             container_name = (spec or {}).get("container_name") or f"{name}-{service}-1"
             if self.inspect_container(container_name) is not None:
                 continue
@@ -238,8 +272,18 @@ class FakeEngine(Engine):
                 COMPOSE_SERVICE_LABEL: service,
                 COMPOSE_WORKDIR_LABEL: str(project.files[0].resolve().parent),
             }
+            joined = _joins(spec or {})
+            owner = None
+            if joined is not None:
+                owner_spec = services.get(joined) or {}
+                owner = self.inspect_container(
+                    owner_spec.get("container_name") or f"{name}-{joined}-1"
+                )
             self.add_container(
-                container_name, labels=labels, image=str((spec or {}).get("image", ""))
+                container_name,
+                labels=labels,
+                image=str((spec or {}).get("image", "")),
+                network_mode=f"container:{owner.id}" if owner else "",
             )
 
     def _discover(self, project: ComposeProject) -> list[Path]:
@@ -262,6 +306,12 @@ class FakeEngine(Engine):
         names = [f"container {c.name}" for c in gone]
         self.removed += names
         return names
+
+
+def _joins(spec: Mapping[str, Any]) -> str | None:
+    """The service whose namespace a service joins (`network_mode: service:NAME`), if any."""
+    mode = str(spec.get("network_mode") or "")
+    return mode.removeprefix("service:") if mode.startswith("service:") else None
 
 
 def _matches(container: Container, labels: Mapping[str, str]) -> bool:

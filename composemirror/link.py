@@ -30,9 +30,13 @@ AGENT_SOCKET = f"{LINK_DIR}/agent.sock"
 KEY_FILE = "/run/secrets/composemirror-key"
 """The tunnel key inside the sidecar and agent containers (a compose secret)."""
 READY_FILE = "/run/composemirror-ready"
-"""Created by the sidecar once it owns the namespace: its healthcheck, so the app waits for it."""
+"""Present while the sidecar's interception rules are in place and its link to the agent is up
+(or down for a few seconds only): its healthcheck, so the app waits for it and Docker shows it."""
 STATUS_FILE = "/run/composemirror-status.json"
-"""The sidecar's report (link state, counters), read by `composemirror status`."""
+"""The sidecar's report, read by `composemirror status`: a JSON object with the link (`agent`:
+connecting, connected or disconnected, `error`, `connects`, `streams`), the interception rules
+(`rules`: `state` "in place" or "failed", `checked` and `restored_at` as Unix times, `restored`
+a count, `drift` what was found missing, `error`) and `counters`."""
 RESOLV_CONF = "/etc/resolv.conf"
 """The resolver configuration the agent answers with: the target's."""
 HANDSHAKE_TIMEOUT = 5.0

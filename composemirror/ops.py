@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,16 @@ from typing import Any, TypeVar
 
 import dotenv
 import yaml
+from tenacity import (
+    Retrying,
+    retry_if_result,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_fixed,
+)
 
 import composemirror
-from composemirror import backends, compose, images
+from composemirror import backends, compose, images, namespaces
 from composemirror.backends import (
     RENDER_DIR,
     Backend,
@@ -46,7 +54,7 @@ from composemirror.config import (
     check_depth,
     load,
 )
-from composemirror.engine import ComposeProject, Engine
+from composemirror.engine import ComposeProject, Container, Engine
 from composemirror.errors import ComposeMirrorError, ConfigError, EngineError
 from composemirror.link import STATUS_FILE
 
@@ -173,7 +181,11 @@ class ServiceStatus:
     state: str
     health: str | None
     link: Mapping[str, Any] = field(default_factory=dict)
-    """For sidecars: what the sidecar reports (agent link state, counters)."""
+    """For sidecars: what the sidecar reports (agent link state, interception rules, counters;
+    see `composemirror.link.STATUS_FILE`)."""
+    namespace: Check | None = None
+    """For a container that joins a sidecar's network namespace (an app): whether it is in the
+    sidecar's current one (`composemirror.namespaces.stale_join`)."""
 
 
 def base_image(runtime: Runtime) -> str:
@@ -426,6 +438,8 @@ def up(
             rendered = with_env(rendered, reported)
             _write(rendered)
         ensure_images(rendered.images, force=build, progress=progress, runtime=runtime)
+        _rejoin(rendered, progress=progress, runtime=runtime)
+        _relink(rendered, progress=progress, runtime=runtime)
         args = [
             "up",
             *(["--detach"] if detach else []),
@@ -443,6 +457,140 @@ def up(
     raise EngineError(
         f"docker compose up failed (exit {code})",
         hint="see compose's output above; `composemirror down` removes what was created",
+    )
+
+
+def _rejoin(rendered: Rendered, *, progress: Progress, runtime: Runtime) -> None:
+    """Recreate the project's containers that are not in their sidecar's current network
+    namespace (the sidecar restarted, was recreated or stopped since they joined it), so that
+    the `up` that follows finds them where they belong; compose itself leaves them running.
+
+    The sidecars they need are started first (`--no-deps`: only them). Raises `EngineError`
+    when compose fails.
+    """
+    project = rendered.compose_project()
+    stale = _stale_joins(rendered.name, runtime)
+    if not stale:
+        return
+    for join in stale:
+        progress(f"{join.reason}: recreating {join.service}")
+    owners = sorted({j.owner for j in stale if j.owner is not None and not j.owner_running})
+    steps = [["up", "--detach", "--no-deps", *owners]] if owners else []
+    steps.append(["up", "--detach", "--no-deps", "--force-recreate", *(j.service for j in stale)])
+    for args in steps:
+        code = runtime.engine.compose_run(project, args)
+        if code != 0:
+            raise EngineError(
+                f"recreating {', '.join(j.service for j in stale)} failed (exit {code})",
+                hint="see compose's output above; `composemirror down` removes what was created",
+            )
+
+
+SIDECAR_WAIT = 30.0
+"""Seconds `up` waits for unhealthy sidecars to link to the agent again before starting."""
+
+
+def _relink(
+    rendered: Rendered,
+    *,
+    progress: Progress,
+    runtime: Runtime,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Let unhealthy sidecars (their link was down) become healthy before compose starts the
+    stack: compose refuses to start anything that depends on an unhealthy service, and the app
+    depends on its sidecar. The agent is started first when it is a service of the project
+    (`prepare` has already restarted what the backend runs). Raises `EngineError` when a
+    sidecar is still unhealthy after `SIDECAR_WAIT` seconds.
+    """
+
+    def unhealthy() -> list[str]:
+        labels = {COMPOSE_PROJECT_LABEL: rendered.name, compose.LABEL_ROLE: "sidecar"}
+        found = runtime.engine.containers(labels)
+        return sorted(c.name for c in found if c.state == "running" and c.health == "unhealthy")
+
+    waiting = unhealthy()
+    if not waiting:
+        return
+    if compose.AGENT_SERVICE in (rendered.model.get("services") or {}):
+        runtime.engine.compose_run(
+            rendered.compose_project(), ["up", "--detach", "--no-deps", compose.AGENT_SERVICE]
+        )
+    progress(f"waiting for {', '.join(waiting)} to link to the agent again")
+    retrying = Retrying(
+        stop=stop_after_delay(SIDECAR_WAIT) | stop_after_attempt(int(SIDECAR_WAIT * 2) + 1),
+        wait=wait_fixed(0.5),
+        retry=retry_if_result(bool),
+        retry_error_callback=lambda state: state.outcome.result() if state.outcome else waiting,
+        sleep=sleep,
+    )
+    left: list[str] = retrying(unhealthy)
+    if left:
+        raise EngineError(
+            f"{', '.join(left)} stayed unhealthy for {SIDECAR_WAIT:.0f} s: "
+            "its link to the agent or its interception rules are not working",
+            hint="`composemirror status` shows the link and the rules; `composemirror doctor` "
+            "says what is wrong",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StaleJoin:
+    """A container of the project left outside the network namespace it shares."""
+
+    service: str
+    """Its compose service."""
+    owner: str | None
+    """The compose service whose namespace it should share (its sidecar), when known."""
+    owner_running: bool
+    reason: str
+    """`composemirror.namespaces.stale_join`'s words."""
+
+
+def _stale_joins(project: str, runtime: Runtime) -> list[StaleJoin]:
+    """The project's running containers that joined another container's network namespace and
+    are no longer in its current one. An app's namespace is its sidecar's (found by label); any
+    other container's is the one whose id its network mode names. The agent's is the target's,
+    which its backend checks (`Backend.inspect`)."""
+    containers = runtime.engine.containers({COMPOSE_PROJECT_LABEL: project})
+    return [
+        join
+        for container in containers
+        if (join := _stale_join(container, containers, runtime)) is not None
+    ]
+
+
+def _stale_join(
+    container: Container, containers: Sequence[Container], runtime: Runtime
+) -> StaleJoin | None:
+    joined = namespaces.joined_id(container)
+    role = container.labels.get(compose.LABEL_ROLE)
+    if joined is None or role == "agent":
+        return None
+    if role == "app":
+        app = container.labels.get(compose.LABEL_SERVICE, "")
+        owner_service: str | None = compose.sidecar_name(app)
+        owner = next(
+            (
+                c
+                for c in containers
+                if c.labels.get(compose.LABEL_ROLE) == "sidecar"
+                and c.labels.get(compose.LABEL_SERVICE) == app
+            ),
+            None,
+        )
+    else:
+        owner = next((c for c in containers if c.id == joined), None)
+        owner = owner or runtime.engine.inspect_container(joined)
+        owner_service = owner.labels.get(COMPOSE_SERVICE_LABEL) if owner else None
+    reason = namespaces.stale_join(container, owner, owner_name=owner_service or joined[:12])
+    if reason is None:
+        return None
+    return StaleJoin(
+        service=container.labels.get(COMPOSE_SERVICE_LABEL, container.name),
+        owner=owner_service,
+        owner_running=owner is not None and owner.state == "running",
+        reason=reason,
     )
 
 
@@ -543,6 +691,7 @@ def run(
     progress(f"target: {rendered.resolution.description}")
     rendered.backend.prepare(rendered.session, progress)
     ensure_images(rendered.images, force=build, progress=progress, runtime=runtime)
+    _relink(rendered, progress=progress, runtime=runtime)
     project = rendered.compose_project()
     if no_deps and service in rendered.config.services:
         own = [compose.sidecar_name(service)] + [
@@ -617,7 +766,10 @@ def down(options: Options, *, volumes: bool, progress: Progress, runtime: Runtim
     rendered = directory / RENDER_DIR / "compose.yaml"
     files = (rendered,) if rendered.is_file() else ()
     removed: list[str] = []
+    folders = {directory / RENDER_DIR}
     for name in _instances(first, directory, options, runtime):
+        # `-p NAME` from elsewhere: the rendered files are where compose ran, by its label.
+        folders |= _render_dirs(name, runtime)
         engine.compose_down(ComposeProject(files=files, name=name), volumes=volumes)
         removed += engine.remove_labelled({compose.LABEL_PROJECT: name}, volumes=True)
         # compose down without files cannot know the project's networks; find them by label.
@@ -628,9 +780,21 @@ def down(options: Options, *, volumes: bool, progress: Progress, runtime: Runtim
             )
         elif (leftover := backends.recorded(name, runtime.environ, engine)) is not None:
             removed += leftover.teardown(name, directory, progress, context=options.context)
-    if not _started_here(directory, runtime):
-        shutil.rmtree(directory / RENDER_DIR, ignore_errors=True)
+    for folder in sorted(folders):
+        if folder.is_dir() and not _started_here(folder.parent, runtime):
+            shutil.rmtree(folder, ignore_errors=True)
+            progress(f"removed {folder}")
     return removed
+
+
+def _render_dirs(project: str, runtime: Runtime) -> set[Path]:
+    """The `.composemirror/` folders compose ran `project` from (its working-directory label)."""
+    found = set()
+    for container in runtime.engine.containers({COMPOSE_PROJECT_LABEL: project}):
+        label = container.labels.get(COMPOSE_WORKDIR_LABEL)
+        if label and Path(label).name == RENDER_DIR:
+            found.add(Path(label))
+    return found
 
 
 def status(options: Options, *, runtime: Runtime) -> tuple[str, list[ServiceStatus]]:
@@ -646,7 +810,8 @@ def status(options: Options, *, runtime: Runtime) -> tuple[str, list[ServiceStat
     if not engine.containers({COMPOSE_PROJECT_LABEL: first}):
         name = next(iter(_instances(first, directory, options, runtime)[1:]), first)
     rows = []
-    for container in engine.containers({COMPOSE_PROJECT_LABEL: name}):
+    containers = engine.containers({COMPOSE_PROJECT_LABEL: name})
+    for container in containers:
         role = container.labels.get(compose.LABEL_ROLE, "service")
         link: dict[str, Any] = {}
         if role == "sidecar" and container.state == "running":
@@ -661,10 +826,36 @@ def status(options: Options, *, runtime: Runtime) -> tuple[str, list[ServiceStat
                 state=container.state,
                 health=container.health,
                 link=link,
+                namespace=_namespace_check(container, containers, runtime),
             )
         )
     rows.sort(key=lambda r: (r.role != "agent", r.service))
     return name, rows
+
+
+def _namespace_check(
+    container: Container, containers: Sequence[Container], runtime: Runtime
+) -> Check | None:
+    """For a running container that joins a sidecar's (or another service's) namespace: whether
+    it is in that container's current one."""
+    joined = namespaces.joined_id(container)
+    if joined is None or container.state != "running":
+        return None
+    if container.labels.get(compose.LABEL_ROLE) == "agent":
+        return None
+    service = container.labels.get(COMPOSE_SERVICE_LABEL, container.name)
+    name = f"network namespace of {service}"
+    stale = _stale_join(container, containers, runtime)
+    if stale is not None:
+        return Check(
+            name=name,
+            ok=False,
+            detail=stale.reason,
+            hint=f"`composemirror up -d` recreates {service} in its sidecar's namespace",
+        )
+    owner = next((c for c in containers if c.id == joined), None)
+    owner_service = owner.labels.get(COMPOSE_SERVICE_LABEL, owner.name) if owner else joined[:12]
+    return Check(name=name, ok=True, detail=f"shares {owner_service}'s")
 
 
 def session_state(options: Options, *, runtime: Runtime) -> list[Check]:
@@ -741,7 +932,55 @@ def doctor(options: Options, *, runtime: Runtime) -> list[Check]:
                     hint=None if state == "connected" else row.link.get("error"),
                 )
             )
+            checks.append(rules_check(row))
+        if row.namespace is not None:
+            checks.append(row.namespace)
     return checks
+
+
+RULES_STALE_AFTER = 15.0
+"""Seconds after which a sidecar's last check of its rules means it no longer checks them."""
+
+
+def rules_check(row: ServiceStatus, *, now: float | None = None) -> Check:
+    """Whether a sidecar's interception rules are in place, from its report's `rules` (see
+    `composemirror.link.STATUS_FILE`): failed when they are missing, when the sidecar had to
+    restore them (something else in the namespace removed them, so traffic went unfiltered
+    meanwhile), or when it has not checked them for `RULES_STALE_AFTER` seconds. `now` is
+    the Unix time (the sidecar's clock is the host's)."""
+    name = f"interception rules of {row.service}"
+    rules = row.link.get("rules")
+    if row.state != "running" or not isinstance(rules, dict):
+        return Check(name=name, ok=False, detail="no report from the sidecar")
+    now = time.time() if now is None else now
+    checked = float(rules.get("checked") or 0)
+    restored = int(rules.get("restored") or 0)
+    app = row.service.removesuffix(compose.SIDECAR_SUFFIX)
+    if rules.get("state") != "in place":
+        return Check(
+            name=name,
+            ok=False,
+            detail=f"{rules.get('state')}: {rules.get('error') or rules.get('drift')}",
+            hint=f"see `docker logs` of {row.container}",
+        )
+    if now - checked > RULES_STALE_AFTER:
+        return Check(
+            name=name,
+            ok=False,
+            detail=f"last checked {now - checked:.0f} s ago: the sidecar is not responding",
+            hint=f"see `docker logs` of {row.container}",
+        )
+    if restored:
+        when = time.strftime("%H:%M:%S UTC", time.gmtime(float(rules.get("restored_at") or 0)))
+        return Check(
+            name=name,
+            ok=False,
+            detail=f"restored {restored} time(s), last at {when}, after something in the "
+            f"namespace removed them ({rules.get('drift')}); traffic went unfiltered meanwhile",
+            hint=f"a process of {app} with NET_ADMIN changes the namespace's nat or mangle "
+            f"table: keep it from flushing them, or drop NET_ADMIN from {app}",
+        )
+    return Check(name=name, ok=True, detail="in place")
 
 
 def _attempt(
@@ -798,22 +1037,40 @@ def sandbox(action: str, *, progress: Progress, runtime: Runtime) -> None:
 
 
 def _write(rendered: Rendered) -> None:
+    """Write the rendered project and, once per session, the tunnel key, into `.composemirror/`.
+
+    The rendered file holds the target's imported environment (passwords, tokens): the folder is
+    0700 and every file in it 0600, also when an earlier version left them more open.
+    """
     folder = rendered.path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / ".gitignore").write_text(
-        "# written by composemirror; `composemirror down` removes it\n*\n"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    _write_private(
+        folder / ".gitignore", "# written by composemirror; `composemirror down` removes it\n*\n"
     )
     text = yaml.safe_dump(rendered.model, sort_keys=False, default_flow_style=False, width=1000)
     header = (
         "# Rendered by composemirror from the project's compose model; do not edit.\n"
         "# `composemirror config` prints it, `composemirror down` removes it.\n"
     )
-    rendered.path.write_text(header + text)
+    _write_private(rendered.path, header + text)
     if not rendered.key_file.exists():
         # A fresh secret per `up` (down removes it): the tunnel handshake proves both ends know it.
         fd = os.open(rendered.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as key:
             key.write(secrets.token_hex(32) + "\n")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replace `path` with `text`, readable by its owner only (0600) from the first byte."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as file:  # mkstemp creates it 0600
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def _discover(start: Path) -> tuple[Path, ...]:

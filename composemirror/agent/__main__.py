@@ -1,4 +1,5 @@
-"""`python -m composemirror.agent`: run the agent until it is stopped."""
+"""`python -m composemirror.agent`: run the agent until it is stopped, or until the target's
+network leaves its namespace (`composemirror.agent.namespace`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 from composemirror import tasks
+from composemirror.agent import namespace
 from composemirror.agent.resolver import Resolver, parse_resolv_conf
 from composemirror.agent.server import Agent
 from composemirror.errors import AgentError, ComposeMirrorError
@@ -34,6 +36,7 @@ async def run(settings: AgentSettings) -> None:
         resolver = Resolver(conf, max_lookups=settings.max_lookups)
         agent = Agent(key, resolver, spawner, handshake_timeout=settings.handshake_timeout)
         server = await agent.serve(listen)
+        spawner.service(namespace.watch(), name="namespace watch")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

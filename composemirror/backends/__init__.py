@@ -159,7 +159,9 @@ class Backend(Protocol):
         ...
 
     def prepare(self, session: SessionInfo, progress: Progress) -> None:
-        """Start or create what must run before compose starts the stack, and wait for it."""
+        """Start or create what must run before compose starts the stack, and wait for it;
+        an agent that is no longer in the target's current network namespace (the target
+        restarted or was replaced) is placed again."""
         ...
 
     def teardown(
@@ -192,8 +194,10 @@ class Backend(Protocol):
         ...
 
     def inspect(self, config: Config, project: str, directory: Path) -> list[Check]:
-        """The session's state for `status` and `doctor` (a forwarder, agents left behind);
-        `directory` is the user's project directory. Raises ClusterError when unreachable."""
+        """The session's state for `status` and `doctor` (a forwarder, agents left behind, an
+        agent outside the target's current network namespace: a failed check whose hint says
+        how to fix it); `directory` is the user's project directory. Raises ClusterError when
+        unreachable."""
         ...
 
 

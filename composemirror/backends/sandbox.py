@@ -17,13 +17,13 @@ import composemirror
 from composemirror.backends import (
     Check,
     ContainerPlacement,
-    NoSessionState,
     Placement,
     Progress,
     Resolution,
     Resolver,
     SessionInfo,
 )
+from composemirror.backends.docker import TargetNamespace
 from composemirror.compose import unescape
 from composemirror.config import Config
 from composemirror.engine import ComposeProject, Engine
@@ -42,7 +42,7 @@ def project(base_image: str = DEFAULT_BASE) -> ComposeProject:
     return ComposeProject(files=(COMPOSE_FILE,), name=PROJECT, environment={BASE_ENV: base_image})
 
 
-class SandboxBackend(NoSessionState):
+class SandboxBackend(TargetNamespace):
     """Targets in the sandbox cluster."""
 
     name = "sandbox"
@@ -85,10 +85,14 @@ class SandboxBackend(NoSessionState):
     def place(self, config: Config, resolution: Resolution, session: SessionInfo) -> Placement:
         return ContainerPlacement(network_mode=f"container:{resolution.target}")
 
+    def target_name(self, config: Config) -> str:
+        return self.resolve(config).target
+
     def prepare(self, session: SessionInfo, progress: Progress) -> None:
         if not self.is_up():
             progress("starting the sandbox cluster")
             self.start(session.base_image)
+        self.rejoin(session, progress)
 
     def teardown(
         self,

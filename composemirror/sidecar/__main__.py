@@ -1,8 +1,9 @@
 """`python -m composemirror.sidecar`: own the shared network namespace until stopped.
 
 Start order matters: the DNS server and the proxies listen first, then the firewall redirects the
-namespace's traffic to them, then the ready file tells compose the app may start. The tunnel to
-the agent connects in the background; until it does, remote traffic fails fast.
+namespace's traffic to them. The tunnel to the agent connects in the background (until it does,
+remote traffic fails fast); once it has, the ready file tells compose the app may start. The
+rules are checked every `RULES_INTERVAL` seconds and restored when something removed them.
 """
 
 from __future__ import annotations
@@ -98,9 +99,22 @@ async def run(settings: SidecarSettings) -> None:
         await serve(settings, spawner)
 
 
+RULES_INTERVAL = 2.0
+"""Seconds between two checks of the interception rules."""
+
+
+async def keep_rules(guard: firewall.Guard, interval: float = RULES_INTERVAL) -> None:
+    """Check (and restore) the rules every `interval` seconds, off the event loop."""
+    while True:
+        await asyncio.sleep(interval)
+        await asyncio.to_thread(guard.check)
+
+
 async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
     """Take over the namespace and serve until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
+    # A restarted container keeps its files: health is earned again in the new namespace.
+    Path(READY_FILE).unlink(missing_ok=True)
     try:
         key = key_from_text(Path(settings.key_file).read_text())
     except (OSError, ValueError) as e:
@@ -160,18 +174,18 @@ async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
         udp_proxy.listen(("127.0.0.1", UDP_PROXY_PORT))
     # With a remote list, the project's own addresses may be listed remote: the proxy decides.
     direct = networks if outgoing is None or outgoing.mode == "local" else []
-    backend = firewall.apply(
-        firewall.Plan(
-            mark=MARK,
-            dns_port=DNS_PORT,
-            proxy_port=PROXY_PORT,
-            tcp=settings.tcp,
-            udp=settings.udp,
-            udp_port=UDP_PROXY_PORT,
-            direct=direct,
-            stand_ins=dns.STAND_INS,
-        )
+    plan = firewall.Plan(
+        mark=MARK,
+        dns_port=DNS_PORT,
+        proxy_port=PROXY_PORT,
+        tcp=settings.tcp,
+        udp=settings.udp,
+        udp_port=UDP_PROXY_PORT,
+        direct=direct,
+        stand_ins=dns.STAND_INS,
     )
+    backend = firewall.apply(plan)
+    guard = firewall.Guard(plan, backend)
     log.info(
         "%s: firewall set (%s; tcp %s, udp %s); local networks %s",
         settings.service,
@@ -180,14 +194,16 @@ async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
         "proxied" if settings.udp else "direct",
         ", ".join(map(str, networks)) or "none",
     )
-    Path(READY_FILE).touch()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    report = functools.partial(lambda: status.report(counters, tunnels.report()))
+    report = functools.partial(lambda: status.report(counters, tunnels.report(), guard.report()))
+    health = status.Health(link_state=lambda: tunnels.state, rules_state=lambda: guard.state)
     # Helpers: an error in one is logged and it starts again; the sidecar never dies of it.
     spawner.keep(tunnels.run, name="agent link")
     spawner.keep(lambda: status.publish(Path(STATUS_FILE), report), name="status file")
+    spawner.keep(lambda: keep_rules(guard), name="rules guard")
+    spawner.keep(lambda: status.keep_ready(Path(READY_FILE), health.healthy), name="ready file")
     try:
         await stop.wait()  # then the scope cancels the services and the connections' tasks
     finally:

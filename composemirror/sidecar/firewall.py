@@ -7,7 +7,9 @@ proxy; connections to the DNS server's stand-in addresses always go to the proxi
 mangle chain marks the same kind of outgoing UDP datagrams, a policy route sends marked packets
 to loopback, and TPROXY hands them to the UDP proxy (IPv4 only). Docker's own DNS rules are left
 as they are. Rendering is pure; `apply` runs iptables-restore on whichever backend (nft or
-legacy) holds Docker's rules, and `ip` for the policy route.
+legacy) holds Docker's rules, and `ip` for the policy route. A `Guard` then keeps what was
+installed in place: anything else in the namespace with NET_ADMIN (the app) can flush the
+tables, so it compares them with a snapshot taken after `apply` and restores what went.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 import itertools
 import logging
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from composemirror.errors import SidecarError
 from composemirror.filters import IPNetwork
@@ -29,6 +33,11 @@ TPROXY_MARK = 0x434E
 """Firewall mark of the app's UDP datagrams on their way to the UDP proxy (not the sidecar's)."""
 ROUTE_TABLE = 100
 """Routing table that delivers TPROXY-marked packets locally (`local 0.0.0.0/0 dev lo`)."""
+DOCKER_CHAINS = ("DOCKER_OUTPUT", "DOCKER_POSTROUTING")
+"""Docker's nat chains for its embedded DNS (127.0.0.11), which the sidecar's own local lookups
+need: a flush of the nat table removes them with ours, so the guard keeps them too."""
+KEPT_CHAINS = (CHAIN, TPROXY_CHAIN, *DOCKER_CHAINS)
+BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -234,3 +243,181 @@ def _backend() -> str:
 
 def _run(command: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=30)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TableRules:
+    """One table's part of what the guard keeps, as iptables-save prints it."""
+
+    chains: Mapping[str, tuple[str, ...]]
+    """Each kept chain (ours, Docker's DNS chains) that exists -> its rules (`-A CHAIN ...`)."""
+    jumps: tuple[str, ...]
+    """Rules of built-in chains that jump to a kept chain (`-A OUTPUT -j COMPOSEMIRROR`), in
+    their order; ours come first in their chain."""
+
+
+def parse_save(text: str) -> tuple[list[str], list[str]]:
+    """iptables-save output of one table: (its declared chains, its rules), in order."""
+    chains: list[str] = []
+    rules: list[str] = []
+    for line in text.splitlines():
+        if line.startswith(":"):
+            chains.append(line[1:].split()[0])
+        elif line.startswith("-A "):
+            rules.append(line.strip())
+    return chains, rules
+
+
+def snapshot(saved: Mapping[str, str]) -> dict[str, TableRules]:
+    """What to keep, per table, from iptables-save's output of each table (taken after
+    `apply`)."""
+    return {table: _table_rules(text) for table, text in saved.items()}
+
+
+def _table_rules(text: str) -> TableRules:
+    declared, rules = parse_save(text)
+    chains = {
+        chain: tuple(rule for rule in rules if _chain_of(rule) == chain)
+        for chain in KEPT_CHAINS
+        if chain in declared
+    }
+    jumps = tuple(
+        rule for rule in rules if _chain_of(rule) in BUILTIN_CHAINS and _target(rule) in chains
+    )
+    return TableRules(chains=chains, jumps=jumps)
+
+
+def drift(expected: Mapping[str, TableRules], saved: Mapping[str, str]) -> list[str]:
+    """What differs between `expected` and iptables-save's output now, in words; empty when
+    everything is in place. Our jumps must lead their built-in chain, as `render` put them."""
+    found: list[str] = []
+    for table, want in expected.items():
+        have = _table_rules(saved.get(table, ""))
+        for chain, rules in want.chains.items():
+            if chain not in have.chains:
+                found.append(f"{table} chain {chain} is gone")
+            elif have.chains[chain] != rules:
+                found.append(f"{table} chain {chain} lost or changed rules")
+        _, current = parse_save(saved.get(table, ""))
+        for jump in want.jumps:
+            chain, target = _chain_of(jump), _target(jump)
+            if jump not in have.jumps:
+                found.append(f"{table} {chain} no longer jumps to {target}")
+            elif target in (CHAIN, TPROXY_CHAIN) and not _leads(jump, want.jumps, current):
+                found.append(f"{table} {chain} has rules before the jump to {target}")
+    return found
+
+
+def _leads(jump: str, jumps: Sequence[str], current: Sequence[str]) -> bool:
+    """Whether our jumps of `jump`'s chain are that chain's first rules, in order."""
+    chain = _chain_of(jump)
+    ours = [j for j in jumps if _chain_of(j) == chain and _target(j) in (CHAIN, TPROXY_CHAIN)]
+    return [r for r in current if _chain_of(r) == chain][: len(ours)] == ours
+
+
+def repair(expected: Mapping[str, TableRules], saved: Mapping[str, str]) -> str:
+    """iptables-restore input (for `--noflush`) that puts `expected` back in the tables that
+    drifted, leaving every other rule as it is: kept chains are declared again (which empties
+    them) and refilled, their jumps deleted where present and inserted again in order at the
+    head of their built-in chain."""
+    lines: list[str] = []
+    for table, want in expected.items():
+        if not drift({table: want}, saved):
+            continue
+        _, current = parse_save(saved.get(table, ""))
+        lines += [f"*{table}", *(f":{chain} - [0:0]" for chain in want.chains)]
+        lines += [
+            "-D" + rule[2:]
+            for rule in current
+            if _chain_of(rule) in BUILTIN_CHAINS and _target(rule) in want.chains
+        ]
+        lines += [rule for rules in want.chains.values() for rule in rules]
+        position: dict[str, int] = {}
+        for jump in want.jumps:
+            chain = _chain_of(jump)
+            position[chain] = position.get(chain, 0) + 1
+            lines.append(f"-I {chain} {position[chain]}{jump[3 + len(chain) :]}")
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _chain_of(rule: str) -> str:
+    words = rule.split()
+    return words[1] if len(words) > 1 else ""
+
+
+def _target(rule: str) -> str:
+    words = rule.split()
+    for flag, value in itertools.pairwise(words):
+        if flag in ("-j", "--jump"):
+            return value
+    return ""
+
+
+class Guard:
+    """Keeps the rules `apply` installed: `check()` compares the tables with the snapshot taken
+    at start and restores what is missing, and `report()` says what it found.
+
+    Blocking (it runs iptables-save, iptables-restore and ip): call it from a thread.
+    """
+
+    def __init__(self, plan: Plan, backend: str, clock: Any = time.time) -> None:
+        self.plan = plan
+        self.backend = backend
+        self.clock = clock
+        self.tables = sorted({jump.table for jump in jumps(plan)})
+        self.expected = snapshot(self._save())
+        self.state = "in place"
+        """`in place`, or `failed` when the rules could not be restored."""
+        self.checked = self.clock()
+        """Unix time of the last check."""
+        self.restored = 0
+        """How many times something had removed rules and they were put back."""
+        self.restored_at: float | None = None
+        self.drift: str | None = None
+        """What was missing the last time rules were restored (or could not be)."""
+        self.error: str | None = None
+
+    def check(self) -> None:
+        """Compare the tables with the snapshot; restore what drifted. Never raises for the
+        firewall's own failures: they are the report's `failed` state."""
+        try:
+            saved = self._save()
+            found = drift(self.expected, saved)
+            missing_route = self.plan.udp and not _has_rule(
+                _run(["ip", "-4", "rule", "show"]).stdout, self.plan.udp_mark, self.plan.table
+            )
+            if missing_route:
+                found.append(f"the policy rule for fwmark {self.plan.udp_mark:#x} is gone")
+            if found:
+                self.drift = "; ".join(found)
+                log.warning("interception rules changed by another process: %s", self.drift)
+                if missing_route:
+                    _route(self.plan)
+                text = repair(self.expected, saved)
+                if text:
+                    result = _run([f"{self.backend}-restore", "--noflush"], stdin=text)
+                    if result.returncode != 0:
+                        raise SidecarError(f"{self.backend}-restore: {result.stderr.strip()}")
+                self.restored += 1
+                self.restored_at = self.clock()
+                log.warning("interception rules restored")
+            self.state, self.error = "in place", None
+        except (OSError, subprocess.SubprocessError, SidecarError) as e:
+            self.state, self.error = "failed", str(e)
+            log.error("cannot restore the interception rules: %s", e)
+        self.checked = self.clock()
+
+    def report(self) -> dict[str, Any]:
+        """The `rules` part of the sidecar's status report."""
+        return {
+            "state": self.state,
+            "checked": self.checked,
+            "restored": self.restored,
+            "restored_at": self.restored_at,
+            "drift": self.drift,
+            "error": self.error,
+        }
+
+    def _save(self) -> dict[str, str]:
+        return {table: _run([f"{self.backend}-save", "-t", table]).stdout for table in self.tables}

@@ -251,7 +251,7 @@ def test_a_replaced_target_pod_is_reported_and_not_retried(cluster: Cluster) -> 
         log = (session_folder(project) / "forwarder.log").read_text()
         assert f"the agent's pod {old} in namespace {cluster.namespace} is gone" in log
         status = cli(cluster, "-p", project, "status")
-        assert status.returncode == 1, status.stdout + status.stderr
+        assert status.returncode == 0, status.stdout + status.stderr  # a report; doctor fails
         assert f"FAIL agent pod: pod {old} in namespace {cluster.namespace}" in status.stdout
         doctor = cli(cluster, "-p", project, "doctor")
         assert doctor.returncode == 1

@@ -77,8 +77,11 @@ def test_status_lists_app_sidecar_and_agent(example: None) -> None:
     assert by_role["agent"]["state"] == "running"
     link = wait_for(lambda: status(EXAMPLE)["services"] and _sidecar_link(), timeout=15)
     assert link["agent"] == "connected"
+    assert link["rules"]["state"] == "in place" and link["rules"]["restored"] == 0
+    assert by_role["app"]["namespace"]["ok"] is True
     table = cli("-f", str(EXAMPLE), "status").stdout
-    assert "web-mirror" in table and "agent connected" in table
+    assert "web-mirror" in table and "link connected, rules in place" in table
+    assert "namespace shares web-mirror's" in table
 
 
 def _sidecar_link() -> dict[str, object] | None:

@@ -195,6 +195,74 @@ def test_a_stopped_docker_target() -> None:
     assert caught.value.hint == "start it with `docker start shop-checkout`"
 
 
+def agent_of(engine: FakeEngine, target: str, project: str = "proj") -> None:
+    owner = engine.inspect_container(target)
+    assert owner is not None
+    engine.add_container(
+        f"{project}-composemirror-agent-1",
+        labels={"io.composemirror.project": project, "io.composemirror.role": "agent"},
+        network_mode=f"container:{owner.id}",
+    )
+
+
+def test_an_agent_in_the_targets_namespace_is_inspected_as_such() -> None:
+    engine = FakeEngine()
+    engine.add_container("shop-checkout")
+    agent_of(engine, "shop-checkout")
+    backend = DockerBackend(engine)
+    cfg = config("docker://shop-checkout")
+    [check] = backend.inspect(cfg, "proj", Path("/project"))
+    assert (check.name, check.ok, check.detail) == (
+        "agent namespace",
+        True,
+        "shares shop-checkout's",
+    )
+    lines: list[str] = []
+    backend.prepare(session(backend.resolve(cfg), cfg), lines.append)
+    assert lines == [] and engine.removed == []
+
+
+def test_an_agent_left_behind_by_a_restarted_target_is_reported_and_recreated() -> None:
+    engine = FakeEngine()
+    engine.add_container("shop-checkout")
+    agent_of(engine, "shop-checkout")
+    engine.restart("shop-checkout")
+    backend = DockerBackend(engine)
+    cfg = config("docker://shop-checkout")
+    [check] = backend.inspect(cfg, "proj", Path("/project"))
+    assert not check.ok
+    assert check.detail.startswith("shop-checkout restarted at ")
+    assert "after the agent proj-composemirror-agent-1 joined it" in check.detail
+    assert check.hint is not None and "`composemirror up -d` recreates it there" in check.hint
+    lines: list[str] = []
+    backend.prepare(session(backend.resolve(cfg), cfg), lines.append)
+    assert engine.removed == ["container proj-composemirror-agent-1"]
+    assert lines[0].endswith(": recreating the agent")
+
+
+def test_an_agent_of_a_recreated_or_removed_target_is_reported() -> None:
+    engine = FakeEngine()
+    engine.add_container("shop-checkout")
+    agent_of(engine, "shop-checkout")
+    engine.running = [c for c in engine.running if c.name != "shop-checkout"]
+    backend = DockerBackend(engine)
+    cfg = config("docker://shop-checkout")
+    [check] = backend.inspect(cfg, "proj", Path("/project"))
+    assert not check.ok and "which no longer exists" in check.detail
+    engine.add_container("shop-checkout")  # a new container, a new id
+    [check] = backend.inspect(cfg, "proj", Path("/project"))
+    assert not check.ok and "joined an earlier shop-checkout" in check.detail
+
+
+def test_a_stopped_agent_is_reported() -> None:
+    engine = FakeEngine()
+    engine.add_container("shop-checkout")
+    agent_of(engine, "shop-checkout")
+    engine.set_state("proj-composemirror-agent-1", "exited")
+    [check] = DockerBackend(engine).inspect(config("docker://shop-checkout"), "proj", Path("/p"))
+    assert not check.ok and check.detail == "the agent proj-composemirror-agent-1 is exited"
+
+
 # -- the sandbox ------------------------------------------------------------------------------
 
 

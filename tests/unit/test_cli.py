@@ -7,6 +7,7 @@ import copy
 import json
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -56,15 +57,18 @@ def test_up_detached_then_status_then_down(
     assert "target: fake target" in err
     assert project.engine.commands() == [["up", "--detach"]]
 
+    rules = {"state": "in place", "checked": time.time(), "restored": 0}
     project.engine.outputs["shop-web-mirror-1"] = json.dumps(
-        {"agent": "connected", "counters": {"tcp_remote": 2, "dns_remote": 5}}
+        {"agent": "connected", "rules": rules, "counters": {"tcp_remote": 2, "dns_remote": 5}}
     )
     assert run(project, "status") == 0
     out, _ = capsys.readouterr()
     lines = out.splitlines()
-    assert lines[0].split() == ["SERVICE", "ROLE", "STATE", "LINK"]
+    assert lines[0].split() == ["SERVICE", "ROLE", "STATE", "DETAIL"]
     assert lines[1].split()[:3] == ["composemirror-agent", "agent", "running"]
-    assert lines[-1].endswith("agent connected, dns_remote 5, tcp_remote 2")
+    assert lines[-2].split()[:2] == ["web", "app"]
+    assert lines[-2].endswith("namespace shares web-mirror's")
+    assert lines[-1].endswith("link connected, rules in place, dns_remote 5, tcp_remote 2")
 
     assert run(project, "ps", "--format", "json") == 0
     data = json.loads(capsys.readouterr().out)
@@ -337,7 +341,7 @@ def test_an_unreachable_cluster_is_a_status_line_not_a_failure(
     assert "session: cannot reach the cluster" in capsys.readouterr().out
 
 
-def test_a_broken_session_fails_status(
+def test_a_broken_session_is_reported_by_status_and_fails_doctor(
     project: Project, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert run(project, "up", "-d") == 0
@@ -351,8 +355,40 @@ def test_a_broken_session_fails_status(
         ),
     ]
     capsys.readouterr()
-    assert run(project, "status") == 1
+    assert run(project, "status") == 0  # a report, as `docker compose ps`; doctor fails
     out = capsys.readouterr().out
     assert "FAIL agent pod: pod checkout-1 in namespace shop, where the agent ran, is gone" in out
     assert "hint: run `composemirror up` again" in out
-    assert run(project, "status", "--format", "json") == 1
+    assert run(project, "status", "--format", "json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [c["ok"] for c in data["session"]] == [True, False]
+    assert run(project, "doctor") == 1
+
+
+def test_status_shows_an_app_out_of_its_sidecars_namespace_and_rules_restored(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(project, "up", "-d") == 0
+    project.engine.restart("shop-web-mirror-1")
+    rules = {
+        "state": "in place",
+        "checked": time.time(),
+        "restored": 2,
+        "restored_at": time.time(),
+        "drift": "nat OUTPUT no longer jumps to COMPOSEMIRROR",
+    }
+    project.engine.outputs["shop-web-mirror-1"] = json.dumps({"agent": "connected", "rules": rules})
+    capsys.readouterr()
+    assert run(project, "status") == 0
+    out = capsys.readouterr().out
+    web = next(line for line in out.splitlines() if line.startswith("web "))
+    assert "namespace BROKEN: shop-web-mirror-1 restarted at" in web
+    assert "link connected, rules in place (restored 2x)" in out
+    assert "FAIL interception rules of web-mirror: restored 2 time(s)" in out
+    assert "FAIL network namespace of web: " in out
+    assert "  hint: `composemirror up -d` recreates web in its sidecar's namespace" in out
+    assert run(project, "status", "--format", "json") == 0
+    data = json.loads(capsys.readouterr().out)
+    app = next(s for s in data["services"] if s["role"] == "app")
+    assert app["namespace"]["ok"] is False
+    assert run(project, "doctor") == 1

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import ipaddress
+import subprocess
 
 import pytest
 
-from composemirror.sidecar.firewall import Plan, render, route_commands
+from composemirror.sidecar import firewall
+from composemirror.sidecar.firewall import (
+    Guard,
+    Plan,
+    drift,
+    render,
+    repair,
+    route_commands,
+    snapshot,
+)
 
 MARK = 0x434D
 UDP_MARK = 0x434E
@@ -207,3 +217,188 @@ FRESH_RULES = (
 )
 def test_route_commands(given: Plan, rules: str, expected: list[list[str]]) -> None:
     assert route_commands(given, rules) == expected
+
+
+# -- the guard: what is kept, what drifted, how it is put back ----------------------------------
+
+AFTER_APPLY = {
+    "nat": """*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:COMPOSEMIRROR - [0:0]
+:DOCKER_OUTPUT - [0:0]
+:DOCKER_POSTROUTING - [0:0]
+-A OUTPUT -j COMPOSEMIRROR
+-A OUTPUT -d 127.0.0.11/32 -j DOCKER_OUTPUT
+-A POSTROUTING -d 127.0.0.11/32 -j DOCKER_POSTROUTING
+-A COMPOSEMIRROR -m mark --mark 0x434d -j RETURN
+-A COMPOSEMIRROR -p udp -m udp --dport 53 -j REDIRECT --to-ports 53
+-A COMPOSEMIRROR -p tcp -j REDIRECT --to-ports 15001
+-A DOCKER_OUTPUT -d 127.0.0.11/32 -p udp -m udp --dport 53 -j DNAT --to-destination 127.0.0.11:36004
+-A DOCKER_POSTROUTING -s 127.0.0.11/32 -p udp -m udp --sport 36004 -j SNAT --to-source :53
+COMMIT
+""",
+    "mangle": """*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:COMPOSEMIRROR - [0:0]
+:COMPOSEMIRROR_TPROXY - [0:0]
+-A PREROUTING -p udp -j COMPOSEMIRROR_TPROXY
+-A OUTPUT -p udp -j COMPOSEMIRROR
+-A COMPOSEMIRROR -p udp -j MARK --set-xmark 0x434e/0xffffffff
+-A COMPOSEMIRROR_TPROXY -p udp -m mark --mark 0x434e -j TPROXY --on-port 15002
+COMMIT
+""",
+}
+"""What iptables-nft-save printed in a sidecar's namespace after `apply` (shortened)."""
+FLUSHED_NAT = """*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:COMPOSEMIRROR - [0:0]
+:DOCKER_OUTPUT - [0:0]
+:DOCKER_POSTROUTING - [0:0]
+COMMIT
+"""
+"""The nat table after `iptables -t nat -F` in the app (chains stay, empty)."""
+
+
+def test_the_snapshot_keeps_our_chains_dockers_dns_chains_and_their_jumps() -> None:
+    kept = snapshot(AFTER_APPLY)
+    assert list(kept["nat"].chains) == ["COMPOSEMIRROR", "DOCKER_OUTPUT", "DOCKER_POSTROUTING"]
+    assert kept["nat"].jumps == (
+        "-A OUTPUT -j COMPOSEMIRROR",
+        "-A OUTPUT -d 127.0.0.11/32 -j DOCKER_OUTPUT",
+        "-A POSTROUTING -d 127.0.0.11/32 -j DOCKER_POSTROUTING",
+    )
+    assert len(kept["nat"].chains["COMPOSEMIRROR"]) == 3
+    assert kept["mangle"].jumps == (
+        "-A PREROUTING -p udp -j COMPOSEMIRROR_TPROXY",
+        "-A OUTPUT -p udp -j COMPOSEMIRROR",
+    )
+
+
+def test_nothing_drifted_right_after_apply_and_others_rules_do_not_count() -> None:
+    assert drift(snapshot(AFTER_APPLY), AFTER_APPLY) == []
+    assert repair(snapshot(AFTER_APPLY), AFTER_APPLY) == ""
+    # The app adds rules of its own after ours: still in place.
+    added = AFTER_APPLY["nat"].replace("COMMIT", "-A POSTROUTING -o wg0 -j MASQUERADE\nCOMMIT")
+    assert drift(snapshot(AFTER_APPLY), {**AFTER_APPLY, "nat": added}) == []
+
+
+@pytest.mark.parametrize(
+    ("nat", "expected"),
+    [
+        (
+            FLUSHED_NAT,
+            [
+                "nat chain COMPOSEMIRROR lost or changed rules",
+                "nat chain DOCKER_OUTPUT lost or changed rules",
+                "nat chain DOCKER_POSTROUTING lost or changed rules",
+                "nat OUTPUT no longer jumps to COMPOSEMIRROR",
+                "nat OUTPUT no longer jumps to DOCKER_OUTPUT",
+                "nat POSTROUTING no longer jumps to DOCKER_POSTROUTING",
+            ],
+        ),
+        (
+            AFTER_APPLY["nat"].replace(
+                "-A OUTPUT -j COMPOSEMIRROR\n",
+                "-A OUTPUT -p tcp -j ACCEPT\n-A OUTPUT -j COMPOSEMIRROR\n",
+            ),
+            ["nat OUTPUT has rules before the jump to COMPOSEMIRROR"],
+        ),
+        (
+            "\n".join(
+                line for line in AFTER_APPLY["nat"].splitlines() if "COMPOSEMIRROR" not in line
+            ),
+            ["nat chain COMPOSEMIRROR is gone", "nat OUTPUT no longer jumps to COMPOSEMIRROR"],
+        ),
+    ],
+    ids=["flushed", "bypassed", "deleted"],
+)
+def test_drift_says_what_went(nat: str, expected: list[str]) -> None:
+    assert drift(snapshot(AFTER_APPLY), {**AFTER_APPLY, "nat": nat}) == expected
+
+
+def test_repair_refills_the_chains_and_puts_our_jumps_first_again() -> None:
+    bypassed = AFTER_APPLY["nat"].replace(
+        "-A OUTPUT -j COMPOSEMIRROR\n", "-A OUTPUT -p tcp -j ACCEPT\n-A OUTPUT -j COMPOSEMIRROR\n"
+    )
+    text = repair(snapshot(AFTER_APPLY), {**AFTER_APPLY, "nat": bypassed})
+    lines = text.splitlines()
+    assert lines[0] == "*nat" and lines[-1] == "COMMIT"  # mangle did not drift: untouched
+    assert lines[1:4] == [
+        ":COMPOSEMIRROR - [0:0]",
+        ":DOCKER_OUTPUT - [0:0]",
+        ":DOCKER_POSTROUTING - [0:0]",
+    ]
+    assert lines[4:7] == [
+        "-D OUTPUT -j COMPOSEMIRROR",
+        "-D OUTPUT -d 127.0.0.11/32 -j DOCKER_OUTPUT",
+        "-D POSTROUTING -d 127.0.0.11/32 -j DOCKER_POSTROUTING",
+    ]
+    assert "-A COMPOSEMIRROR -p tcp -j REDIRECT --to-ports 15001" in lines
+    assert lines[-4:-1] == [
+        "-I OUTPUT 1 -j COMPOSEMIRROR",
+        "-I OUTPUT 2 -d 127.0.0.11/32 -j DOCKER_OUTPUT",
+        "-I POSTROUTING 1 -d 127.0.0.11/32 -j DOCKER_POSTROUTING",
+    ]
+    assert "ACCEPT" not in text  # the app's own rule stays where it is
+
+
+def test_repair_of_a_flushed_table_deletes_no_jump_that_is_not_there() -> None:
+    text = repair(snapshot(AFTER_APPLY), {**AFTER_APPLY, "nat": FLUSHED_NAT})
+    assert not [line for line in text.splitlines() if line.startswith("-D")]
+    assert "-I OUTPUT 1 -j COMPOSEMIRROR" in text
+
+
+class FakeTables:
+    """iptables-save/-restore and ip over in-memory tables, for the Guard."""
+
+    def __init__(self) -> None:
+        self.saved = dict(AFTER_APPLY)
+        self.restored: list[str] = []
+        self.fail = False
+
+    def run(self, command: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        if command[0].endswith("-save"):
+            return subprocess.CompletedProcess(command, 0, self.saved[command[-1]], "")
+        if command[0].endswith("-restore"):
+            assert stdin is not None
+            self.restored.append(stdin)
+            if self.fail:
+                return subprocess.CompletedProcess(command, 1, "", "Permission denied")
+            self.saved = dict(AFTER_APPLY)
+            return subprocess.CompletedProcess(command, 0, "", "")
+        return subprocess.CompletedProcess(command, 0, "0: from all fwmark 0x434e lookup 100\n", "")
+
+
+def test_the_guard_restores_a_flushed_table_and_reports_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tables = FakeTables()
+    monkeypatch.setattr(firewall, "_run", tables.run)
+    clock = iter(range(100, 200)).__next__
+    guard = Guard(plan(udp=True), "iptables-nft", clock=clock)
+    guard.check()
+    assert guard.report() == {
+        "state": "in place",
+        "checked": 101,
+        "restored": 0,
+        "restored_at": None,
+        "drift": None,
+        "error": None,
+    }
+    tables.saved["nat"] = FLUSHED_NAT
+    guard.check()
+    report = guard.report()
+    assert (report["state"], report["restored"], report["restored_at"]) == ("in place", 1, 102)
+    assert report["drift"].startswith("nat chain COMPOSEMIRROR lost or changed rules")
+    assert tables.restored[-1].startswith("*nat\n")
+    tables.saved["nat"] = FLUSHED_NAT
+    tables.fail = True
+    guard.check()
+    assert guard.report()["state"] == "failed"
+    assert "Permission denied" in guard.report()["error"]

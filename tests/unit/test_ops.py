@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import stat
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -551,6 +552,146 @@ def test_up_without_an_engine_renders_nothing(project: Project) -> None:
     assert project.backend.calls == []
 
 
+def test_rendered_files_are_private_also_when_left_open_before(project: Project) -> None:
+    project.render_dir.mkdir(mode=0o755)
+    (project.render_dir / "compose.yaml").write_text("old")
+    (project.render_dir / "compose.yaml").chmod(0o644)
+    rendered = ops.render(project.options, write=True, runtime=project.runtime)
+    assert "FROM_TARGET" in rendered.path.read_text()  # the target's values are in it
+    assert stat.S_IMODE(project.render_dir.stat().st_mode) == 0o700
+    for path in project.render_dir.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert sorted(p.name for p in project.render_dir.iterdir()) == [
+        ".gitignore",
+        "compose.yaml",
+        "tunnel-shop.key",
+    ]
+
+
+# -- a container outside its sidecar's namespace --------------------------------------------------
+
+
+def test_an_app_whose_sidecar_restarted_is_reported(project: Project) -> None:
+    up(project, detach=True)
+    _, rows = ops.status(project.options, runtime=project.runtime)
+    app = next(r for r in rows if r.role == "app")
+    assert app.namespace == Check(
+        name="network namespace of web", ok=True, detail="shares web-mirror's"
+    )
+    project.engine.restart("shop-web-mirror-1")
+    _, rows = ops.status(project.options, runtime=project.runtime)
+    app = next(r for r in rows if r.role == "app")
+    assert app.namespace is not None and not app.namespace.ok
+    assert app.namespace.detail.startswith("shop-web-mirror-1 restarted at ")
+    assert "shop-web-1 is left in shop-web-mirror-1's old network namespace" in app.namespace.detail
+    assert app.namespace.hint == "`composemirror up -d` recreates web in its sidecar's namespace"
+    found = checks_by_name(ops.doctor(project.options, runtime=project.runtime))
+    assert not found["network namespace of web"].ok
+
+
+def test_up_recreates_an_app_whose_sidecar_restarted(project: Project) -> None:
+    up(project, detach=True)
+    project.engine.restart("shop-web-mirror-1")
+    code, lines = up(project, detach=True)
+    assert code == 0
+    assert project.engine.commands()[-2:] == [
+        ["up", "--detach", "--no-deps", "--force-recreate", "web"],
+        ["up", "--detach"],
+    ]
+    assert any(line.endswith(": recreating web") for line in lines)
+    _, rows = ops.status(project.options, runtime=project.runtime)
+    assert all(r.namespace is None or r.namespace.ok for r in rows)
+
+
+def test_up_starts_a_stopped_sidecar_before_recreating_its_app(project: Project) -> None:
+    up(project, detach=True)
+    project.engine.set_state("shop-web-mirror-1", "exited")
+    code, lines = up(project, detach=True)
+    assert code == 0
+    assert project.engine.commands()[-3:] == [
+        ["up", "--detach", "--no-deps", "web-mirror"],
+        ["up", "--detach", "--no-deps", "--force-recreate", "web"],
+        ["up", "--detach"],
+    ]
+    assert "shop-web-mirror-1 is exited: shop-web-1 has no network: recreating web" in lines
+
+
+def test_up_leaves_apps_in_their_sidecars_namespace_alone(project: Project) -> None:
+    up(project, detach=True)
+    up(project, detach=True)
+    assert project.engine.commands() == [["up", "--detach"], ["up", "--detach"]]
+
+
+def test_a_failed_recreation_is_an_engine_error(project: Project) -> None:
+    up(project, detach=True)
+    project.engine.restart("shop-web-mirror-1")
+    project.engine.exit_codes["up"] = 1
+    with pytest.raises(EngineError, match="recreating web failed"):
+        up(project, detach=True)
+
+
+def test_doctor_reports_each_sidecars_rules(project: Project) -> None:
+    up(project, detach=True)
+    rules = {"state": "in place", "checked": time.time(), "restored": 1, "restored_at": 0}
+    project.engine.outputs["shop-web-mirror-1"] = json.dumps({**REPORT, "rules": rules})
+    found = checks_by_name(ops.doctor(project.options, runtime=project.runtime))
+    assert not found["interception rules of web-mirror"].ok
+    assert found["agent link of web-mirror"].ok
+
+
+def unhealthy_sidecar(project: Project) -> None:
+    up(project, detach=True)
+    project.engine.running = [
+        dataclasses.replace(c, health="unhealthy") if c.name == "shop-web-mirror-1" else c
+        for c in project.engine.running
+    ]
+
+
+def test_up_starts_the_agent_and_waits_for_an_unhealthy_sidecar_first(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unhealthy_sidecar(project)
+    engine = project.engine
+    real = engine.compose_run
+
+    def compose_run(compose_project: ComposeProject, args: Sequence[str]) -> int:
+        if list(args) == ["up", "--detach", "--no-deps", compose.AGENT_SERVICE]:
+            # the sidecar links to the started agent and its next healthcheck passes
+            engine.running = [dataclasses.replace(c, health="healthy") for c in engine.running]
+        return real(compose_project, args)
+
+    monkeypatch.setattr(engine, "compose_run", compose_run)
+    code, lines = up(project, detach=True)
+    assert code == 0
+    assert engine.commands()[-2:] == [
+        ["up", "--detach", "--no-deps", compose.AGENT_SERVICE],
+        ["up", "--detach"],
+    ]
+    assert "waiting for shop-web-mirror-1 to link to the agent again" in lines
+
+
+def test_a_sidecar_that_stays_unhealthy_stops_up_with_a_hint(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unhealthy_sidecar(project)
+    monkeypatch.setattr(ops, "SIDECAR_WAIT", 0.0)
+    with pytest.raises(EngineError) as caught:
+        up(project, detach=True)
+    assert caught.value.message.startswith("shop-web-mirror-1 stayed unhealthy for 0 s")
+    assert caught.value.hint is not None and "composemirror doctor" in caught.value.hint
+    assert project.engine.commands()[-1] == ["up", "--detach", "--no-deps", compose.AGENT_SERVICE]
+
+
+def test_run_behind_a_sidecar_that_stays_unhealthy_stops_with_a_hint(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unhealthy_sidecar(project)
+    monkeypatch.setattr(ops, "SIDECAR_WAIT", 0.0)
+    with pytest.raises(EngineError, match="shop-web-mirror-1 stayed unhealthy"):
+        ops.run(project.options, "web", progress=print, runtime=project.runtime)
+    assert not any(args[0] == "run" for args in project.engine.commands())
+
+
 # -- down ----------------------------------------------------------------------------------------
 
 
@@ -601,6 +742,20 @@ def test_down_twice_is_fine(project: Project) -> None:
     again = ops.down(project.options, volumes=True, progress=print, runtime=project.runtime)
     assert again == []
     assert project.engine.downs[-1][0].files == ()
+
+
+def test_down_by_name_from_elsewhere_removes_the_rendered_files(
+    project: Project, tmp_path: Path
+) -> None:
+    up(project, detach=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    lines: list[str] = []
+    options = ops.Options(project_name="shop", project_directory=elsewhere)
+    ops.down(options, volumes=False, progress=lines.append, runtime=project.runtime)
+    assert project.engine.running == []
+    assert not project.render_dir.exists()
+    assert f"removed {project.render_dir}" in lines
 
 
 def test_down_by_project_name_when_the_files_are_gone(project: Project, tmp_path: Path) -> None:
