@@ -279,10 +279,11 @@ class Engine:
             if received and not interactive:
                 process.send_signal(received[0])
             pumps = []
+            gone = threading.Event()
             if strip:
                 assert process.stdout is not None and process.stderr is not None
                 pumps = [
-                    threading.Thread(target=_copy_plain, args=(source, target), daemon=True)
+                    threading.Thread(target=_copy_plain, args=(source, target, gone), daemon=True)
                     for source, target in (
                         (process.stdout, sys.stdout),
                         (process.stderr, sys.stderr),
@@ -293,6 +294,8 @@ class Engine:
             code = process.wait()
             for pump in pumps:
                 pump.join()
+            if gone.is_set():
+                raise BrokenPipeError("the reader of compose's output is gone")
         except FileNotFoundError as e:
             raise EngineError("the docker CLI is not installed", hint=ENGINE_HINT) from e
         finally:
@@ -407,17 +410,26 @@ def strip_escapes(data: bytes) -> bytes:
     return _ESCAPES.sub(b"", data)
 
 
-def _copy_plain(source: IO[bytes], target: IO[str]) -> None:
-    """Copy compose's output line by line, escape codes removed, flushing each line."""
+def _copy_plain(source: IO[bytes], target: IO[str], gone: threading.Event) -> None:
+    """Copy compose's output line by line, escape codes removed, flushing each line.
+
+    When the reader of `target` is gone (`compose -- logs -f | head -1`), `gone` is set and
+    `source` is closed, so compose's next write fails with EPIPE and compose ends as it does
+    when writing to a closed pipe itself.
+    """
     sink = target.buffer if hasattr(target, "buffer") else None
-    for line in iter(source.readline, b""):
-        plain = strip_escapes(line)
-        if sink is not None:
-            sink.write(plain)
-            sink.flush()
-        else:
-            target.write(plain.decode("utf-8", "replace"))
-            target.flush()
+    try:
+        for line in iter(source.readline, b""):
+            plain = strip_escapes(line)
+            if sink is not None:
+                sink.write(plain)
+                sink.flush()
+            else:
+                target.write(plain.decode("utf-8", "replace"))
+                target.flush()
+    except BrokenPipeError:
+        gone.set()
+        source.close()
 
 
 def _label_filters(labels: Mapping[str, str]) -> dict[str, list[str]]:

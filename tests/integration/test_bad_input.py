@@ -92,3 +92,41 @@ def test_status_into_a_reader_that_is_gone(engine: None, tmp_path: Path) -> None
         )
         assert result.stderr == "", result.stderr
         assert result.returncode == 1
+
+
+TICKING = """
+name: cmpipe
+x-composemirror:
+  target: docker://cmpipe-target
+  services: [web]
+services:
+  web:
+    image: composemirror/sandbox:0.1
+    command: ["sh", "-c", "while true; do echo tick; sleep 0.2; done"]
+"""
+
+
+def test_compose_passthrough_ends_with_its_reader(engine: None, tmp_path: Path) -> None:
+    """`composemirror compose -- logs -f web | head -1` ends once head has its line, as plain
+    `docker compose logs -f | head -1` does: compose meets the closed pipe, no traceback, no
+    hang."""
+    file = _write(tmp_path, TICKING)
+    target = ["docker", "run", "-d", "--name", "cmpipe-target", "composemirror/base:bookworm"]
+    subprocess.run([*target, "sleep", "600"], check=True, capture_output=True)
+    try:
+        up = cli("-f", str(file), "up", "-d")
+        assert up.returncode == 0, up.stdout + up.stderr
+        command = f"{sys.executable} -m composemirror -f {file} compose -- logs -f web | head -1"
+        result = subprocess.run(
+            ["bash", "-o", "pipefail", "-c", command],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.stdout.strip().endswith("| tick"), result.stdout
+        assert "Traceback" not in result.stderr, result.stderr
+        assert result.returncode == 1  # the reader went first, as for `status | head -1`
+    finally:
+        cli("-f", str(file), "down")
+        subprocess.run(["docker", "rm", "-f", "cmpipe-target"], capture_output=True)
