@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -229,12 +230,19 @@ class Plan:
     """`prepare` found the project's session healthy and kept it (a repeated `up -d`)."""
 
 
+def _connect(context: str | None, namespace: str | None) -> ClusterAPI:
+    return client.connect(context, namespace)
+
+
 @dataclass(slots=True)
 class KubernetesBackend:
     """Targets in a Kubernetes cluster, reached through the kube config as kubectl does."""
 
     name = "kubernetes"
-    connect: Connect = field(default=lambda context, namespace: _connect(context, namespace))
+    connect: Connect = _connect
+    kubeconfig: str | None = None
+    """The kube config files to read (KUBECONFIG's form: paths joined by os.pathsep); None:
+    the process's KUBECONFIG, else ~/.kube/config, as kubectl. Used by the default `connect`."""
     forward: Forwarder = kubectl_forward
     gateway: Callable[[], str] = field(default=lambda: "127.0.0.1")
     """The Docker host gateway address (what `host-gateway` maps to): the forwarder listens
@@ -249,6 +257,16 @@ class KubernetesBackend:
     found: dict[tuple[str | None, str | None, str], targets.TargetPod] = field(default_factory=dict)
     clusters: dict[tuple[str | None, str | None], ClusterAPI] = field(default_factory=dict)
     """One client per (context, namespace), reused across the steps of a command."""
+
+    def __post_init__(self) -> None:
+        if self.kubeconfig is not None and self.connect is _connect:
+            environ = {"KUBECONFIG": self.kubeconfig}
+            self.connect = lambda context, namespace: client.connect(context, namespace, environ)
+
+    def kubeconfig_files(self) -> list[str]:
+        """The kube config files this backend reads that exist, as absolute paths."""
+        paths = self.kubeconfig or client.kubeconfig_paths(os.environ)
+        return [str(Path(p).resolve()) for p in paths.split(os.pathsep) if p and Path(p).is_file()]
 
     def session_dir(self, project: str) -> Path:
         """`project`'s session folder: its forwarder's state and log, and its record."""
@@ -355,6 +373,7 @@ class KubernetesBackend:
         if plan.where.namespace not in record.namespaces:
             record.namespaces.append(plan.where.namespace)
         record.context = plan.cluster.context
+        record.kubeconfig = self.kubeconfig_files()
         record.agent = record.pod = record.mode = None
         state.write_record(directory, record)  # before anything is created: `down` finds it
         code = bundle()
@@ -913,10 +932,6 @@ def forwarder_check(render_dir: Path) -> Check:
         detail=detail,
         hint=state.get("error") if state["state"] != "forwarding" else None,
     )
-
-
-def _connect(context: str | None, namespace: str | None) -> ClusterAPI:
-    return client.connect(context, namespace)
 
 
 class _NotYet(Exception):

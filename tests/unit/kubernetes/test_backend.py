@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from composemirror.backends import Check, Resolution, Resolver, SessionInfo
-from composemirror.backends.kubernetes import manifests
+from composemirror.backends.kubernetes import manifests, state
 from composemirror.backends.kubernetes.backend import KubernetesBackend
 from composemirror.backends.kubernetes.client import NotFoundError, RefusedError
 from composemirror.backends.kubernetes.link import ForwardTarget
@@ -336,6 +336,7 @@ def up(h: Harness, cfg: Config | None = None) -> str:
         forward=h.forwarded.append,
         sleep=h.sleeps.append,
         state_root=h.backend.state_root,
+        kubeconfig=h.backend.kubeconfig,
     )
     h.backend.place(cfg, h.backend.resolve(cfg), h.session)
     name = h.backend.plans["shop-dev"].where.name
@@ -572,3 +573,16 @@ def test_a_missing_namespace_is_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ClusterError, match="there is no deployment 'checkout'") as unsure:
         h.backend.resolve(cfg)
     assert unsure.value.exit_code == 1
+
+
+def test_up_records_the_kube_config_files_it_read(tmp_path: Path) -> None:
+    """`down` in a terminal without KUBECONFIG reads the files `up` read (absolute paths, the
+    missing ones left out, KUBECONFIG's order)."""
+    h = Harness(tmp_path)
+    first, second = tmp_path / "a.kubeconfig", tmp_path / "b.kubeconfig"
+    first.write_text("apiVersion: v1\n")
+    second.write_text("apiVersion: v1\n")
+    h.backend.kubeconfig = os.pathsep.join([str(second), str(tmp_path / "gone"), str(first)])
+    up(h)
+    record = state.read_record(h.backend.session_dir("shop-dev"))
+    assert record.kubeconfig == [str(second), str(first)]
