@@ -407,6 +407,11 @@ class KubernetesBackend:
                     f"running the agent as a Job instead. Warning: {manifests.JOB_WARNING}"
                 )
                 plan.mode = "job"
+        elif plan.mode == "job" and plan.target is not None:  # `agent.ephemeral: false`
+            progress(
+                "running the agent as a Job (agent.ephemeral: false). "
+                f"Warning: {manifests.JOB_WARNING}"
+            )
         if plan.mode == "job":
             progress(f"creating Job {plan.where.name} in namespace {plan.where.namespace}")
             plan.cluster.create("jobs", plan.where.namespace, self.job(plan))
@@ -419,9 +424,7 @@ class KubernetesBackend:
                 f"the agent's environment report does not verify: {e}",
                 hint="another agent answered; run `composemirror down` and `up` again",
             ) from e
-        progress(
-            f"agent {ready.version} ready in pod {plan.pod} (environment from {plan.env.source})"
-        )
+        progress(f"agent {ready.version} ready in pod {plan.pod} ({self._env_origin(plan)})")
         progress(f"forwarding {plan.address}:{plan.local_port} to the agent")
         plan.forwarding = True
         self.forward(
@@ -510,9 +513,23 @@ class KubernetesBackend:
 
     def session_env(self, project: str) -> Mapping[str, str] | None:
         """The environment the agent reported after `prepare` (the target process's when it
-        could read it), or None. Raw: selection is composemirror.environment's."""
+        could read it), or None: for a Job agent, whose pod is not the target's, the
+        environment `resolve` computed from the API stands (none for `targetless`). Raw:
+        selection is composemirror.environment's."""
         plan = self.plans.get(project)
-        return None if plan is None or plan.env is None else MappingProxyType(plan.env.env)
+        if plan is None or plan.env is None or plan.mode == "job":
+            return None
+        return MappingProxyType(plan.env.env)
+
+    @staticmethod
+    def _env_origin(plan: Plan) -> str:
+        """Where the app's environment comes from, for `up`'s ready line."""
+        if plan.target is None:
+            return "targetless: no environment imported"
+        if plan.mode == "job":
+            return f"environment from the API: pod spec of {plan.target.name}"
+        assert plan.env is not None
+        return f"environment from {plan.env.source}"
 
     def ephemeral(self, plan: Plan) -> dict[str, Any]:
         """The ephemeral container for `plan` (env and envFrom of the target copied)."""
@@ -712,6 +729,9 @@ class KubernetesBackend:
                 )
                 return checks
             name = pod["metadata"]["name"]
+            if record.mode == "job":
+                checks.append(job_agent_check(pod, str(record.agent), record.namespace))
+                return checks
         elif config.target.kind == "targetless":
             return checks
         else:
@@ -800,6 +820,25 @@ class KubernetesBackend:
         except ClusterError as e:
             return Check(name="agent placement (dry run)", ok=False, detail=e.message, hint=e.hint)
         return Check(name="agent placement (dry run)", ok=True, detail=detail)
+
+
+def job_agent_check(pod: Obj, agent: str, namespace: str) -> Check:
+    """`status`'s line for a Job agent: its Job, its pod and its container's state (`running`,
+    `terminated (Completed)`, `waiting (ImagePullBackOff)`); a failure unless running."""
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    state = next((s.get("state") or {} for s in statuses if s.get("name") == agent), {})
+    kind = next(iter(state), None)
+    reason = (state.get(kind) or {}).get("reason") if kind else None
+    text = "not started" if kind is None else f"{kind} ({reason})" if reason else kind
+    return Check(
+        name=f"agent {agent}",
+        ok=kind == "running",
+        detail=f"Job {agent} in namespace {namespace}, pod {pod['metadata']['name']}: {text}",
+        hint=None
+        if kind == "running"
+        else f"`kubectl -n {namespace} logs job/{agent}` says why; `composemirror up` again "
+        "starts a new one",
+    )
 
 
 def permissions_check(cluster: ClusterAPI, namespace: str, config: Config) -> Check:

@@ -586,3 +586,51 @@ def test_up_records_the_kube_config_files_it_read(tmp_path: Path) -> None:
     up(h)
     record = state.read_record(h.backend.session_dir("shop-dev"))
     assert record.kubeconfig == [str(second), str(first)]
+
+
+def job_agent(h: Harness, cfg: Config) -> str:
+    """Place and prepare `cfg` with its agent as a Job whose pod reports ready (with the empty
+    report a Job agent gives); the agent's name."""
+    h.backend.place(cfg, h.backend.resolve(cfg), h.session)
+    name = h.backend.plans["shop-dev"].where.name
+    h.cluster.objects["pods"].append(
+        {
+            "metadata": {"name": f"{name}-x", "namespace": "shop", "labels": {"job-name": name}},
+            "spec": {"containers": []},
+            "status": {},
+        }
+    )
+    h.agent_runs(f"{name}-x", name, source="none", container_list="containerStatuses")
+    report = EnvReport(source="none", env={})
+    h.cluster.logs[(f"{name}-x", name)] = (
+        ready_line(version="0.1.0", port=47017, sealed=seal(KEY, report)) + "\n"
+    )
+    h.backend.prepare(h.session, h.messages.append)
+    return name
+
+
+def test_a_job_agent_keeps_the_env_from_the_api_warns_and_is_listed(tmp_path: Path) -> None:
+    """`agent.ephemeral: false`: the Job's empty report does not replace the target's env
+    computed from the API, the pod-identity warning is printed, and `status` lists the Job."""
+    h = Harness(tmp_path)
+    cfg = config(ephemeral=False)
+    assert h.backend.resolve(cfg).env["DB_PASSWORD"] == "s3cret"
+    name = job_agent(h, cfg)
+    assert [r for r, _, _ in h.cluster.created] == ["secrets", "jobs"]
+    assert h.backend.session_env("shop-dev") is None  # so `up` keeps Resolution.env
+    assert any(manifests.JOB_WARNING in m for m in h.messages)
+    assert f"(environment from the API: pod spec of {POD})" in h.messages[-2]
+    checks = h.backend.inspect(cfg, "shop-dev", tmp_path)
+    agent = next(c for c in checks if c.name == f"agent {name}")
+    assert agent.ok and agent.detail == f"Job {name} in namespace shop, pod {name}-x: running"
+
+
+def test_a_targetless_job_agent_imports_nothing_and_is_listed(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    cfg = config("targetless")
+    name = job_agent(h, cfg)
+    assert h.backend.session_env("shop-dev") is None
+    assert "(targetless: no environment imported)" in h.messages[-2]
+    assert not any(manifests.JOB_WARNING in m for m in h.messages)
+    checks = h.backend.inspect(cfg, "shop-dev", tmp_path)
+    assert [c.name for c in checks] == ["forwarder", f"agent {name}"]
