@@ -433,6 +433,7 @@ def up(
     flags = flags or UpFlags()
     runtime.engine.client()
     rendered = render(options, write=True, runtime=runtime)
+    _check_services(rendered, services)  # before the backend changes anything
     for notice in rendered.notices:
         progress(notice)
     progress(f"target: {rendered.resolution.description}")
@@ -464,6 +465,18 @@ def up(
         f"docker compose up failed (exit {code})",
         hint="see compose's output above; `composemirror down` removes what was created",
     )
+
+
+def _check_services(rendered: Rendered, services: Sequence[str]) -> None:
+    """Raise ConfigError (exit 2) for the first of `services` the rendered project does not
+    have, with compose's did-you-mean hint."""
+    known = rendered.model.get("services") or {}
+    for service in services:
+        if service not in known:
+            raise ConfigError(
+                f"no service {service!r} in this project",
+                hint=compose._suggest(service, known),
+            )
 
 
 def _rejoin(rendered: Rendered, *, progress: Progress, runtime: Runtime) -> None:
@@ -687,11 +700,7 @@ def run(
     """
     runtime.engine.client()
     rendered = render(options, write=True, runtime=runtime)
-    if service not in (rendered.model.get("services") or {}):
-        raise ConfigError(
-            f"no service {service!r} in this project",
-            hint=compose._suggest(service, rendered.model.get("services") or {}),
-        )
+    _check_services(rendered, [service])
     for notice in rendered.notices:
         progress(notice)
     progress(f"target: {rendered.resolution.description}")

@@ -430,3 +430,23 @@ def test_a_job_agent_gives_the_app_the_targets_environment(
     assert secrets_of(cluster, project) == []
     left = get_json("-n", cluster.namespace, "jobs", "-l", manifests.project_selector(project))
     assert left["items"] == []
+
+
+def test_a_typo_in_a_service_name_changes_nothing_in_the_cluster(cluster: Cluster) -> None:
+    project = "cm-faults-typo"
+    before = agents(cluster)
+    try:
+        up = cli(cluster, "-p", project, "up", "-d", "wbe")
+        assert up.returncode == 2, up.stdout + up.stderr
+        assert "no service 'wbe' in this project" in up.stderr
+        assert "did you mean 'web'?" in up.stderr
+        assert "Traceback" not in up.stderr
+        assert secrets_of(cluster, project) == []
+        assert agents(cluster) == before  # no ephemeral container added to the target pod
+        assert not session_folder(project).joinpath("forwarder.json").exists()
+        assert (
+            docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={project}").stdout
+            == ""
+        )
+    finally:
+        cli(cluster, "-p", project, "down")

@@ -544,6 +544,16 @@ def test_run_of_an_unknown_service_is_bad_input(project: Project) -> None:
     assert project.engine.runs == []
 
 
+def test_up_of_an_unknown_service_is_bad_input_before_the_backend_acts(project: Project) -> None:
+    """`up -d wbe`: refused before the backend prepares anything (a cluster's Secret, agent and
+    forwarder) and before compose runs."""
+    with pytest.raises(ConfigError, match="no service 'wbe' in this project") as caught:
+        up(project, services=["web", "wbe"], detach=True)
+    assert caught.value.hint == "did you mean 'web'?"
+    assert [c for c, _ in project.backend.calls if c in ("prepare", "release")] == []
+    assert project.engine.runs == [] and project.engine.builds == []
+
+
 def test_up_without_an_engine_renders_nothing(project: Project) -> None:
     project.engine.reachable = False
     with pytest.raises(EngineError, match="cannot reach the Docker engine"):
