@@ -450,3 +450,34 @@ def test_a_typo_in_a_service_name_changes_nothing_in_the_cluster(cluster: Cluste
         )
     finally:
         cli(cluster, "-p", project, "down")
+
+
+def test_down_from_an_empty_folder_with_all_local_state_gone(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """`down -p NAME` in a folder with no compose file, after `.composemirror/` and the session
+    folder were deleted: nothing says where the Secret is, so it is found by its label in
+    every namespace (this account may list them), and deleted."""
+    project = "cm-faults-empty"
+    up = cli(cluster, "-p", project, "up", "-d")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert len(secrets_of(cluster, project)) == 1
+        shutil.rmtree(cluster.compose.parent / ".composemirror")
+        shutil.rmtree(session_folder(project))
+        down = subprocess.run(
+            [sys.executable, "-m", "composemirror", "-p", project, "down"],
+            cwd=empty,
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert down.returncode == 0, down.stderr
+        assert "deleting its Jobs and Secrets in every namespace" in down.stderr, down.stderr
+        assert f"in namespace {cluster.namespace}" in down.stderr
+    finally:
+        cli(cluster, "-p", project, "down")
+    assert secrets_of(cluster, project) == []

@@ -107,6 +107,7 @@ class ClusterAPI(Protocol):
     def find(
         self, resource: str, namespace: str, selector: str | None = None
     ) -> list[dict[str, Any]]: ...
+    def find_everywhere(self, resource: str, selector: str) -> list[dict[str, Any]]: ...
     def pod_log(
         self,
         name: str,
@@ -663,8 +664,11 @@ class KubernetesBackend:
         elif config is not None:
             chosen, why = config.context, "from the configuration"
         else:
+            # nothing recorded on this host (its state deleted): look where the kube config
+            # points, saying what may remain
+            removed += self._sweep(project, progress)
             state.remove(folder)
-            return removed  # no session was ever recorded, nothing to find a cluster by
+            return removed
         namespaces = list(record.namespaces)
         try:
             cluster = self.cluster(chosen, None)
@@ -685,6 +689,51 @@ class KubernetesBackend:
             progress(f"note: {EPHEMERAL_NOTE}")
         state.remove(folder)
         self.plans.pop(project, None)
+        return removed
+
+    def _sweep(self, project: str, progress: Progress) -> list[str]:
+        """Delete `project`'s Jobs and Secrets with no record of where `up` made them: in every
+        namespace when this account may list both cluster-wide, else in the namespace of the
+        kube config's current context; a note through `progress`, with the kubectl command
+        that finds them, whenever some may remain. What was removed."""
+        selector = manifests.project_selector(project)
+        search = f"`kubectl get jobs,secrets --all-namespaces -l {selector}`"
+        removed: list[str] = []
+        try:
+            cluster = self.cluster(None, None)
+            wide = all(
+                cluster.can(Permission("list", r, group=g), "")[0]
+                for r, g in (("jobs", "batch"), ("secrets", ""))
+            )
+            if wide:
+                progress(
+                    f"no session of {project} is recorded on this host: deleting its Jobs and "
+                    f"Secrets in every namespace of context {cluster.context}"
+                )
+                for resource in ("jobs", "secrets"):
+                    for item in cluster.find_everywhere(resource, selector):
+                        name = item["metadata"]["name"]
+                        namespace = item["metadata"]["namespace"]
+                        with contextlib.suppress(client.NotFoundError):
+                            cluster.delete(resource, name, namespace)
+                            removed.append(f"{resource[:-1]}/{name} in namespace {namespace}")
+                return removed
+            namespace = cluster.namespace
+            for resource in ("jobs", "secrets"):
+                for name in cluster.delete_labelled(resource, namespace, selector):
+                    removed.append(f"{resource[:-1]}/{name} in namespace {namespace}")
+            progress(
+                f"warning: no session of {project} is recorded on this host and this account "
+                "may not list Jobs and Secrets in every namespace: only namespace "
+                f"{namespace} of context {cluster.context} was cleaned; others may remain: "
+                f"{search} finds them"
+            )
+        except ClusterError as e:
+            progress(
+                f"warning: no session of {project} is recorded on this host and the cluster "
+                f"could not be cleaned ({e.message}); its Jobs and Secrets may remain: "
+                f"{search} finds them"
+            )
         return removed
 
     def release(self, project: str, directory: Path) -> None:

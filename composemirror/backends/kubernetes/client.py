@@ -255,6 +255,18 @@ class Cluster:
             )
             return list(items.get("items") or [])
 
+    def find_everywhere(self, resource: str, selector: str) -> list[Obj]:
+        """The objects of `resource` matching `selector` in every namespace (needs `list` on
+        them cluster-wide)."""
+        kind = KINDS[resource]
+        with self._errors(Permission("list", resource, group=kind.group), None):
+            items = self._json(
+                self._method(kind, f"list_{kind.singular}_for_all_namespaces")(
+                    label_selector=selector, _preload_content=False, _request_timeout=TIMEOUT
+                )
+            )
+            return list(items.get("items") or [])
+
     def pod_log(
         self,
         name: str,

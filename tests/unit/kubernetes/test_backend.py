@@ -264,9 +264,9 @@ def test_teardown_deletes_by_label_and_says_what_stays(tmp_path: Path) -> None:
     h.backend.prepare(h.session, h.messages.append)
     removed = h.backend.teardown("shop-dev", h.session.directory, h.messages.append)
     assert removed == [f"job/{name} in namespace shop", f"secret/{name} in namespace shop"]
+    assert "cannot be removed" in h.messages[-1]
     assert h.backend.teardown("shop-dev", h.session.directory, h.messages.append) == []
     assert "checkout-secrets" in {s["metadata"]["name"] for s in h.cluster.objects["secrets"]}
-    assert "cannot be removed" in h.messages[-1]
 
 
 def test_doctor_all_good(tmp_path: Path) -> None:
@@ -634,3 +634,55 @@ def test_a_targetless_job_agent_imports_nothing_and_is_listed(tmp_path: Path) ->
     assert not any(manifests.JOB_WARNING in m for m in h.messages)
     checks = h.backend.inspect(cfg, "shop-dev", tmp_path)
     assert [c.name for c in checks] == ["forwarder", f"agent {name}"]
+
+
+def leftovers(cluster: FakeCluster, project: str) -> None:
+    """`project`'s Secrets in namespaces shop and elsewhere, and a Job in elsewhere."""
+    labels = {manifests.LABEL_PROJECT: project}
+    for kind, name, namespace in (
+        ("Secret", "cm-agent-a", "shop"),
+        ("Secret", "cm-agent-b", "elsewhere"),
+        ("Job", "cm-agent-b", "elsewhere"),
+    ):
+        cluster.objects.setdefault(kind.lower() + "s", []).append(
+            {"kind": kind, "metadata": {"name": name, "namespace": namespace, "labels": labels}}
+        )
+
+
+def test_down_with_nothing_recorded_cleans_every_namespace_it_may_list(tmp_path: Path) -> None:
+    """`down -p NAME` with the project's files and its session folder deleted: its objects are
+    found by label in every namespace when the account may list them cluster-wide."""
+    h = Harness(tmp_path)
+    leftovers(h.cluster, "gone")
+    removed = h.backend.teardown("gone", tmp_path, h.messages.append)
+    assert sorted(removed) == [
+        "job/cm-agent-b in namespace elsewhere",
+        "secret/cm-agent-a in namespace shop",
+        "secret/cm-agent-b in namespace elsewhere",
+    ]
+    assert "in every namespace of context dev" in h.messages[0]
+
+
+def test_down_with_nothing_recorded_says_what_may_remain(tmp_path: Path) -> None:
+    """Without cluster-wide `list secrets`: the context's namespace is cleaned, and `down` says
+    others may remain, with the kubectl command that finds them."""
+    h = Harness(tmp_path, FakeCluster(denied=frozenset({"list secrets"})))
+    leftovers(h.cluster, "gone")
+    removed = h.backend.teardown("gone", tmp_path, h.messages.append)
+    assert removed == ["secret/cm-agent-a in namespace shop"]
+    [warning] = h.messages
+    assert "only namespace shop of context dev was cleaned; others may remain" in warning
+    selector = manifests.project_selector("gone")
+    assert f"`kubectl get jobs,secrets --all-namespaces -l {selector}` finds them" in warning
+
+
+def test_down_with_nothing_recorded_and_no_cluster_says_so(tmp_path: Path) -> None:
+    def unreachable(context: str | None, namespace: str | None) -> FakeCluster:
+        raise ClusterError("cannot reach the Kubernetes API server at https://127.0.0.1:9")
+
+    backend = KubernetesBackend(connect=unreachable, state_root=tmp_path / "state")
+    messages: list[str] = []
+    assert backend.teardown("gone", tmp_path, messages.append) == []
+    [warning] = messages
+    assert "cannot reach the Kubernetes API server" in warning
+    assert "its Jobs and Secrets may remain" in warning
