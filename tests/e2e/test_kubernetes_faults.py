@@ -481,3 +481,30 @@ def test_down_from_an_empty_folder_with_all_local_state_gone(
     finally:
         cli(cluster, "-p", project, "down")
     assert secrets_of(cluster, project) == []
+
+
+def test_an_unknown_context_is_bad_input_and_a_wrong_port_one_clean_error(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    project = "cm-faults-port"
+    context = yaml.safe_load(KUBECONFIG.read_text())["current-context"]
+    unknown = cli(cluster, "-p", project, "--context", "nosuchctx", "up", "-d")
+    assert unknown.returncode == 2, unknown.stdout + unknown.stderr
+    assert "has no context 'nosuchctx'" in unknown.stderr
+    assert f"its contexts: {context}" in unknown.stderr
+    kubeconfig = yaml.safe_load(KUBECONFIG.read_text())
+    for entry in kubeconfig["clusters"]:
+        entry["cluster"]["server"] = "https://127.0.0.1:9"
+    wrong = tmp_path / "wrong-port.kubeconfig"
+    wrong.write_text(yaml.safe_dump(kubeconfig))
+    try:
+        up = cli(cluster, "-p", project, "up", "-d", env=environment(KUBECONFIG=str(wrong)))
+        assert up.returncode == 1, up.stdout + up.stderr
+        lines = [line for line in up.stderr.splitlines() if line.strip()]
+        assert lines[0].startswith(
+            "composemirror: cannot reach the Kubernetes API server at https://127.0.0.1:9"
+        ), up.stderr
+        assert "urllib3" not in up.stderr and "Retrying" not in up.stderr
+    finally:
+        cli(cluster, "-p", project, "down")
+    assert secrets_of(cluster, project) == []
