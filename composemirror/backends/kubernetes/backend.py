@@ -924,15 +924,21 @@ def image_check(
 
     Fails when an agent (of any project) in the target pod already could not get this image,
     the one certain sign. Otherwise says whether the node holds it (a container of the target
-    pod runs it, or its Node's `status.images` lists it) or will pull it. A Node's list is
-    only positive evidence: the kubelet refreshes it periodically and keeps the largest
-    images only, so an image loaded a moment ago may be missing from it; and `get nodes`
-    (cluster-wide) may not be granted.
+    pod runs it, or its Node's `status.images` lists it) or will try to pull it, never that
+    the pull will succeed: a registry's reach from the node is not known before it pulls.
+    A Node's list is only positive evidence: the kubelet refreshes it periodically and keeps
+    the largest images only, so an image loaded a moment ago may be missing from it; and
+    `get nodes` (cluster-wide) may not be granted.
     """
     image, policy = settings.image, settings.image_pull_policy
     name = "agent image (cluster)"
     if found is None:
-        return Check(name=name, ok=True, detail=f"{image} ({policy}; the Job's node pulls it)")
+        return Check(
+            name=name,
+            ok=True,
+            detail=f"{image} ({policy}): the Job's node is not known before `up`; it will try "
+            "to pull the image",
+        )
     for entry in failed_pulls(found.pod, image):
         return Check(
             name=name,
@@ -963,7 +969,10 @@ def image_check(
             f"{image}: {why}; with imagePullPolicy Never `up` fails at once if the node lacks it"
         )
     else:
-        detail = f"{image}: {why}; the node pulls it ({policy}) when `up` starts the agent"
+        detail = (
+            f"{image}: {why}; the node will try to pull it ({policy}) when `up` starts the "
+            "agent (whether it can is known only then)"
+        )
     return Check(name=name, ok=True, detail=detail)
 
 

@@ -534,7 +534,13 @@ NODE = {
     [
         ("python:3.12-slim", "Never", True, "is on node cm-node"),
         ("composemirror/base:bookworm", "IfNotPresent", True, "is on node cm-node"),
-        ("python:3.13", "IfNotPresent", True, "pulls it (IfNotPresent) when `up` starts"),
+        (
+            "python:3.13",
+            "IfNotPresent",
+            True,
+            "not listed on node cm-node; the node will try to pull it (IfNotPresent) when `up` "
+            "starts the agent (whether it can is known only then)",
+        ),
         ("python:3.13", "Never", True, "Never `up` fails at once if the node lacks it"),
         ("registry.local/shop/checkout:1.4", "Never", True, "on node cm-node (the target runs"),
     ],
