@@ -162,13 +162,15 @@ def _config(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime
 
 def _status(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime) -> int:
     name, rows = ops.status(options, runtime=runtime)
-    session = ops.session_state(options, runtime=runtime) if rows else []
+    _, others = ops.shown_project(options, runtime=runtime)
+    session = ops.session_state(options, runtime=runtime, project=name) if rows else []
     # `status` reports, as `docker compose ps` does (exit 0); `doctor` is the check that fails.
     if args.format == "json":
         print(
             json.dumps(
                 {
                     "project": name,
+                    "other_projects": others,
                     "services": [
                         {
                             "service": r.service,
@@ -190,6 +192,11 @@ def _status(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime
     if not rows:
         print(f"project {name}: nothing is running")
         return 0
+    if others:
+        print(
+            f"project {name}; also started from this directory: {', '.join(others)} "
+            "(`-p NAME` shows one of them)"
+        )
     table = [("SERVICE", "ROLE", "STATE", "DETAIL")]
     problems: list[ops.Check] = []
     for r in rows:

@@ -481,8 +481,8 @@ class _Loader:
             raise self.fail(
                 path,
                 f"{_shorten(text)} is not a target",
-                "use pod/NAME, deployment/NAME, statefulset/NAME (optionally /container/C), "
-                "targetless, or docker://CONTAINER",
+                "use pod/NAME, deployment/NAME, statefulset/NAME, replicaset/NAME, job/NAME or "
+                "cronjob/NAME (optionally /container/C), targetless, or docker://CONTAINER",
             )
         container = None
         if len(parts) == 4:

@@ -102,7 +102,13 @@ class Runtime:
     """The process environment (COMPOSE_FILE, COMPOSEMIRROR_BASE_IMAGE, COMPOSEMIRROR_CLUSTER)."""
 
     def backend(self, config: Config) -> Backend:
+        """The backend `config` names, in this environment."""
         return self.choose(config, self.environ, self.engine)
+
+    def session_backend(self, config: Config, project: str) -> Backend:
+        """The backend of `project`'s running session: as `backend`, with the kube config files
+        `up` recorded when the environment names none (`backends.session_environ`)."""
+        return self.choose(config, backends.session_environ(project, self.environ), self.engine)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -427,6 +433,7 @@ def up(
     flags = flags or UpFlags()
     runtime.engine.client()
     rendered = render(options, write=True, runtime=runtime)
+    _check_services(rendered, services)  # before the backend changes anything
     for notice in rendered.notices:
         progress(notice)
     progress(f"target: {rendered.resolution.description}")
@@ -458,6 +465,18 @@ def up(
         f"docker compose up failed (exit {code})",
         hint="see compose's output above; `composemirror down` removes what was created",
     )
+
+
+def _check_services(rendered: Rendered, services: Sequence[str]) -> None:
+    """Raise ConfigError (exit 2) for the first of `services` the rendered project does not
+    have, with compose's did-you-mean hint."""
+    known = rendered.model.get("services") or {}
+    for service in services:
+        if service not in known:
+            raise ConfigError(
+                f"no service {service!r} in this project",
+                hint=compose._suggest(service, known),
+            )
 
 
 def _rejoin(rendered: Rendered, *, progress: Progress, runtime: Runtime) -> None:
@@ -681,11 +700,7 @@ def run(
     """
     runtime.engine.client()
     rendered = render(options, write=True, runtime=runtime)
-    if service not in (rendered.model.get("services") or {}):
-        raise ConfigError(
-            f"no service {service!r} in this project",
-            hint=compose._suggest(service, rendered.model.get("services") or {}),
-        )
+    _check_services(rendered, [service])
     for notice in rendered.notices:
         progress(notice)
     progress(f"target: {rendered.resolution.description}")
@@ -775,11 +790,13 @@ def down(options: Options, *, volumes: bool, progress: Progress, runtime: Runtim
         # compose down without files cannot know the project's networks; find them by label.
         removed += engine.remove_labelled({COMPOSE_PROJECT_LABEL: name}, volumes=volumes)
         if config is not None:
-            removed += runtime.backend(config).teardown(
+            removed += runtime.session_backend(config, name).teardown(
                 name, directory, progress, config=config, context=options.context
             )
         elif (leftover := backends.recorded(name, runtime.environ, engine)) is not None:
             removed += leftover.teardown(name, directory, progress, context=options.context)
+        # a local process: stopped whatever backend the configuration chooses now
+        removed += backends.stop_forwarder(name, runtime.environ)
     for folder in sorted(folders):
         if folder.is_dir() and not _started_here(folder.parent, runtime):
             shutil.rmtree(folder, ignore_errors=True)
@@ -805,10 +822,7 @@ def status(options: Options, *, runtime: Runtime) -> tuple[str, list[ServiceStat
     """
     engine = runtime.engine
     engine.client()
-    first, directory, _ = _identify(options, runtime)
-    name = first
-    if not engine.containers({COMPOSE_PROJECT_LABEL: first}):
-        name = next(iter(_instances(first, directory, options, runtime)[1:]), first)
+    name, _ = shown_project(options, runtime=runtime)
     rows = []
     containers = engine.containers({COMPOSE_PROJECT_LABEL: name})
     for container in containers:
@@ -831,6 +845,21 @@ def status(options: Options, *, runtime: Runtime) -> tuple[str, list[ServiceStat
         )
     rows.sort(key=lambda r: (r.role != "agent", r.service))
     return name, rows
+
+
+def shown_project(options: Options, *, runtime: Runtime) -> tuple[str, list[str]]:
+    """The project `status` and `doctor` report on, and the other projects `up` started from
+    the same directory (empty with `-p`).
+
+    Without `-p`: the project the files name when something of it exists, else the first
+    (by name) that `up` started from this directory under another `-p`.
+    """
+    first, directory, _ = _identify(options, runtime)
+    instances = _instances(first, directory, options, runtime)
+    name = first
+    if not runtime.engine.containers({COMPOSE_PROJECT_LABEL: first}):
+        name = next(iter(instances[1:]), first)
+    return name, [n for n in instances[1:] if n != name]
 
 
 def _namespace_check(
@@ -858,15 +887,19 @@ def _namespace_check(
     return Check(name=name, ok=True, detail=f"shares {owner_service}'s")
 
 
-def session_state(options: Options, *, runtime: Runtime) -> list[Check]:
-    """What the backend reports of the project's session (a forwarder, agents left behind);
-    empty when the project's configuration is gone."""
-    name, directory, config = _identify(options, runtime)
+def session_state(options: Options, *, runtime: Runtime, project: str | None = None) -> list[Check]:
+    """What the backend reports of `project`'s session (a forwarder, agents left behind);
+    `project` defaults to the one the files name (pass the one `status` shows, which may have
+    been started under another `-p`). Empty when the project's configuration is gone."""
+    first, directory, config = _identify(options, runtime)
     if config is None:
         return []
+    name = project or first
     checks: list[Check] = []
     _attempt_all(
-        checks, "session", lambda: runtime.backend(config).inspect(config, name, directory)
+        checks,
+        "session",
+        lambda: runtime.session_backend(config, name).inspect(config, name, directory),
     )
     return checks
 
@@ -908,8 +941,20 @@ def doctor(options: Options, *, runtime: Runtime) -> list[Check]:
         return checks
     for line in own:  # one target line: this one, which also names the context
         checks.remove(line)
+    shown, others = shown_project(options, runtime=runtime)
+    if others:
+        checks.append(
+            Check(
+                name="project",
+                ok=True,
+                detail=f"{shown}; also started from this directory: {', '.join(others)} "
+                "(`-p NAME` checks one of them)",
+            )
+        )
     _attempt_all(
-        checks, "session", lambda: backend.inspect(config, project.name, project.directory)
+        checks,
+        "session",
+        lambda: runtime.session_backend(config, shown).inspect(config, shown, project.directory),
     )
     for spec in rendered.images:
         present = engine.image_exists(spec.tag)

@@ -240,7 +240,11 @@ def choose(
     if forced == "kubernetes" or (forced == "auto" and kubeconfig_present(environ)):
         from composemirror.backends.kubernetes import KubernetesBackend, state
 
-        return KubernetesBackend(gateway=engine.host_gateway, state_root=state.root(environ))
+        return KubernetesBackend(
+            gateway=engine.host_gateway,
+            state_root=state.root(environ),
+            kubeconfig=environ.get("KUBECONFIG") or None,
+        )
     if forced not in ("sandbox", "auto"):
         raise ConfigError(
             f"{CLUSTER_ENV}={forced!r} is not a choice", hint="use sandbox, kubernetes or auto"
@@ -260,8 +264,38 @@ def recorded(project: str, environ: Mapping[str, str], engine: Engine) -> Backen
     if state.session_dir(project, root).is_dir() or forwarder.find(project):
         from composemirror.backends.kubernetes import KubernetesBackend
 
-        return KubernetesBackend(gateway=engine.host_gateway, state_root=root)
+        return KubernetesBackend(
+            gateway=engine.host_gateway,
+            state_root=root,
+            kubeconfig=session_environ(project, environ).get("KUBECONFIG") or None,
+        )
     return None
+
+
+def session_environ(project: str, environ: Mapping[str, str]) -> Mapping[str, str]:
+    """`environ` as `project`'s recorded Kubernetes session needs it: when `environ` names no
+    kube config (no KUBECONFIG), the kube config files `up` read, from the session's record,
+    as KUBECONFIG; so `down` and `status` in a new terminal act on the cluster `up` changed
+    (with no kube config they would choose the sandbox). Otherwise `environ` unchanged: an
+    explicit KUBECONFIG wins, as `--context` does over the recorded context."""
+    if environ.get("KUBECONFIG"):
+        return environ
+    from composemirror.backends.kubernetes import state
+
+    record = state.read_record(state.session_dir(project, state.root(environ)))
+    files = [p for p in record.kubeconfig if Path(p).is_file()]
+    if not files:
+        return environ
+    return {**environ, "KUBECONFIG": os.pathsep.join(files)}
+
+
+def stop_forwarder(project: str, environ: Mapping[str, str]) -> list[str]:
+    """Stop `project`'s Kubernetes forwarder, a process of this host, whichever backend the
+    configuration now chooses; what was stopped, for people (nothing when none runs)."""
+    from composemirror.backends.kubernetes import forwarder, state
+
+    folder = state.session_dir(project, state.root(environ))
+    return [f"forwarder (pid {pid})" for pid in forwarder.stop(folder, project=project)]
 
 
 def kubeconfig_present(environ: Mapping[str, str]) -> bool:

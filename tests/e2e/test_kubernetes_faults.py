@@ -352,3 +352,159 @@ def test_down_uses_the_context_up_used_unless_told_another(
     assert down.returncode == 0, down.stderr
     assert f"cleaning up in context {good['name']} (the one `up` used)" in down.stderr
     assert secrets_of(cluster, project) == []
+
+
+def test_down_and_status_in_a_new_terminal_reach_the_cluster_up_used(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """`up -d` with KUBECONFIG, then `status` and `down` in a shell without it (and with no
+    ~/.kube/config): the recorded kube config is read, so the forwarder is reported and then
+    stopped, and the Secret deleted, instead of the sandbox being chosen."""
+    project = "cm-faults-terminal"
+    up = cli(cluster, "-p", project, "up", "-d")
+    terminal = {
+        k: v for k, v in environment().items() if k not in ("KUBECONFIG", "COMPOSEMIRROR_CLUSTER")
+    }
+    # no ~/.kube/config either; docker keeps its own configuration (the compose plugin)
+    terminal["DOCKER_CONFIG"] = os.environ.get("DOCKER_CONFIG") or str(Path.home() / ".docker")
+    terminal["HOME"] = str(tmp_path)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = forwarder_state(project)
+        supervisor, port_forward = int(state["pid"]), int(state["kubectl_pid"])
+        assert len(secrets_of(cluster, project)) == 1
+        status = cli(cluster, "-p", project, "status", env=terminal)
+        assert status.returncode == 0, status.stderr
+        assert "forwarder: forwarding" in status.stdout, status.stdout
+        down = cli(cluster, "-p", project, "down", env=terminal)
+        assert down.returncode == 0, down.stderr
+        assert f"removed forwarder (pid {supervisor})" in down.stderr
+        context = yaml.safe_load(KUBECONFIG.read_text())["current-context"]
+        assert f"cleaning up in context {context}" in down.stderr, down.stderr
+    finally:
+        cli(cluster, "-p", project, "down")
+    wait_for(lambda: not process_alive(supervisor) and not process_alive(port_forward), timeout=10)
+    assert secrets_of(cluster, project) == []
+
+
+def test_a_job_agent_gives_the_app_the_targets_environment(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """`agent: {ephemeral: false}`: the agent runs as a Job, `up` warns that its pod identity
+    differs from the target's, the app still gets the target's env (computed from the API),
+    and `status` lists the Job agent."""
+    folder = tmp_path / "job"
+    folder.mkdir()
+    compose = folder / "compose.yaml"
+    compose.write_text(
+        cluster.compose.read_text().replace("{ttl: 10}", "{ttl: 10, ephemeral: false}")
+    )
+    project = "cm-faults-job"
+
+    def job(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "composemirror", "-f", str(compose), "-p", project, *args],
+            cwd=ROOT,
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    up = job("up", "-d")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert manifests.JOB_WARNING in up.stderr
+        assert "(environment from the API: pod spec of target-" in up.stderr, up.stderr
+        env = docker("exec", f"{project}-web-1", "env").stdout.splitlines()
+        assert "GREETING=from-the-target" in env
+        jobs = get_json("-n", cluster.namespace, "jobs", "-l", manifests.project_selector(project))
+        [name] = [j["metadata"]["name"] for j in jobs["items"]]
+        status = job("status")
+        assert f"agent {name}: Job {name} in namespace {cluster.namespace}, pod {name}-" in (
+            status.stdout
+        ), status.stdout
+    finally:
+        down = job("down")
+    assert down.returncode == 0, down.stderr
+    assert secrets_of(cluster, project) == []
+    left = get_json("-n", cluster.namespace, "jobs", "-l", manifests.project_selector(project))
+    assert left["items"] == []
+
+
+def test_a_typo_in_a_service_name_changes_nothing_in_the_cluster(cluster: Cluster) -> None:
+    project = "cm-faults-typo"
+    before = agents(cluster)
+    try:
+        up = cli(cluster, "-p", project, "up", "-d", "wbe")
+        assert up.returncode == 2, up.stdout + up.stderr
+        assert "no service 'wbe' in this project" in up.stderr
+        assert "did you mean 'web'?" in up.stderr
+        assert "Traceback" not in up.stderr
+        assert secrets_of(cluster, project) == []
+        assert agents(cluster) == before  # no ephemeral container added to the target pod
+        assert not session_folder(project).joinpath("forwarder.json").exists()
+        assert (
+            docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={project}").stdout
+            == ""
+        )
+    finally:
+        cli(cluster, "-p", project, "down")
+
+
+def test_down_from_an_empty_folder_with_all_local_state_gone(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """`down -p NAME` in a folder with no compose file, after `.composemirror/` and the session
+    folder were deleted: nothing says where the Secret is, so it is found by its label in
+    every namespace (this account may list them), and deleted."""
+    project = "cm-faults-empty"
+    up = cli(cluster, "-p", project, "up", "-d")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert len(secrets_of(cluster, project)) == 1
+        shutil.rmtree(cluster.compose.parent / ".composemirror")
+        shutil.rmtree(session_folder(project))
+        down = subprocess.run(
+            [sys.executable, "-m", "composemirror", "-p", project, "down"],
+            cwd=empty,
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert down.returncode == 0, down.stderr
+        assert "deleting its Jobs and Secrets in every namespace" in down.stderr, down.stderr
+        assert f"in namespace {cluster.namespace}" in down.stderr
+    finally:
+        cli(cluster, "-p", project, "down")
+    assert secrets_of(cluster, project) == []
+
+
+def test_an_unknown_context_is_bad_input_and_a_wrong_port_one_clean_error(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    project = "cm-faults-port"
+    context = yaml.safe_load(KUBECONFIG.read_text())["current-context"]
+    unknown = cli(cluster, "-p", project, "--context", "nosuchctx", "up", "-d")
+    assert unknown.returncode == 2, unknown.stdout + unknown.stderr
+    assert "has no context 'nosuchctx'" in unknown.stderr
+    assert f"its contexts: {context}" in unknown.stderr
+    kubeconfig = yaml.safe_load(KUBECONFIG.read_text())
+    for entry in kubeconfig["clusters"]:
+        entry["cluster"]["server"] = "https://127.0.0.1:9"
+    wrong = tmp_path / "wrong-port.kubeconfig"
+    wrong.write_text(yaml.safe_dump(kubeconfig))
+    try:
+        up = cli(cluster, "-p", project, "up", "-d", env=environment(KUBECONFIG=str(wrong)))
+        assert up.returncode == 1, up.stdout + up.stderr
+        lines = [line for line in up.stderr.splitlines() if line.strip()]
+        assert lines[0].startswith(
+            "composemirror: cannot reach the Kubernetes API server at https://127.0.0.1:9"
+        ), up.stderr
+        assert "urllib3" not in up.stderr and "Retrying" not in up.stderr
+    finally:
+        cli(cluster, "-p", project, "down")
+    assert secrets_of(cluster, project) == []

@@ -20,7 +20,7 @@ from composemirror.backends import (
     choose,
 )
 from composemirror.backends.docker import DockerBackend
-from composemirror.backends.kubernetes import KubernetesBackend
+from composemirror.backends.kubernetes import KubernetesBackend, state
 from composemirror.backends.sandbox import COMPOSE_FILE, PROJECT, SandboxBackend
 from composemirror.config import Config, load
 from composemirror.errors import ClusterError, ConfigError
@@ -394,3 +394,21 @@ def test_resolv_conf_is_read_as_glibc_reads_it(
 ) -> None:
     parsed = Resolver.parse(text)
     assert (parsed.search, parsed.ndots) == (search, ndots)
+
+
+def test_a_new_terminal_reaches_the_cluster_up_used(tmp_path: Path) -> None:
+    """No KUBECONFIG (a new terminal): the kube config files `up` recorded for the project are
+    read, so `down` gets the Kubernetes backend on them instead of the sandbox; an explicit
+    KUBECONFIG wins."""
+    kubeconfig = tmp_path / "cluster.kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\n")
+    root = tmp_path / "state"
+    state.write_record(state.session_dir("shop", root), state.Record(kubeconfig=[str(kubeconfig)]))
+    terminal = no_kube(tmp_path, COMPOSEMIRROR_STATE_DIR=str(root))
+    environ = backends.session_environ("shop", terminal)
+    assert environ["KUBECONFIG"] == str(kubeconfig)
+    chosen = choose(config("deployment/checkout"), environ, FakeEngine())
+    assert isinstance(chosen, KubernetesBackend) and chosen.kubeconfig == str(kubeconfig)
+    assert backends.session_environ("other", terminal) == terminal  # nothing recorded
+    explicit = {**terminal, "KUBECONFIG": str(tmp_path / "mine")}
+    assert backends.session_environ("shop", explicit) == explicit

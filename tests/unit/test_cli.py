@@ -392,3 +392,36 @@ def test_status_shows_an_app_out_of_its_sidecars_namespace_and_rules_restored(
     app = next(s for s in data["services"] if s["role"] == "app")
     assert app["namespace"]["ok"] is False
     assert run(project, "doctor") == 1
+
+
+def test_status_and_doctor_without_p_report_one_project_and_name_the_others(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`up -p feature-x` (and `-p feature-y`) from this directory: `status` and `doctor` with
+    no -p show feature-x's containers and feature-x's session facts, and say that feature-y
+    exists too."""
+    assert run(project, "-p", "feature-x", "up", "-d") == 0
+    project.backend.calls.clear()
+    assert run(project, "status") == 0
+    out = capsys.readouterr().out
+    assert ("inspect", "feature-x") in project.backend.calls
+    assert ("inspect", "shop") not in project.backend.calls
+    assert "also started from this directory" not in out  # one project: nothing to say
+    assert run(project, "-p", "feature-y", "up", "-d") == 0
+    capsys.readouterr()
+    project.backend.calls.clear()
+    assert run(project, "status") == 0
+    out = capsys.readouterr().out
+    assert [c for c in project.backend.calls if c[0] == "inspect"] == [("inspect", "feature-x")]
+    assert out.splitlines()[0] == (
+        "project feature-x; also started from this directory: feature-y "
+        "(`-p NAME` shows one of them)"
+    )
+    assert run(project, "status", "--format", "json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["project"], data["other_projects"]) == ("feature-x", ["feature-y"])
+    project.backend.calls.clear()
+    run(project, "doctor")
+    out = capsys.readouterr().out
+    assert [c for c in project.backend.calls if c[0] == "inspect"] == [("inspect", "feature-x")]
+    assert "feature-x; also started from this directory: feature-y" in out

@@ -631,6 +631,15 @@ def test_unknown_keys_say_what_was_meant(block: Any, path: str, hint: str) -> No
     assert re.search(re.escape(hint), str(error))
 
 
+def test_the_target_hint_names_every_kind_the_cluster_takes() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_block(minimal(target="daemonset/x"))
+    hint = str(caught.value.hint)
+    for kind in ("pod", "deployment", "statefulset", "replicaset", "job", "cronjob"):
+        assert f"{kind}/NAME" in hint
+        load_block(minimal(target=f"{kind}/x"))  # and each is taken
+
+
 def test_errors_carry_hints_on_what_to_do() -> None:
     with pytest.raises(ConfigError) as caught:
         load_block({"target": "deployment/checkout"})

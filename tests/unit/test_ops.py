@@ -8,7 +8,7 @@ import dataclasses
 import json
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import yaml
 
 from composemirror import compose, images, ops
 from composemirror.backends import Check, ForwardedPlacement, SessionInfo
-from composemirror.backends.kubernetes import forwarder
+from composemirror.backends.kubernetes import forwarder, state
 from composemirror.engine import ComposeProject
 from composemirror.errors import ClusterError, ConfigError, EngineError
 from composemirror.fakes import FakeBackend, FakeEngine
@@ -544,6 +544,16 @@ def test_run_of_an_unknown_service_is_bad_input(project: Project) -> None:
     assert project.engine.runs == []
 
 
+def test_up_of_an_unknown_service_is_bad_input_before_the_backend_acts(project: Project) -> None:
+    """`up -d wbe`: refused before the backend prepares anything (a cluster's Secret, agent and
+    forwarder) and before compose runs."""
+    with pytest.raises(ConfigError, match="no service 'wbe' in this project") as caught:
+        up(project, services=["web", "wbe"], detach=True)
+    assert caught.value.hint == "did you mean 'web'?"
+    assert [c for c, _ in project.backend.calls if c in ("prepare", "release")] == []
+    assert project.engine.runs == [] and project.engine.builds == []
+
+
 def test_up_without_an_engine_renders_nothing(project: Project) -> None:
     project.engine.reachable = False
     with pytest.raises(EngineError, match="cannot reach the Docker engine"):
@@ -995,3 +1005,48 @@ def test_down_of_a_deleted_project_stops_its_recorded_forwarder(
     assert removed == [f"forwarder (pid {started['pid']})"]
     assert forwarder.find("gone") == []
     assert not (root / "gone").exists()
+
+
+def test_down_and_status_in_a_new_terminal_use_the_kube_config_up_recorded(
+    project: Project, tmp_path: Path
+) -> None:
+    """No KUBECONFIG in `down`'s environment: the backend is chosen with the kube config files
+    `up` recorded (not the sandbox for want of one), and the forwarder, a process of this
+    host, is stopped even by a backend that knows nothing of it."""
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text(
+        '#!/bin/sh\necho "Forwarding from 127.0.0.1:41235 -> 47017"\nexec sleep 60\n'
+    )
+    kubectl.chmod(0o755)
+    kubeconfig = tmp_path / "cluster.kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\n")
+    root = tmp_path / "state"
+    state.write_record(state.session_dir("shop", root), state.Record(kubeconfig=[str(kubeconfig)]))
+    spec = forwarder.Spec(
+        kubectl=str(kubectl),
+        context="dev",
+        namespace="shop",
+        pod="checkout-1",
+        remote_port=47017,
+        address="127.0.0.1",
+        local_port=41235,
+    )
+    started = forwarder.start(spec, state.session_dir("shop", root), project="shop")
+    seen: list[Mapping[str, str]] = []
+
+    def choose(config: Any, environ: Mapping[str, str], engine: Any) -> FakeBackend:
+        seen.append(environ)
+        return project.backend
+
+    runtime = dataclasses.replace(
+        project.runtime, choose=choose, environ={"COMPOSEMIRROR_STATE_DIR": str(root)}
+    )
+    try:
+        ops.session_state(project.options, runtime=runtime, project="shop")
+        assert [e.get("KUBECONFIG") for e in seen] == [str(kubeconfig)]
+        removed = ops.down(project.options, volumes=False, progress=lambda _: None, runtime=runtime)
+    finally:
+        forwarder.stop(state.session_dir("shop", root), project="shop")
+    assert [e.get("KUBECONFIG") for e in seen] == [str(kubeconfig)] * 2
+    assert f"forwarder (pid {started['pid']})" in removed
+    assert forwarder.find("shop") == []

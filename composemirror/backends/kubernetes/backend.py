@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -106,6 +107,7 @@ class ClusterAPI(Protocol):
     def find(
         self, resource: str, namespace: str, selector: str | None = None
     ) -> list[dict[str, Any]]: ...
+    def find_everywhere(self, resource: str, selector: str) -> list[dict[str, Any]]: ...
     def pod_log(
         self,
         name: str,
@@ -229,12 +231,19 @@ class Plan:
     """`prepare` found the project's session healthy and kept it (a repeated `up -d`)."""
 
 
+def _connect(context: str | None, namespace: str | None) -> ClusterAPI:
+    return client.connect(context, namespace)
+
+
 @dataclass(slots=True)
 class KubernetesBackend:
     """Targets in a Kubernetes cluster, reached through the kube config as kubectl does."""
 
     name = "kubernetes"
-    connect: Connect = field(default=lambda context, namespace: _connect(context, namespace))
+    connect: Connect = _connect
+    kubeconfig: str | None = None
+    """The kube config files to read (KUBECONFIG's form: paths joined by os.pathsep); None:
+    the process's KUBECONFIG, else ~/.kube/config, as kubectl. Used by the default `connect`."""
     forward: Forwarder = kubectl_forward
     gateway: Callable[[], str] = field(default=lambda: "127.0.0.1")
     """The Docker host gateway address (what `host-gateway` maps to): the forwarder listens
@@ -249,6 +258,16 @@ class KubernetesBackend:
     found: dict[tuple[str | None, str | None, str], targets.TargetPod] = field(default_factory=dict)
     clusters: dict[tuple[str | None, str | None], ClusterAPI] = field(default_factory=dict)
     """One client per (context, namespace), reused across the steps of a command."""
+
+    def __post_init__(self) -> None:
+        if self.kubeconfig is not None and self.connect is _connect:
+            environ = {"KUBECONFIG": self.kubeconfig}
+            self.connect = lambda context, namespace: client.connect(context, namespace, environ)
+
+    def kubeconfig_files(self) -> list[str]:
+        """The kube config files this backend reads that exist, as absolute paths."""
+        paths = self.kubeconfig or client.kubeconfig_paths(os.environ)
+        return [str(Path(p).resolve()) for p in paths.split(os.pathsep) if p and Path(p).is_file()]
 
     def session_dir(self, project: str) -> Path:
         """`project`'s session folder: its forwarder's state and log, and its record."""
@@ -355,6 +374,7 @@ class KubernetesBackend:
         if plan.where.namespace not in record.namespaces:
             record.namespaces.append(plan.where.namespace)
         record.context = plan.cluster.context
+        record.kubeconfig = self.kubeconfig_files()
         record.agent = record.pod = record.mode = None
         state.write_record(directory, record)  # before anything is created: `down` finds it
         code = bundle()
@@ -388,6 +408,11 @@ class KubernetesBackend:
                     f"running the agent as a Job instead. Warning: {manifests.JOB_WARNING}"
                 )
                 plan.mode = "job"
+        elif plan.mode == "job" and plan.target is not None:  # `agent.ephemeral: false`
+            progress(
+                "running the agent as a Job (agent.ephemeral: false). "
+                f"Warning: {manifests.JOB_WARNING}"
+            )
         if plan.mode == "job":
             progress(f"creating Job {plan.where.name} in namespace {plan.where.namespace}")
             plan.cluster.create("jobs", plan.where.namespace, self.job(plan))
@@ -400,9 +425,7 @@ class KubernetesBackend:
                 f"the agent's environment report does not verify: {e}",
                 hint="another agent answered; run `composemirror down` and `up` again",
             ) from e
-        progress(
-            f"agent {ready.version} ready in pod {plan.pod} (environment from {plan.env.source})"
-        )
+        progress(f"agent {ready.version} ready in pod {plan.pod} ({self._env_origin(plan)})")
         progress(f"forwarding {plan.address}:{plan.local_port} to the agent")
         plan.forwarding = True
         self.forward(
@@ -491,9 +514,23 @@ class KubernetesBackend:
 
     def session_env(self, project: str) -> Mapping[str, str] | None:
         """The environment the agent reported after `prepare` (the target process's when it
-        could read it), or None. Raw: selection is composemirror.environment's."""
+        could read it), or None: for a Job agent, whose pod is not the target's, the
+        environment `resolve` computed from the API stands (none for `targetless`). Raw:
+        selection is composemirror.environment's."""
         plan = self.plans.get(project)
-        return None if plan is None or plan.env is None else MappingProxyType(plan.env.env)
+        if plan is None or plan.env is None or plan.mode == "job":
+            return None
+        return MappingProxyType(plan.env.env)
+
+    @staticmethod
+    def _env_origin(plan: Plan) -> str:
+        """Where the app's environment comes from, for `up`'s ready line."""
+        if plan.target is None:
+            return "targetless: no environment imported"
+        if plan.mode == "job":
+            return f"environment from the API: pod spec of {plan.target.name}"
+        assert plan.env is not None
+        return f"environment from {plan.env.source}"
 
     def ephemeral(self, plan: Plan) -> dict[str, Any]:
         """The ephemeral container for `plan` (env and envFrom of the target copied)."""
@@ -627,8 +664,11 @@ class KubernetesBackend:
         elif config is not None:
             chosen, why = config.context, "from the configuration"
         else:
+            # nothing recorded on this host (its state deleted): look where the kube config
+            # points, saying what may remain
+            removed += self._sweep(project, progress)
             state.remove(folder)
-            return removed  # no session was ever recorded, nothing to find a cluster by
+            return removed
         namespaces = list(record.namespaces)
         try:
             cluster = self.cluster(chosen, None)
@@ -649,6 +689,51 @@ class KubernetesBackend:
             progress(f"note: {EPHEMERAL_NOTE}")
         state.remove(folder)
         self.plans.pop(project, None)
+        return removed
+
+    def _sweep(self, project: str, progress: Progress) -> list[str]:
+        """Delete `project`'s Jobs and Secrets with no record of where `up` made them: in every
+        namespace when this account may list both cluster-wide, else in the namespace of the
+        kube config's current context; a note through `progress`, with the kubectl command
+        that finds them, whenever some may remain. What was removed."""
+        selector = manifests.project_selector(project)
+        search = f"`kubectl get jobs,secrets --all-namespaces -l {selector}`"
+        removed: list[str] = []
+        try:
+            cluster = self.cluster(None, None)
+            wide = all(
+                cluster.can(Permission("list", r, group=g), "")[0]
+                for r, g in (("jobs", "batch"), ("secrets", ""))
+            )
+            if wide:
+                progress(
+                    f"no session of {project} is recorded on this host: deleting its Jobs and "
+                    f"Secrets in every namespace of context {cluster.context}"
+                )
+                for resource in ("jobs", "secrets"):
+                    for item in cluster.find_everywhere(resource, selector):
+                        name = item["metadata"]["name"]
+                        namespace = item["metadata"]["namespace"]
+                        with contextlib.suppress(client.NotFoundError):
+                            cluster.delete(resource, name, namespace)
+                            removed.append(f"{resource[:-1]}/{name} in namespace {namespace}")
+                return removed
+            namespace = cluster.namespace
+            for resource in ("jobs", "secrets"):
+                for name in cluster.delete_labelled(resource, namespace, selector):
+                    removed.append(f"{resource[:-1]}/{name} in namespace {namespace}")
+            progress(
+                f"warning: no session of {project} is recorded on this host and this account "
+                "may not list Jobs and Secrets in every namespace: only namespace "
+                f"{namespace} of context {cluster.context} was cleaned; others may remain: "
+                f"{search} finds them"
+            )
+        except ClusterError as e:
+            progress(
+                f"warning: no session of {project} is recorded on this host and the cluster "
+                f"could not be cleaned ({e.message}); its Jobs and Secrets may remain: "
+                f"{search} finds them"
+            )
         return removed
 
     def release(self, project: str, directory: Path) -> None:
@@ -693,6 +778,9 @@ class KubernetesBackend:
                 )
                 return checks
             name = pod["metadata"]["name"]
+            if record.mode == "job":
+                checks.append(job_agent_check(pod, str(record.agent), record.namespace))
+                return checks
         elif config.target.kind == "targetless":
             return checks
         else:
@@ -783,6 +871,25 @@ class KubernetesBackend:
         return Check(name="agent placement (dry run)", ok=True, detail=detail)
 
 
+def job_agent_check(pod: Obj, agent: str, namespace: str) -> Check:
+    """`status`'s line for a Job agent: its Job, its pod and its container's state (`running`,
+    `terminated (Completed)`, `waiting (ImagePullBackOff)`); a failure unless running."""
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    state = next((s.get("state") or {} for s in statuses if s.get("name") == agent), {})
+    kind = next(iter(state), None)
+    reason = (state.get(kind) or {}).get("reason") if kind else None
+    text = "not started" if kind is None else f"{kind} ({reason})" if reason else kind
+    return Check(
+        name=f"agent {agent}",
+        ok=kind == "running",
+        detail=f"Job {agent} in namespace {namespace}, pod {pod['metadata']['name']}: {text}",
+        hint=None
+        if kind == "running"
+        else f"`kubectl -n {namespace} logs job/{agent}` says why; `composemirror up` again "
+        "starts a new one",
+    )
+
+
 def permissions_check(cluster: ClusterAPI, namespace: str, config: Config) -> Check:
     """SelfSubjectAccessReviews for `access.PERMISSIONS`; the missing Role rules as a hint."""
     denied = [p for p in PERMISSIONS if not cluster.can(p, namespace)[0]]
@@ -817,15 +924,21 @@ def image_check(
 
     Fails when an agent (of any project) in the target pod already could not get this image,
     the one certain sign. Otherwise says whether the node holds it (a container of the target
-    pod runs it, or its Node's `status.images` lists it) or will pull it. A Node's list is
-    only positive evidence: the kubelet refreshes it periodically and keeps the largest
-    images only, so an image loaded a moment ago may be missing from it; and `get nodes`
-    (cluster-wide) may not be granted.
+    pod runs it, or its Node's `status.images` lists it) or will try to pull it, never that
+    the pull will succeed: a registry's reach from the node is not known before it pulls.
+    A Node's list is only positive evidence: the kubelet refreshes it periodically and keeps
+    the largest images only, so an image loaded a moment ago may be missing from it; and
+    `get nodes` (cluster-wide) may not be granted.
     """
     image, policy = settings.image, settings.image_pull_policy
     name = "agent image (cluster)"
     if found is None:
-        return Check(name=name, ok=True, detail=f"{image} ({policy}; the Job's node pulls it)")
+        return Check(
+            name=name,
+            ok=True,
+            detail=f"{image} ({policy}): the Job's node is not known before `up`; it will try "
+            "to pull the image",
+        )
     for entry in failed_pulls(found.pod, image):
         return Check(
             name=name,
@@ -856,7 +969,10 @@ def image_check(
             f"{image}: {why}; with imagePullPolicy Never `up` fails at once if the node lacks it"
         )
     else:
-        detail = f"{image}: {why}; the node pulls it ({policy}) when `up` starts the agent"
+        detail = (
+            f"{image}: {why}; the node will try to pull it ({policy}) when `up` starts the "
+            "agent (whether it can is known only then)"
+        )
     return Check(name=name, ok=True, detail=detail)
 
 
@@ -913,10 +1029,6 @@ def forwarder_check(render_dir: Path) -> Check:
         detail=detail,
         hint=state.get("error") if state["state"] != "forwarding" else None,
     )
-
-
-def _connect(context: str | None, namespace: str | None) -> ClusterAPI:
-    return client.connect(context, namespace)
 
 
 class _NotYet(Exception):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import ssl
 from collections.abc import Iterator, Mapping
@@ -43,6 +44,13 @@ class RefusedError(ClusterError):
 
 class ConflictError(ClusterError):
     """The API server answered 409: the object exists already, or changed meanwhile."""
+
+
+class UnknownContextError(ClusterError):
+    """`--context` or `kube_context` names a context the kube config does not have: bad input,
+    exit 2."""
+
+    exit_code = 2
 
 
 class MissingNamespaceError(ClusterError):
@@ -82,6 +90,9 @@ def _kubernetes() -> Any:
     import kubernetes.client
     import kubernetes.config
 
+    # urllib3 logs each retry of a failed connection as a warning; the ClusterError that
+    # follows says what failed, once.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     return kubernetes
 
 
@@ -124,9 +135,10 @@ def connect(
             )
         if chosen is None:
             names = ", ".join(c["name"] for c in contexts) or "none"
-            raise ClusterError(
+            raise UnknownContextError(
                 f"the kube config ({paths}) has no context {context!r}",
-                hint=f"its contexts: {names}",
+                hint=f"its contexts: {names} (`kubectl config get-contexts` lists them); "
+                "fix --context or `kube_context`",
             )
         # persist_config: a refreshed auth-provider token is written back, as kubectl does.
         api = kubeconfig.new_client_from_config(
@@ -252,6 +264,18 @@ class Cluster:
                 kwargs["label_selector"] = selector
             items = self._json(
                 self._method(kind, f"list_namespaced_{kind.singular}")(namespace, **kwargs)
+            )
+            return list(items.get("items") or [])
+
+    def find_everywhere(self, resource: str, selector: str) -> list[Obj]:
+        """The objects of `resource` matching `selector` in every namespace (needs `list` on
+        them cluster-wide)."""
+        kind = KINDS[resource]
+        with self._errors(Permission("list", resource, group=kind.group), None):
+            items = self._json(
+                self._method(kind, f"list_{kind.singular}_for_all_namespaces")(
+                    label_selector=selector, _preload_content=False, _request_timeout=TIMEOUT
+                )
             )
             return list(items.get("items") or [])
 

@@ -67,6 +67,9 @@ class Record:
 
     context: str | None = None
     """The kube config context the objects were created with."""
+    kubeconfig: list[str] = field(default_factory=list)
+    """The kube config files `up` read (absolute paths, KUBECONFIG's order): `down` and
+    `status` read them when the environment names none (a new terminal)."""
     namespaces: list[str] = field(default_factory=list)
     """Every namespace the project's Secrets and Jobs were created in."""
     agent: str | None = None

@@ -98,6 +98,17 @@ class FakeCluster:
             and selected(selector, i["metadata"].get("labels") or {})
         ]
 
+    def find_everywhere(self, resource: str, selector: str) -> list[dict[str, Any]]:
+        if f"list {resource}" in self.denied:
+            raise RefusedError(
+                f"{resource} is forbidden: cannot list {resource} at the cluster scope"
+            )
+        return [
+            copy.deepcopy(i)
+            for i in self.objects.get(resource, [])
+            if selected(selector, i["metadata"].get("labels") or {})
+        ]
+
     def pod_log(
         self,
         name: str,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from composemirror.backends import Check, Resolution, Resolver, SessionInfo
-from composemirror.backends.kubernetes import manifests
+from composemirror.backends.kubernetes import manifests, state
 from composemirror.backends.kubernetes.backend import KubernetesBackend
 from composemirror.backends.kubernetes.client import NotFoundError, RefusedError
 from composemirror.backends.kubernetes.link import ForwardTarget
@@ -264,9 +264,9 @@ def test_teardown_deletes_by_label_and_says_what_stays(tmp_path: Path) -> None:
     h.backend.prepare(h.session, h.messages.append)
     removed = h.backend.teardown("shop-dev", h.session.directory, h.messages.append)
     assert removed == [f"job/{name} in namespace shop", f"secret/{name} in namespace shop"]
+    assert "cannot be removed" in h.messages[-1]
     assert h.backend.teardown("shop-dev", h.session.directory, h.messages.append) == []
     assert "checkout-secrets" in {s["metadata"]["name"] for s in h.cluster.objects["secrets"]}
-    assert "cannot be removed" in h.messages[-1]
 
 
 def test_doctor_all_good(tmp_path: Path) -> None:
@@ -336,6 +336,7 @@ def up(h: Harness, cfg: Config | None = None) -> str:
         forward=h.forwarded.append,
         sleep=h.sleeps.append,
         state_root=h.backend.state_root,
+        kubeconfig=h.backend.kubeconfig,
     )
     h.backend.place(cfg, h.backend.resolve(cfg), h.session)
     name = h.backend.plans["shop-dev"].where.name
@@ -533,7 +534,13 @@ NODE = {
     [
         ("python:3.12-slim", "Never", True, "is on node cm-node"),
         ("composemirror/base:bookworm", "IfNotPresent", True, "is on node cm-node"),
-        ("python:3.13", "IfNotPresent", True, "pulls it (IfNotPresent) when `up` starts"),
+        (
+            "python:3.13",
+            "IfNotPresent",
+            True,
+            "not listed on node cm-node; the node will try to pull it (IfNotPresent) when `up` "
+            "starts the agent (whether it can is known only then)",
+        ),
         ("python:3.13", "Never", True, "Never `up` fails at once if the node lacks it"),
         ("registry.local/shop/checkout:1.4", "Never", True, "on node cm-node (the target runs"),
     ],
@@ -572,3 +579,116 @@ def test_a_missing_namespace_is_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ClusterError, match="there is no deployment 'checkout'") as unsure:
         h.backend.resolve(cfg)
     assert unsure.value.exit_code == 1
+
+
+def test_up_records_the_kube_config_files_it_read(tmp_path: Path) -> None:
+    """`down` in a terminal without KUBECONFIG reads the files `up` read (absolute paths, the
+    missing ones left out, KUBECONFIG's order)."""
+    h = Harness(tmp_path)
+    first, second = tmp_path / "a.kubeconfig", tmp_path / "b.kubeconfig"
+    first.write_text("apiVersion: v1\n")
+    second.write_text("apiVersion: v1\n")
+    h.backend.kubeconfig = os.pathsep.join([str(second), str(tmp_path / "gone"), str(first)])
+    up(h)
+    record = state.read_record(h.backend.session_dir("shop-dev"))
+    assert record.kubeconfig == [str(second), str(first)]
+
+
+def job_agent(h: Harness, cfg: Config) -> str:
+    """Place and prepare `cfg` with its agent as a Job whose pod reports ready (with the empty
+    report a Job agent gives); the agent's name."""
+    h.backend.place(cfg, h.backend.resolve(cfg), h.session)
+    name = h.backend.plans["shop-dev"].where.name
+    h.cluster.objects["pods"].append(
+        {
+            "metadata": {"name": f"{name}-x", "namespace": "shop", "labels": {"job-name": name}},
+            "spec": {"containers": []},
+            "status": {},
+        }
+    )
+    h.agent_runs(f"{name}-x", name, source="none", container_list="containerStatuses")
+    report = EnvReport(source="none", env={})
+    h.cluster.logs[(f"{name}-x", name)] = (
+        ready_line(version="0.1.0", port=47017, sealed=seal(KEY, report)) + "\n"
+    )
+    h.backend.prepare(h.session, h.messages.append)
+    return name
+
+
+def test_a_job_agent_keeps_the_env_from_the_api_warns_and_is_listed(tmp_path: Path) -> None:
+    """`agent.ephemeral: false`: the Job's empty report does not replace the target's env
+    computed from the API, the pod-identity warning is printed, and `status` lists the Job."""
+    h = Harness(tmp_path)
+    cfg = config(ephemeral=False)
+    assert h.backend.resolve(cfg).env["DB_PASSWORD"] == "s3cret"
+    name = job_agent(h, cfg)
+    assert [r for r, _, _ in h.cluster.created] == ["secrets", "jobs"]
+    assert h.backend.session_env("shop-dev") is None  # so `up` keeps Resolution.env
+    assert any(manifests.JOB_WARNING in m for m in h.messages)
+    assert f"(environment from the API: pod spec of {POD})" in h.messages[-2]
+    checks = h.backend.inspect(cfg, "shop-dev", tmp_path)
+    agent = next(c for c in checks if c.name == f"agent {name}")
+    assert agent.ok and agent.detail == f"Job {name} in namespace shop, pod {name}-x: running"
+
+
+def test_a_targetless_job_agent_imports_nothing_and_is_listed(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    cfg = config("targetless")
+    name = job_agent(h, cfg)
+    assert h.backend.session_env("shop-dev") is None
+    assert "(targetless: no environment imported)" in h.messages[-2]
+    assert not any(manifests.JOB_WARNING in m for m in h.messages)
+    checks = h.backend.inspect(cfg, "shop-dev", tmp_path)
+    assert [c.name for c in checks] == ["forwarder", f"agent {name}"]
+
+
+def leftovers(cluster: FakeCluster, project: str) -> None:
+    """`project`'s Secrets in namespaces shop and elsewhere, and a Job in elsewhere."""
+    labels = {manifests.LABEL_PROJECT: project}
+    for kind, name, namespace in (
+        ("Secret", "cm-agent-a", "shop"),
+        ("Secret", "cm-agent-b", "elsewhere"),
+        ("Job", "cm-agent-b", "elsewhere"),
+    ):
+        cluster.objects.setdefault(kind.lower() + "s", []).append(
+            {"kind": kind, "metadata": {"name": name, "namespace": namespace, "labels": labels}}
+        )
+
+
+def test_down_with_nothing_recorded_cleans_every_namespace_it_may_list(tmp_path: Path) -> None:
+    """`down -p NAME` with the project's files and its session folder deleted: its objects are
+    found by label in every namespace when the account may list them cluster-wide."""
+    h = Harness(tmp_path)
+    leftovers(h.cluster, "gone")
+    removed = h.backend.teardown("gone", tmp_path, h.messages.append)
+    assert sorted(removed) == [
+        "job/cm-agent-b in namespace elsewhere",
+        "secret/cm-agent-a in namespace shop",
+        "secret/cm-agent-b in namespace elsewhere",
+    ]
+    assert "in every namespace of context dev" in h.messages[0]
+
+
+def test_down_with_nothing_recorded_says_what_may_remain(tmp_path: Path) -> None:
+    """Without cluster-wide `list secrets`: the context's namespace is cleaned, and `down` says
+    others may remain, with the kubectl command that finds them."""
+    h = Harness(tmp_path, FakeCluster(denied=frozenset({"list secrets"})))
+    leftovers(h.cluster, "gone")
+    removed = h.backend.teardown("gone", tmp_path, h.messages.append)
+    assert removed == ["secret/cm-agent-a in namespace shop"]
+    [warning] = h.messages
+    assert "only namespace shop of context dev was cleaned; others may remain" in warning
+    selector = manifests.project_selector("gone")
+    assert f"`kubectl get jobs,secrets --all-namespaces -l {selector}` finds them" in warning
+
+
+def test_down_with_nothing_recorded_and_no_cluster_says_so(tmp_path: Path) -> None:
+    def unreachable(context: str | None, namespace: str | None) -> FakeCluster:
+        raise ClusterError("cannot reach the Kubernetes API server at https://127.0.0.1:9")
+
+    backend = KubernetesBackend(connect=unreachable, state_root=tmp_path / "state")
+    messages: list[str] = []
+    assert backend.teardown("gone", tmp_path, messages.append) == []
+    [warning] = messages
+    assert "cannot reach the Kubernetes API server" in warning
+    assert "its Jobs and Secrets may remain" in warning

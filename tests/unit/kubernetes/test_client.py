@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def test_unknown_context(tmp_path: Path) -> None:
     path = kubeconfig(tmp_path / "a", {"dev": "shop"}, "dev")
     with pytest.raises(ClusterError, match="has no context 'staging'") as failure:
         client.connect("staging", None, {"KUBECONFIG": str(path)})
-    assert failure.value.hint == "its contexts: dev"
+    assert failure.value.exit_code == 2  # bad input
+    assert str(failure.value.hint).startswith("its contexts: dev (")
 
 
 def test_missing_kube_config(tmp_path: Path) -> None:
@@ -85,6 +87,17 @@ def test_unreachable_names_the_server(tmp_path: Path) -> None:
         cluster.get("pods", "x", "shop")
     assert "cannot reach the Kubernetes API server at https://127.0.0.1:9" in str(failure.value)
     assert isinstance(failure.value.__cause__, urllib3.exceptions.HTTPError | OSError)
+
+
+def test_retries_are_not_logged_before_the_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wrong API port: the error names the server; urllib3's retries print nothing."""
+    path = kubeconfig(tmp_path / "a", {"dev": "shop"}, "dev", server="https://127.0.0.1:9")
+    cluster = client.connect(None, None, {"KUBECONFIG": str(path)})
+    with caplog.at_level(logging.DEBUG, logger="composemirror"), pytest.raises(ClusterError):
+        cluster.get("pods", "x", "shop")
+    assert [r for r in caplog.records if r.name.startswith("urllib3")] == []
 
 
 def status(code: int, message: str, **details: object) -> ApiException:
