@@ -141,9 +141,17 @@ def connect(
                 "fix --context or `kube_context`",
             )
         # persist_config: a refreshed auth-provider token is written back, as kubectl does.
-        api = kubeconfig.new_client_from_config(
-            config_file=paths, context=chosen["name"], persist_config=True
+        configuration = _kubernetes().client.Configuration()
+        kubeconfig.load_kube_config(
+            config_file=paths,
+            context=chosen["name"],
+            client_configuration=configuration,
+            persist_config=True,
         )
+        # Failing fast; callers retry with a bound where it matters. Set before the client is
+        # made: its connection pool reads it once.
+        configuration.retries = 0
+        api = _kubernetes().client.ApiClient(configuration=configuration)
     except kubeconfig.ConfigException as e:
         raise ClusterError(
             f"cannot use the kube config ({paths}): {e}",
@@ -155,7 +163,6 @@ def connect(
             f"cannot read the kube config ({paths}): {e}",
             hint="set KUBECONFIG to a readable kube config",
         ) from e
-    api.configuration.retries = 0  # failing fast; callers retry with a bound where it matters
     api.user_agent = "composemirror"
     context_namespace = (chosen.get("context") or {}).get("namespace")
     cluster_name = str((chosen.get("context") or {}).get("cluster") or "")

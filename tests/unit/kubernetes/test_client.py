@@ -100,6 +100,16 @@ def test_retries_are_not_logged_before_the_error(
     assert [r for r in caplog.records if r.name.startswith("urllib3")] == []
 
 
+def test_a_request_is_not_retried(tmp_path: Path) -> None:
+    """The connection pool is made with no retries, so an unreachable server fails at once
+    (setting it on the configuration after the client is made would change nothing)."""
+    path = kubeconfig(tmp_path / "a", {"dev": "shop"}, "dev", server="https://127.0.0.1:9")
+    cluster = client.connect(None, None, {"KUBECONFIG": str(path)})
+    pool = cluster.api.rest_client.pool_manager
+    retries = pool.connection_pool_kw.get("retries")  # urllib3 may keep it as a Retry
+    assert getattr(retries, "total", retries) == 0
+
+
 def status(code: int, message: str, **details: object) -> ApiException:
     error = ApiException(status=code, reason="x")
     error.body = json.dumps(
