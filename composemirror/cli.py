@@ -57,6 +57,10 @@ def main(argv: Sequence[str] | None = None, *, runtime: ops.Runtime | None = Non
     runtime.engine.output = Output.detect(args.ansi, args.progress, terminal=_is_terminal())
     _plain = runtime.engine.output.ansi == "never"
     previous = signal.signal(signal.SIGTERM, _terminate)
+    # A shell starts a background job (`composemirror up &` in a script) with SIGINT ignored,
+    # and Python then leaves it ignored; compose heeds SIGINT all the same (Go's
+    # `signal.Notify` undoes the ignore), and so does this command.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = int(args.run(args, options, runtime))
         sys.stdout.flush()  # here, so that a reader gone early is met in this `try`
@@ -79,6 +83,7 @@ def main(argv: Sequence[str] | None = None, *, runtime: ops.Runtime | None = Non
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _silence_stdout() -> None:

@@ -431,6 +431,7 @@ def up(
         progress(notice)
     progress(f"target: {rendered.resolution.description}")
     keep = False
+    interrupted = False
     try:
         rendered.backend.prepare(rendered.session, progress)
         reported = rendered.backend.session_env(rendered.name)
@@ -448,8 +449,15 @@ def up(
             *services,
         ]
         code = runtime.engine.compose_run(rendered.compose_project(), args)
+        interrupted = code in INTERRUPTED
         keep = detach and code == 0
+    except BaseException as e:
+        # KeyboardInterrupt or SIGTERM's: not an error of ours, a request to stop.
+        interrupted = not isinstance(e, Exception)
+        raise
     finally:
+        if interrupted:
+            _stop(rendered, progress=progress, runtime=runtime)
         if not keep:
             rendered.backend.release(rendered.name, rendered.directory)
     if code == 0 or code in INTERRUPTED or flags.passes_exit_code:
@@ -458,6 +466,15 @@ def up(
         f"docker compose up failed (exit {code})",
         hint="see compose's output above; `composemirror down` removes what was created",
     )
+
+
+def _stop(rendered: Rendered, *, progress: Progress, runtime: Runtime) -> None:
+    """Stop the project's containers after `up` was interrupted, wherever the signal landed:
+    compose stops what it started when its event loop has begun, but a signal while it
+    creates and starts containers (or before compose runs, the agent already started) leaves
+    some running. As compose's Ctrl-C, they are stopped, not removed (`down` removes them)."""
+    progress("interrupted: stopping what was started")
+    runtime.engine.compose_run(rendered.compose_project(), ["stop"])
 
 
 def _rejoin(rendered: Rendered, *, progress: Progress, runtime: Runtime) -> None:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -183,6 +184,53 @@ def test_attached_up_streams_logs_and_stops_on_ctrl_c_exiting_130(small_project:
     assert "web-mirror-1" in output  # compose's log prefix: logs were streamed
     assert _state("cm-lifecycle-web-1") == "exited"
     assert _state("cm-lifecycle-web-mirror-1") == "exited"
+
+
+@pytest.fixture
+def interrupted_project(
+    sandbox: None, tmp_path: Path, project_cleanup: Callable[[Path], None]
+) -> Path:
+    path = project(tmp_path, "cm-interrupted", MIRROR + "services:" + WEB)
+    project_cleanup(path)
+    return path
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.6, 1.0, 2.0, 4.0])
+def test_ctrl_c_at_any_point_of_up_exits_130_and_leaves_nothing_running(
+    interrupted_project: Path, delay: float
+) -> None:
+    """`setsid composemirror up & sleep D; kill -INT -- -$!` from a script: the shell starts a
+    background job with SIGINT ignored, which compose itself does not heed. Wherever the
+    signal lands (loading the project, preparing, compose starting the stack), the command
+    exits 130, says it was interrupted (not that the project was rejected), and nothing it
+    started is left running."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "composemirror", "-f", str(interrupted_project), "up"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=_ignore_sigint,
+    )
+    try:
+        time.sleep(delay)
+        os.killpg(process.pid, signal.SIGINT)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 130, output
+    assert "rejected" not in output, output
+    running = docker(
+        "ps", "-q", "--filter", "label=com.docker.compose.project=cm-interrupted"
+    )  # fmt: skip
+    assert running.stdout.split() == [], output
 
 
 def _state(container: str) -> str:

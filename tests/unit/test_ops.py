@@ -418,6 +418,8 @@ def test_an_interrupted_up_exits_as_compose_does(project: Project, code: int) ->
     project.engine.exit_codes["up"] = code
     assert up(project)[0] == code
     assert up(project, detach=True)[0] == code
+    # A signal while compose creates and starts containers leaves some running: stopped.
+    assert project.engine.commands() == [["up"], ["stop"], ["up", "--detach"], ["stop"]]
 
 
 @pytest.mark.parametrize("code", [0, 7])
