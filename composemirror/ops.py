@@ -1106,11 +1106,21 @@ def _discover(start: Path) -> tuple[Path, ...]:
 def _load_config(options: Options, model: Mapping[str, Any], found: Discovery) -> Config:
     if options.config_file is not None:
         return _load_file(options.config_file)
+    beside = found.directory / CONFIG_FILE_NAME
     if BLOCK in model:
         names = ", ".join(f.name for f in found.files) or "the compose file"
+        if beside.is_file():
+            # As compose warns of two compose files in one folder and uses the first.
+            log.warning(
+                "both %s and the %s block in %s configure composemirror: using the block, "
+                "ignoring %s (remove one of them)",
+                beside,
+                BLOCK,
+                names,
+                CONFIG_FILE_NAME,
+            )
         block = compose.unescape(model[BLOCK])
         return load(block, source=f"{BLOCK} in {names}", base_dir=found.directory)
-    beside = found.directory / CONFIG_FILE_NAME
     if beside.is_file():
         return _load_file(beside)
     raise ConfigError(

@@ -125,6 +125,21 @@ def test_configuration_beside_the_compose_file(project: Project) -> None:
     assert rendered.config.source == str(project.folder / "composemirror.yaml")
 
 
+def test_configuration_beside_a_compose_file_with_a_block_is_named_in_a_warning(
+    project: Project, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both configure composemirror: the block is used and the ignored file named, as compose
+    warns of two compose files in one folder and says which one it uses."""
+    (project.folder / "composemirror.yaml").write_text(
+        "target: deployment/other\nnamespace: shop\nservices: [web]\n"
+    )
+    rendered = ops.render(project.options, write=False, runtime=project.runtime)
+    assert rendered.config.target.name == "checkout"
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert str(project.folder / "composemirror.yaml") in warning
+    assert "using the block, ignoring composemirror.yaml" in warning
+
+
 def test_configuration_from_a_mirrord_file(project: Project, tmp_path: Path) -> None:
     without_block(project)
     config_file = tmp_path / "mirrord.yaml"
