@@ -1099,7 +1099,8 @@ def _discover(start: Path) -> tuple[Path, ...]:
                 return (folder / name, *overrides[:1])
     raise ConfigError(
         f"no compose file in {start} or above it",
-        hint="run in a directory with compose.yaml, or pass -f FILE (or set COMPOSE_FILE)",
+        hint="run in a directory with compose.yaml, or pass -f FILE (or set COMPOSE_FILE); "
+        "`status` and `down` also take -p NAME alone, without files",
     )
 
 

@@ -415,3 +415,15 @@ def test_status_shows_an_app_out_of_its_sidecars_namespace_and_rules_restored(
     app = next(s for s in data["services"] if s["role"] == "app")
     assert app["namespace"]["ok"] is False
     assert run(project, "doctor") == 1
+
+
+def test_progress_quiet_prints_no_progress_and_json_only_json_lines(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As compose's own `--progress`: quiet prints no progress, json one object per line."""
+    assert run(project, "--progress", "quiet", "up", "-d") == 0
+    assert capsys.readouterr().err == ""
+    assert run(project, "--progress", "json", "up", "-d") == 0
+    lines = capsys.readouterr().err.splitlines()
+    events = [json.loads(line) for line in lines]
+    assert {"id": "composemirror", "text": "target: fake target"} in events

@@ -298,9 +298,9 @@ def test_the_configuration_may_live_in_the_override_file(project: Project) -> No
 def test_no_compose_file_anywhere(tmp_path: Path, project: Project) -> None:
     with pytest.raises(ConfigError) as caught:
         ops.compose_project(ops.Options(project_directory=tmp_path), "base", project.runtime)
-    assert (
-        caught.value.hint
-        == "run in a directory with compose.yaml, or pass -f FILE (or set COMPOSE_FILE)"
+    assert caught.value.hint == (
+        "run in a directory with compose.yaml, or pass -f FILE (or set COMPOSE_FILE); "
+        "`status` and `down` also take -p NAME alone, without files"
     )
 
 
