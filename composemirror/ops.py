@@ -938,6 +938,7 @@ def doctor(options: Options, *, runtime: Runtime) -> list[Check]:
             )
         )
     _, rows = status(options, runtime=runtime)
+    agents = [row for row in rows if row.role == "agent"]
     for row in rows:
         if row.role == "sidecar":
             state = row.link.get("agent", "unknown")
@@ -946,13 +947,30 @@ def doctor(options: Options, *, runtime: Runtime) -> list[Check]:
                     name=f"agent link of {row.service}",
                     ok=state == "connected",
                     detail=state,
-                    hint=None if state == "connected" else row.link.get("error"),
+                    hint=None if state == "connected" else _link_hint(row, agents),
                 )
             )
             checks.append(rules_check(row))
         if row.namespace is not None:
             checks.append(row.namespace)
     return checks
+
+
+def _link_hint(sidecar: ServiceStatus, agents: Sequence[ServiceStatus]) -> str | None:
+    """What to do about a sidecar's broken link: when the project's agent container is not
+    running, which one and how to start it again, with the sidecar's own error; else that
+    error."""
+    error = sidecar.link.get("error")
+    down = [a for a in agents if a.state != "running"]
+    if not down:
+        return str(error) if error else None
+    agent = down[0]
+    said = f" (the sidecar says: {error})" if error else ""
+    return (
+        f"the agent container {agent.container} is {agent.state}{said}: run "
+        f"`composemirror up -d` to start it again; `docker logs {agent.container}` says why "
+        "it stopped"
+    )
 
 
 RULES_STALE_AFTER = 15.0

@@ -164,6 +164,31 @@ def test_down_removes_everything_and_is_safe_twice(small_project: Path) -> None:
     assert again.returncode == 0, again.stderr
 
 
+def test_doctor_names_a_killed_agent_and_its_fix_works(small_project: Path) -> None:
+    up = cli("-f", str(small_project), "up", "-d")
+    assert up.returncode == 0, up.stdout + up.stderr
+    killed = docker("kill", "cm-lifecycle-composemirror-agent-1")
+    assert killed.returncode == 0, killed.stderr
+
+    def broken() -> bool:
+        return cli("-f", str(small_project), "doctor").returncode == 1
+
+    wait_for(broken, timeout=60)
+    doctor = cli("-f", str(small_project), "doctor")
+    assert "the agent container cm-lifecycle-composemirror-agent-1 is exited" in doctor.stdout
+    assert "run `composemirror up -d` to start it again" in doctor.stdout
+    again = cli("-f", str(small_project), "up", "-d")  # what the hint says
+    assert again.returncode == 0, again.stdout + again.stderr
+
+    def connected() -> bool:
+        return (
+            "ok    agent link of web-mirror: connected"
+            in cli("-f", str(small_project), "doctor").stdout
+        )
+
+    wait_for(connected, timeout=60)
+
+
 def test_attached_up_streams_logs_and_stops_on_ctrl_c_exiting_130(small_project: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "composemirror", "-f", str(small_project), "up"],

@@ -873,6 +873,24 @@ def test_doctor_reports_a_broken_link(project: Project) -> None:
     assert (link.ok, link.detail, link.hint) == (False, "connecting", "connection refused")
 
 
+def test_doctor_names_the_agent_container_that_is_down_and_what_to_run(project: Project) -> None:
+    """`docker kill` of the agent: the sidecar only knows its connection is refused."""
+    up(project, detach=True)
+    project.engine.set_state("shop-composemirror-agent-1", "exited")
+    project.engine.outputs["shop-web-mirror-1"] = json.dumps(
+        {**REPORT, "agent": "connecting", "error": "[Errno 111] Connection refused"}
+    )
+    link = checks_by_name(ops.doctor(project.options, runtime=project.runtime))[
+        "agent link of web-mirror"
+    ]
+    assert not link.ok
+    assert link.hint == (
+        "the agent container shop-composemirror-agent-1 is exited (the sidecar says: "
+        "[Errno 111] Connection refused): run `composemirror up -d` to start it again; "
+        "`docker logs shop-composemirror-agent-1` says why it stopped"
+    )
+
+
 def test_doctor_without_an_engine_still_checks_the_rest(project: Project) -> None:
     project.engine.reachable = False
     found = checks_by_name(ops.doctor(project.options, runtime=project.runtime))
