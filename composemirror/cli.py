@@ -53,10 +53,15 @@ def main(argv: Sequence[str] | None = None, *, runtime: ops.Runtime | None = Non
         namespace=args.namespace,
     )
     runtime = runtime or ops.Runtime()
-    global _plain
+    global _plain, _progress_mode
     runtime.engine.output = Output.detect(args.ansi, args.progress, terminal=_is_terminal())
     _plain = runtime.engine.output.ansi == "never"
+    _progress_mode = runtime.engine.output.progress
     previous = signal.signal(signal.SIGTERM, _terminate)
+    # A shell starts a background job (`composemirror up &` in a script) with SIGINT ignored,
+    # and Python then leaves it ignored; compose heeds SIGINT all the same (Go's
+    # `signal.Notify` undoes the ignore), and so does this command.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = int(args.run(args, options, runtime))
         sys.stdout.flush()  # here, so that a reader gone early is met in this `try`
@@ -79,6 +84,7 @@ def main(argv: Sequence[str] | None = None, *, runtime: ops.Runtime | None = Non
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _silence_stdout() -> None:
@@ -106,9 +112,19 @@ def _is_terminal() -> bool:
         return False
 
 
+_progress_mode: str | None = None
+"""compose's `--progress` as in effect (None: compose's default)."""
+
+
 def _progress(message: str) -> None:
-    if _plain:
+    """A progress line on stderr, as compose writes its own under `--progress`: none under
+    `quiet`, a JSON object per line under `json` (`id` and `text`, as compose's events)."""
+    if _progress_mode == "quiet":
+        return
+    if _plain or _progress_mode == "json":
         message = strip_escapes(message.encode()).decode("utf-8", "replace")
+    if _progress_mode == "json":
+        message = json.dumps({"id": "composemirror", "text": message})
     print(message, file=sys.stderr, flush=True)
 
 

@@ -403,6 +403,8 @@ class _Loader:
             raw.get("feature"), f"{BLOCK}.feature", ("env", "network", *_IGNORED_FEATURE_KEYS)
         )
         self.ignored.extend(f"{BLOCK}.feature.{k}" for k in _IGNORED_FEATURE_KEYS if k in feature)
+        network = self.network(feature.get("network"))
+        self.check_hosts(hosts, network)
         return Config(
             source=self.source,
             target=target,
@@ -411,7 +413,7 @@ class _Loader:
             services=services,
             hosts=MappingProxyType(hosts),
             env=self.env(feature.get("env")),
-            network=self.network(feature.get("network")),
+            network=network,
             agent=self.agent(raw.get("agent")),
             ignored=tuple(self.ignored),
         )
@@ -503,6 +505,26 @@ class _Loader:
                 raise self.fail(f"{BLOCK}.hosts.{name}", "expected a plain host name")
             result[rule.name] = service
         return result
+
+    def check_hosts(self, hosts: dict[str, str], network: NetworkSettings) -> None:
+        """Refuse a `hosts` name that an outgoing `remote` entry also names: `hosts` answers
+        it with a local service's address while the entry sends its traffic to the cluster,
+        so neither side would reach what it means. (A DNS `remote` entry may cover a `hosts`
+        name: `hosts` decides its answer.)"""
+        outgoing = network.outgoing
+        if outgoing is None or outgoing.mode != "remote":
+            return
+        for name, service in hosts.items():
+            for i, rule in enumerate(outgoing.rules):
+                if rule.matches_name(name):
+                    entry = f"{BLOCK}.feature.network.outgoing.filter.remote[{i}]"
+                    raise self.fail(
+                        f"{BLOCK}.hosts.{name}",
+                        f"sends {name} to the local service {service!r}, but {entry} "
+                        f"({rule.text!r}) sends its traffic to the cluster",
+                        f"remove the `hosts` line to reach the cluster's {name}, or the "
+                        f"`remote` entry to reach the local {service}",
+                    )
 
     def env(self, value: Any) -> EnvSettings:
         path = f"{BLOCK}.feature.env"
@@ -704,6 +726,14 @@ class _Loader:
         if not entries:
             raise self.fail(f"{path}.{mode}", "is empty; list an entry or remove the filter")
         for i, entry in enumerate(entries):
+            if protocols and not entry.strip():
+                # mirrord's grammar reads it as "anything": here it is most often an unset
+                # `${VARIABLE}`, and would silently send everything one way.
+                raise self.fail(
+                    f"{path}.{mode}[{i}]",
+                    "an empty entry (an unset ${VARIABLE}?) would match everything",
+                    "give the entry, or write `0.0.0.0` to match everything",
+                )
             try:
                 parse_filter(mode, [entry], protocols=protocols)
             except FilterSyntaxError as e:

@@ -209,9 +209,11 @@ class Engine:
             message = result.stderr.strip()
             if "is not a docker command" in message or "unknown command" in message:
                 raise EngineError("the docker compose plugin is missing", hint=COMPOSE_HINT)
+            # compose names no file in some errors ("yaml: line 2: ..."): name them here.
+            files = ", ".join(str(f) for f in project.files) or "the compose file compose found"
             raise ConfigError(
                 f"docker compose rejected the project: {message}",
-                hint="fix the compose file(s) named above",
+                hint=f"fix the compose file(s): {files}",
             )
         try:
             model: dict[str, Any] = json.loads(result.stdout)

@@ -170,7 +170,10 @@ def _parse_rule(text: str, *, protocols: bool) -> Rule:
     if not rest and not protocols:
         raise FilterSyntaxError("an empty entry matches nothing; remove it")
     if not rest.startswith("[") and rest.count(":") > 1:
-        raise FilterSyntaxError(f"{text!r}: write an IPv6 address in brackets, e.g. [{rest}]")
+        raise FilterSyntaxError(
+            f"{text!r} is an IPv6 entry, which can never match: IPv6 is not intercepted",
+            hint="remove the entry (composemirror intercepts IPv4 only)",
+        )
     found = (_BRACKETED if rest.startswith("[") else _PLAIN).fullmatch(rest)
     if found is None:
         raise FilterSyntaxError(f"{text!r}: expected [protocol://][host|ip|[ipv6]|cidr][:port]")

@@ -438,6 +438,7 @@ def up(
         progress(notice)
     progress(f"target: {rendered.resolution.description}")
     keep = False
+    interrupted = False
     try:
         rendered.backend.prepare(rendered.session, progress)
         reported = rendered.backend.session_env(rendered.name)
@@ -455,8 +456,15 @@ def up(
             *services,
         ]
         code = runtime.engine.compose_run(rendered.compose_project(), args)
+        interrupted = code in INTERRUPTED
         keep = detach and code == 0
+    except BaseException as e:
+        # KeyboardInterrupt or SIGTERM's: not an error of ours, a request to stop.
+        interrupted = not isinstance(e, Exception)
+        raise
     finally:
+        if interrupted:
+            _stop(rendered, progress=progress, runtime=runtime)
         if not keep:
             rendered.backend.release(rendered.name, rendered.directory)
     if code == 0 or code in INTERRUPTED or flags.passes_exit_code:
@@ -477,6 +485,15 @@ def _check_services(rendered: Rendered, services: Sequence[str]) -> None:
                 f"no service {service!r} in this project",
                 hint=compose._suggest(service, known),
             )
+
+
+def _stop(rendered: Rendered, *, progress: Progress, runtime: Runtime) -> None:
+    """Stop the project's containers after `up` was interrupted, wherever the signal landed:
+    compose stops what it started when its event loop has begun, but a signal while it
+    creates and starts containers (or before compose runs, the agent already started) leaves
+    some running. As compose's Ctrl-C, they are stopped, not removed (`down` removes them)."""
+    progress("interrupted: stopping what was started")
+    runtime.engine.compose_run(rendered.compose_project(), ["stop"])
 
 
 def _rejoin(rendered: Rendered, *, progress: Progress, runtime: Runtime) -> None:
@@ -966,6 +983,7 @@ def doctor(options: Options, *, runtime: Runtime) -> list[Check]:
             )
         )
     _, rows = status(options, runtime=runtime)
+    agents = [row for row in rows if row.role == "agent"]
     for row in rows:
         if row.role == "sidecar":
             state = row.link.get("agent", "unknown")
@@ -974,13 +992,30 @@ def doctor(options: Options, *, runtime: Runtime) -> list[Check]:
                     name=f"agent link of {row.service}",
                     ok=state == "connected",
                     detail=state,
-                    hint=None if state == "connected" else row.link.get("error"),
+                    hint=None if state == "connected" else _link_hint(row, agents),
                 )
             )
             checks.append(rules_check(row))
         if row.namespace is not None:
             checks.append(row.namespace)
     return checks
+
+
+def _link_hint(sidecar: ServiceStatus, agents: Sequence[ServiceStatus]) -> str | None:
+    """What to do about a sidecar's broken link: when the project's agent container is not
+    running, which one and how to start it again, with the sidecar's own error; else that
+    error."""
+    error = sidecar.link.get("error")
+    down = [a for a in agents if a.state != "running"]
+    if not down:
+        return str(error) if error else None
+    agent = down[0]
+    said = f" (the sidecar says: {error})" if error else ""
+    return (
+        f"the agent container {agent.container} is {agent.state}{said}: run "
+        f"`composemirror up -d` to start it again; `docker logs {agent.container}` says why "
+        "it stopped"
+    )
 
 
 RULES_STALE_AFTER = 15.0
@@ -1127,18 +1162,29 @@ def _discover(start: Path) -> tuple[Path, ...]:
                 return (folder / name, *overrides[:1])
     raise ConfigError(
         f"no compose file in {start} or above it",
-        hint="run in a directory with compose.yaml, or pass -f FILE (or set COMPOSE_FILE)",
+        hint="run in a directory with compose.yaml, or pass -f FILE (or set COMPOSE_FILE); "
+        "`status` and `down` also take -p NAME alone, without files",
     )
 
 
 def _load_config(options: Options, model: Mapping[str, Any], found: Discovery) -> Config:
     if options.config_file is not None:
         return _load_file(options.config_file)
+    beside = found.directory / CONFIG_FILE_NAME
     if BLOCK in model:
         names = ", ".join(f.name for f in found.files) or "the compose file"
+        if beside.is_file():
+            # As compose warns of two compose files in one folder and uses the first.
+            log.warning(
+                "both %s and the %s block in %s configure composemirror: using the block, "
+                "ignoring %s (remove one of them)",
+                beside,
+                BLOCK,
+                names,
+                CONFIG_FILE_NAME,
+            )
         block = compose.unescape(model[BLOCK])
         return load(block, source=f"{BLOCK} in {names}", base_dir=found.directory)
-    beside = found.directory / CONFIG_FILE_NAME
     if beside.is_file():
         return _load_file(beside)
     raise ConfigError(

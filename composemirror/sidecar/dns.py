@@ -6,6 +6,8 @@ address Docker's DNS gives their compose service, the rest by /etc/hosts or Dock
 names go through the tunnel to the agent, which resolves them as the target does. Answers are
 cached by TTL; an upstream that does not answer gives SERVFAIL, which is never cached. The book
 records the name each address was answered for, so the proxy decides by the name asked.
+Docker's DNS asks the host's resolvers from inside the namespace, so its queries arrive here too:
+they are passed on to where Docker sent them (see `Resolver.forwarded_by_docker`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import socket
 import struct
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,8 @@ from composemirror.tasks import Tasks
 log = logging.getLogger(__name__)
 
 DOCKER_DNS = ("127.0.0.11", 53)
+CONNTRACK = Path("/proc/net/nf_conntrack")
+"""The namespace's connection tracking table, which holds where a redirected query was sent."""
 UPSTREAM_TIMEOUT = 4.0
 DOCKER_PROBE_TIMEOUT = 1.0
 """How long a single-label name waits for Docker's DNS before it is asked of the cluster."""
@@ -340,6 +344,10 @@ class Resolver:
         """The namespace's search domains (the target's): see `shadows_local`."""
         self.domains: set[str] = set()
         """Names of the namespace's Docker networks (see `learn_domains`)."""
+        self.asking: Counter[tuple[str, int]] = Counter()
+        """(name, type) of the questions being asked of Docker's DNS now: the same question
+        arriving meanwhile is Docker's own forwarding (see `forwarded_by_docker`)."""
+        self.conntrack = CONNTRACK
         for name, addresses in self.static.items():
             for address in addresses:
                 # An app reads /etc/hosts without asking: its lines are answers given locally.
@@ -471,6 +479,41 @@ class Resolver:
         self.cache.put(key, response)
         return with_edns(_as_reply(request, response), query)
 
+    def forwarded_by_docker(self, query: bytes, source: tuple[str, int]) -> tuple[str, int] | None:
+        """The nameserver (address, port) a UDP query from `source` was sent to when it is Docker's
+        DNS forwarding a question this sidecar is asking it, else None.
+
+        Docker's DNS asks the host's resolvers (or the service's `dns`) for a name it does not
+        own from inside the container's namespace, where the firewall sends every query here.
+        Answered here, the query would go back to Docker and round again until both time out
+        (SERVFAIL after seconds where a plain container gets NXDOMAIN at once), so it goes
+        where Docker sent it, read from the connection tracking table.
+        """
+        parsed = question_of(query)
+        if parsed is None:
+            return None
+        name, qtype, _ = parsed[1]
+        if not self.asking[(name, qtype)]:
+            return None
+        try:
+            table = self.conntrack.read_text()
+        except OSError as e:
+            log.debug("no connection tracking table: %s", e)
+            return None
+        destination = original_destination(table, source)
+        return None if destination in (None, DOCKER_DNS) else destination
+
+    async def pass_on(self, query: bytes, nameserver: tuple[str, int]) -> bytes:
+        """`nameserver`'s response to `query` (Docker's forwarding, see `forwarded_by_docker`),
+        unchanged; SERVFAIL when it does not answer, as Docker would be told by a silent one."""
+        try:
+            return await asyncio.wait_for(self._udp(query, nameserver), UPSTREAM_TIMEOUT)
+        except (TimeoutError, OSError) as e:
+            log.debug("nameserver %s:%d: %s", *nameserver, e)
+            failure = _reply_to(DNSRecord.parse(query))
+            failure.header.rcode = RCODE.SERVFAIL
+            return bytes(failure.pack())
+
     async def docker_first(self, request: DNSRecord, name: str) -> DNSRecord | None:
         """Docker's own answer for a single-label `name` otherwise sent to the cluster (a
         container on a shared or external network), or None. Docker answers its names itself
@@ -510,7 +553,14 @@ class Resolver:
             DNSHeader(id=request.header.id, rd=1),
             q=DNSQuestion(alias_of or question.qname, question.qtype, question.qclass),
         )
-        data = await asyncio.wait_for(self._udp(asked.pack()), UPSTREAM_TIMEOUT)
+        key = (normalise_name(str(asked.q.qname)), int(question.qtype))
+        self.asking[key] += 1
+        try:
+            data = await asyncio.wait_for(self._udp(asked.pack()), UPSTREAM_TIMEOUT)
+        finally:
+            self.asking[key] -= 1
+            if not self.asking[key]:
+                del self.asking[key]
         response = DNSRecord.parse(data)
         if alias_of is not None:
             target = DNSLabel(alias_of)
@@ -545,17 +595,38 @@ class Resolver:
                 reply.add_answer(RR(question.qname, QTYPE.AAAA, rdata=AAAA(address), ttl=60))
         return reply
 
-    async def _udp(self, wire: bytes) -> bytes:
+    async def _udp(self, wire: bytes, nameserver: tuple[str, int] = DOCKER_DNS) -> bytes:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
         sock.setblocking(False)
         try:
-            await loop.sock_connect(sock, DOCKER_DNS)
+            await loop.sock_connect(sock, nameserver)
             await loop.sock_sendall(sock, wire)
             return await loop.sock_recv(sock, 65535)
         finally:
             sock.close()
+
+
+def original_destination(table: str, source: tuple[str, int]) -> tuple[str, int] | None:
+    """Where the UDP datagram from `source` (address, port) was sent before the firewall
+    redirected it: the original tuple's `dst` and `dport` of its entry in `table`, the text of
+    /proc/net/nf_conntrack; None when no entry has that source."""
+    want = {"src": source[0], "sport": str(source[1])}
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) < 3 or fields[2] != "udp":
+            continue
+        original: dict[str, str] = {}
+        for field in fields[3:]:
+            key, _, value = field.partition("=")
+            if key in original:  # the reply tuple starts: the original one is complete
+                break
+            if value:
+                original[key] = value
+        if all(original.get(k) == v for k, v in want.items()) and "dst" in original:
+            return original["dst"], int(original.get("dport", "53"))
+    return None
 
 
 def reverse_name(address: str) -> str:
@@ -630,6 +701,10 @@ class UdpServer(asyncio.DatagramProtocol):
         self.tasks.spawn(self._reply(data, addr), name="dns reply")
 
     async def _reply(self, data: bytes, addr: tuple[str, int]) -> None:
+        nameserver = self.resolver.forwarded_by_docker(data, addr)
+        if nameserver is not None:
+            self._send(await self.resolver.pass_on(data, nameserver), data, addr)
+            return
         self._send(await self.resolver.answer(data), data, addr)
 
     def _send(self, response: bytes, query: bytes, addr: tuple[str, int]) -> None:

@@ -243,6 +243,39 @@ def remote_listed(mirrored: None, tmp_path_factory: pytest.TempPathFactory) -> I
         cli("-f", str(compose_file), "down", "-v")
 
 
+DNS_LISTED = f"{PROJECT}-dnslisted"
+"""A third project on the stand-in cluster, with a DNS `remote` list, and a plain neighbour."""
+
+
+@pytest.fixture(scope="module")
+def dns_listed(mirrored: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A mirrored app under `dns: {filter: {remote: ["api.remote.test"]}}` (every other name is
+    resolved locally) and a plain neighbour service on the same network."""
+    compose_file = tmp_path_factory.mktemp("dns-listed") / "compose.yaml"
+    service = {"image": IMAGE, "command": ["sleep", "infinity"], "init": True}
+    compose_file.write_text(
+        json.dumps(
+            {
+                "name": DNS_LISTED,
+                "x-composemirror": {
+                    "target": f"docker://{TARGET}",
+                    "services": ["app"],
+                    "feature": {"network": {"dns": {"filter": {"remote": ["api.remote.test"]}}}},
+                },
+                "services": {"app": service, "neighbour": service},
+                "networks": {"default": {"ipam": {"config": [{"subnet": "10.125.79.0/24"}]}}},
+            }
+        )
+    )
+    try:
+        result = cli("-f", str(compose_file), "up", "-d")
+        assert result.returncode == 0, result.stdout + result.stderr
+        wait_for(lambda: _resolves(f"{DNS_LISTED}-app-1", f"{DNS_LISTED}-neighbour-1"), timeout=60)
+        yield
+    finally:
+        cli("-f", str(compose_file), "down", "-v")
+
+
 def _cluster() -> None:
     docker("rm", "-f", TARGET, DNS, OUTSIDER)
     docker("network", "rm", NETWORK, SHARED)
@@ -550,3 +583,28 @@ def test_a_mirrored_service_on_an_ipv6_network_is_refused_before_anything_starts
         assert networks.stdout.split() == []
     finally:
         cli("-f", str(compose_file), "down", "-v")
+
+
+# Fault 9: a name resolved locally that Docker's DNS forwards to the host's resolvers.
+
+
+def test_a_missing_name_resolved_locally_is_nxdomain_at_once_as_in_a_neighbour(
+    dns_listed: None,
+) -> None:
+    """Docker's DNS forwards a name it does not own to the host's resolvers from inside the
+    namespace, where the sidecar intercepts every query: the app gets the neighbour's answer
+    (NXDOMAIN, at once), not a SERVFAIL after seconds of Docker asking the sidecar again."""
+    lookup = [
+        "python3", "-c",
+        "import socket, time\n"
+        "start = time.monotonic()\n"
+        "try:\n    socket.gethostbyname('zz1.nonexist.example.com')\n"
+        "except socket.gaierror as e:\n    print(e.args[1])\n"
+        "print(round(time.monotonic() - start, 1))",
+    ]  # fmt: skip
+    neighbour = exec_in(f"{DNS_LISTED}-neighbour-1", lookup)
+    app = exec_in(f"{DNS_LISTED}-app-1", lookup)
+    *said, took = app.stdout.split("\n")[:-1]
+    assert neighbour.stdout.split("\n")[0] == "Name or service not known", neighbour.stdout
+    assert said == neighbour.stdout.split("\n")[:-2], app.stdout + app.stderr
+    assert float(took) < 2, app.stdout

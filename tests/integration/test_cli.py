@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -163,6 +164,31 @@ def test_down_removes_everything_and_is_safe_twice(small_project: Path) -> None:
     assert again.returncode == 0, again.stderr
 
 
+def test_doctor_names_a_killed_agent_and_its_fix_works(small_project: Path) -> None:
+    up = cli("-f", str(small_project), "up", "-d")
+    assert up.returncode == 0, up.stdout + up.stderr
+    killed = docker("kill", "cm-lifecycle-composemirror-agent-1")
+    assert killed.returncode == 0, killed.stderr
+
+    def broken() -> bool:
+        return cli("-f", str(small_project), "doctor").returncode == 1
+
+    wait_for(broken, timeout=60)
+    doctor = cli("-f", str(small_project), "doctor")
+    assert "the agent container cm-lifecycle-composemirror-agent-1 is exited" in doctor.stdout
+    assert "run `composemirror up -d` to start it again" in doctor.stdout
+    again = cli("-f", str(small_project), "up", "-d")  # what the hint says
+    assert again.returncode == 0, again.stdout + again.stderr
+
+    def connected() -> bool:
+        return (
+            "ok    agent link of web-mirror: connected"
+            in cli("-f", str(small_project), "doctor").stdout
+        )
+
+    wait_for(connected, timeout=60)
+
+
 def test_attached_up_streams_logs_and_stops_on_ctrl_c_exiting_130(small_project: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "composemirror", "-f", str(small_project), "up"],
@@ -183,6 +209,53 @@ def test_attached_up_streams_logs_and_stops_on_ctrl_c_exiting_130(small_project:
     assert "web-mirror-1" in output  # compose's log prefix: logs were streamed
     assert _state("cm-lifecycle-web-1") == "exited"
     assert _state("cm-lifecycle-web-mirror-1") == "exited"
+
+
+@pytest.fixture
+def interrupted_project(
+    sandbox: None, tmp_path: Path, project_cleanup: Callable[[Path], None]
+) -> Path:
+    path = project(tmp_path, "cm-interrupted", MIRROR + "services:" + WEB)
+    project_cleanup(path)
+    return path
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.6, 1.0, 2.0, 4.0])
+def test_ctrl_c_at_any_point_of_up_exits_130_and_leaves_nothing_running(
+    interrupted_project: Path, delay: float
+) -> None:
+    """`setsid composemirror up & sleep D; kill -INT -- -$!` from a script: the shell starts a
+    background job with SIGINT ignored, which compose itself does not heed. Wherever the
+    signal lands (loading the project, preparing, compose starting the stack), the command
+    exits 130, says it was interrupted (not that the project was rejected), and nothing it
+    started is left running."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "composemirror", "-f", str(interrupted_project), "up"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=_ignore_sigint,
+    )
+    try:
+        time.sleep(delay)
+        os.killpg(process.pid, signal.SIGINT)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 130, output
+    assert "rejected" not in output, output
+    running = docker(
+        "ps", "-q", "--filter", "label=com.docker.compose.project=cm-interrupted"
+    )  # fmt: skip
+    assert running.stdout.split() == [], output
 
 
 def _state(container: str) -> str:

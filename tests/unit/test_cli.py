@@ -284,11 +284,34 @@ def test_an_interrupted_image_build_exits_without_a_traceback_or_temp_dir(
     monkeypatch.setattr(project.engine, "build_image", interrupted)
     assert run(project, "up", "-d") == code
     err = capsys.readouterr().err
-    assert err.endswith(f"from debian:bookworm-slim\ncomposemirror: {message}\n")
+    assert err.endswith(
+        "from debian:bookworm-slim\ninterrupted: stopping what was started\n"
+        f"composemirror: {message}\n"
+    )
     assert "Traceback" not in err
-    assert project.engine.runs == []
+    assert project.engine.commands() == [["stop"]]  # the agent may have been started
     assert contexts and contexts[0].parent == builds
     assert list(builds.iterdir()) == []
+
+
+def test_ctrl_c_is_heeded_though_the_command_started_with_sigint_ignored(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A script's `composemirror up &` starts with SIGINT ignored (POSIX shells do that to
+    background jobs); compose heeds a Ctrl-C of its group all the same, and so must this."""
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+    project.engine.build_image = interrupted  # type: ignore[method-assign]
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert run(project, "up") == 130
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # restored after main
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert capsys.readouterr().err.endswith("composemirror: interrupted\n")
+    assert project.engine.commands() == [["stop"]]
 
 
 def test_sigterm_during_a_build_unwinds_to_143(project: Project) -> None:
@@ -425,3 +448,15 @@ def test_status_and_doctor_without_p_report_one_project_and_name_the_others(
     out = capsys.readouterr().out
     assert [c for c in project.backend.calls if c[0] == "inspect"] == [("inspect", "feature-x")]
     assert "feature-x; also started from this directory: feature-y" in out
+
+
+def test_progress_quiet_prints_no_progress_and_json_only_json_lines(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As compose's own `--progress`: quiet prints no progress, json one object per line."""
+    assert run(project, "--progress", "quiet", "up", "-d") == 0
+    assert capsys.readouterr().err == ""
+    assert run(project, "--progress", "json", "up", "-d") == 0
+    lines = capsys.readouterr().err.splitlines()
+    events = [json.loads(line) for line in lines]
+    assert {"id": "composemirror", "text": "target: fake target"} in events

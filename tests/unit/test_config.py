@@ -484,7 +484,12 @@ ERRORS = [
     (
         outgoing_filter({"local": "db; ::1"}),
         "x-composemirror.feature.network.outgoing.filter.local[1]",
-        "in brackets",
+        "IPv6 is not intercepted",
+    ),
+    (
+        outgoing_filter({"local": ["db", ""]}),
+        "x-composemirror.feature.network.outgoing.filter.local[1]",
+        "an empty entry (an unset ${VARIABLE}?) would match everything",
     ),
     (
         outgoing_filter({"local": ["db", 5432]}),
@@ -662,3 +667,57 @@ def test_the_handshake_timeout_is_a_few_seconds(value: Any) -> None:
         {"target": "targetless", "services": ["web"], "agent": {"handshake_timeout": 2}}
     )
     assert ok.agent.handshake_timeout == 2
+
+
+@pytest.mark.parametrize("entry", ["fd00::/64", "fd00::1", "tcp://fd00::1"])
+def test_a_bare_ipv6_entry_is_refused_with_a_hint_that_holds(entry: str) -> None:
+    """The hint once said to write the entry in brackets, which is then refused too (IPv6 is
+    not intercepted): it must say so instead."""
+    with pytest.raises(ConfigError) as caught:
+        load_block(feature(network={"outgoing": {"filter": {"local": [entry]}}}))
+    assert caught.value.exit_code == 2
+    assert "IPv6 is not intercepted" in caught.value.message
+    assert caught.value.hint is not None and "[" not in caught.value.hint
+    assert "remove the entry" in caught.value.hint
+
+
+@pytest.mark.parametrize(
+    ("network", "entry"),
+    [
+        (
+            {"outgoing": {"filter": {"remote": ["tcp://postgres.shop.svc.cluster.local:5432"]}}},
+            "x-composemirror.feature.network.outgoing.filter.remote[0]",
+        ),
+        (
+            {"outgoing": {"filter": {"remote": ["api.test", "*.svc.cluster.local"]}}},
+            "x-composemirror.feature.network.outgoing.filter.remote[1]",
+        ),
+    ],
+)
+def test_a_hosts_name_that_a_remote_filter_sends_to_the_cluster_is_refused(
+    network: dict[str, Any], entry: str
+) -> None:
+    block = feature(network=network)
+    block["hosts"] = {"postgres.shop.svc.cluster.local": "db"}
+    with pytest.raises(ConfigError) as caught:
+        load_block(block)
+    error = caught.value
+    assert error.exit_code == 2
+    assert error.message.startswith(
+        f"{SOURCE}: x-composemirror.hosts.postgres.shop.svc.cluster.local: sends "
+    )
+    assert entry in error.message
+    assert error.hint is not None and "remove the `hosts` line" in error.hint
+
+
+@pytest.mark.parametrize(
+    "network",
+    [
+        {"outgoing": {"filter": {"local": ["tcp://postgres.shop.svc.cluster.local:5432"]}}},
+        {"dns": {"filter": {"remote": ["*.svc.cluster.local"]}}},  # `hosts` decides the answer
+    ],
+)
+def test_a_hosts_name_under_other_filters_naming_it_is_fine(network: dict[str, Any]) -> None:
+    block = feature(network=network)
+    block["hosts"] = {"postgres.shop.svc.cluster.local": "db"}
+    assert load_block(block).hosts == {"postgres.shop.svc.cluster.local": "db"}

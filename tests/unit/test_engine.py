@@ -323,12 +323,15 @@ def test_compose_rejecting_the_project_is_bad_input(tmp_path: Path) -> None:
     """,
         )
     )
+    files = (tmp_path / "compose.yaml", tmp_path / "compose.override.yaml")
     with pytest.raises(ConfigError) as caught:
-        engine.compose_model(ComposeProject())
+        engine.compose_model(ComposeProject(files=files))
     assert caught.value.message == (
         "docker compose rejected the project: yaml: line 2: did not find expected node content"
     )
     assert caught.value.exit_code == 2
+    # compose's message names no file: the hint names the ones given.
+    assert caught.value.hint == f"fix the compose file(s): {files[0]}, {files[1]}"
 
 
 def test_a_missing_compose_plugin_is_an_engine_error(tmp_path: Path) -> None:

@@ -146,9 +146,9 @@ INVALID = [
     ("http://example.com", "use tcp://, udp:// or any://"),
     ("tcp:/example.com", "port"),
     # bare IPv6
-    ("2800:3f0::1", "write an IPv6 address in brackets"),
-    ("tcp://::1", "write an IPv6 address in brackets"),
-    ("fd00::1:443", "write an IPv6 address in brackets"),
+    ("2800:3f0::1", "IPv6 is not intercepted"),
+    ("tcp://::1", "IPv6 is not intercepted"),
+    ("fd00::1:443", "IPv6 is not intercepted"),
     # ports
     (":65536", "is not a number from 0 to 65535"),
     ("1.2.3.4:99999", "is not a number from 0 to 65535"),

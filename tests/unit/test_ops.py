@@ -125,6 +125,21 @@ def test_configuration_beside_the_compose_file(project: Project) -> None:
     assert rendered.config.source == str(project.folder / "composemirror.yaml")
 
 
+def test_configuration_beside_a_compose_file_with_a_block_is_named_in_a_warning(
+    project: Project, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both configure composemirror: the block is used and the ignored file named, as compose
+    warns of two compose files in one folder and says which one it uses."""
+    (project.folder / "composemirror.yaml").write_text(
+        "target: deployment/other\nnamespace: shop\nservices: [web]\n"
+    )
+    rendered = ops.render(project.options, write=False, runtime=project.runtime)
+    assert rendered.config.target.name == "checkout"
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert str(project.folder / "composemirror.yaml") in warning
+    assert "using the block, ignoring composemirror.yaml" in warning
+
+
 def test_configuration_from_a_mirrord_file(project: Project, tmp_path: Path) -> None:
     without_block(project)
     config_file = tmp_path / "mirrord.yaml"
@@ -283,9 +298,9 @@ def test_the_configuration_may_live_in_the_override_file(project: Project) -> No
 def test_no_compose_file_anywhere(tmp_path: Path, project: Project) -> None:
     with pytest.raises(ConfigError) as caught:
         ops.compose_project(ops.Options(project_directory=tmp_path), "base", project.runtime)
-    assert (
-        caught.value.hint
-        == "run in a directory with compose.yaml, or pass -f FILE (or set COMPOSE_FILE)"
+    assert caught.value.hint == (
+        "run in a directory with compose.yaml, or pass -f FILE (or set COMPOSE_FILE); "
+        "`status` and `down` also take -p NAME alone, without files"
     )
 
 
@@ -418,6 +433,8 @@ def test_an_interrupted_up_exits_as_compose_does(project: Project, code: int) ->
     project.engine.exit_codes["up"] = code
     assert up(project)[0] == code
     assert up(project, detach=True)[0] == code
+    # A signal while compose creates and starts containers leaves some running: stopped.
+    assert project.engine.commands() == [["up"], ["stop"], ["up", "--detach"], ["stop"]]
 
 
 @pytest.mark.parametrize("code", [0, 7])
@@ -864,6 +881,24 @@ def test_doctor_reports_a_broken_link(project: Project) -> None:
         "agent link of web-mirror"
     ]
     assert (link.ok, link.detail, link.hint) == (False, "connecting", "connection refused")
+
+
+def test_doctor_names_the_agent_container_that_is_down_and_what_to_run(project: Project) -> None:
+    """`docker kill` of the agent: the sidecar only knows its connection is refused."""
+    up(project, detach=True)
+    project.engine.set_state("shop-composemirror-agent-1", "exited")
+    project.engine.outputs["shop-web-mirror-1"] = json.dumps(
+        {**REPORT, "agent": "connecting", "error": "[Errno 111] Connection refused"}
+    )
+    link = checks_by_name(ops.doctor(project.options, runtime=project.runtime))[
+        "agent link of web-mirror"
+    ]
+    assert not link.ok
+    assert link.hint == (
+        "the agent container shop-composemirror-agent-1 is exited (the sidecar says: "
+        "[Errno 111] Connection refused): run `composemirror up -d` to start it again; "
+        "`docker logs shop-composemirror-agent-1` says why it stopped"
+    )
 
 
 def test_doctor_without_an_engine_still_checks_the_rest(project: Project) -> None:

@@ -392,3 +392,38 @@ def test_a_project_name_expanded_with_a_search_domain_stays_local(tmp_path: Path
     resolv.write_text("nameserver 127.0.0.11\nsearch team.svc.cluster.local. svc.cluster.local\n")
     assert dns.read_search(resolv) == ("team.svc.cluster.local", "svc.cluster.local")
     assert dns.read_search(tmp_path / "missing") == ()
+
+
+CONNTRACK = (
+    "ipv4     2 tcp      6 431999 ESTABLISHED src=10.1.0.2 dst=10.9.9.9 sport=40000 dport=53 "
+    "src=127.0.0.1 dst=10.1.0.2 sport=53 dport=40000 [ASSURED] mark=0 zone=0 use=2\n"
+    "ipv4     2 udp      17 29 src=10.1.0.2 dst=10.255.255.53 sport=40000 dport=53 [UNREPLIED] "
+    "src=127.0.0.1 dst=10.1.0.2 sport=53 dport=40000 mark=0 zone=0 use=2\n"
+    "ipv4     2 udp      17 29 src=127.0.0.1 dst=127.0.0.11 sport=41000 dport=53 "
+    "src=127.0.0.11 dst=127.0.0.1 sport=33333 dport=41000 mark=0 zone=0 use=2\n"
+)
+"""/proc/net/nf_conntrack: a TCP query, Docker's forwarded UDP one, the app's to Docker's DNS."""
+
+
+def test_the_original_destination_of_a_redirected_query_is_read_from_conntrack() -> None:
+    assert dns.original_destination(CONNTRACK, ("10.1.0.2", 40000)) == ("10.255.255.53", 53)
+    assert dns.original_destination(CONNTRACK, ("127.0.0.1", 41000)) == ("127.0.0.11", 53)
+    assert dns.original_destination(CONNTRACK, ("10.1.0.2", 40001)) is None
+
+
+def test_dockers_forwarding_of_a_question_being_asked_goes_where_docker_sent_it(
+    tmp_path: Path,
+) -> None:
+    """Docker's DNS forwards a name it does not own from inside the namespace: the same
+    question arriving while it is asked of Docker goes to the nameserver, never back to Docker;
+    an app's query to Docker's address, or a question not being asked, is answered as usual."""
+    r = resolver(FakeTunnel({}))
+    r.conntrack = tmp_path / "nf_conntrack"
+    r.conntrack.write_text(CONNTRACK)
+    query = bytes(DNSRecord.question("zz1.nonexist.example.com", "A").pack())
+    assert r.forwarded_by_docker(query, ("10.1.0.2", 40000)) is None
+    r.asking[("zz1.nonexist.example.com", QTYPE.A)] += 1
+    assert r.forwarded_by_docker(query, ("10.1.0.2", 40000)) == ("10.255.255.53", 53)
+    assert r.forwarded_by_docker(query, ("127.0.0.1", 41000)) is None
+    r.conntrack = tmp_path / "absent"
+    assert r.forwarded_by_docker(query, ("10.1.0.2", 40000)) is None
