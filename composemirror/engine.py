@@ -266,7 +266,7 @@ class Engine:
         def forward(signum: int, frame: object) -> None:
             received.append(signum)
             if process is not None and not (interactive and signum == signal.SIGINT):
-                process.send_signal(signum)
+                _signal_compose(process, signum)
 
         previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -279,7 +279,7 @@ class Engine:
                 stderr=pipe,
             )
             if received and not interactive:
-                process.send_signal(received[0])
+                _signal_compose(process, received[0])
             pumps = []
             gone = threading.Event()
             if strip:
@@ -398,6 +398,25 @@ class Engine:
         except docker.errors.APIError as e:
             raise EngineError(f"cannot remove {labels}: {e}", hint=ENGINE_HINT) from e
         return removed
+
+
+def _signal_compose(process: subprocess.Popen[bytes], signum: int) -> None:
+    """Hand SIGINT/SIGTERM to compose running in its own process group (`process` is the docker
+    CLI, compose a plugin process it starts in that group).
+
+    SIGINT goes to the whole group, as a terminal's Ctrl-C does: the docker CLI does not pass
+    SIGINT on to its plugin, assuming the kernel delivers it to the group (`cmd/docker/docker.go`,
+    `tryPluginRun`), and only closes the plugin's socket, a request compose heeds while creating
+    but can lose just before it starts its event loop. SIGTERM goes to the CLI, which passes it on
+    (sent to the group, compose would see two and kill instead of stop).
+    """
+    try:
+        if signum == signal.SIGINT:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
+    except ProcessLookupError:
+        pass  # compose has just ended
 
 
 def _is_terminal(stream: IO[str] | None) -> bool:

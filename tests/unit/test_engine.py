@@ -428,6 +428,43 @@ def test_a_signal_reaches_compose_and_sets_the_exit_code(
     assert signal.getsignal(signum) == before
 
 
+def test_sigint_reaches_the_compose_plugin_that_the_docker_cli_does_not_pass_it_on_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The docker CLI catches SIGINT and leaves it to the kernel to reach its plugin (compose) in
+    the same process group; handed to the CLI alone, compose could miss it and keep running."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO())  # not a terminal: compose is forwarded to
+    started = tmp_path / "started"
+    engine = Engine(
+        docker=docker_script(
+            tmp_path,
+            f"""
+        trap 'echo cli saw it >> {tmp_path}/calls' INT
+        python3 -c '
+import pathlib, signal, sys, time
+def stop(signum, frame):
+    with open("{tmp_path}/calls", "a") as calls:
+        calls.write("plugin stopping\\n")
+    sys.exit(0)
+signal.signal(signal.SIGINT, stop)
+pathlib.Path("{started}").touch()
+time.sleep(10)
+'
+    """,
+        )
+    )
+
+    def signal_when_started() -> None:
+        deadline = time.monotonic() + 10
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=signal_when_started, daemon=True).start()
+    assert engine.compose_run(ComposeProject(), ["up"]) == 130
+    assert "plugin stopping" in calls(tmp_path)
+
+
 def test_compose_down(tmp_path: Path) -> None:
     engine = Engine(
         docker=docker_script(
