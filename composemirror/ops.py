@@ -9,7 +9,9 @@ file is kept.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import io
 import json
 import logging
@@ -18,7 +20,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -335,14 +337,54 @@ def _check_profiles(
             )
 
 
-def render(options: Options, *, write: bool, runtime: Runtime) -> Rendered:
-    """Load the project and its configuration, resolve the target, rewrite. No engine changes."""
-    project = load_project(options, runtime=runtime)
+def render(
+    options: Options, *, write: bool, runtime: Runtime, project: Project | None = None
+) -> Rendered:
+    """Load the project (unless `project` is it, loaded) and its configuration, resolve the
+    target, rewrite. No engine changes."""
+    project = project or load_project(options, runtime=runtime)
     backend = runtime.backend(project.config)
     rendered = rewrite(project, backend, backend.resolve(project.config))
     if write:
         _write(rendered)
     return rendered
+
+
+def _checked(
+    options: Options, services: Sequence[str], *, runtime: Runtime, project: Project
+) -> Rendered:
+    """`render` without writing, SERVICES checked: bad input is refused before anything is
+    written or created."""
+    rendered = render(options, write=False, runtime=runtime, project=project)
+    _check_services(rendered, services)
+    return rendered
+
+
+@contextlib.contextmanager
+def _one_at_a_time(project: Project, progress: Progress) -> Iterator[bool]:
+    """Hold the project's lock (an exclusive `flock` of `.composemirror/<name>.lock`) while an
+    `up` or `run` writes the rendered project and prepares its session; yields whether it had
+    to wait for another.
+
+    A concurrent `up` of the same project (a second terminal, a CI retry) waits, then renders
+    again with the session the first prepared (its forwarder's port, its agent) and keeps it,
+    instead of preparing a second session and rewriting the first's files under it. The lock
+    goes with the process however it ends; no child inherits it.
+    """
+    folder = project.directory / RENDER_DIR
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    descriptor = os.open(folder / f"{project.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            progress(f"waiting for another `up` of project {project.name} to prepare its session")
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            waited = True
+        yield waited
+    finally:
+        os.close(descriptor)
 
 
 def rewrite(project: Project, backend: Backend, resolution: Resolution) -> Rendered:
@@ -428,12 +470,23 @@ def up(
     When the backend reports the target's environment after `prepare` (the agent read the
     target process's), the project is rendered again with it before compose starts it. What
     lives only as long as this command (a forwarder) is released when it ends attached or
-    fails; after a successful `up -d` it stays, for `down`.
+    fails; after a successful `up -d` it stays, for `down`. One `up` or `run` of a project
+    writes and prepares at a time (`_one_at_a_time`), an `up -d` until compose has started the
+    stack (two at once would make compose create its networks twice); bad input is refused
+    before that.
     """
     flags = flags or UpFlags()
     runtime.engine.client()
-    rendered = render(options, write=True, runtime=runtime)
-    _check_services(rendered, services)  # before the backend changes anything
+    project = load_project(options, runtime=runtime)
+    rendered = _checked(options, services, runtime=runtime, project=project)
+    preparing = contextlib.ExitStack()
+    try:
+        if preparing.enter_context(_one_at_a_time(project, progress)):
+            rendered = _checked(options, services, runtime=runtime, project=project)
+        _write(rendered)
+    except BaseException:
+        preparing.close()
+        raise
     for notice in rendered.notices:
         progress(notice)
     progress(f"target: {rendered.resolution.description}")
@@ -445,6 +498,8 @@ def up(
         if reported is not None:
             rendered = with_env(rendered, reported)
             _write(rendered)
+        if not detach:
+            preparing.close()  # compose runs until stopped: another `up` may go on now
         ensure_images(rendered.images, force=build, progress=progress, runtime=runtime)
         _rejoin(rendered, progress=progress, runtime=runtime)
         _relink(rendered, progress=progress, runtime=runtime)
@@ -463,6 +518,7 @@ def up(
         interrupted = not isinstance(e, Exception)
         raise
     finally:
+        preparing.close()
         if interrupted:
             _stop(rendered, progress=progress, runtime=runtime)
         if not keep:
@@ -716,12 +772,16 @@ def run(
     `EngineError` when the sidecar cannot be started.
     """
     runtime.engine.client()
-    rendered = render(options, write=True, runtime=runtime)
-    _check_services(rendered, [service])
-    for notice in rendered.notices:
-        progress(notice)
-    progress(f"target: {rendered.resolution.description}")
-    rendered.backend.prepare(rendered.session, progress)
+    loaded = load_project(options, runtime=runtime)
+    rendered = _checked(options, [service], runtime=runtime, project=loaded)
+    with _one_at_a_time(loaded, progress) as waited:
+        if waited:
+            rendered = _checked(options, [service], runtime=runtime, project=loaded)
+        _write(rendered)
+        for notice in rendered.notices:
+            progress(notice)
+        progress(f"target: {rendered.resolution.description}")
+        rendered.backend.prepare(rendered.session, progress)
     ensure_images(rendered.images, force=build, progress=progress, runtime=runtime)
     _relink(rendered, progress=progress, runtime=runtime)
     project = rendered.compose_project()

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from composemirror.backends.kubernetes import manifests
+from composemirror.backends.kubernetes import forwarder, manifests
 from tests.cluster.kube import CLUSTER_SCRIPT, KUBECONFIG, get_json, kubectl, ok
 from tests.conftest import ROOT, docker, wait_for
 from tests.e2e.shop import (
@@ -164,6 +164,37 @@ def test_a_repeated_up_keeps_the_running_session(cluster: Cluster) -> None:
         assert agents(cluster) == entries  # no second ephemeral container
         assert forwarder_state(project)["pid"] == pid
         assert container_id(f"{project}-web-1") == app  # compose changed nothing either
+    finally:
+        down = cli(cluster, "-p", project, "down")
+    assert down.returncode == 0, down.stderr
+    assert secrets_of(cluster, project) == []
+
+
+def test_two_concurrent_ups_of_one_project_make_one_session(cluster: Cluster) -> None:
+    """Two terminals run `up -d` of one project at once: one prepares the session, the other
+    waits for it and keeps it, so one Secret, one agent and one forwarder exist, not two."""
+    project = "cm-faults-twice"
+    entries = agents(cluster)
+    command = [sys.executable, "-m", "composemirror", "-f", str(cluster.compose), "-p", project]
+    started = [
+        subprocess.Popen(
+            [*command, "up", "-d"],
+            cwd=ROOT,
+            env=environment(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        outputs = [process.communicate(timeout=600)[0] for process in started]
+        codes = [process.returncode for process in started]
+        assert 0 in codes, outputs
+        assert len(secrets_of(cluster, project)) == 1, outputs
+        assert len(agents(cluster)) == len(entries) + 1, outputs
+        assert len(forwarder.find(project)) == 1, outputs
+        assert any("waiting for another `up`" in output for output in outputs), outputs
     finally:
         down = cli(cluster, "-p", project, "down")
     assert down.returncode == 0, down.stderr

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fcntl
 import json
+import os
 import stat
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -435,6 +438,36 @@ def test_an_interrupted_up_exits_as_compose_does(project: Project, code: int) ->
     assert up(project, detach=True)[0] == code
     # A signal while compose creates and starts containers leaves some running: stopped.
     assert project.engine.commands() == [["up"], ["stop"], ["up", "--detach"], ["stop"]]
+
+
+def test_a_concurrent_up_of_the_project_waits_until_the_first_has_prepared(
+    project: Project,
+) -> None:
+    """Another `up` holds the project's lock: this one says so, renders nothing meanwhile,
+    and goes on when the lock is free."""
+    project.render_dir.mkdir(mode=0o700)
+    held = os.open(project.render_dir / "shop.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    lines: list[str] = []
+    result: list[int] = []
+    thread = threading.Thread(
+        target=lambda: result.append(
+            ops.up(project.options, progress=lines.append, runtime=project.runtime, detach=True)
+        )
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not lines and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert lines == ["waiting for another `up` of project shop to prepare its session"]
+        assert not (project.render_dir / "compose.yaml").exists()
+    finally:
+        os.close(held)
+    thread.join(timeout=10)
+    assert result == [0]
+    assert (project.render_dir / "compose.yaml").exists()
 
 
 @pytest.mark.parametrize("code", [0, 7])
