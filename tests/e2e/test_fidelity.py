@@ -45,6 +45,8 @@ CLUSTER_HTTP = "10.124.0.2"
 CATALOG = "10.124.200.3"
 """A second address of that HTTP server, which the app also has as an `extra_hosts` line."""
 POSTGRES = "10.124.200.4"
+SERVING = "10.124.0.63"
+"""A second address of the cluster's HTTP server, of `two.example.test` only."""
 REFUSING = "10.124.0.61"
 """An address of the target itself (on its loopback), where nothing listens: it refuses."""
 ABSENT = "10.124.9.99"
@@ -82,7 +84,8 @@ RECORDS = {
 
 def _hosts_file() -> str:
     lines = "".join(f"{address} {name}\n" for address, name in RECORDS.items())
-    return lines + f"{CLUSTER_HTTP} two.example.test\n"
+    # dnsmasq answers a name's addresses last line first: REFUSING, then SERVING.
+    return f"{SERVING} two.example.test\n" + lines
 
 
 SERVER = """\
@@ -301,7 +304,7 @@ def _cluster() -> None:
         "--log-facility=- --no-resolv --no-hosts --addn-hosts=/tmp/cluster-hosts "
         "--local-ttl=30 --neg-ttl=5 --address=/#/ "
         "--cname=shop-db-alias.shop.svc.cluster.local,postgres.shop.svc.cluster.local && "
-        f"ip addr add {POSTGRES}/32 dev lo && "
+        f"ip addr add {POSTGRES}/32 dev lo && ip addr add {SERVING}/32 dev lo && "
         f"ip addr add {OVERLAP}/32 dev lo && ip addr add {CATALOG}/32 dev lo && "
         f'{{ python3 -c "$UDP_ECHO" {CLUSTER_HTTP} {OVERLAP} {CATALOG} & }} && exec "$@"'
     )
@@ -504,12 +507,12 @@ def test_create_connection_falls_to_the_next_address_after_a_refusal(mirrored: N
     `create_connection` tries them in order and connects to the second, in both."""
     order = ["python3", "-c", ADDRESSES, "two.example.test"]
     target, app = both(order)
-    assert target == f"exit 0\n{REFUSING} {CLUSTER_HTTP}\n", "the refusing address comes first"
+    assert target == f"exit 0\n{REFUSING} {SERVING}\n", "the refusing address comes first"
     assert target == app
     fetch = "import socket; s = socket.create_connection(('two.example.test', 8080), timeout=10)"
     fetch += "; print(s.getpeername()[0])"
     target, app = both(["python3", "-c", fetch])
-    assert target == f"exit 0\n{CLUSTER_HTTP}\n"
+    assert target == f"exit 0\n{SERVING}\n"
     assert target == app
 
 
