@@ -219,6 +219,13 @@ class AppConnection(Bridge):
             syns, connection = self.pending
             syns.resolved(connection, failure, message)
 
+    def peer_reset(self) -> None:
+        super().peer_reset()
+        if self.pending is not None:
+            # The link to the agent went while the SYN was held: refused, not left hanging.
+            syns, connection = self.pending
+            syns.resolved(connection, Failure.RESET, "the link to the agent went")
+
     def abandon(self) -> None:
         """Reset a stream no accepted connection came for."""
         self._perform(self.relay.on_socket_lost())

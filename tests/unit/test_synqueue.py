@@ -349,3 +349,52 @@ def test_a_stand_in_address_opens_the_address_it_stands_for() -> None:
     payload[16:20] = socket.inet_aton("198.18.0.5")
     syns._arrived(QueuedPacket(1, bytes(payload)))
     assert egress.tunnels.opened[0][1:3] == ("10.124.0.200", 8080)
+
+
+# -- the proxy's end: the stream's outcome becomes the held SYN's verdict -----------------------
+
+
+@dataclass
+class FakeProxyCounters:
+    tcp_remote: int = 0
+    tcp_failed: int = 0
+
+
+@dataclass
+class FakeProxy:
+    egress: Any = field(default_factory=lambda: FakeEgress(counters=FakeProxyCounters()))  # type: ignore[arg-type]
+
+
+def held_connection() -> tuple[SynQueue, FakeSocket, Any]:
+    from composemirror.sidecar.proxy import AppConnection
+
+    proxy = FakeProxy()
+    syns = SynQueue(7, MARKS, proxy.egress, lambda: AppConnection(proxy))  # type: ignore[arg-type]
+    sock = FakeSocket()
+    syns.sock = sock  # type: ignore[assignment]
+    syns._arrived(QueuedPacket(1, segment(SYN)))
+    return syns, sock, proxy.egress.tunnels.opened[0][3]
+
+
+def test_the_streams_opening_lets_the_syn_on_and_keeps_the_stream_for_the_proxy() -> None:
+    async def scenario() -> None:
+        syns, sock, endpoint = held_connection()
+        endpoint.opened()
+        assert sock.verdicts() == [(1, NF_ACCEPT, None)]
+        assert syns.take(FourTuple(APP, 40000, REMOTE, 8080)) is endpoint
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_stream_refuses_the_syn() -> None:
+    _, sock, endpoint = held_connection()
+    endpoint.open_failed(Failure.REFUSED, "connection refused")
+    assert sock.verdicts() == [(1, NF_ACCEPT, MARKS.refuse)]
+
+
+def test_a_link_lost_while_the_syn_is_held_refuses_it() -> None:
+    _, sock, endpoint = held_connection()
+    endpoint.peer_reset()  # what the tunnel tells every endpoint when it goes
+    assert sock.verdicts() == [(1, NF_ACCEPT, MARKS.refuse)]
+    endpoint.peer_reset()
+    assert len(sock.verdicts()) == 1  # one verdict per held SYN
