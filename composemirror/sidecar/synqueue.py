@@ -144,22 +144,25 @@ def _message(kind: int, queue: int, attributes: bytes, flags: int = NLM_F_REQUES
     return header + body
 
 
-def bind_messages(queue: int, maxlen: int = KERNEL_QUEUE_LENGTH) -> list[bytes]:
-    """Config messages that bind `queue` to the socket, copying `COPY_RANGE` bytes of each
+def bind_message(queue: int, maxlen: int = KERNEL_QUEUE_LENGTH) -> bytes:
+    """The config message that binds `queue` to the socket, copying `COPY_RANGE` bytes of each
     packet, at most `maxlen` packets held, and the kernel accepting (not dropping) a packet
-    that finds the queue full (`NFQA_CFG_F_FAIL_OPEN`). Each asks for an acknowledgement."""
-    flags = NLM_F_REQUEST | NLM_F_ACK
-    bind = _attribute(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_BIND, socket.AF_INET))
-    params = _attribute(NFQA_CFG_PARAMS, struct.pack("!IB", COPY_RANGE, NFQNL_COPY_PACKET))
-    limits = (
-        _attribute(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", maxlen))
+    that finds the queue full (`NFQA_CFG_F_FAIL_OPEN`); it asks for an acknowledgement.
+
+    One message, not a bind and then the rest: the kernel applies its attributes together,
+    so a SYN queued right after the bind (a restarted sidecar's rules are already there) is
+    not met by a queue that copies nothing and drops it.
+    """
+    return _message(
+        NFQNL_MSG_CONFIG,
+        queue,
+        _attribute(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_BIND, socket.AF_INET))
+        + _attribute(NFQA_CFG_PARAMS, struct.pack("!IB", COPY_RANGE, NFQNL_COPY_PACKET))
+        + _attribute(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", maxlen))
         + _attribute(NFQA_CFG_MASK, struct.pack("!I", NFQA_CFG_F_FAIL_OPEN))
-        + _attribute(NFQA_CFG_FLAGS, struct.pack("!I", NFQA_CFG_F_FAIL_OPEN))
+        + _attribute(NFQA_CFG_FLAGS, struct.pack("!I", NFQA_CFG_F_FAIL_OPEN)),
+        NLM_F_REQUEST | NLM_F_ACK,
     )
-    return [
-        _message(NFQNL_MSG_CONFIG, queue, bind, flags),
-        _message(NFQNL_MSG_CONFIG, queue, params + limits, flags),
-    ]
 
 
 def verdict_message(queue: int, packet_id: int, accept: bool, mark: int | None = None) -> bytes:
@@ -261,8 +264,11 @@ class SynQueue:
     gives each its verdict once the agent has answered; the proxy takes the opened stream of an
     accepted connection with `take`.
 
-    `decide(address, port)` is `proxy.Egress.decide` (route and destination); `endpoint()`
-    makes the stream's endpoint (a `proxy.AppConnection` not yet connected).
+    `egress` decides each SYN's route (`Egress.decide`) and holds the tunnel; `endpoint()`
+    makes a stream's endpoint (a `proxy.AppConnection` with no socket yet). The queue's
+    verdicts are the only place where a SYN is held, answered or dropped: the app sees the
+    agent's outcome at most once per SYN, and a SYN never waits for a verdict that will not
+    come (an unanswered stream ends in `resolved` through the endpoint's callbacks).
     """
 
     def __init__(
@@ -282,20 +288,28 @@ class SynQueue:
         """Streams opened for accepted SYNs, until the proxy takes them."""
         self.sock: socket.socket | None = None
         self.counts = {"held": 0, "passed": 0, "unheld": 0, "repeats": 0}
+        """SYNs held, passed at once (local), passed unheld (over the bound), dropped as
+        repeats; and, by verdict value, those answered for the agent (refuse, drop, ...)."""
         self.counts.update({verdict.value: 0 for verdict in Verdict if verdict != Verdict.PASS})
 
     def open(self) -> None:
         """Bind the queue; raises SidecarError when the kernel refuses (no NET_ADMIN, no
         nfnetlink_queue)."""
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        early: list[QueuedPacket] = []
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.settimeout(5.0)
             sock.bind((0, 0))
-            for message in bind_messages(self.queue):
-                sock.send(message)
-                _, errors = parse_messages(sock.recv(65536))
-                if errors and errors[0] != 0:
-                    raise OSError(-errors[0], os.strerror(-errors[0]))
+            sock.send(bind_message(self.queue))
+            while True:
+                # SYNs may come before the acknowledgement: they wait for the reader.
+                packets, errors = parse_messages(sock.recv(65536))
+                early += packets
+                if errors:
+                    break
+            if errors[0] != 0:
+                raise OSError(-errors[0], os.strerror(-errors[0]))
         except OSError as e:
             sock.close()
             raise SidecarError(
@@ -305,6 +319,8 @@ class SynQueue:
         sock.setblocking(False)
         self.sock = sock
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+        for packet in early:
+            self._arrived(packet)
 
     def close(self) -> None:
         """Stop reading; the rules' `--queue-bypass` lets new SYNs pass unheld."""

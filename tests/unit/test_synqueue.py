@@ -25,7 +25,7 @@ from composemirror.sidecar.synqueue import (
     QueuedPacket,
     SynQueue,
     Verdict,
-    bind_messages,
+    bind_message,
     parse_messages,
     parse_syn,
     verdict_for,
@@ -130,14 +130,13 @@ def attributes_of(message: bytes) -> dict[int, bytes]:
 
 
 def test_the_bind_asks_for_whole_headers_a_bounded_queue_and_failing_open() -> None:
-    bind, params = bind_messages(7, maxlen=100)
-    for message in (bind, params):
-        length, kind, flags = struct.unpack_from("=IHH", message)
-        assert (length, kind) == (len(message), (3 << 8) | 2)
-        assert flags == synqueue.NLM_F_REQUEST | synqueue.NLM_F_ACK
-        assert struct.unpack_from("!H", message, 18)[0] == 7  # the queue, big-endian
-    assert attributes_of(bind)[synqueue.NFQA_CFG_CMD] == bytes([1, 0, 0, socket.AF_INET])
-    found = attributes_of(params)
+    message = bind_message(7, maxlen=100)
+    length, kind, flags = struct.unpack_from("=IHH", message)
+    assert (length, kind) == (len(message), (3 << 8) | 2)
+    assert flags == synqueue.NLM_F_REQUEST | synqueue.NLM_F_ACK
+    assert struct.unpack_from("!H", message, 18)[0] == 7  # the queue, big-endian
+    found = attributes_of(message)
+    assert found[synqueue.NFQA_CFG_CMD] == bytes([1, 0, 0, socket.AF_INET])
     assert found[synqueue.NFQA_CFG_PARAMS][:5] == struct.pack("!IB", synqueue.COPY_RANGE, 2)
     assert found[synqueue.NFQA_CFG_QUEUE_MAXLEN] == struct.pack("!I", 100)
     assert found[synqueue.NFQA_CFG_FLAGS] == found[synqueue.NFQA_CFG_MASK] == b"\0\0\0\1"
