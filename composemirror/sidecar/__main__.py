@@ -24,8 +24,9 @@ from composemirror.filters import IPAddress, IPNetwork, Scope
 from composemirror.link import ENV_VAR, READY_FILE, STATUS_FILE, SidecarSettings
 from composemirror.protocol import key_from_text
 from composemirror.sidecar import dns, firewall, status
-from composemirror.sidecar.proxy import Egress, Proxy
+from composemirror.sidecar.proxy import AppConnection, Egress, Proxy
 from composemirror.sidecar.settings import DNS_PORT, MARK, PROXY_PORT, UDP_PROXY_PORT
+from composemirror.sidecar.synqueue import Marks, SynQueue
 from composemirror.sidecar.tunnel import TunnelClient
 from composemirror.sidecar.udp import UdpProxy
 
@@ -162,6 +163,19 @@ async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
         mark=MARK,
     )
     proxy = Proxy(egress, spawner)
+    # The queue is read before the rules send SYNs to it (until then they would pass unheld).
+    syns = SynQueue(
+        firewall.SYN_QUEUE,
+        Marks(
+            refuse=firewall.REFUSE_MARK,
+            host_unreachable=firewall.HOST_UNREACHABLE_MARK,
+            net_unreachable=firewall.NET_UNREACHABLE_MARK,
+        ),
+        egress,
+        lambda: AppConnection(proxy),
+    )
+    syns.open()
+    proxy.syns = syns
     proxy_server = await loop.create_server(
         proxy.accept, "127.0.0.1", PROXY_PORT, backlog=4096, reuse_address=True
     )
@@ -183,6 +197,7 @@ async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
         udp_port=UDP_PROXY_PORT,
         direct=direct,
         stand_ins=dns.STAND_INS,
+        syn_queue=firewall.SYN_QUEUE,
     )
     backend = firewall.apply(plan)
     guard = firewall.Guard(plan, backend)
@@ -207,6 +222,7 @@ async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
     try:
         await stop.wait()  # then the scope cancels the services and the connections' tasks
     finally:
+        syns.close()
         if udp_proxy is not None:
             udp_proxy.close()
 

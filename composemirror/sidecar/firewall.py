@@ -3,7 +3,11 @@
 Rules live in one nat chain jumped to first from OUTPUT. They send every DNS query of the shared
 network namespace to the sidecar's DNS server, and new outgoing TCP connections that are not the
 sidecar's own (marked), not loopback and not to the project's own networks to the transparent
-proxy; connections to the DNS server's stand-in addresses always go to the proxies. With UDP, a
+proxy; connections to the DNS server's stand-in addresses always go to the proxies. Before that,
+a mangle chain queues the SYNs of those same connections to the sidecar (NFQUEUE), which holds
+each until the agent has answered: accepted, it goes on to the proxy; refused or unreachable, it
+comes back marked and a filter rule answers the app with a reset or an ICMP error; timed out, it
+is dropped. With UDP, a
 mangle chain marks the same kind of outgoing UDP datagrams, a policy route sends marked packets
 to loopback, and TPROXY hands them to the UDP proxy (IPv4 only). Docker's own DNS rules are left
 as they are. Rendering is pure; `apply` runs iptables-restore on whichever backend (nft or
@@ -29,6 +33,15 @@ log = logging.getLogger(__name__)
 
 CHAIN = "COMPOSEMIRROR"
 TPROXY_CHAIN = "COMPOSEMIRROR_TPROXY"
+SYN_CHAIN = "COMPOSEMIRROR_SYN"
+SYN_QUEUE = 0x434D
+"""Netfilter queue number of the app's held SYNs (one namespace, one queue)."""
+REFUSE_MARK = 0x4350
+"""Mark of a held SYN the remote side refused: the filter rules answer it with a TCP reset."""
+HOST_UNREACHABLE_MARK = 0x4351
+"""Mark of a held SYN whose remote host was unreachable: ICMP host unreachable."""
+NET_UNREACHABLE_MARK = 0x4352
+"""Mark of a held SYN whose remote network was unreachable: ICMP network unreachable."""
 TPROXY_MARK = 0x434E
 """Firewall mark of the app's UDP datagrams on their way to the UDP proxy (not the sidecar's)."""
 ROUTE_TABLE = 100
@@ -36,7 +49,8 @@ ROUTE_TABLE = 100
 DOCKER_CHAINS = ("DOCKER_OUTPUT", "DOCKER_POSTROUTING")
 """Docker's nat chains for its embedded DNS (127.0.0.11), which the sidecar's own local lookups
 need: a flush of the nat table removes them with ours, so the guard keeps them too."""
-KEPT_CHAINS = (CHAIN, TPROXY_CHAIN, *DOCKER_CHAINS)
+OUR_CHAINS = (CHAIN, TPROXY_CHAIN, SYN_CHAIN)
+KEPT_CHAINS = (*OUR_CHAINS, *DOCKER_CHAINS)
 BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 
 
@@ -61,6 +75,24 @@ class Plan:
     stand_ins: IPNetwork | None = None
     """The sidecar's stand-in addresses (`sidecar.dns.STAND_INS`): always sent to the proxies,
     before `direct` is skipped, since only the proxies know what they stand for."""
+    syn_queue: int | None = None
+    """Queue the SYNs of the connections the proxy gets to this netfilter queue, so the app's
+    handshake completes only when the remote one did (None: the proxy's handshake completes it
+    at once). The queue fails open: with no reader (`--queue-bypass`) or full, a SYN goes on to
+    the proxy unheld, which then opens the stream after the handshake, as without a queue; the
+    REDIRECT still applies, so nothing bypasses the filter."""
+    refuse_mark: int = REFUSE_MARK
+    host_unreachable_mark: int = HOST_UNREACHABLE_MARK
+    net_unreachable_mark: int = NET_UNREACHABLE_MARK
+
+    @property
+    def answer_marks(self) -> tuple[tuple[int, str], ...]:
+        """(mark, REJECT's `--reject-with`) of the held SYNs the rules answer."""
+        return (
+            (self.refuse_mark, "tcp-reset"),
+            (self.host_unreachable_mark, "icmp-host-unreachable"),
+            (self.net_unreachable_mark, "icmp-net-unreachable"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +112,11 @@ class Jump:
 def jumps(plan: Plan) -> list[Jump]:
     """The jumps `plan` needs, by table."""
     needed = [Jump("nat", "OUTPUT", f"-j {CHAIN}")]
+    if plan.syn_queue is not None:
+        needed += [
+            Jump("mangle", "OUTPUT", f"-p tcp -j {SYN_CHAIN}"),
+            Jump("filter", "OUTPUT", f"-p tcp -j {CHAIN}"),
+        ]
     if plan.udp:
         # Only UDP enters the mangle chains: TCP packets are not slowed by them.
         needed += [
@@ -103,6 +140,11 @@ def render(plan: Plan, *, saved: Mapping[str, str] | None = None) -> str:
         "*nat",
         f":{CHAIN} - [0:0]",
         f"-A {CHAIN} -m mark --mark {plan.mark:#x} -j RETURN",
+        # A held SYN that comes back marked is answered by the filter rules, not proxied.
+        *(
+            f"-A {CHAIN} -m mark --mark {mark:#x} -j RETURN"
+            for mark, _ in (plan.answer_marks if plan.syn_queue is not None else ())
+        ),
         f"-A {CHAIN} -p udp --dport 53 -j REDIRECT --to-ports {plan.dns_port}",
         f"-A {CHAIN} -p tcp --dport 53 -j REDIRECT --to-ports {plan.dns_port}",
         f"-A {CHAIN} -d 127.0.0.0/8 -j RETURN",
@@ -117,9 +159,11 @@ def render(plan: Plan, *, saved: Mapping[str, str] | None = None) -> str:
         rules.append(f"-A {CHAIN} -p tcp -j REDIRECT --to-ports {plan.proxy_port}")
     rules += _insert(missing, "nat")
     rules.append("COMMIT")
+    mangle: list[str] = []
+    if plan.syn_queue is not None:
+        mangle += _syn_queue_rules(plan)
     if plan.udp:
-        rules += [
-            "*mangle",
+        mangle += [
             f":{CHAIN} - [0:0]",
             f":{TPROXY_CHAIN} - [0:0]",
             f"-A {CHAIN} -m mark --mark {plan.mark:#x} -j RETURN",
@@ -141,7 +185,18 @@ def render(plan: Plan, *, saved: Mapping[str, str] | None = None) -> str:
             f"-A {CHAIN} -p udp -j MARK --set-mark {plan.udp_mark:#x}",
             f"-A {TPROXY_CHAIN} -p udp -m mark --mark {plan.udp_mark:#x} -j TPROXY "
             f"--on-ip 127.0.0.1 --on-port {plan.udp_port} --tproxy-mark {plan.udp_mark:#x}",
-            *_insert(missing, "mangle"),
+        ]
+    if mangle:
+        rules += ["*mangle", *mangle, *_insert(missing, "mangle"), "COMMIT"]
+    if plan.syn_queue is not None:
+        rules += [
+            "*filter",
+            f":{CHAIN} - [0:0]",
+            *(
+                f"-A {CHAIN} -p tcp -m mark --mark {mark:#x} -j REJECT --reject-with {reply}"
+                for mark, reply in plan.answer_marks
+            ),
+            *_insert(missing, "filter"),
             "COMMIT",
         ]
     return "\n".join(rules) + "\n"
@@ -191,6 +246,26 @@ def apply(plan: Plan) -> str:
             "also needs the kernel's TPROXY support)"
         )
     return backend
+
+
+def _syn_queue_rules(plan: Plan) -> list[str]:
+    """The mangle chain that queues the SYNs the nat chain will redirect to the proxy: its
+    conditions, in the same order."""
+    queue = f"-j NFQUEUE --queue-num {plan.syn_queue} --queue-bypass"
+    return [
+        f":{SYN_CHAIN} - [0:0]",
+        f"-A {SYN_CHAIN} -p tcp ! --syn -j RETURN",
+        f"-A {SYN_CHAIN} -m mark --mark {plan.mark:#x} -j RETURN",
+        f"-A {SYN_CHAIN} -p tcp --dport 53 -j RETURN",
+        f"-A {SYN_CHAIN} -d 127.0.0.0/8 -j RETURN",
+        *([f"-A {SYN_CHAIN} -d {plan.stand_ins} -p tcp {queue}"] if plan.stand_ins else []),
+        *(f"-A {SYN_CHAIN} -d {network} -j RETURN" for network in _direct(plan)),
+        *([f"-A {SYN_CHAIN} -p tcp {queue}"] if plan.tcp else []),
+    ]
+
+
+def _direct(plan: Plan) -> list[IPNetwork]:
+    return [network for network in plan.direct if network.version == 4]
 
 
 def _skip_direct(plan: Plan) -> list[str]:
@@ -303,7 +378,7 @@ def drift(expected: Mapping[str, TableRules], saved: Mapping[str, str]) -> list[
             chain, target = _chain_of(jump), _target(jump)
             if jump not in have.jumps:
                 found.append(f"{table} {chain} no longer jumps to {target}")
-            elif target in (CHAIN, TPROXY_CHAIN) and not _leads(jump, want.jumps, current):
+            elif target in OUR_CHAINS and not _leads(jump, want.jumps, current):
                 found.append(f"{table} {chain} has rules before the jump to {target}")
     return found
 
@@ -311,7 +386,7 @@ def drift(expected: Mapping[str, TableRules], saved: Mapping[str, str]) -> list[
 def _leads(jump: str, jumps: Sequence[str], current: Sequence[str]) -> bool:
     """Whether our jumps of `jump`'s chain are that chain's first rules, in order."""
     chain = _chain_of(jump)
-    ours = [j for j in jumps if _chain_of(j) == chain and _target(j) in (CHAIN, TPROXY_CHAIN)]
+    ours = [j for j in jumps if _chain_of(j) == chain and _target(j) in OUR_CHAINS]
     return [r for r in current if _chain_of(r) == chain][: len(ours)] == ours
 
 

@@ -3,8 +3,10 @@
 The kernel gives the original destination; the DNS book gives the name the app asked for that
 address (and, for a stand-in address, the address it stands for). With name, port and protocol
 the filter decides: remote connections become tunnel streams, local ones are connected directly
-(a remotely answered name is resolved again locally first, as mirrord does). A refused or failed
-remote connection resets the app's connection.
+(a remotely answered name is resolved again locally first, as mirrord does). A remote
+connection's stream is usually opened before the app's handshake completes (`synqueue` held its
+SYN until the agent answered) and is taken here by its 4-tuple; one that comes unheld (the queue
+was full or not read) is opened on accept, and a failure then resets it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from composemirror.protocol import Failure, Proto
 from composemirror.relay import Splice
 from composemirror.sidecar.dns import Answered, Book, Resolver
 from composemirror.sidecar.status import Counters
+from composemirror.sidecar.synqueue import FourTuple, SynQueue
 from composemirror.sidecar.tunnel import TunnelClient
 from composemirror.tasks import Tasks
 
@@ -108,6 +111,8 @@ class Proxy:
     def __init__(self, egress: Egress, tasks: Tasks) -> None:
         self.egress = egress
         self.tasks = tasks
+        self.syns: SynQueue | None = None
+        """The held SYNs' queue, whose opened streams accepted connections take."""
 
     def accept(self) -> AppConnection:
         return AppConnection(self)
@@ -130,6 +135,16 @@ class Proxy:
             )  # fmt: skip
             self.egress.counters.tcp_refused += 1
             reset_transport(app.transport)
+            return
+        source = app.transport.get_extra_info("peername")
+        connection = FourTuple(source[0], source[1], address, port)
+        opened = self.syns.take(connection) if self.syns else None
+        if opened is not None:
+            # The stream was opened while the app's SYN was held: it takes over the socket.
+            transport = app.transport
+            transport.set_protocol(opened)
+            opened.connection_made(transport)
+            opened.start()
             return
         decision = self.egress.decide(address, port, "tcp")
         if decision.route == Route.REMOTE:
@@ -175,20 +190,42 @@ class Proxy:
 
 
 class AppConnection(Bridge):
-    """The app's side of a redirected connection: routed as soon as it is accepted."""
+    """The app's side of a redirected connection: routed as soon as it is accepted, or, opened
+    for a held SYN (`pending` set), given its socket when the proxy accepts it."""
 
     def __init__(self, proxy: Proxy) -> None:
         super().__init__()
         self.proxy = proxy
+        self.pending: tuple[SynQueue, FourTuple] | None = None
+        """The queue and connection whose held SYN waits for this stream's outcome."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.proxy.route(self)
+        if self.pending is None:
+            self.proxy.route(self)
 
     def opened(self) -> None:
         self.proxy.egress.counters.tcp_remote += 1
+        if self.pending is not None:
+            syns, connection = self.pending
+            syns.paired(connection, self)
+            syns.resolved(connection, None)
 
     def open_failed(self, failure: Failure, message: str) -> None:
         log.info("remote connection failed: %s", message or failure.name.lower())
         self.proxy.egress.counters.tcp_failed += 1
         super().open_failed(failure, message)
+        if self.pending is not None:
+            syns, connection = self.pending
+            syns.resolved(connection, failure, message)
+
+    def peer_reset(self) -> None:
+        super().peer_reset()
+        if self.pending is not None:
+            # The link to the agent went while the SYN was held: refused, not left hanging.
+            syns, connection = self.pending
+            syns.resolved(connection, Failure.RESET, "the link to the agent went")
+
+    def abandon(self) -> None:
+        """Reset a stream no accepted connection came for."""
+        self._perform(self.relay.on_socket_lost())

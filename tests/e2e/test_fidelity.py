@@ -45,6 +45,14 @@ CLUSTER_HTTP = "10.124.0.2"
 CATALOG = "10.124.200.3"
 """A second address of that HTTP server, which the app also has as an `extra_hosts` line."""
 POSTGRES = "10.124.200.4"
+SERVING = "10.124.0.63"
+"""A second address of the cluster's HTTP server, of `two.example.test` only."""
+REFUSING = "10.124.0.61"
+"""An address of the target itself (on its loopback), where nothing listens: it refuses."""
+ABSENT = "10.124.9.99"
+"""An address of the cluster's network that no host holds."""
+SILENT = "10.124.0.62"
+"""An address the target routes to a host that drops its SYNs: a connect times out."""
 """A third one: `postgres`, whose alias `shop-db-alias` is a CNAME of it."""
 REMOTE_LISTED = f"{PROJECT}-remote"
 """A second project on the same stand-in cluster, with a `remote` list."""
@@ -69,12 +77,15 @@ RECORDS = {
     CATALOG: "catalog.shop.svc.cluster.local",
     POSTGRES: "postgres.shop.svc.cluster.local",
     OVERLAP: f"peer.{SEARCH}",
+    REFUSING: "two.example.test",
 }
 """The cluster's names (dnsmasq's hosts file): `big.example.test` has 100 addresses."""
 
 
 def _hosts_file() -> str:
-    return "".join(f"{address} {name}\n" for address, name in RECORDS.items())
+    lines = "".join(f"{address} {name}\n" for address, name in RECORDS.items())
+    # dnsmasq answers a name's addresses last line first: REFUSING, then SERVING.
+    return f"{SERVING} two.example.test\n" + lines
 
 
 SERVER = """\
@@ -293,7 +304,7 @@ def _cluster() -> None:
         "--log-facility=- --no-resolv --no-hosts --addn-hosts=/tmp/cluster-hosts "
         "--local-ttl=30 --neg-ttl=5 --address=/#/ "
         "--cname=shop-db-alias.shop.svc.cluster.local,postgres.shop.svc.cluster.local && "
-        f"ip addr add {POSTGRES}/32 dev lo && "
+        f"ip addr add {POSTGRES}/32 dev lo && ip addr add {SERVING}/32 dev lo && "
         f"ip addr add {OVERLAP}/32 dev lo && ip addr add {CATALOG}/32 dev lo && "
         f'{{ python3 -c "$UDP_ECHO" {CLUSTER_HTTP} {OVERLAP} {CATALOG} & }} && exec "$@"'
     )
@@ -305,7 +316,12 @@ def _cluster() -> None:
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     # In the cluster, the overlapping address is the cluster peer's: the target routes it there.
-    route = f"ip route add {OVERLAP}/32 via {CLUSTER_HTTP} && exec sleep infinity"
+    # SILENT goes to the cluster DNS too, which does not forward: its SYNs are never answered.
+    route = (
+        f"ip route add {OVERLAP}/32 via {CLUSTER_HTTP} && "
+        f"ip route add {SILENT}/32 via {CLUSTER_HTTP} && "
+        f"ip addr add {REFUSING}/32 dev lo && exec sleep infinity"
+    )
     started = docker(
         "run", "-d", "--init", "--name", TARGET, "--label", LABEL, "--network", NETWORK,
         "--cap-add", "NET_ADMIN",
@@ -430,21 +446,81 @@ def test_answer_flags_are_the_cluster_dns_own(mirrored: None, flag: str) -> None
     assert target == first == cached
 
 
-# Fault 2 (open): the app's connect() completes before the remote one has.
+# Fault 2: the app's connect() completes only when the remote one did, and ends as it does.
 
 
-@pytest.mark.xfail(
-    # Not strict: when the proxy's reset lands before curl checks its connect, curl reports it
-    # as a failed connect (7) and the comparison passes by timing, not by design.
-    strict=False,
-    reason="issue 10 fault 2: the proxy's listening socket completes the app's handshake before "
-    "the agent reports the remote outcome, so a refusal reaches the app as a reset",
-)
 def test_a_refused_port_is_refused_in_the_app_too(mirrored: None) -> None:
+    """curl to a closed cluster port: "Couldn't connect" (7) in both, not a reset (56)."""
     command = f"curl -sS -m 10 -o /dev/null http://{CLUSTER_HTTP}:8081/; echo curl $?"
     target, app = both(command)
     assert target.endswith("curl 7\n")
     assert target == app
+
+
+def test_a_bash_port_probe_calls_a_closed_port_closed_and_an_open_one_open(mirrored: None) -> None:
+    probe = (
+        "for port in 8080 8081; do "
+        f"if (exec 3<>/dev/tcp/{CLUSTER_HTTP}/$port) 2>/dev/null; then echo $port open; "
+        "else echo $port closed; fi; done"
+    )
+    target, app = both(["bash", "-c", probe])
+    assert target == "exit 0\n8080 open\n8081 closed\n"
+    assert target == app
+
+
+CONNECT = """\
+import errno, socket, sys, time
+start = time.monotonic()
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
+    outcome = "connected"
+except TimeoutError:
+    outcome = "timeout"
+except OSError as e:
+    outcome = errno.errorcode.get(e.errno, str(e.errno))
+print(outcome, round(time.monotonic() - start))
+"""
+"""`create_connection(HOST, PORT, timeout=SECONDS)`: its outcome (an errno name, `timeout` or
+`connected`) and the seconds it took, rounded."""
+
+
+def test_connect_to_an_absent_host_fails_as_in_the_target(mirrored: None) -> None:
+    """No host holds the address: the target's ARP gives up after about 3 s ("No route to
+    host"); the app's connect fails the same way at about the same time, not at once."""
+    target, app = both(["python3", "-c", CONNECT, ABSENT, "8080", "20"])
+    assert target.startswith("exit 0\nEHOSTUNREACH ")
+    target_seconds = int(target.split()[-1])
+    app_outcome, app_seconds = app.split()[-2:]
+    assert app.startswith("exit 0\nEHOSTUNREACH ")
+    assert abs(int(app_seconds) - target_seconds) <= 2, (target, app, app_outcome)
+
+
+def test_a_connect_timeout_is_a_timeout_in_the_app_too(mirrored: None) -> None:
+    """A peer that drops SYNs: the client's own timeout ends the wait in both, no reset."""
+    target, app = both(["python3", "-c", CONNECT, SILENT, "8080", "2"])
+    assert target == "exit 0\ntimeout 2\n"
+    assert target == app
+
+
+def test_create_connection_falls_to_the_next_address_after_a_refusal(mirrored: None) -> None:
+    """`two.example.test` has an address that refuses 8080 and one that serves it: Python's
+    `create_connection` tries them in order and connects to the second, in both."""
+    order = ["python3", "-c", ADDRESSES, "two.example.test"]
+    target, app = both(order)
+    assert target == f"exit 0\n{REFUSING} {SERVING}\n", "the refusing address comes first"
+    assert target == app
+    fetch = "import socket; s = socket.create_connection(('two.example.test', 8080), timeout=10)"
+    fetch += "; print(s.getpeername()[0])"
+    target, app = both(["python3", "-c", fetch])
+    assert target == f"exit 0\n{SERVING}\n"
+    assert target == app
+
+
+ADDRESSES = """\
+import socket, sys
+found = socket.getaddrinfo(sys.argv[1], 8080, socket.AF_INET, socket.SOCK_STREAM)
+print(*[info[4][0] for info in found])
+"""
 
 
 # Faults 3, 5, 6: each connection is decided by the name the app asked for it.

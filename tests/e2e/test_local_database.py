@@ -234,12 +234,21 @@ def test_udp_reaches_the_cluster_and_the_reply_comes_from_there(example: None, h
     assert result.stdout.split() == ["10.96.0.21", "9999"]
 
 
-def test_a_refused_cluster_port_resets_the_app_connection_at_once(example: None) -> None:
+def test_a_refused_cluster_port_is_refused_in_the_app_at_once(example: None) -> None:
+    """The app's connect() fails as the target's does (ECONNREFUSED, curl's "Couldn't connect",
+    7), not with a reset after a completed handshake (56)."""
     started = time.monotonic()
     result = exec_in(APP, ["curl", "-sS", "-m", "20", "http://orders.shop.svc.cluster.local:1/"])
-    assert result.returncode != 0
-    assert "reset" in result.stderr.lower() or "refused" in result.stderr.lower(), result.stderr
+    assert result.returncode == 7, result.stderr
     assert time.monotonic() - started < 5
+    script = (
+        "import socket\n"
+        "try:\n"
+        "    socket.create_connection(('orders.shop.svc.cluster.local', 1), timeout=10)\n"
+        "except ConnectionRefusedError:\n"
+        "    print('refused')\n"
+    )
+    assert exec_in(APP, ["python3", "-c", script]).stdout == "refused\n"
 
 
 def test_half_close_carries_through_the_tunnel(example: None) -> None:

@@ -267,6 +267,29 @@ def test_rules_flushed_by_the_app_are_restored_and_reported(
     assert "rules in place (restored 1x)" in table, table
 
 
+def test_the_held_syns_rules_flushed_by_the_app_are_restored(
+    session: Callable[..., Session],
+) -> None:
+    """Without the mangle chain that holds SYNs (and the filter chain that answers them), a
+    refused port would reach the app as a reset again: the guard puts both back."""
+    s = session("cmh-syn", app={"cap_add": ["NET_ADMIN"]})
+    s.up()
+    wait_for(s.remote_works, timeout=60)
+    closed = ["curl", "-sS", "-m", "5", "-o", "/dev/null", f"http://{s.peer}:8081/"]
+    assert exec_in(s.app, closed).returncode == 7  # refused, as in the target
+
+    flush = "for t in mangle filter; do iptables-nft -t $t -F; iptables-legacy -t $t -F; done"
+    flushed = exec_in(s.app, f"{flush}; echo done")
+    assert flushed.stdout.strip() == "done", flushed.stderr
+    rules = wait_for(
+        lambda: (r := s.row("app-mirror")["link"]["rules"])["restored"] >= 1 and r, timeout=15
+    )
+    assert "COMPOSEMIRROR_SYN" in rules["drift"] and "filter" in rules["drift"], rules
+    assert rules["state"] == "in place", rules
+    assert exec_in(s.app, closed).returncode == 7
+    assert s.remote_works()
+
+
 # Issue 13, fault 8: the sidecar's health follows its link.
 
 

@@ -402,3 +402,129 @@ def test_the_guard_restores_a_flushed_table_and_reports_it(
     guard.check()
     assert guard.report()["state"] == "failed"
     assert "Permission denied" in guard.report()["error"]
+
+
+# -- the held SYNs' rules (issue 10, fault 2) ---------------------------------------------------
+
+SYN_PLAN = Plan(
+    mark=MARK,
+    dns_port=53,
+    proxy_port=15001,
+    tcp=True,
+    direct=(PROJECT,),
+    stand_ins=ipaddress.ip_network("198.18.0.0/15"),
+    syn_queue=7,
+)
+QUEUE = "-j NFQUEUE --queue-num 7 --queue-bypass"
+ANSWER = "-A COMPOSEMIRROR -p tcp -m mark --mark"
+
+
+def test_syns_are_queued_under_the_nat_chains_own_conditions_and_answers_are_rejected() -> None:
+    lines = render(SYN_PLAN).splitlines()
+    nat = lines[: lines.index("COMMIT") + 1]
+    # A SYN that comes back with an answer's mark is not proxied.
+    assert nat[3:6] == [f"-A COMPOSEMIRROR -m mark --mark {mark} -j RETURN" for mark in (
+        "0x4350", "0x4351", "0x4352")]  # fmt: skip
+    rest = lines[len(nat) :]
+    assert rest == [
+        "*mangle",
+        ":COMPOSEMIRROR_SYN - [0:0]",
+        "-A COMPOSEMIRROR_SYN -p tcp ! --syn -j RETURN",
+        "-A COMPOSEMIRROR_SYN -m mark --mark 0x434d -j RETURN",
+        "-A COMPOSEMIRROR_SYN -p tcp --dport 53 -j RETURN",
+        "-A COMPOSEMIRROR_SYN -d 127.0.0.0/8 -j RETURN",
+        f"-A COMPOSEMIRROR_SYN -d 198.18.0.0/15 -p tcp {QUEUE}",
+        "-A COMPOSEMIRROR_SYN -d 172.20.0.0/16 -j RETURN",
+        f"-A COMPOSEMIRROR_SYN -p tcp {QUEUE}",
+        "-I OUTPUT 1 -p tcp -j COMPOSEMIRROR_SYN",
+        "COMMIT",
+        "*filter",
+        ":COMPOSEMIRROR - [0:0]",
+        f"{ANSWER} 0x4350 -j REJECT --reject-with tcp-reset",
+        f"{ANSWER} 0x4351 -j REJECT --reject-with icmp-host-unreachable",
+        f"{ANSWER} 0x4352 -j REJECT --reject-with icmp-net-unreachable",
+        "-I OUTPUT 1 -p tcp -j COMPOSEMIRROR",
+        "COMMIT",
+    ]
+
+
+def test_with_udp_too_the_mangle_table_is_declared_once_with_both_chains() -> None:
+    text = render(Plan(mark=MARK, dns_port=53, proxy_port=15001, tcp=True, udp=True,
+                       udp_port=15002, syn_queue=7))  # fmt: skip
+    assert text.count("*mangle") == 1
+    mangle = text[text.index("*mangle") : text.index("*filter")]
+    assert ":COMPOSEMIRROR_SYN - [0:0]" in mangle and ":COMPOSEMIRROR_TPROXY - [0:0]" in mangle
+    assert "-I OUTPUT 1 -p tcp -j COMPOSEMIRROR_SYN" in mangle
+    assert "-I OUTPUT 1 -p udp -j COMPOSEMIRROR" in mangle
+
+
+def test_without_tcp_only_stand_in_syns_are_queued() -> None:
+    text = render(
+        Plan(mark=MARK, dns_port=53, proxy_port=15001, tcp=False, syn_queue=7,
+             stand_ins=ipaddress.ip_network("198.18.0.0/15"))
+    )  # fmt: skip
+    assert [line for line in text.splitlines() if "NFQUEUE" in line] == [
+        f"-A COMPOSEMIRROR_SYN -d 198.18.0.0/15 -p tcp {QUEUE}"
+    ]
+
+
+SYN_SAVED = {
+    "mangle": """*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:COMPOSEMIRROR_SYN - [0:0]
+-A OUTPUT -p tcp -j COMPOSEMIRROR_SYN
+-A COMPOSEMIRROR_SYN -p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -j RETURN
+-A COMPOSEMIRROR_SYN -m mark --mark 0x434d -j RETURN
+-A COMPOSEMIRROR_SYN -p tcp -m tcp --dport 53 -j RETURN
+-A COMPOSEMIRROR_SYN -d 127.0.0.0/8 -j RETURN
+-A COMPOSEMIRROR_SYN -d 198.18.0.0/15 -p tcp -j NFQUEUE --queue-num 7 --queue-bypass
+-A COMPOSEMIRROR_SYN -d 172.20.0.0/16 -j RETURN
+-A COMPOSEMIRROR_SYN -p tcp -j NFQUEUE --queue-num 7 --queue-bypass
+COMMIT
+""",
+    "filter": """*filter
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:COMPOSEMIRROR - [0:0]
+-A OUTPUT -p tcp -j COMPOSEMIRROR
+-A COMPOSEMIRROR -p tcp -m mark --mark 0x4350 -j REJECT --reject-with tcp-reset
+-A COMPOSEMIRROR -p tcp -m mark --mark 0x4351 -j REJECT --reject-with icmp-host-unreachable
+-A COMPOSEMIRROR -p tcp -m mark --mark 0x4352 -j REJECT --reject-with icmp-net-unreachable
+COMMIT
+""",
+}
+"""What iptables-nft-save printed after `apply` of `SYN_PLAN`'s mangle and filter parts."""
+
+
+def test_the_guard_keeps_the_syn_queue_and_the_answers() -> None:
+    kept = snapshot(SYN_SAVED)
+    assert kept["mangle"].jumps == ("-A OUTPUT -p tcp -j COMPOSEMIRROR_SYN",)
+    assert kept["filter"].jumps == ("-A OUTPUT -p tcp -j COMPOSEMIRROR",)
+    assert drift(kept, SYN_SAVED) == []
+    flushed = {
+        "mangle": "*mangle\n:OUTPUT ACCEPT [0:0]\n:COMPOSEMIRROR_SYN - [0:0]\nCOMMIT\n",
+        "filter": "*filter\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n",
+    }
+    assert drift(kept, flushed) == [
+        "mangle chain COMPOSEMIRROR_SYN lost or changed rules",
+        "mangle OUTPUT no longer jumps to COMPOSEMIRROR_SYN",
+        "filter chain COMPOSEMIRROR is gone",
+        "filter OUTPUT no longer jumps to COMPOSEMIRROR",
+    ]
+    text = repair(kept, flushed)
+    assert "-A COMPOSEMIRROR_SYN -p tcp -j NFQUEUE --queue-num 7 --queue-bypass" in text
+    assert "-I OUTPUT 1 -p tcp -j COMPOSEMIRROR_SYN" in text
+    assert "-A COMPOSEMIRROR -p tcp -m mark --mark 0x4350 -j REJECT --reject-with tcp-reset" in text
+    # Rules put before the queue's jump let SYNs pass unheld: that is drift too.
+    bypassed = SYN_SAVED["mangle"].replace(
+        "-A OUTPUT -p tcp -j COMPOSEMIRROR_SYN\n",
+        "-A OUTPUT -p tcp -j ACCEPT\n-A OUTPUT -p tcp -j COMPOSEMIRROR_SYN\n",
+    )
+    assert drift(kept, {**SYN_SAVED, "mangle": bypassed}) == [
+        "mangle OUTPUT has rules before the jump to COMPOSEMIRROR_SYN"
+    ]
+
+
+def test_the_guard_reads_every_table_the_plan_uses() -> None:
+    assert sorted({jump.table for jump in firewall.jumps(SYN_PLAN)}) == ["filter", "mangle", "nat"]
