@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,6 +53,11 @@ LOCAL_SUBNET = "10.125.77.0/24"
 OVERLAP = "10.125.77.77"
 """The bystander's address in the project, and a cluster peer's address in the cluster."""
 SHARED_SUBNET = "10.126.0.0/24"
+
+FRESH_DOMAIN = "fresh.test"
+FRESH_ADDRESS = "10.124.0.60"
+"""Every name under `fresh.test` exists in the cluster (at that address): names nobody has
+asked for yet, so no cache holds them."""
 
 LONG_FOUND = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 45])
 """237 characters: exists in the cluster."""
@@ -290,8 +296,8 @@ def _cluster() -> None:
     # The cluster's DNS, and its HTTP server, also on the address the bystander has locally.
     cluster = (
         'printf %s "$RECORDS" > /tmp/cluster-hosts && dnsmasq '
-        "--log-facility=- --no-resolv --no-hosts --addn-hosts=/tmp/cluster-hosts "
-        "--local-ttl=30 --neg-ttl=5 --address=/#/ "
+        "--log-facility=- --log-queries --no-resolv --no-hosts --addn-hosts=/tmp/cluster-hosts "
+        f"--local-ttl=30 --neg-ttl=5 --address=/{FRESH_DOMAIN}/{FRESH_ADDRESS} --address=/#/ "
         "--cname=shop-db-alias.shop.svc.cluster.local,postgres.shop.svc.cluster.local && "
         f"ip addr add {POSTGRES}/32 dev lo && "
         f"ip addr add {OVERLAP}/32 dev lo && ip addr add {CATALOG}/32 dev lo && "
@@ -608,3 +614,190 @@ def test_a_missing_name_resolved_locally_is_nxdomain_at_once_as_in_a_neighbour(
     assert neighbour.stdout.split("\n")[0] == "Name or service not known", neighbour.stdout
     assert said == neighbour.stdout.split("\n")[:-2], app.stdout + app.stderr
     assert float(took) < 2, app.stdout
+
+
+# Fault 4, the slow upstream: Docker's embedded DNS on an `internal` network, where a name the
+# search list expands is forwarded to a cluster DNS that never answers it.
+
+SLOW = f"{PROJECT}-slow"
+"""A fourth project, whose target's cluster DNS never denies search-expanded names."""
+SLOW_APP = f"{SLOW}-app-1"
+SLOW_TARGET = f"{PROJECT}-slowtarget"
+SLOW_DNS = f"{PROJECT}-slowdns"
+SLOW_DNS_ADDRESS = "10.125.80.53"
+INTERNAL = f"{PROJECT}-internal"
+LEDGER = f"{PROJECT}-ledger"
+LEDGER_NAME = "ledger.payments.svc.cluster.local"
+"""A cluster name Docker's DNS answers itself on the internal network (a container's alias)."""
+LEDGER_NAMES = [LEDGER_NAME, "audit.payments.svc.cluster.local", "ready.payments.svc.cluster.local"]
+"""The ledger's aliases: one per test, so that no cache answers a test's first lookup."""
+
+DISCARD = """import socket
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("127.0.0.1", 5353))
+while True:
+    sock.recv(65535)
+"""
+"""A name server that never answers (port 5353 on the slow DNS's loopback)."""
+
+TIMED = """import subprocess, sys, time
+start = time.monotonic()
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(f"{time.monotonic() - start:.3f}")
+print(f"exit {done.returncode}")
+print(done.stdout, end="")
+"""
+
+
+def timed(container: str, command: list[str]) -> tuple[float, str]:
+    """(seconds, `exit N` and output) of `command` in `container`, timed inside it."""
+    result = exec_in(container, ["python3", "-c", TIMED, *command], timeout=120)
+    assert result.returncode == 0, result.stderr
+    took, _, rest = result.stdout.partition("\n")
+    return float(took), rest
+
+
+@pytest.fixture(scope="module")
+def slow_upstream(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A target on an `internal` network, as a `docker://` target can be: Docker's DNS answers
+    the network's names (the ledger's aliases) at once and forwards every other name to the
+    target's `dns`, a dnsmasq that answers `*.fresh.test` and NXDOMAIN, logs each query, and
+    forwards `*.team.svc.cluster.local` (the target's search domain) to a server that never
+    answers. So a name the search list expands (`ledger....team.svc.cluster.local`) is never
+    denied, and the target's resolver tries the next name only after its timeouts. A project
+    mirrors it."""
+    compose_file = tmp_path_factory.mktemp("slow") / "compose.yaml"
+    compose_file.write_text(
+        json.dumps(
+            {
+                "name": SLOW,
+                "x-composemirror": {"target": f"docker://{SLOW_TARGET}", "services": ["app"]},
+                "services": {
+                    "app": {"image": IMAGE, "command": ["sleep", "infinity"], "init": True}
+                },
+                "networks": {"default": {"ipam": {"config": [{"subnet": "10.125.81.0/24"}]}}},
+            }
+        )
+    )
+    slow_dns = (
+        'python3 -c "$DISCARD" & exec dnsmasq --keep-in-foreground --log-facility=- '
+        f"--log-queries --no-resolv --no-hosts --server=/{SEARCH}/127.0.0.1#5353 "
+        f"--address=/{FRESH_DOMAIN}/{FRESH_ADDRESS} --address=/#/"
+    )
+    try:
+        docker("rm", "-f", SLOW_TARGET, SLOW_DNS, LEDGER)
+        docker("network", "rm", INTERNAL)
+        made = docker(
+            "network", "create", "--internal", "--label", LABEL, "--subnet", "10.125.80.0/24",
+            INTERNAL,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        aliases = [option for name in LEDGER_NAMES for option in ("--network-alias", name)]
+        for name, options, command in (
+            (
+                SLOW_DNS,
+                ["--ip", SLOW_DNS_ADDRESS, "-e", f"DISCARD={DISCARD}"],
+                ["sh", "-c", slow_dns],
+            ),
+            (LEDGER, aliases, ["sleep", "infinity"]),
+            (
+                SLOW_TARGET,
+                ["--dns", SLOW_DNS_ADDRESS, "--dns-search", SEARCH, "--dns-option", "ndots:5"],
+                ["sleep", "infinity"],
+            ),
+        ):
+            started = docker(
+                "run", "-d", "--init", "--name", name, "--label", LABEL, "--network", INTERNAL,
+                *options, IMAGE, *command,
+            )  # fmt: skip
+            assert started.returncode == 0, started.stderr
+        result = cli("-f", str(compose_file), "up", "-d")
+        assert result.returncode == 0, result.stdout + result.stderr
+        wait_for(lambda: _resolves(SLOW_APP, f"{LEDGER_NAMES[-1]}."), timeout=60)
+        yield
+    finally:
+        cli("-f", str(compose_file), "down", "-v")
+        docker("rm", "-f", SLOW_TARGET, SLOW_DNS, LEDGER)
+        docker("network", "rm", INTERNAL)
+
+
+def test_dig_of_a_name_whose_expansions_are_never_denied_answers_at_once_in_the_app_too(
+    slow_upstream: None,
+) -> None:
+    """The issue's example: `dig` asks exactly the name, which Docker's DNS answers at once in
+    the target; the app's answer is the same, as fast (no search list applied again)."""
+    command = ["dig", "+noall", "+answer", LEDGER_NAME]
+    target_took, target = timed(SLOW_TARGET, command)
+    app_took, app = timed(SLOW_APP, command)
+    assert target.startswith(f"exit 0\n{LEDGER_NAME}. ")
+    assert app == target
+    assert target_took < 1 and app_took < 1, (target_took, app_took)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["getent", "ahostsv4"],
+        ["python3", "-c", "import socket, sys; print(socket.gethostbyname(sys.argv[1]))"],
+    ],
+    ids=["getent", "python"],
+)
+def test_a_name_found_after_never_denied_expansions_resolves_as_in_the_target(
+    slow_upstream: None, command: list[str]
+) -> None:
+    """`ndots:5` tries `audit.payments....team.svc.cluster.local` first, which is never
+    answered: the resolver gives up on it after its timeouts and finds the name itself. The app
+    finds the same answer, in about the same time (its sidecar may answer the never-denied
+    name SERVFAIL sooner than the target's resolver times out, never later)."""
+    name = "audit.payments.svc.cluster.local"
+    target_took, target = timed(SLOW_TARGET, [*command, name])
+    app_took, app = timed(SLOW_APP, [*command, name])
+    assert target.startswith("exit 0\n10.125.80.")
+    assert app == target
+    assert target_took > 5  # the expansion was never answered: the resolver timed out
+    assert app_took < target_took + 1, (target_took, app_took)
+
+
+# Upstream queries: an uncached remote name costs the cluster's DNS no more queries when the app
+# asks than when the target does.
+
+
+def _queries(dns_container: str, label: str) -> int:
+    """How many queries for names starting with `label` the dnsmasq in `dns_container` got."""
+    logs = docker("logs", dns_container)
+    return sum(
+        1
+        for line in (logs.stdout + logs.stderr).splitlines()
+        if "query[" in line and f"] {label}." in line
+    )
+
+
+UPSTREAM_CLIENTS = {
+    "getent hosts": ["getent", "hosts"],
+    "getent ahosts": ["getent", "ahosts"],
+    "python getaddrinfo": [
+        "python3", "-c", "import socket, sys; print(len(socket.getaddrinfo(sys.argv[1], 80)))"
+    ],
+    "dig": ["dig", "+short"],
+}  # fmt: skip
+
+
+def _count_upstream(container: str, dns_container: str, command: list[str], suffix: str) -> int:
+    """Upstream queries (at `dns_container`) of `command` for a name nobody asked for yet."""
+    label = f"u{uuid.uuid4().hex[:12]}"
+    exec_in(container, [*command, f"{label}.{suffix}"], timeout=120)
+    # dnsmasq logs as it receives; the wait lets the log reach `docker logs`.
+    time.sleep(1)
+    return _queries(dns_container, label)
+
+
+@pytest.mark.parametrize("client", UPSTREAM_CLIENTS)
+@pytest.mark.parametrize("suffix", [FRESH_DOMAIN, "missing.test"], ids=["found", "missing"])
+def test_an_uncached_remote_name_costs_no_more_upstream_queries_than_in_the_target(
+    mirrored: None, client: str, suffix: str
+) -> None:
+    command = UPSTREAM_CLIENTS[client]
+    target = _count_upstream(TARGET, DNS, command, suffix)
+    app = _count_upstream(APP, DNS, command, suffix)
+    assert target > 0
+    assert app <= target, (target, app)
