@@ -801,3 +801,16 @@ def test_an_uncached_remote_name_costs_no_more_upstream_queries_than_in_the_targ
     app = _count_upstream(APP, DNS, command, suffix)
     assert target > 0
     assert app <= target, (target, app)
+
+
+@pytest.mark.parametrize("client", ["getent ahosts", "python getaddrinfo", "dig"])
+def test_a_never_denied_expansion_costs_no_more_upstream_queries_than_in_the_target(
+    slow_upstream: None, client: str
+) -> None:
+    """The same where the cluster's DNS never answers the search-expanded names: the target's
+    resolver asks again after each timeout; the app's lookups must not multiply those."""
+    command = UPSTREAM_CLIENTS[client]
+    target = _count_upstream(SLOW_TARGET, SLOW_DNS, command, FRESH_DOMAIN)
+    app = _count_upstream(SLOW_APP, SLOW_DNS, command, FRESH_DOMAIN)
+    assert target > 0
+    assert app <= target, (target, app)
