@@ -629,7 +629,7 @@ INTERNAL = f"{PROJECT}-internal"
 LEDGER = f"{PROJECT}-ledger"
 LEDGER_NAME = "ledger.payments.svc.cluster.local"
 """A cluster name Docker's DNS answers itself on the internal network (a container's alias)."""
-LEDGER_NAMES = [LEDGER_NAME, "audit.payments.svc.cluster.local", "ready.payments.svc.cluster.local"]
+LEDGER_NAMES = [LEDGER_NAME, "audit.payments.svc.cluster.local"]
 """The ledger's aliases: one per test, so that no cache answers a test's first lookup."""
 
 DISCARD = """import socket
@@ -647,6 +647,10 @@ print(f"{time.monotonic() - start:.3f}")
 print(f"exit {done.returncode}")
 print(done.stdout, end="")
 """
+
+
+def _health(container: str) -> str:
+    return docker("inspect", "-f", "{{.State.Health.Status}}", container).stdout.strip()
 
 
 def timed(container: str, command: list[str]) -> tuple[float, str]:
@@ -713,7 +717,8 @@ def slow_upstream(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
             assert started.returncode == 0, started.stderr
         result = cli("-f", str(compose_file), "up", "-d")
         assert result.returncode == 0, result.stdout + result.stderr
-        wait_for(lambda: _resolves(SLOW_APP, f"{LEDGER_NAMES[-1]}."), timeout=60)
+        # Ready when the sidecar's link to the agent is (its health check), not by a lookup.
+        wait_for(lambda: _health(f"{SLOW}-app-mirror-1") == "healthy", timeout=60)
         yield
     finally:
         cli("-f", str(compose_file), "down", "-v")
