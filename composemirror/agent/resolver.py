@@ -2,9 +2,10 @@
 
 Every name on the DNS wire is absolute: the app's own resolver has already applied the target's
 search list and ndots (the sidecar gives the app the target's resolv.conf settings), so the name
-asked is resolved exactly, once, as the cluster's DNS would resolve it for the target. Answers
-keep the upstream's flags and never claim AA or AD they did not get. dnslib parses and builds
-messages; sockets are asyncio's.
+asked is resolved exactly, once, as the cluster's DNS would resolve it for the target. A question
+asked again while its lookup runs (the app's resolver retrying) joins that lookup, so the cluster's
+DNS is asked no more often than by the target's own resolver. Answers keep the upstream's flags
+and never claim AA or AD they did not get. dnslib parses and builds messages; sockets are asyncio's.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from dnslib import (
     QTYPE,
     RCODE,
+    RR,
     DNSError,
     DNSHeader,
     DNSLabel,
@@ -34,19 +36,25 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ResolvConf:
-    """The parts of resolv.conf(5) that decide how a name is looked up."""
+    """The parts of resolv.conf(5) that decide how a name is looked up; the defaults are
+    glibc's (resolv.conf(5), RES_TIMEOUT and RES_DFLRETRY)."""
 
     nameservers: tuple[str, ...] = ("127.0.0.1",)
     search: tuple[str, ...] = ()
     ndots: int = 1
-    timeout: float = 2.0
+    timeout: float = 5.0
+    """Seconds to wait for one nameserver's answer before asking the next (or again)."""
     attempts: int = 2
+    """Rounds over the nameservers before the lookup fails."""
 
 
 def parse_resolv_conf(text: str) -> ResolvConf:
+    """The settings of a resolv.conf(5) text; options it does not give keep glibc's defaults
+    (`ResolvConf`), and values beyond glibc's caps are capped as glibc caps them."""
     nameservers: list[str] = []
     search: tuple[str, ...] = ()
-    ndots, timeout, attempts = 1, 2.0, 2
+    default = ResolvConf()
+    ndots, timeout, attempts = default.ndots, default.timeout, default.attempts
     for line in text.splitlines():
         words = line.split("#", 1)[0].split()
         if not words:
@@ -100,6 +108,10 @@ def zone_of(name: str) -> str:
     return ".".join(labels[-2:]) or "."
 
 
+Found = tuple[DNSRecord, str] | None
+"""What a lookup found: the upstream's response and the name it answers; None if nothing."""
+
+
 class Resolver:
     """Answers raw DNS queries as the target's nameservers answer the same question.
 
@@ -111,6 +123,12 @@ class Resolver:
     domain (`zone_of`); a query beyond either is answered SERVFAIL at once (what a resolver answers
     when it cannot resolve now), so names that never resolve cannot exhaust the agent's files
     and memory or delay the other names.
+
+    A query whose question (name, type and class, in any letter case) is being looked up already
+    waits for that lookup instead of starting another, and takes no slot. The sidecar answers
+    SERVFAIL to a query the agent has not answered within its own timeout, and the app's resolver
+    then asks again: joined, the retry costs the cluster's DNS nothing, so an app asks it no more
+    often than the target's resolver would (which asks again only after its `timeout`).
     """
 
     def __init__(
@@ -132,6 +150,10 @@ class Resolver:
         """Lookups under way now, per domain (only domains with one or more)."""
         self.refused = 0
         """Queries answered SERVFAIL because a limit was reached, since start."""
+        self.joined = 0
+        """Queries answered by a lookup another query had started, since start."""
+        self.asking: dict[tuple[str, int, int], asyncio.Future[Found]] = {}
+        """The lookups under way, by question (see `question_key`)."""
         self._last_warning = -SATURATION_LOG_INTERVAL
 
     async def resolve(self, query: bytes) -> bytes:
@@ -144,6 +166,12 @@ class Resolver:
             return _formerr(query)
         # Every name on the wire is absolute: the app's resolver applied the search list.
         name = str(request.q.qname).rstrip(".") or "."
+        key = question_key(request)
+        running = self.asking.get(key)
+        if running is not None:
+            self.joined += 1
+            # Shielded: a waiter that goes away leaves the lookup to the others.
+            return _respond(request, await asyncio.shield(running))
         zone = zone_of(name)
         in_zone = self.zones.get(zone, 0)
         if self.in_flight >= self.max_lookups or in_zone >= self.max_zone_lookups:
@@ -151,15 +179,22 @@ class Resolver:
             return bytes(_servfail(request).pack())
         self.in_flight += 1
         self.zones[zone] = in_zone + 1
+        shared: asyncio.Future[Found] = asyncio.get_running_loop().create_future()
+        self.asking[key] = shared
+        found: Found = None
         try:
-            return await self._lookup(request, name)
+            found = await self._lookup(request, name)
         finally:
+            # Cancelled or not, the queries that joined get an answer (SERVFAIL at worst).
+            shared.set_result(found)
+            del self.asking[key]
             self.in_flight -= 1
             left = self.zones[zone] - 1
             if left:
                 self.zones[zone] = left
             else:
                 del self.zones[zone]
+        return _respond(request, found)
 
     def _refuse(self, name: str, zone: str) -> None:
         self.refused += 1
@@ -172,7 +207,9 @@ class Resolver:
                 self.in_flight, self.zones.get(zone, 0), zone, name, self.refused,
             )  # fmt: skip
 
-    async def _lookup(self, request: DNSRecord, name: str) -> bytes:
+    async def _lookup(self, request: DNSRecord, name: str) -> Found:
+        """The upstream's response and the name it answers (`name` or, when expanding, the
+        candidate found); None when no nameserver answered."""
         question = request.q
         names = candidates(name, self.conf) if self.expand else [name]
         response: DNSRecord | None = None
@@ -187,9 +224,7 @@ class Resolver:
                 response, looked_up = answer, candidate
             if answer.header.rcode == RCODE.NOERROR and answer.rr:
                 break
-        if response is None:
-            return bytes(_servfail(request).pack())
-        return bytes(_reply(request, response, looked_up).pack())
+        return None if response is None else (response, looked_up)
 
     async def ask(self, name: str, qtype: int, qclass: int) -> DNSRecord:
         """One question to the nameservers: UDP, then TCP when the answer is truncated."""
@@ -211,6 +246,21 @@ class Resolver:
                 except (TimeoutError, OSError) as e:
                     last = e
         raise last
+
+
+def question_key(request: DNSRecord) -> tuple[str, int, int]:
+    """(name in lower case without the final dot, type, class) of `request`'s question: names
+    differ in letter case only when a client randomises it (DNS 0x20), and mean the same name
+    (RFC 4343)."""
+    question = request.q
+    return str(question.qname).rstrip(".").lower(), int(question.qtype), int(question.qclass)
+
+
+def _respond(request: DNSRecord, found: Found) -> bytes:
+    """The packed answer to `request` from what a lookup found; SERVFAIL when it found nothing."""
+    if found is None:
+        return bytes(_servfail(request).pack())
+    return bytes(_reply(request, *found).pack())
 
 
 def _reply(request: DNSRecord, response: DNSRecord, looked_up: str) -> DNSRecord:
@@ -235,9 +285,9 @@ def _reply(request: DNSRecord, response: DNSRecord, looked_up: str) -> DNSRecord
     asked = request.q.qname
     found = DNSLabel(looked_up)
     for record in response.rr:
-        if record.rname == found:
-            record.rname = asked
-        reply.add_answer(record)
+        # A copy: a response shared by several queries keeps its own owner names.
+        owner = asked if record.rname == found else record.rname
+        reply.add_answer(RR(owner, record.rtype, record.rclass, record.ttl, record.rdata))
     for record in response.auth:
         reply.add_auth(record)
     for record in response.ar:

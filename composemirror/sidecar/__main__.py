@@ -147,9 +147,7 @@ async def serve(settings: SidecarSettings, spawner: tasks.Tasks) -> None:
         search=dns.read_search(),
     )
     await resolver.learn_domains(own_addresses(Path("/proc/net/fib_trie").read_text()))
-    await loop.create_datagram_endpoint(
-        lambda: dns.UdpServer(resolver, spawner), local_addr=("127.0.0.1", DNS_PORT)
-    )
+    dns.UdpServer(resolver, spawner).listen(("127.0.0.1", DNS_PORT))
     dns_tcp = await asyncio.start_server(
         functools.partial(dns.serve_tcp, resolver), "127.0.0.1", DNS_PORT
     )

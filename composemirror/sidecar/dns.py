@@ -7,7 +7,9 @@ names go through the tunnel to the agent, which resolves them as the target does
 cached by TTL; an upstream that does not answer gives SERVFAIL, which is never cached. The book
 records the name each address was answered for, so the proxy decides by the name asked.
 Docker's DNS asks the host's resolvers from inside the namespace, so its queries arrive here too:
-they are passed on to where Docker sent them (see `Resolver.forwarded_by_docker`).
+they are passed on to where Docker sent them (see `Resolver.forwarded_by_docker`). At most
+`MAX_LOOKUPS` queries are looked up at once; beyond, a query is SERVFAIL at once, while cached
+answers are always served at once (see `Resolver.admit`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Protocol
 
 from dnslib import AAAA, PTR, QTYPE, RCODE, RR, A, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
@@ -47,6 +49,8 @@ CONNTRACK = Path("/proc/net/nf_conntrack")
 UPSTREAM_TIMEOUT = 4.0
 DOCKER_PROBE_TIMEOUT = 1.0
 """How long a single-label name waits for Docker's DNS before it is asked of the cluster."""
+MAX_LOOKUPS = 256
+"""Queries looked up at once (the cache could not answer them); the agent's default cap too."""
 CACHE_SIZE = 10_000
 NEGATIVE_TTL = 5
 MAX_TTL = 300
@@ -55,6 +59,15 @@ UDP_PAYLOAD = 512
 EDNS_PAYLOAD = 1232
 """The UDP payload size this server advertises over EDNS (DNS Flag Day 2020's figure)."""
 """The most a UDP answer may hold for a query without EDNS (RFC 1035 4.2.1)."""
+READ_BURST = 64
+"""Queries read from the UDP socket at most each time it is readable, before others run."""
+RECEIVE_BUFFER = 4 * 1024 * 1024
+"""Bytes of queries the kernel may queue for the UDP socket (some thousands of queries)."""
+SO_RCVBUFFORCE = 33
+"""socket(7)'s option that sets a receive buffer beyond rmem_max (Linux; Python has no name)."""
+MAX_QUERY = 65535
+SATURATION_LOG_INTERVAL = 10.0
+"""Seconds between two warnings that queries are refused (see `Resolver.admit`)."""
 AD_BIT = 0x20
 CD_BIT = 0x10
 """Bits of the header's second flags byte (RFC 4035 3.2)."""
@@ -328,6 +341,7 @@ class Resolver:
         mark: int,
         hosts_file: Path = Path("/etc/hosts"),
         search: tuple[str, ...] = (),
+        max_lookups: int = MAX_LOOKUPS,
     ) -> None:
         self.tunnels = tunnels
         self.book = book
@@ -348,6 +362,13 @@ class Resolver:
         """(name, type) of the questions being asked of Docker's DNS now: the same question
         arriving meanwhile is Docker's own forwarding (see `forwarded_by_docker`)."""
         self.conntrack = CONNTRACK
+        self.max_lookups = max_lookups
+        """Queries looked up at once, at most (see `admit`)."""
+        self.in_flight = 0
+        """Queries admitted and not yet answered."""
+        self.refused = 0
+        """Queries answered SERVFAIL because `max_lookups` were in flight, since start."""
+        self._last_warning = -SATURATION_LOG_INTERVAL
         for name, addresses in self.static.items():
             for address in addresses:
                 # An app reads /etc/hosts without asking: its lines are answers given locally.
@@ -421,6 +442,33 @@ class Resolver:
             return None
         self.counters.dns_cached += 1
         return with_edns(reply, query)
+
+    def admit(self, query: bytes) -> bytes | None:
+        """None when `query` may be looked up now: it then counts as in flight until `release`.
+        When `max_lookups` are in flight, the SERVFAIL to answer it with at once instead (what
+        a resolver answers when it cannot resolve now; the agent's cap answers the same).
+
+        Queries Docker's DNS forwards count too. A flood of names that miss the cache (random
+        labels, names slow to fail) would otherwise pile up lookups without bound, each a task
+        the event loop must run before it reads the next query. Bounded, the excess costs a
+        few slices of bytes each, so cached names are still answered at once."""
+        if self.in_flight < self.max_lookups:
+            self.in_flight += 1
+            return None
+        self.refused += 1
+        self.counters.dns_failed += 1
+        now = time.monotonic()
+        if now - self._last_warning >= SATURATION_LOG_INTERVAL:
+            self._last_warning = now
+            log.warning(
+                "too many DNS lookups in flight (%d): queries answered SERVFAIL (%d so far)",
+                self.in_flight, self.refused,
+            )  # fmt: skip
+        return servfail(query)
+
+    def release(self) -> None:
+        """A query `admit` let in is answered."""
+        self.in_flight -= 1
 
     async def answer(self, query: bytes) -> bytes:
         """The response to a raw query (always a response, never an exception)."""
@@ -681,31 +729,82 @@ def read_hosts_file(path: Path) -> dict[str, list[str]]:
     return table
 
 
-class UdpServer(asyncio.DatagramProtocol):
-    """DNS over UDP; answers longer than the client accepts are truncated (TC set)."""
+class _Sender(Protocol):
+    def sendto(self, data: bytes, address: tuple[str, int], /) -> int | None: ...
+
+
+class UdpServer:
+    """DNS over UDP; answers longer than the client accepts are truncated (TC set).
+
+    Read from its own socket in bursts (`READ_BURST` datagrams a wake-up) with a large receive
+    buffer: asyncio's datagram transport reads one datagram a turn of the loop, so under a
+    flood of lookups the kernel's queue overflowed and queries were dropped, cached ones too.
+    """
 
     def __init__(self, resolver: Resolver, tasks: Tasks) -> None:
         self.resolver = resolver
         self.tasks = tasks
-        self.transport: asyncio.DatagramTransport | None = None
+        self.transport: _Sender | None = None
+        """Where answers are sent from: the listening socket (a fake in tests)."""
+        self.sock: socket.socket | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Python 3.11's selector datagram transport is not a DatagramTransport subclass.
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def listen(self, address: tuple[str, int]) -> None:
+        """Receive queries at `address`; call in the event loop. Raises OSError (the address
+        is taken)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            # Beyond net.core.rmem_max, which the sidecar's NET_ADMIN allows.
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        sock.setblocking(False)
+        try:
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = self.transport = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+
+    def close(self) -> None:
+        """Stop receiving."""
+        if self.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = self.transport = None
+
+    def _readable(self) -> None:
+        assert self.sock is not None
+        for _ in range(READ_BURST):
+            try:
+                data, addr = self.sock.recvfrom(MAX_QUERY)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # an ICMP error of an earlier answer: go on
+                log.debug("dns udp: %s", e)
+                continue
+            self.datagram_received(data, addr)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         cached = self.resolver.cached(data)
-        if cached is not None and self.transport is not None:
+        if cached is not None:
             self._send(cached, data, addr)
+            return
+        refused = self.resolver.admit(data)
+        if refused is not None:
+            self._send(refused, data, addr)
             return
         self.tasks.spawn(self._reply(data, addr), name="dns reply")
 
     async def _reply(self, data: bytes, addr: tuple[str, int]) -> None:
-        nameserver = self.resolver.forwarded_by_docker(data, addr)
-        if nameserver is not None:
-            self._send(await self.resolver.pass_on(data, nameserver), data, addr)
-            return
-        self._send(await self.resolver.answer(data), data, addr)
+        try:
+            nameserver = self.resolver.forwarded_by_docker(data, addr)
+            if nameserver is not None:
+                self._send(await self.resolver.pass_on(data, nameserver), data, addr)
+            else:
+                self._send(await self.resolver.answer(data), data, addr)
+        finally:
+            self.resolver.release()
 
     def _send(self, response: bytes, query: bytes, addr: tuple[str, int]) -> None:
         if len(response) > UDP_PAYLOAD:
@@ -713,7 +812,10 @@ class UdpServer(asyncio.DatagramProtocol):
             if len(response) > limit:
                 response = truncate(response, limit)
         if self.transport is not None:
-            self.transport.sendto(response, addr)
+            try:
+                self.transport.sendto(response, addr)
+            except OSError as e:  # a full send buffer or a gone client: the client asks again
+                log.debug("dns answer to %s:%d: %s", *addr, e)
 
 
 async def serve_tcp(
@@ -723,7 +825,13 @@ async def serve_tcp(
     try:
         while True:
             size = struct.unpack("!H", await reader.readexactly(2))[0]
-            response = await resolver.answer(await reader.readexactly(size))
+            query = await reader.readexactly(size)
+            response = resolver.cached(query) or resolver.admit(query)
+            if response is None:
+                try:
+                    response = await resolver.answer(query)
+                finally:
+                    resolver.release()
             writer.write(struct.pack("!H", len(response)) + response)
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
@@ -778,6 +886,20 @@ def truncate(response: bytes, limit: int) -> bytes:
             short.rr.pop()
             break
     return bytes(short.pack())
+
+
+def servfail(query: bytes) -> bytes:
+    """SERVFAIL for `query`, made from its bytes (no parsing, as cheap as a cache hit): its id,
+    opcode, RD and CD bits and question, RA set, an OPT record when it had one (`with_edns`);
+    FORMERR for what is not a plain one-question query."""
+    parsed = question_of(query)
+    if parsed is None:
+        return _formerr(query)
+    end = parsed[0]
+    flags = 0x80 | (query[2] & 0x79)  # QR; the opcode and RD asked
+    low = 0x80 | (query[3] & CD_BIT) | RCODE.SERVFAIL  # RA
+    header = query[:2] + bytes((flags, low)) + struct.pack("!HHHH", 1, 0, 0, 0)
+    return with_edns(header + query[12:end], query)
 
 
 def _formerr(query: bytes) -> bytes:

@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +61,11 @@ LOCAL_SUBNET = "10.125.77.0/24"
 OVERLAP = "10.125.77.77"
 """The bystander's address in the project, and a cluster peer's address in the cluster."""
 SHARED_SUBNET = "10.126.0.0/24"
+
+FRESH_DOMAIN = "fresh.test"
+FRESH_ADDRESS = "10.124.0.60"
+"""Every name under `fresh.test` exists in the cluster (at that address): names nobody has
+asked for yet, so no cache holds them."""
 
 LONG_FOUND = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 45])
 """237 characters: exists in the cluster."""
@@ -301,8 +307,8 @@ def _cluster() -> None:
     # The cluster's DNS, and its HTTP server, also on the address the bystander has locally.
     cluster = (
         'printf %s "$RECORDS" > /tmp/cluster-hosts && dnsmasq '
-        "--log-facility=- --no-resolv --no-hosts --addn-hosts=/tmp/cluster-hosts "
-        "--local-ttl=30 --neg-ttl=5 --address=/#/ "
+        "--log-facility=- --log-queries --no-resolv --no-hosts --addn-hosts=/tmp/cluster-hosts "
+        f"--local-ttl=30 --neg-ttl=5 --address=/{FRESH_DOMAIN}/{FRESH_ADDRESS} --address=/#/ "
         "--cname=shop-db-alias.shop.svc.cluster.local,postgres.shop.svc.cluster.local && "
         f"ip addr add {POSTGRES}/32 dev lo && ip addr add {SERVING}/32 dev lo && "
         f"ip addr add {OVERLAP}/32 dev lo && ip addr add {CATALOG}/32 dev lo && "
@@ -684,3 +690,305 @@ def test_a_missing_name_resolved_locally_is_nxdomain_at_once_as_in_a_neighbour(
     assert neighbour.stdout.split("\n")[0] == "Name or service not known", neighbour.stdout
     assert said == neighbour.stdout.split("\n")[:-2], app.stdout + app.stderr
     assert float(took) < 2, app.stdout
+
+
+# Fault 4, the slow upstream: Docker's embedded DNS on an `internal` network, where a name the
+# search list expands is forwarded to a cluster DNS that never answers it.
+
+SLOW = f"{PROJECT}-slow"
+"""A fourth project, whose target's cluster DNS never denies search-expanded names."""
+SLOW_APP = f"{SLOW}-app-1"
+SLOW_TARGET = f"{PROJECT}-slowtarget"
+SLOW_DNS = f"{PROJECT}-slowdns"
+SLOW_DNS_ADDRESS = "10.125.80.53"
+INTERNAL = f"{PROJECT}-internal"
+LEDGER = f"{PROJECT}-ledger"
+LEDGER_NAME = "ledger.payments.svc.cluster.local"
+"""A cluster name Docker's DNS answers itself on the internal network (a container's alias)."""
+LEDGER_NAMES = [LEDGER_NAME, "audit.payments.svc.cluster.local"]
+"""The ledger's aliases: one per test, so that no cache answers a test's first lookup."""
+
+DISCARD = """import socket
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("127.0.0.1", 5353))
+while True:
+    sock.recv(65535)
+"""
+"""A name server that never answers (port 5353 on the slow DNS's loopback)."""
+
+TIMED = """import subprocess, sys, time
+start = time.monotonic()
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(f"{time.monotonic() - start:.3f}")
+print(f"exit {done.returncode}")
+print(done.stdout, end="")
+"""
+
+
+def _health(container: str) -> str:
+    return docker("inspect", "-f", "{{.State.Health.Status}}", container).stdout.strip()
+
+
+def timed(container: str, command: list[str]) -> tuple[float, str]:
+    """(seconds, `exit N` and output) of `command` in `container`, timed inside it."""
+    result = exec_in(container, ["python3", "-c", TIMED, *command], timeout=120)
+    assert result.returncode == 0, result.stderr
+    took, _, rest = result.stdout.partition("\n")
+    return float(took), rest
+
+
+@pytest.fixture(scope="module")
+def slow_upstream(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A target on an `internal` network, as a `docker://` target can be: Docker's DNS answers
+    the network's names (the ledger's aliases) at once and forwards every other name to the
+    target's `dns`, a dnsmasq that answers `*.fresh.test` and NXDOMAIN, logs each query, and
+    forwards `*.team.svc.cluster.local` (the target's search domain) to a server that never
+    answers. So a name the search list expands (`ledger....team.svc.cluster.local`) is never
+    denied, and the target's resolver tries the next name only after its timeouts. A project
+    mirrors it."""
+    compose_file = tmp_path_factory.mktemp("slow") / "compose.yaml"
+    compose_file.write_text(
+        json.dumps(
+            {
+                "name": SLOW,
+                "x-composemirror": {"target": f"docker://{SLOW_TARGET}", "services": ["app"]},
+                "services": {
+                    "app": {"image": IMAGE, "command": ["sleep", "infinity"], "init": True}
+                },
+                "networks": {"default": {"ipam": {"config": [{"subnet": "10.125.81.0/24"}]}}},
+            }
+        )
+    )
+    slow_dns = (
+        'python3 -c "$DISCARD" & exec dnsmasq --keep-in-foreground --log-facility=- '
+        f"--log-queries --no-resolv --no-hosts --server=/{SEARCH}/127.0.0.1#5353 "
+        f"--address=/{FRESH_DOMAIN}/{FRESH_ADDRESS} --address=/#/"
+    )
+    try:
+        docker("rm", "-f", SLOW_TARGET, SLOW_DNS, LEDGER)
+        docker("network", "rm", INTERNAL)
+        made = docker(
+            "network", "create", "--internal", "--label", LABEL, "--subnet", "10.125.80.0/24",
+            INTERNAL,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        aliases = [option for name in LEDGER_NAMES for option in ("--network-alias", name)]
+        for name, options, command in (
+            (
+                SLOW_DNS,
+                ["--ip", SLOW_DNS_ADDRESS, "-e", f"DISCARD={DISCARD}"],
+                ["sh", "-c", slow_dns],
+            ),
+            (LEDGER, aliases, ["sleep", "infinity"]),
+            (
+                SLOW_TARGET,
+                ["--dns", SLOW_DNS_ADDRESS, "--dns-search", SEARCH, "--dns-option", "ndots:5"],
+                ["sleep", "infinity"],
+            ),
+        ):
+            started = docker(
+                "run", "-d", "--init", "--name", name, "--label", LABEL, "--network", INTERNAL,
+                *options, IMAGE, *command,
+            )  # fmt: skip
+            assert started.returncode == 0, started.stderr
+        result = cli("-f", str(compose_file), "up", "-d")
+        assert result.returncode == 0, result.stdout + result.stderr
+        # Ready when the sidecar's link to the agent is (its health check), not by a lookup.
+        wait_for(lambda: _health(f"{SLOW}-app-mirror-1") == "healthy", timeout=60)
+        yield
+    finally:
+        cli("-f", str(compose_file), "down", "-v")
+        docker("rm", "-f", SLOW_TARGET, SLOW_DNS, LEDGER)
+        docker("network", "rm", INTERNAL)
+
+
+def test_dig_of_a_name_whose_expansions_are_never_denied_answers_at_once_in_the_app_too(
+    slow_upstream: None,
+) -> None:
+    """The issue's example: `dig` asks exactly the name, which Docker's DNS answers at once in
+    the target; the app's answer is the same, as fast (no search list applied again)."""
+    command = ["dig", "+noall", "+answer", LEDGER_NAME]
+    target_took, target = timed(SLOW_TARGET, command)
+    app_took, app = timed(SLOW_APP, command)
+    assert target.startswith(f"exit 0\n{LEDGER_NAME}. ")
+    assert app == target
+    assert target_took < 1 and app_took < 1, (target_took, app_took)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["getent", "ahostsv4"],
+        ["python3", "-c", "import socket, sys; print(socket.gethostbyname(sys.argv[1]))"],
+    ],
+    ids=["getent", "python"],
+)
+def test_a_name_found_after_never_denied_expansions_resolves_as_in_the_target(
+    slow_upstream: None, command: list[str]
+) -> None:
+    """`ndots:5` tries `audit.payments....team.svc.cluster.local` first, which is never
+    answered: the resolver gives up on it after its timeouts and finds the name itself. The app
+    finds the same answer, in about the same time (its sidecar may answer the never-denied
+    name SERVFAIL sooner than the target's resolver times out, never later)."""
+    name = "audit.payments.svc.cluster.local"
+    target_took, target = timed(SLOW_TARGET, [*command, name])
+    app_took, app = timed(SLOW_APP, [*command, name])
+    assert target.startswith("exit 0\n10.125.80.")
+    assert app == target
+    assert target_took > 5  # the expansion was never answered: the resolver timed out
+    assert app_took < target_took + 1, (target_took, app_took)
+
+
+# Upstream queries: an uncached remote name costs the cluster's DNS no more queries when the app
+# asks than when the target does.
+
+
+def _queries(dns_container: str, label: str) -> int:
+    """How many queries for names starting with `label` the dnsmasq in `dns_container` got."""
+    logs = docker("logs", dns_container)
+    return sum(
+        1
+        for line in (logs.stdout + logs.stderr).splitlines()
+        if "query[" in line and f"] {label}." in line
+    )
+
+
+UPSTREAM_CLIENTS = {
+    "getent hosts": ["getent", "hosts"],
+    "getent ahosts": ["getent", "ahosts"],
+    "python getaddrinfo": [
+        "python3", "-c", "import socket, sys; print(len(socket.getaddrinfo(sys.argv[1], 80)))"
+    ],
+    "dig": ["dig", "+short"],
+}  # fmt: skip
+
+
+def _count_upstream(container: str, dns_container: str, command: list[str], suffix: str) -> int:
+    """Upstream queries (at `dns_container`) of `command` for a name nobody asked for yet."""
+    label = f"u{uuid.uuid4().hex[:12]}"
+    exec_in(container, [*command, f"{label}.{suffix}"], timeout=120)
+    # dnsmasq logs as it receives; the wait lets the log reach `docker logs`.
+    time.sleep(1)
+    return _queries(dns_container, label)
+
+
+@pytest.mark.parametrize("client", UPSTREAM_CLIENTS)
+@pytest.mark.parametrize("suffix", [FRESH_DOMAIN, "missing.test"], ids=["found", "missing"])
+def test_an_uncached_remote_name_costs_no_more_upstream_queries_than_in_the_target(
+    mirrored: None, client: str, suffix: str
+) -> None:
+    command = UPSTREAM_CLIENTS[client]
+    target = _count_upstream(TARGET, DNS, command, suffix)
+    app = _count_upstream(APP, DNS, command, suffix)
+    assert target > 0
+    assert app <= target, (target, app)
+
+
+@pytest.mark.parametrize("client", ["getent ahosts", "python getaddrinfo", "dig"])
+def test_a_never_denied_expansion_costs_no_more_upstream_queries_than_in_the_target(
+    slow_upstream: None, client: str
+) -> None:
+    """The same where the cluster's DNS never answers the search-expanded names: the target's
+    resolver asks again after each timeout; the app's lookups must not multiply those."""
+    command = UPSTREAM_CLIENTS[client]
+    target = _count_upstream(SLOW_TARGET, SLOW_DNS, command, FRESH_DOMAIN)
+    app = _count_upstream(SLOW_APP, SLOW_DNS, command, FRESH_DOMAIN)
+    assert target > 0
+    assert app <= target, (target, app)
+
+
+# The sidecar's DNS under a flood of uncached names: bounded, every query answered, cached
+# names answered at once.
+
+FLOOD = """\
+import json, random, socket, struct, sys, threading, time
+
+rate, seconds, suffix, cached = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
+server = [l.split()[1] for l in open("/etc/resolv.conf") if l.startswith("nameserver")][0]
+
+
+def query(name, ident):
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split("."))
+    return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + labels + b"\\0\\0\\1\\0\\1"
+
+
+probes, stop = [], threading.Event()
+
+
+def probe():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(5)
+    ident = 0
+    while not stop.is_set():
+        ident += 1
+        asked = time.monotonic()
+        sock.sendto(query(cached, ident), (server, 53))
+        try:
+            while (reply := sock.recv(4096))[:2] != struct.pack("!H", ident):
+                pass
+            answers = struct.unpack("!H", reply[6:8])[0]
+            probes.append((time.monotonic() - asked, reply[3] & 15, answers))
+        except TimeoutError:
+            probes.append((5.0, None, 0))
+        time.sleep(0.2)
+
+
+flood = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+flood.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+flood.connect((server, 53))
+flood.setblocking(False)
+tag, sent, rcodes = random.getrandbits(32), 0, {}
+
+
+def drain():
+    while True:
+        try:
+            rcode = flood.recv(4096)[3] & 15
+        except BlockingIOError:
+            return
+        rcodes[rcode] = rcodes.get(rcode, 0) + 1
+
+
+prober = threading.Thread(target=probe)
+prober.start()
+started = time.monotonic()
+while (elapsed := time.monotonic() - started) < seconds:
+    while sent < elapsed * rate:
+        flood.send(query(f"f{tag:x}-{sent}.{suffix}", sent % 65536))
+        sent += 1
+    drain()
+    time.sleep(0.002)
+stop.set()
+prober.join()
+settle = time.monotonic() + 6
+while time.monotonic() < settle and sum(rcodes.values()) < sent:
+    drain()
+    time.sleep(0.05)
+print(json.dumps({"sent": sent, "answered": sum(rcodes.values()), "rcodes": rcodes,
+                  "probes": probes}))
+"""
+"""A flood of new names (argv: RATE per second, SECONDS, SUFFIX) from one socket, with a probe
+of the CACHED name every 0.2 s from another; prints what was sent and answered, and each
+probe's (seconds, rcode, answers)."""
+
+
+def test_a_flood_of_uncached_names_is_answered_and_a_cached_name_still_answers_at_once(
+    mirrored: None,
+) -> None:
+    """2,000 new names a second for 6 s, more than the sidecar looks up on this machine: each
+    query gets an answer (SERVFAIL beyond the lookups in flight), none is dropped, and a
+    cached name is answered within a second all along (unbounded, 14 % were dropped and a
+    cached lookup waited out a 5 s timeout)."""
+    cached = f"u{uuid.uuid4().hex[:12]}.{FRESH_DOMAIN}"
+    warmed = exec_in(APP, ["dig", "+short", cached])  # cached for 30 s (dnsmasq's local TTL)
+    assert warmed.stdout.strip() == FRESH_ADDRESS, warmed.stdout + warmed.stderr
+    result = exec_in(APP, ["python3", "-c", FLOOD, "2000", "6", "missing.test", cached], timeout=60)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    probes = report.pop("probes")
+    assert report["answered"] >= 0.99 * report["sent"], report
+    assert len(probes) >= 10 and all(rcode == 0 and n == 1 for _, rcode, n in probes), probes
+    assert max(seconds for seconds, _, _ in probes) < 1, probes
+    # The sidecar stays up and resolves afterwards.
+    again = exec_in(APP, ["getent", "hosts", "exact.test."])
+    assert again.returncode == 0 and again.stdout.startswith("10.124.0.31 ")

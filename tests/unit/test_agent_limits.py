@@ -109,3 +109,65 @@ def test_the_domain_a_lookup_counts_against() -> None:
     assert zone_of("Orders.Shop.svc.cluster.local") == "cluster.local"
     assert zone_of("localhost") == "localhost"
     assert zone_of(".") == "."
+
+
+class Counted(Resolver):
+    """Every lookup waits for `release`; `asked` records what reached the nameservers."""
+
+    def __init__(self) -> None:
+        super().__init__(ResolvConf(), max_lookups=1)
+        self.asked: list[str] = []
+        self.release = asyncio.Event()
+
+    async def ask(self, name: str, qtype: int, qclass: int) -> DNSRecord:
+        self.asked.append(name)
+        await self.release.wait()
+        reply = DNSRecord.question(name).reply()
+        reply.add_answer(RR(name, QTYPE.A, rdata=A("10.1.2.3"), ttl=5))
+        return reply
+
+
+def test_a_question_asked_again_while_looked_up_joins_the_lookup() -> None:
+    """The app's resolver asks again after the sidecar's SERVFAIL: the retry (another id, a
+    0x20 letter case) costs the nameservers nothing and takes no slot, and each query gets
+    its own answer."""
+
+    async def scenario() -> None:
+        resolver = Counted()
+        first = DNSRecord.question("orders.shop.svc.cluster.local")
+        again = DNSRecord.question("Orders.SHOP.svc.cluster.local")
+        answers = [asyncio.ensure_future(resolver.resolve(q.pack())) for q in (first, again)]
+        await asyncio.sleep(0.05)
+        assert resolver.in_flight == 1 and resolver.joined == 1  # the cap of 1 is not hit
+        resolver.release.set()
+        for query, answer in zip((first, again), answers, strict=True):
+            reply = DNSRecord.parse(await answer)
+            assert reply.header.id == query.header.id
+            assert reply.q.qname.label == query.q.qname.label  # the letter case asked
+            assert [(rr.rname.label, str(rr.rdata)) for rr in reply.rr] == [
+                (query.q.qname.label, "10.1.2.3")
+            ]
+        assert resolver.asked == ["orders.shop.svc.cluster.local"]
+        assert resolver.asking == {} and resolver.in_flight == 0
+        # Once answered, the same question is looked up again (the agent keeps no cache).
+        resolver.release.set()
+        await resolver.resolve(first.pack())
+        assert len(resolver.asked) == 2
+
+    run(scenario())
+
+
+def test_a_query_that_joined_a_lookup_whose_query_went_away_gets_servfail() -> None:
+    async def scenario() -> None:
+        resolver = Counted()
+        query = DNSRecord.question("orders.shop.svc.cluster.local").pack()
+        owner = asyncio.ensure_future(resolver.resolve(query))
+        await asyncio.sleep(0.01)
+        joined = asyncio.ensure_future(resolver.resolve(query))
+        await asyncio.sleep(0.01)
+        owner.cancel()
+        reply = DNSRecord.parse(await asyncio.wait_for(joined, 1))
+        assert reply.header.rcode == RCODE.SERVFAIL
+        assert resolver.asking == {} and resolver.in_flight == 0 and resolver.zones == {}
+
+    run(scenario())

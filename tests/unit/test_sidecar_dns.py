@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 from dnslib import EDNS0, QTYPE, RCODE, RR, SOA, A, DNSRecord
 
+from composemirror import tasks
 from composemirror.errors import TunnelClosed
 from composemirror.filters import Route, Scope, parse_filter
 from composemirror.sidecar import dns
@@ -284,7 +286,7 @@ def test_a_client_without_edns_gets_a_truncated_udp_answer_and_tcp_the_whole() -
             self.sent.append(data)
 
     server = dns.UdpServer(resolver(FakeTunnel({})), tasks=None)  # type: ignore[arg-type]
-    server.transport = Transport()  # type: ignore[assignment]
+    server.transport = Transport()
     query = DNSRecord.question("big.example.test").pack()
     server._send(big_answer(), query, ("127.0.0.1", 5353))
     udp = DNSRecord.parse(Transport.sent[-1])
@@ -427,3 +429,124 @@ def test_dockers_forwarding_of_a_question_being_asked_goes_where_docker_sent_it(
     assert r.forwarded_by_docker(query, ("127.0.0.1", 41000)) is None
     r.conntrack = tmp_path / "absent"
     assert r.forwarded_by_docker(query, ("10.1.0.2", 40000)) is None
+
+
+class Sent:
+    """A datagram transport that keeps what is sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[DNSRecord] = []
+
+    def sendto(self, data: bytes, addr: object) -> None:
+        self.sent.append(DNSRecord.parse(data))
+
+
+def test_lookups_beyond_the_cap_are_servfail_at_once_and_cached_names_still_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A flood of names the agent is slow to answer: two are looked up, the rest are SERVFAIL
+    at once (with their id and question), a cached name is answered at once all the while, and
+    the slots come back when the lookups end."""
+    monkeypatch.setattr(dns, "UPSTREAM_TIMEOUT", 0.2)
+
+    async def scenario() -> None:
+        tunnel = FakeTunnel({"orders.x": "10.96.0.21"} | {f"n{i}.never.x": None for i in range(5)})
+        r = resolver(tunnel, max_lookups=2)
+        async with tasks.scope() as spawner:
+            server = dns.UdpServer(r, spawner)
+            transport = Sent()
+            server.transport = transport
+            assert DNSRecord.parse(await r.answer(DNSRecord.question("orders.x").pack())).rr
+            flood = [DNSRecord.question(f"n{i}.never.x") for i in range(5)]
+            for query in flood:
+                server.datagram_received(query.pack(), ("127.0.0.1", 5353))
+            cached = DNSRecord.question("orders.x")
+            server.datagram_received(cached.pack(), ("127.0.0.1", 5354))
+            assert r.in_flight == 2 and r.refused == 3
+            refused, hit = transport.sent[:3], transport.sent[3]
+            assert [(a.header.id, str(a.q.qname)) for a in refused] == [
+                (q.header.id, str(q.q.qname)) for q in flood[2:]
+            ]
+            assert {a.header.rcode for a in refused} == {RCODE.SERVFAIL}
+            assert hit.header.id == cached.header.id and addresses(hit) == ["10.96.0.21"]
+            await asyncio.sleep(0.5)  # the two lookups time out: SERVFAIL, slots back
+            assert r.in_flight == 0 and len(transport.sent) == 6
+            assert tunnel.asked.count("n0.never.x") == 1 and "n2.never.x" not in tunnel.asked
+
+    asyncio.run(scenario())
+
+
+def test_the_cap_holds_over_tcp_too() -> None:
+    r = resolver(FakeTunnel({}), max_lookups=0)
+    query = DNSRecord.question("orders.x").pack()
+
+    async def over_tcp() -> bytes:
+        reader = asyncio.StreamReader()
+        reader.feed_data(len(query).to_bytes(2, "big") + query)
+        reader.feed_eof()
+        written = bytearray()
+
+        class Writer:
+            def write(self, data: bytes) -> None:
+                written.extend(data)
+
+            async def drain(self) -> None:
+                pass
+
+            def close(self) -> None:
+                pass
+
+        await dns.serve_tcp(r, reader, Writer())  # type: ignore[arg-type]
+        return bytes(written[2:])
+
+    answer = DNSRecord.parse(asyncio.run(over_tcp()))
+    assert answer.header.rcode == RCODE.SERVFAIL and r.refused == 1 and r.in_flight == 0
+
+
+@pytest.mark.parametrize("edns", [False, True])
+def test_a_servfail_made_from_the_querys_bytes_is_a_proper_reply(edns: bool) -> None:
+    query = DNSRecord.question("Orders.X", "AAAA")
+    query.header.cd = 1
+    if edns:
+        query.add_ar(EDNS0(udp_len=4096))
+    reply = DNSRecord.parse(dns.servfail(query.pack()))
+    assert reply.header.id == query.header.id
+    assert (reply.header.qr, reply.header.rd, reply.header.ra, reply.header.cd) == (1, 1, 1, 1)
+    assert (reply.header.aa, reply.header.ad, reply.header.tc) == (0, 0, 0)
+    assert reply.header.rcode == RCODE.SERVFAIL
+    assert reply.q.qname.label == query.q.qname.label and reply.q.qtype == QTYPE.AAAA
+    assert reply.rr == [] and [rr.rtype for rr in reply.ar] == ([QTYPE.OPT] if edns else [])
+    assert dns.servfail(b"\x12\x34garbage")[:2] == b"\x12\x34"
+
+
+def test_a_burst_of_queries_queued_on_the_socket_is_answered_whole() -> None:
+    """Queries that arrive while the loop is busy wait in the socket's queue, which holds
+    thousands (beyond net.core.rmem_max: the sidecar has NET_ADMIN, as these tests run as
+    root); all are read and answered once the loop runs again."""
+
+    async def scenario() -> list[int]:
+        r = resolver(FakeTunnel({"orders.x": "10.96.0.21"}))
+        await r.answer(DNSRecord.question("orders.x").pack())  # cached from now on
+        async with tasks.scope() as spawner:
+            server = dns.UdpServer(r, spawner)
+            server.listen(("127.0.0.1", 0))
+            assert server.sock is not None
+            buffer = server.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            assert buffer >= dns.RECEIVE_BUFFER  # Linux reports twice what was set
+            address = server.sock.getsockname()
+            client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            client.setblocking(False)
+            for ident in range(150):  # the loop does not run meanwhile
+                query = DNSRecord.question("orders.x")
+                query.header.id = ident
+                client.sendto(query.pack(), address)
+            loop = asyncio.get_running_loop()
+            answered: list[int] = []
+            while len(answered) < 150:
+                reply = await asyncio.wait_for(loop.sock_recv(client, 4096), 2)
+                answered.append(DNSRecord.parse(reply).header.id)
+            server.close()
+            client.close()
+            return answered
+
+    assert sorted(asyncio.run(scenario())) == list(range(150))

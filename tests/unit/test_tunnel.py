@@ -342,6 +342,14 @@ def test_resolv_conf_is_read_as_the_libc_reads_it() -> None:
     assert parse_resolv_conf("").nameservers == ("127.0.0.1",)
 
 
+def test_resolv_conf_without_options_keeps_the_libcs_timeout_and_attempts() -> None:
+    """A pod's resolv.conf rarely sets them: the target's resolver waits 5 s per try, twice
+    (glibc's RES_TIMEOUT and RES_DFLRETRY), and so must the agent, or the app's retries after
+    a slow upstream would ask the cluster's DNS more often than the target does."""
+    conf = parse_resolv_conf("nameserver 10.96.0.10\noptions ndots:5\n")
+    assert (conf.timeout, conf.attempts) == (5.0, 2)
+
+
 def test_a_server_that_speaks_first_is_heard(tmp_path: Path) -> None:
     async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 ready\r\n")  # arrives with (or before) the agent's OPENED
