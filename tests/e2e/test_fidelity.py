@@ -529,6 +529,29 @@ print(*[info[4][0] for info in found])
 """
 
 
+@pytest.mark.parametrize(
+    ("host", "port"),
+    [
+        ("orders.shop.svc.cluster.local", 8080),  # open
+        ("orders.shop.svc.cluster.local", 8081),  # refused
+        ("peer", 8080),  # musl's own search-list expansion, to the overlapping address
+    ],
+)
+def test_a_static_musl_client_resolves_connects_and_is_refused_as_in_the_target(
+    mirrored: None, static_client: Path, host: str, port: int
+) -> None:
+    """musl's resolver (its own search and ndots handling) and plain `connect()`, no glibc."""
+    for container in (TARGET, APP):
+        copied = docker("cp", str(static_client), f"{container}:/tmp/httpget")
+        assert copied.returncode == 0, copied.stderr
+    command = (
+        f"/tmp/httpget {host} {port} / > /tmp/httpget.out 2>&1; echo $?; tail -n 1 /tmp/httpget.out"
+    )
+    target, app = both(command)
+    assert target.startswith("exit 0\n0\ncluster ") if port == 8080 else "refused" in target
+    assert target == app
+
+
 # Faults 3, 5, 6: each connection is decided by the name the app asked for it.
 
 
