@@ -228,16 +228,27 @@ def _against(
 
 
 def latency(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
-    """A new connection, a 64-byte request and its response: p50 and p99 of each side."""
-    samples: dict[str, list[float]] = {"tunnel": [], "direct": []}
-    errors = {"tunnel": 0, "direct": 0}
+    """A new connection, a 64-byte request and its response: p50 and p99 of each side.
+
+    With a reference stack (`--against`), its app runs the same connections in the same rounds,
+    the three sides in turn, and p50 and p99 get a figure against it too.
+    """
+    samples: dict[str, list[float]] = {"tunnel": [], "direct": [], "reference": []}
+    errors = {"tunnel": 0, "direct": 0, "reference": 0}
     per_round = max(1, settings.latency_count // settings.rounds)
+    sides = [("direct", stack.direct), ("tunnel", stack.app)]
+    if stack.reference is not None:
+        sides.append(("reference", stack.reference.app))
     for round_ in range(settings.rounds):
-        for side, container in _sides(stack, round_):
+        shift = round_ % len(sides)
+        for side, container in sides[shift:] + sides[:shift]:
             log.info("latency: %d connections, %s", per_round, side)
+            mirrored = _mirrored(stack, side)
+            if mirrored is not None:
+                lab.await_link(mirrored.sidecar)
             report = _measure(
                 lab,
-                side,
+                "direct" if side == "reference" else side,
                 container,
                 "latency",
                 "latency",
@@ -255,6 +266,21 @@ def latency(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
         return percentile(samples[side], q) if samples[side] else None
 
     note = _errors_note(errors)
+    against = []
+    if stack.reference is not None:
+        label = stack.reference.label
+        lost = f"errors: {label} {errors['reference']}" if errors["reference"] else ""
+        against = [
+            Figure(
+                section="latency",
+                name=f"connect + 64 B request/response, p{round(q * 100)}, against {label}",
+                unit="ms",
+                value=at("tunnel", q),
+                baseline=at("reference", q),
+                note=lost,
+            )
+            for q in (0.5, 0.99)
+        ]
     return [
         Figure(
             section="latency",
@@ -274,6 +300,7 @@ def latency(lab: Lab, stack: Stack, settings: Settings) -> list[Figure]:
             target=Target(text="added <= 2 ms", on="added", at_most=2.0),
             note=note,
         ),
+        *against,
     ]
 
 
