@@ -388,6 +388,13 @@ class Resolver:
         """Whether a filter names `name` (then it goes where the filter says)."""
         return any(f is not None and f.match_name(name) for f in (self.dns_filter, self.outgoing))
 
+    def listed_remote(self, name: str) -> bool:
+        """Whether a `remote` filter (the DNS filter's or the outgoing one's) names `name`."""
+        return any(
+            f is not None and f.mode == "remote" and f.match_name(name)
+            for f in (self.dns_filter, self.outgoing)
+        )
+
     def docker_owns(self, name: str) -> bool:
         """Whether `name` is one Docker's DNS answers for this namespace without asking anyone:
         `<container>.<network>` on one of its networks (`domains`), or a reverse lookup of an
@@ -420,9 +427,15 @@ class Resolver:
         The project's own names stay local (the fidelity principle), so such a name is
         NXDOMAIN here, without asking the cluster: the app's resolver then tries the next
         candidate and reaches the bare name, which is local. A name the filters send remote,
-        or a `hosts` name, is never shadowed.
+        or a `hosts` name, is never shadowed; nor is a name a `remote` filter lists (for some
+        of its traffic at least): listing it is how the cluster's one is asked for.
         """
-        if not self.remote_enabled or name in self.hosts or self.route(name) == Route.LOCAL:
+        if (
+            not self.remote_enabled
+            or name in self.hosts
+            or self.listed_remote(name)
+            or self.route(name) == Route.LOCAL
+        ):
             return False
         for domain in self.search:
             stem = name.removesuffix("." + domain)

@@ -231,9 +231,11 @@ def mirrored(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 @pytest.fixture(scope="module")
 def remote_listed(mirrored: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A second mirrored app on the stand-in cluster, under `remote:
-    ["tcp://postgres.shop.svc.cluster.local:8080"]`; its app container's name."""
+    ["tcp://postgres.shop.svc.cluster.local:8080", "db.team.svc.cluster.local"]`, with a local
+    service `db`; its app container's name."""
     compose_file = tmp_path_factory.mktemp("remote-listed") / "compose.yaml"
-    remote = ["tcp://postgres.shop.svc.cluster.local:8080"]
+    remote = ["tcp://postgres.shop.svc.cluster.local:8080", f"db.{SEARCH}"]
+    service = {"image": IMAGE, "command": ["sleep", "infinity"], "init": True}
     compose_file.write_text(
         json.dumps(
             {
@@ -243,9 +245,7 @@ def remote_listed(mirrored: None, tmp_path_factory: pytest.TempPathFactory) -> I
                     "services": ["app"],
                     "feature": {"network": {"outgoing": {"filter": {"remote": remote}}}},
                 },
-                "services": {
-                    "app": {"image": IMAGE, "command": ["sleep", "infinity"], "init": True}
-                },
+                "services": {"app": service, "db": service},
                 "networks": {"default": {"ipam": {"config": [{"subnet": "10.125.78.0/24"}]}}},
             }
         )
@@ -616,6 +616,18 @@ def test_resolving_an_alias_of_a_remote_listed_name_changes_no_routing(
         assert alias.returncode == 0
         assert (first.returncode, first.stdout) == (then.returncode, then.stdout)
         assert (then.returncode, then.stdout) == (target.returncode, target.stdout)
+
+
+@pytest.mark.parametrize("name", [f"db.{SEARCH}", f"db.{SEARCH}."])
+def test_a_remote_listed_name_is_the_clusters_though_a_project_service_has_its_first_label(
+    remote_listed: str, name: str
+) -> None:
+    """The project has a `db`; the cluster has `db.team.svc.cluster.local`, which the filter
+    lists `remote`: on the wire the two are the same name, and the listing says which."""
+    target = exec_in(TARGET, ["getent", "hosts", name])
+    app = exec_in(remote_listed, ["getent", "hosts", name])
+    assert target.returncode == 0 and target.stdout.startswith("10.124.0.50 "), target.stdout
+    assert (app.returncode, app.stdout) == (target.returncode, target.stdout)
 
 
 # Fault 8: Docker's own names for the project are answered as a plain neighbour has them.

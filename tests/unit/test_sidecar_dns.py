@@ -390,6 +390,25 @@ def test_a_project_name_expanded_with_a_search_domain_stays_local(tmp_path: Path
         dns_filter=parse_filter("remote", ["db", "db.team.svc.cluster.local"], protocols=False),
     )
     assert addresses(ask(remote, "db.team.svc.cluster.local")) == ["10.96.0.40"]
+    # Listing only the cluster's full name in a `remote` filter (the outgoing one, for all
+    # its traffic or one port, or the DNS one) is enough: that name is the cluster's.
+    for listed in (
+        {"outgoing": parse_filter("remote", ["db.team.svc.cluster.local"])},
+        {"outgoing": parse_filter("remote", ["tcp://db.team.svc.cluster.local:5432"])},
+        {"dns_filter": parse_filter("remote", ["db.team.svc.cluster.local"], protocols=False)},
+    ):
+        only_full = resolver(
+            FakeTunnel(dict(cluster)), search=("team.svc.cluster.local",), **listed
+        )
+        assert addresses(ask(only_full, "db.team.svc.cluster.local")) == ["10.96.0.40"]
+        assert addresses(ask(only_full, "db.team.svc.cluster.local.")) == ["10.96.0.40"]
+    # A `local` filter's entry for the name leaves it shadowed by the project's `db`.
+    kept = resolver(
+        FakeTunnel(dict(cluster)),
+        search=("team.svc.cluster.local",),
+        outgoing=parse_filter("local", ["tcp://db.team.svc.cluster.local:5432"]),
+    )
+    assert ask(kept, "db.team.svc.cluster.local").header.rcode == RCODE.NXDOMAIN
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 127.0.0.11\nsearch team.svc.cluster.local. svc.cluster.local\n")
     assert dns.read_search(resolv) == ("team.svc.cluster.local", "svc.cluster.local")
