@@ -845,12 +845,14 @@ def ensure_images(
 def down(options: Options, *, volumes: bool, progress: Progress, runtime: Runtime) -> list[str]:
     """Remove everything of the project that composemirror, compose or the backend created.
 
-    Idempotent. Without `-p`, this is the project the files name and every other project `up`
-    started from the same directory (found by compose's working-directory label), so a `-p`
-    given only to `up` is no obstacle. The backend is the one the project's configuration names;
-    when the project's files are gone (`-p NAME`), what is on this engine is removed, and a
-    Kubernetes session recorded on this host for NAME (its forwarder, its Secrets and Jobs).
-    `.composemirror/` goes only once nothing started from it remains.
+    Idempotent. Without `-p`, this is the project the files name, as compose's `down` (other
+    projects `up` started from the same directory are named, and left); when nothing of that
+    one exists, every project `up` started from the same directory (found by compose's
+    working-directory label), so a `-p` given only to `up` is no obstacle. The backend is
+    the one the project's configuration names; when the project's files are gone (`-p NAME`),
+    what is on this engine is removed, and a Kubernetes session recorded on this host for NAME
+    (its forwarder, its Secrets and Jobs). `.composemirror/` goes only once nothing started
+    from it remains.
     """
     engine = runtime.engine
     engine.client()
@@ -859,7 +861,15 @@ def down(options: Options, *, volumes: bool, progress: Progress, runtime: Runtim
     files = (rendered,) if rendered.is_file() else ()
     removed: list[str] = []
     folders = {directory / RENDER_DIR}
-    for name in _instances(first, directory, options, runtime):
+    names = _instances(first, directory, options, runtime)
+    left: list[str] = []
+    if len(names) > 1 and engine.containers({COMPOSE_PROJECT_LABEL: first}):
+        names, left = [first], names[1:]  # as compose: the project the files name
+    elif len(names) > 1:
+        progress(
+            f"taking down the projects `up` started from this directory: {', '.join(names[1:])}"
+        )
+    for name in names:
         # `-p NAME` from elsewhere: the rendered files are where compose ran, by its label.
         folders |= _render_dirs(name, runtime)
         engine.compose_down(ComposeProject(files=files, name=name), volumes=volumes)
@@ -878,6 +888,11 @@ def down(options: Options, *, volumes: bool, progress: Progress, runtime: Runtim
         if folder.is_dir() and not _started_here(folder.parent, runtime):
             shutil.rmtree(folder, ignore_errors=True)
             progress(f"removed {folder}")
+    if left:
+        progress(
+            f"also started from this directory, left running: {', '.join(left)} "
+            "(`composemirror -p NAME down` takes one down)"
+        )
     return removed
 
 

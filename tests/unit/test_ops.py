@@ -796,6 +796,29 @@ def test_down_of_one_project_keeps_the_files_another_still_uses(project: Project
     assert project.engine.running == [] and not project.render_dir.exists()
 
 
+def test_down_without_p_takes_down_the_project_the_files_name_and_names_the_others(
+    project: Project,
+) -> None:
+    """As compose: plain `down` is the files' project; another `-p` from here stays (said), and
+    is taken down by a plain `down` once the files' project is gone."""
+    up(project, detach=True)
+    other = ops.Options(files=(project.file,), project_name="feature-y")
+    ops.up(other, detach=True, progress=print, runtime=project.runtime)
+    lines: list[str] = []
+    ops.down(project.options, volumes=False, progress=lines.append, runtime=project.runtime)
+    running = {c.labels["com.docker.compose.project"] for c in project.engine.running}
+    assert running == {"feature-y"}
+    assert lines[-1] == (
+        "also started from this directory, left running: feature-y "
+        "(`composemirror -p NAME down` takes one down)"
+    )
+    assert project.render_dir.is_dir()
+    lines.clear()
+    ops.down(project.options, volumes=False, progress=lines.append, runtime=project.runtime)
+    assert project.engine.running == [] and not project.render_dir.exists()
+    assert "taking down the projects `up` started from this directory: feature-y" in lines
+
+
 def test_down_twice_is_fine(project: Project) -> None:
     up(project, detach=True)
     ops.down(project.options, volumes=True, progress=print, runtime=project.runtime)
