@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,12 @@ KEY_ENV = "COMPOSEMIRROR_TUNNEL_KEY"
 copies such a secret into the container's `/run/secrets/` (no bind mount, so it works when the
 CLI runs in a container against the host's engine, and the key is in no `docker inspect`, no
 container env and no log); the variable is set for compose's process only."""
+KEY_DIGEST_ENV = "COMPOSEMIRROR_TUNNEL_KEY_DIGEST"
+"""The variable compose reads the `LABEL_KEY` label of sidecars and agents from: a digest of the
+tunnel key (`key_digest`), so a new key is a changed configuration that compose recreates them
+for (a secret's content is not part of compose's configuration hash)."""
+LABEL_KEY = "io.composemirror.key"
+"""On a sidecar or an agent: `key_digest` of the tunnel key it was created with."""
 SIDECAR_SUFFIX = "-mirror"
 
 # Keys Docker refuses on a container that joins another's network namespace: they describe the
@@ -390,7 +397,15 @@ def _labels(project: str, plan: Plan, role: str, service: str | None = None) -> 
     labels = {LABEL_PROJECT: project, LABEL_ROLE: role, LABEL_VERSION: plan.version}
     if service is not None:
         labels[LABEL_SERVICE] = service
+    if role in ("sidecar", "agent"):
+        labels[LABEL_KEY] = "${" + KEY_DIGEST_ENV + ":-}"  # compose fills it in at `up`
     return labels
+
+
+def key_digest(key: str) -> str:
+    """A short digest of the tunnel key's text (16 hex digits of its SHA-256): tells keys apart,
+    says nothing of the key."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def escape(value: str) -> str:

@@ -9,6 +9,7 @@ Neither touches Docker, a cluster or the network.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -266,8 +267,12 @@ class FakeEngine(Engine):
             container_name = (spec or {}).get("container_name") or f"{name}-{service}-1"
             if self.inspect_container(container_name) is not None:
                 continue
+            values = dict(project.overrides)
             labels = {
-                **((spec or {}).get("labels") or {}),
+                **{
+                    k: _interpolate(str(v), values)
+                    for k, v in ((spec or {}).get("labels") or {}).items()
+                },
                 COMPOSE_PROJECT_LABEL: name,
                 COMPOSE_SERVICE_LABEL: service,
                 COMPOSE_WORKDIR_LABEL: str(project.files[0].resolve().parent),
@@ -279,9 +284,11 @@ class FakeEngine(Engine):
                 owner = self.inspect_container(
                     owner_spec.get("container_name") or f"{name}-{joined}-1"
                 )
+            environment = (spec or {}).get("environment") or {}
             self.add_container(
                 container_name,
                 labels=labels,
+                env={k: _interpolate(str(v), values) for k, v in dict(environment).items()},
                 image=str((spec or {}).get("image", "")),
                 network_mode=f"container:{owner.id}" if owner else "",
             )
@@ -312,6 +319,18 @@ def _joins(spec: Mapping[str, Any]) -> str | None:
     """The service whose namespace a service joins (`network_mode: service:NAME`), if any."""
     mode = str(spec.get("network_mode") or "")
     return mode.removeprefix("service:") if mode.startswith("service:") else None
+
+
+def _interpolate(value: str, values: Mapping[str, str]) -> str:
+    """`value` as compose interpolates it: `${NAME}` and `${NAME:-default}` from `values`, `$$`
+    a literal `$` (the forms the rendered project uses)."""
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return values.get(match.group(1)) or (match.group(2) or "")
+
+    return re.sub(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}", one, value)
 
 
 def _matches(container: Container, labels: Mapping[str, str]) -> bool:

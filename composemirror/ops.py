@@ -58,7 +58,7 @@ from composemirror.config import (
 )
 from composemirror.engine import ComposeProject, Container, Engine
 from composemirror.errors import ComposeMirrorError, ConfigError, EngineError
-from composemirror.link import STATUS_FILE
+from composemirror.link import ENV_VAR, STATUS_FILE
 
 __all__ = [
     "Check",
@@ -174,7 +174,9 @@ class Rendered:
         return ComposeProject(
             files=(self.path,),
             name=self.name,
-            overrides={compose.KEY_ENV: key} if key else {},
+            overrides={compose.KEY_ENV: key, compose.KEY_DIGEST_ENV: compose.key_digest(key)}
+            if key
+            else {},
         )
 
 
@@ -596,10 +598,14 @@ def _relink(
     sidecar is still unhealthy after `SIDECAR_WAIT` seconds.
     """
 
+    kept = _kept_sidecars(rendered)
+
     def unhealthy() -> list[str]:
         labels = {COMPOSE_PROJECT_LABEL: rendered.name, compose.LABEL_ROLE: "sidecar"}
         found = runtime.engine.containers(labels)
-        return sorted(c.name for c in found if c.state == "running" and c.health == "unhealthy")
+        return sorted(
+            c.name for c in found if c.state == "running" and c.health == "unhealthy" and kept(c)
+        )
 
     waiting = unhealthy()
     if not waiting:
@@ -624,6 +630,27 @@ def _relink(
             hint="`composemirror status` shows the link and the rules; `composemirror doctor` "
             "says what is wrong",
         )
+
+
+def _kept_sidecars(rendered: Rendered) -> Callable[[Container], bool]:
+    """Whether compose will keep a sidecar container as it is: it has the rendered project's
+    link settings and was made with the current tunnel key. One that differs (a new session's
+    forwarder port, a new key) is recreated by the `up` that follows; waiting for it to link
+    with its old settings would be waiting for nothing."""
+    services = rendered.model.get("services") or {}
+    key = rendered.key_file.read_text().strip() if rendered.key_file.is_file() else ""
+    digest = compose.key_digest(key) if key else ""
+
+    def kept(container: Container) -> bool:
+        service = services.get(container.labels.get(COMPOSE_SERVICE_LABEL, "")) or {}
+        wanted = (service.get("environment") or {}).get(ENV_VAR)
+        return (
+            wanted is not None
+            and container.env.get(ENV_VAR) == wanted.replace("$$", "$")
+            and container.labels.get(compose.LABEL_KEY, "") == digest
+        )
+
+    return kept
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

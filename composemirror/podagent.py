@@ -25,7 +25,13 @@ ENV_KEY = "COMPOSEMIRROR_AGENT_KEY"
 ENV_PORT = "COMPOSEMIRROR_AGENT_PORT"
 """The TCP port the agent listens on, on 127.0.0.1 inside the pod."""
 ENV_TTL = "COMPOSEMIRROR_AGENT_TTL"
-"""Seconds with no link connected after which the agent exits."""
+"""Seconds with no link connected, after the last one, after which the agent exits."""
+ENV_FIRST_LINK_TIMEOUT = "COMPOSEMIRROR_AGENT_FIRST_LINK_TIMEOUT"
+"""Seconds the agent waits for its first link (default `FIRST_LINK_TIMEOUT`)."""
+FIRST_LINK_TIMEOUT = 600.0
+"""Seconds the agent waits for its first link before it exits: after the agent is ready, `up`
+may still build images, and compose pull or build the app's and recreate the stack, before a
+sidecar dials it (`agent.ttl` applies once one has)."""
 ENV_HANDSHAKE_TIMEOUT = "COMPOSEMIRROR_AGENT_HANDSHAKE_TIMEOUT"
 """Seconds a connection has to authenticate; set only when not the agent's default."""
 ENV_TARGETED = "COMPOSEMIRROR_AGENT_TARGETED"

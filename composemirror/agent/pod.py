@@ -25,11 +25,13 @@ from composemirror.agent.resolver import Resolver, parse_resolv_conf
 from composemirror.agent.server import Agent
 from composemirror.link import HANDSHAKE_TIMEOUT, TcpAddress
 from composemirror.podagent import (
+    ENV_FIRST_LINK_TIMEOUT,
     ENV_HANDSHAKE_TIMEOUT,
     ENV_KEY,
     ENV_PORT,
     ENV_TARGETED,
     ENV_TTL,
+    FIRST_LINK_TIMEOUT,
     SPEC_ENV_PREFIX,
     EnvReport,
     ready_line,
@@ -55,20 +57,26 @@ class IdleAgent(Agent):
         super().__init__(key, resolver, spawner, handshake_timeout=handshake_timeout)
         self.open: list[Tunnel] = []
         self.last_connected = time.monotonic()
+        self.linked = False
+        """Whether a tunnel was ever connected."""
 
     def new_tunnel(self) -> Tunnel:
         tunnel = super().new_tunnel()
         self.open.append(tunnel)
         return tunnel
 
-    async def until_idle(self, ttl: float, *, tick: float = 1.0) -> None:
-        """Return once no tunnel has been alive for `ttl` seconds."""
+    async def until_idle(
+        self, ttl: float, *, first: float = FIRST_LINK_TIMEOUT, tick: float = 1.0
+    ) -> None:
+        """Return once no tunnel has been alive for `ttl` seconds since the last one closed, or,
+        when none ever connected, for `max(first, ttl)` seconds since the agent started."""
         while True:
             self.open = [t for t in self.open if t.alive]
             now = time.monotonic()
             if self.open:
                 self.last_connected = now
-            elif now - self.last_connected >= ttl:
+                self.linked = True
+            elif now - self.last_connected >= (ttl if self.linked else max(first, ttl)):
                 return
             await asyncio.sleep(tick)
 
@@ -119,6 +127,7 @@ async def run(environ: MutableMapping[str, str]) -> None:
     key = key_from_text(environ.pop(ENV_KEY))
     port = int(environ.get(ENV_PORT, "47017"))
     ttl = float(environ.get(ENV_TTL, "30"))
+    first = float(environ.get(ENV_FIRST_LINK_TIMEOUT, FIRST_LINK_TIMEOUT))
     handshake_timeout = float(environ.get(ENV_HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT))
     targeted = environ.get(ENV_TARGETED) == "1"
     resolv = Path("/etc/resolv.conf")
@@ -149,7 +158,7 @@ async def run(environ: MutableMapping[str, str]) -> None:
         idle = asyncio.Event()
 
         async def watch() -> None:
-            await agent.until_idle(ttl)
+            await agent.until_idle(ttl, first=first)
             idle.set()
             stop.set()
 
@@ -157,7 +166,7 @@ async def run(environ: MutableMapping[str, str]) -> None:
         async with server:
             await stop.wait()  # then the scope cancels the watch and what the agent still runs
     if idle.is_set():
-        log.info("no link for %.0f s: exiting", ttl)
+        log.info("no link for %.0f s: exiting", ttl if agent.linked else max(first, ttl))
 
 
 def main() -> None:

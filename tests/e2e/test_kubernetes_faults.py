@@ -287,9 +287,44 @@ def test_a_replaced_target_pod_is_reported_and_not_retried(cluster: Cluster) -> 
         doctor = cli(cluster, "-p", project, "doctor")
         assert doctor.returncode == 1
         assert f"pod {old} in namespace {cluster.namespace}" in doctor.stdout
+        # What the hint says repairs it, once the sidecar has given up on its old forwarder.
+        wait_for(lambda: _health(f"{project}-web-mirror-1") == "unhealthy", timeout=90)
+        ok(kubectl("-n", cluster.namespace, "rollout", "status", "deployment/target", timeout=200))
+        again = cli(cluster, "-p", project, "up", "-d")
+        assert again.returncode == 0, again.stdout + again.stderr
+        wait_for(lambda: _linked(cluster, project), timeout=60)
     finally:
         down = cli(cluster, "-p", project, "down")
     assert down.returncode == 0, down.stderr
+
+
+def test_up_after_the_rendered_files_and_key_were_deleted_relinks_with_the_new_key(
+    cluster: Cluster,
+) -> None:
+    """`.composemirror/` (the tunnel key with it) deleted under a running project: the next
+    `up -d` makes a new key, and the sidecar, made with the old one, is recreated with it."""
+    project = "cm-faults-rekeyed"
+    up = cli(cluster, "-p", project, "up", "-d")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        sidecar = container_id(f"{project}-web-mirror-1")
+        shutil.rmtree(cluster.compose.parent / ".composemirror")
+        again = cli(cluster, "-p", project, "up", "-d")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert container_id(f"{project}-web-mirror-1") != sidecar
+        wait_for(lambda: _linked(cluster, project), timeout=60)
+    finally:
+        down = cli(cluster, "-p", project, "down")
+    assert down.returncode == 0, down.stderr
+
+
+def _health(container: str) -> str:
+    return docker("inspect", "--format", "{{.State.Health.Status}}", container).stdout.strip()
+
+
+def _linked(cluster: Cluster, project: str) -> bool:
+    doctor = cli(cluster, "-p", project, "doctor")
+    return doctor.returncode == 0 and "agent link of web-mirror: connected" in doctor.stdout
 
 
 def test_an_image_the_cluster_cannot_get_fails_fast_and_leaves_no_secret(cluster: Cluster) -> None:

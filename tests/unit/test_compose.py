@@ -161,6 +161,7 @@ def test_rendered_model_invariants(name: str) -> None:
             compose.LABEL_ROLE: "sidecar",
             compose.LABEL_VERSION: "0.1.0",
             compose.LABEL_SERVICE: app_name,
+            compose.LABEL_KEY: "${COMPOSEMIRROR_TUNNEL_KEY_DIGEST:-}",
         }
         assert app["labels"][compose.LABEL_ROLE] == "app"
         settings_json = SidecarSettings.from_json(sidecar["environment"][ENV_VAR])

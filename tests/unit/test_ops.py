@@ -730,6 +730,32 @@ def test_up_starts_the_agent_and_waits_for_an_unhealthy_sidecar_first(
     assert "waiting for shop-web-mirror-1 to link to the agent again" in lines
 
 
+@pytest.mark.parametrize("change", ["link", "key"])
+def test_an_unhealthy_sidecar_that_compose_will_recreate_is_not_waited_for(
+    project: Project, change: str
+) -> None:
+    """Its link settings (a new session's forwarder port) or its tunnel key (`.composemirror/`
+    deleted) are no longer the rendered project's: the `up` that follows recreates it, so
+    waiting for it to link with its old ones would only time out."""
+    unhealthy_sidecar(project)
+    sidecar = next(c for c in project.engine.running if c.name == "shop-web-mirror-1")
+    key = project.render_dir / "tunnel-shop.key"
+    assert sidecar.labels[compose.LABEL_KEY] == compose.key_digest(key.read_text().strip())
+    if change == "link":
+        old = dict(sidecar.env)
+        old[ENV_VAR] = old[ENV_VAR].replace('"link":', '"link_was":')
+        stale = dataclasses.replace(sidecar, env=old)
+    else:
+        stale = dataclasses.replace(
+            sidecar, labels={**sidecar.labels, compose.LABEL_KEY: "0123456789abcdef"}
+        )
+    project.engine.running = [stale if c is sidecar else c for c in project.engine.running]
+    code, lines = up(project, detach=True)
+    assert code == 0
+    assert not any(line.startswith("waiting for") for line in lines)
+    assert project.engine.commands()[-1] == ["up", "--detach"]
+
+
 def test_a_sidecar_that_stays_unhealthy_stops_up_with_a_hint(
     project: Project, monkeypatch: pytest.MonkeyPatch
 ) -> None:

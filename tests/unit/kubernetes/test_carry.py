@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import lzma
@@ -10,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,7 @@ def run_agent(cwd: Path, key: bytes, port: int) -> subprocess.CompletedProcess[s
         "COMPOSEMIRROR_AGENT_KEY": key_to_text(key),
         "COMPOSEMIRROR_AGENT_PORT": str(port),
         "COMPOSEMIRROR_AGENT_TTL": "1",
+        "COMPOSEMIRROR_AGENT_FIRST_LINK_TIMEOUT": "1",
         "COMPOSEMIRROR_AGENT_TARGETED": "0",
         "COMPOSEMIRROR_CODE_PARTS": str(len(code.parts)),
         f"{SPEC_ENV_PREFIX}DATABASE_URL": "postgres://db/shop",
@@ -188,3 +191,35 @@ def test_job_agent_reads_no_process(tmp_path: Path) -> None:
     proc = fake_proc(tmp_path, {1: (b"python3\0", b"SECRET=1\0")})
     report = target_environment({"PATH": "/bin"}, targeted=False, proc=proc, own_pid=1)
     assert (report.source, dict(report.env)) == ("none", {})
+
+
+def test_the_agent_waits_longer_for_its_first_link_than_after_its_last() -> None:
+    """Before any sidecar has dialled it, `up` may still be building or pulling images: the
+    agent waits `first` for that; once a link has come and gone, `ttl`."""
+    from types import SimpleNamespace
+
+    from composemirror.agent.pod import IdleAgent
+
+    def idle(agent: SimpleNamespace, ttl: float, first: float) -> float:
+        started = time.monotonic()
+        asyncio.run(IdleAgent.until_idle(agent, ttl, first=first, tick=0.01))  # type: ignore[arg-type]
+        return time.monotonic() - started
+
+    never = SimpleNamespace(open=[], last_connected=time.monotonic(), linked=False)
+    assert idle(never, 0.05, 0.5) >= 0.5
+    tunnel = SimpleNamespace(alive=True)
+    once = SimpleNamespace(open=[tunnel], last_connected=time.monotonic(), linked=False)
+
+    async def close_soon() -> None:
+        await asyncio.sleep(0.1)
+        tunnel.alive = False
+
+    async def both() -> float:
+        started = time.monotonic()
+        closing = asyncio.create_task(close_soon())  # noqa: TID251 - a test's own helper
+        await IdleAgent.until_idle(once, 0.05, first=5.0, tick=0.01)  # type: ignore[arg-type]
+        await closing
+        return time.monotonic() - started
+
+    assert asyncio.run(both()) < 1.0
+    assert once.linked
