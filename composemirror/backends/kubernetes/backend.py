@@ -371,6 +371,7 @@ class KubernetesBackend:
                 with contextlib.suppress(ClusterError):
                     plan.cluster.delete(resource, record.agent, record.namespace)
             progress(f"replacing the project's earlier session (agent {record.agent})")
+        self._clear_unrecorded(plan, project, progress)
         if plan.where.namespace not in record.namespaces:
             record.namespaces.append(plan.where.namespace)
         record.context = plan.cluster.context
@@ -443,6 +444,34 @@ class KubernetesBackend:
         record.agent, record.pod = plan.where.name, plan.pod
         record.namespace, record.mode = plan.where.namespace, plan.mode
         state.write_record(directory, record)
+
+    @staticmethod
+    def _clear_unrecorded(plan: Plan, project: str, progress: Progress) -> list[str]:
+        """Delete every Job and Secret labelled for `project` in the agent's namespace before a
+        new session is made there: sessions whose record was lost (the state folder deleted)
+        would otherwise stay until `down`. Safe because one `up` of a project prepares at a
+        time (ops holds its lock). What was deleted (`secret/NAME`); a note through
+        `progress` when the cluster refuses (they then stay for `down`)."""
+        namespace = plan.where.namespace
+        selector = manifests.project_selector(project)
+        removed: list[str] = []
+        try:
+            for resource in ("jobs", "secrets"):
+                removed += [
+                    f"{resource[:-1]}/{name}"
+                    for name in plan.cluster.delete_labelled(resource, namespace, selector)
+                ]
+        except ClusterError as e:
+            progress(
+                f"warning: could not delete the project's earlier Jobs and Secrets in namespace "
+                f"{namespace} ({e.message}); `composemirror down` deletes them"
+            )
+        if removed:
+            progress(
+                f"deleted the project's earlier session objects in namespace {namespace}: "
+                + ", ".join(removed)
+            )
+        return removed
 
     def _reuse(self, plan: Plan, project: str, key: bytes, progress: Progress) -> bool:
         """Keep the project's running session when it is healthy: the forwarder forwards at the
