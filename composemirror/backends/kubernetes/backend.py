@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -780,14 +780,17 @@ class KubernetesBackend:
             record.agent = record.pod = record.mode = None
             state.write_record(folder, record)
 
-    def inspect(self, config: Config, project: str, directory: Path) -> list[Check]:
-        """For `status` and `doctor`: the forwarder (its process, what it forwards, restarts),
+    def inspect(
+        self, config: Config, project: str, directory: Path, *, sidecars: Sequence[str] = ()
+    ) -> list[Check]:
+        """For `status` and `doctor`: the forwarder (its process, what it forwards, restarts,
+        a failure when it is not running while `sidecars` of the project run and dial it),
         whether the recorded agent's pod still exists (a failure when it was deleted or
         replaced), and the ephemeral agents `project` left in the pod, with why they stay
         (EPHEMERAL_NOTE). The pod and namespace are those `up` recorded, whatever `-n` says
         now. Raises ClusterError when the cluster cannot be read."""
         folder = self.session_dir(project)
-        checks = [forwarder_check(folder)]
+        checks = [forwarder_check(folder, sidecars=sidecars)]
         record = state.read_record(folder)
         pod: Obj
         if record.pod is not None and record.namespace is not None:
@@ -1030,11 +1033,28 @@ def kubectl_check() -> Check:
     return Check(name="kubectl (port-forward)", ok=True, detail=f"{kubectl} {version}")
 
 
-def forwarder_check(render_dir: Path) -> Check:
-    """The project's forwarder as its state file and process say."""
+def forwarder_check(
+    render_dir: Path, *, sidecars: Sequence[str] = (), now: float | None = None
+) -> Check:
+    """The project's forwarder as its state file and process say.
+
+    `sidecars`: the project's sidecar services running on the engine; each dials the
+    forwarder, so none running while they do is a failure (their link is down), not a rest.
+    A forwarder that says `forwarding` but whose kubectl exited at least RESTARTING_DROPS
+    times in the last RESTARTING_WINDOW seconds (`now`, Unix time) is `restarting`, a failure
+    with kubectl's last error: kubectl exits when the pod's port refuses a connection."""
     state = forwarder.read_state(render_dir)
     if state is None:
-        return Check(name="forwarder", ok=True, detail="not running (no `up` holds a session)")
+        if not sidecars:
+            return Check(name="forwarder", ok=True, detail="not running (no `up` holds a session)")
+        return Check(
+            name="forwarder",
+            ok=False,
+            detail=f"not running, while the project's sidecars {', '.join(sidecars)} run and "
+            "dial it: their link to the agent is down",
+            hint="run `composemirror up -d` to start the session again (or "
+            "`composemirror down`, then `composemirror up -d`, for a clean start)",
+        )
     what = f"pid {state['pid']}, {state.get('forwards', '?')}"
     if state.get("pod_gone"):
         return Check(
@@ -1052,12 +1072,32 @@ def forwarder_check(render_dir: Path) -> Check:
         )
     restarts = int(state.get("restarts") or 0)
     detail = f"{state['state']} ({what}; {restarts} restart{'s' if restarts != 1 else ''})"
+    now = time.time() if now is None else now
+    recent = [t for t in state.get("drops") or [] if now - float(t) <= RESTARTING_WINDOW]
+    if state["state"] == "forwarding" and len(recent) >= RESTARTING_DROPS:
+        return Check(
+            name="forwarder",
+            ok=False,
+            detail=f"restarting: {state.get('last_error') or 'kubectl exited'} (kubectl "
+            f"exited {len(recent)} times in the last {RESTARTING_WINDOW:.0f} s; {what}; "
+            f"{restarts} restarts)",
+            hint="kubectl's port-forward ends at each connection to the agent: its pod may be "
+            "terminating or the agent may have exited; `composemirror up -d` places a new "
+            f"agent (see {render_dir / forwarder.LOG_FILE})",
+        )
     return Check(
         name="forwarder",
         ok=state["state"] == "forwarding",
         detail=detail,
         hint=state.get("error") if state["state"] != "forwarding" else None,
     )
+
+
+RESTARTING_WINDOW = 60.0
+"""Seconds over which `forwarder_check` counts kubectl's exits."""
+RESTARTING_DROPS = 2
+"""kubectl exits within RESTARTING_WINDOW from which a `forwarding` forwarder is restarting
+(one exit is a passing drop that a restart mended)."""
 
 
 class _NotYet(Exception):

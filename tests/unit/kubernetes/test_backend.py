@@ -736,3 +736,15 @@ def test_down_with_nothing_recorded_and_no_cluster_says_so(tmp_path: Path) -> No
     [warning] = messages
     assert "cannot reach the Kubernetes API server" in warning
     assert "its Jobs and Secrets may remain" in warning
+
+
+def test_status_fails_a_released_forwarder_while_the_sidecars_run(tmp_path: Path) -> None:
+    """A failed `up -d` released the forwarder; the project's containers still run."""
+    h = Harness(tmp_path)
+    up(h)
+    checks = h.backend.inspect(config(), "shop-dev", tmp_path, sidecars=["web-mirror"])
+    found = next(c for c in checks if c.name == "forwarder")
+    assert not found.ok and "sidecars web-mirror run and dial it" in found.detail
+    assert found.hint is not None and "`composemirror up -d`" in found.hint
+    idle = h.backend.inspect(config(), "shop-dev", tmp_path)
+    assert next(c for c in idle if c.name == "forwarder").ok
