@@ -219,6 +219,8 @@ def _status(args: argparse.Namespace, options: ops.Options, runtime: ops.Runtime
         state = r.state + (f" ({r.health})" if r.health else "")
         table.append((r.service, r.role, state, _describe(r)))
         if r.role == "sidecar" and r.link:
+            link = ops.link_failure(r, [a for a in rows if a.role == "agent"])
+            problems += [] if link is None else [link]
             rules = ops.rules_check(r)
             problems += [] if rules.ok else [rules]
         if r.namespace is not None and not r.namespace.ok:

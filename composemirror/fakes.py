@@ -249,6 +249,10 @@ class FakeEngine(Engine):
     def set_state(self, name: str, state: str) -> None:
         self.running = [replace(c, state=state) if c.name == name else c for c in self.running]
 
+    def set_health(self, name: str, health: str | None) -> None:
+        """What the container's healthcheck says (`healthy`, `unhealthy`, `starting`)."""
+        self.running = [replace(c, health=health) if c.name == name else c for c in self.running]
+
     def commands(self) -> list[list[str]]:
         """The compose commands run, without their project flags."""
         return [args for _, args in self.runs]
@@ -359,6 +363,8 @@ class FakeBackend(NoSessionState):
     """What `session_env` returns (the agent's report, for backends that have one)."""
     session: list[Check] = field(default_factory=list)
     """What `inspect` returns."""
+    sidecars_seen: list[str] = field(default_factory=list)
+    """The running sidecars `inspect` was last given."""
     calls: list[tuple[str, Any]] = field(default_factory=list)
     """(method, its main argument) in call order."""
 
@@ -399,8 +405,11 @@ class FakeBackend(NoSessionState):
     def release(self, project: str, directory: Path) -> None:
         self.calls.append(("release", project))
 
-    def inspect(self, config: Config, project: str, directory: Path) -> list[Check]:
+    def inspect(
+        self, config: Config, project: str, directory: Path, *, sidecars: Sequence[str] = ()
+    ) -> list[Check]:
         self.calls.append(("inspect", project))
+        self.sidecars_seen = list(sidecars)
         if isinstance(self.error, ComposeMirrorError):
             raise self.error
         return list(self.session)

@@ -1015,12 +1015,24 @@ def session_state(options: Options, *, runtime: Runtime, project: str | None = N
         return []
     name = project or first
     checks: list[Check] = []
+    sidecars = running_sidecars(name, runtime=runtime)
     _attempt_all(
         checks,
         "session",
-        lambda: runtime.session_backend(config, name).inspect(config, name, directory),
+        lambda: runtime.session_backend(config, name).inspect(
+            config, name, directory, sidecars=sidecars
+        ),
     )
     return checks
+
+
+def running_sidecars(project: str, *, runtime: Runtime) -> list[str]:
+    """The services of `project`'s sidecar containers that run on the engine, by name."""
+    return sorted(
+        c.labels.get(COMPOSE_SERVICE_LABEL, c.name)
+        for c in runtime.engine.containers({COMPOSE_PROJECT_LABEL: project})
+        if c.labels.get(compose.LABEL_ROLE) == "sidecar" and c.state == "running"
+    )
 
 
 def doctor(options: Options, *, runtime: Runtime) -> list[Check]:
@@ -1070,10 +1082,13 @@ def doctor(options: Options, *, runtime: Runtime) -> list[Check]:
                 "(`-p NAME` checks one of them)",
             )
         )
+    sidecars = running_sidecars(shown, runtime=runtime)
     _attempt_all(
         checks,
         "session",
-        lambda: runtime.session_backend(config, shown).inspect(config, shown, project.directory),
+        lambda: runtime.session_backend(config, shown).inspect(
+            config, shown, project.directory, sidecars=sidecars
+        ),
     )
     for spec in rendered.images:
         present = engine.image_exists(spec.tag)
@@ -1088,19 +1103,41 @@ def doctor(options: Options, *, runtime: Runtime) -> list[Check]:
     agents = [row for row in rows if row.role == "agent"]
     for row in rows:
         if row.role == "sidecar":
-            state = row.link.get("agent", "unknown")
-            checks.append(
-                Check(
-                    name=f"agent link of {row.service}",
-                    ok=state == "connected",
-                    detail=state,
-                    hint=None if state == "connected" else _link_hint(row, agents),
-                )
-            )
+            checks.append(link_check(row, agents))
             checks.append(rules_check(row))
         if row.namespace is not None:
             checks.append(row.namespace)
     return checks
+
+
+def link_check(row: ServiceStatus, agents: Sequence[ServiceStatus]) -> Check:
+    """`doctor`'s check of a sidecar's link to the agent: failed unless it is `connected`;
+    `agents` are the project's agent containers (none for a cluster backend)."""
+    state = str(row.link.get("agent", "unknown"))
+    return Check(
+        name=f"agent link of {row.service}",
+        ok=state == "connected",
+        detail=state,
+        hint=None if state == "connected" else _link_hint(row, agents),
+    )
+
+
+def link_failure(row: ServiceStatus, agents: Sequence[ServiceStatus]) -> Check | None:
+    """`status`'s line for a sidecar whose link has been down for longer than its grace period
+    (`composemirror.sidecar.status.LINK_GRACE`), which its container's health says
+    (`unhealthy`: the healthcheck fails once the link is down past the grace); None while the
+    link is connected or within its grace (a reconnect is not a failure)."""
+    if row.role != "sidecar" or row.state != "running" or row.health != "unhealthy":
+        return None
+    check = link_check(row, agents)
+    if check.ok:
+        return None
+    said = check.hint or "no error reported"
+    return dataclasses.replace(
+        check,
+        hint=f"{said}; `composemirror doctor` checks each part of the way to the agent "
+        "and says which to fix",
+    )
 
 
 def _link_hint(sidecar: ServiceStatus, agents: Sequence[ServiceStatus]) -> str | None:

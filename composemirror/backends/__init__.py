@@ -9,7 +9,7 @@ CLI know only this protocol; `choose()` is the one place that maps a target to a
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -193,10 +193,14 @@ class Backend(Protocol):
         `up` ends attached or fails. Idempotent; the cluster objects stay for `teardown`."""
         ...
 
-    def inspect(self, config: Config, project: str, directory: Path) -> list[Check]:
+    def inspect(
+        self, config: Config, project: str, directory: Path, *, sidecars: Sequence[str] = ()
+    ) -> list[Check]:
         """The session's state for `status` and `doctor` (a forwarder, agents left behind, an
         agent outside the target's current network namespace: a failed check whose hint says
-        how to fix it); `directory` is the user's project directory. Raises ClusterError when
+        how to fix it); `directory` is the user's project directory, `sidecars` the project's
+        sidecar services that run on the engine now (each dials the agent's link, so a link
+        end that is missing is a failure while they run). Raises ClusterError when
         unreachable."""
         ...
 
@@ -211,7 +215,9 @@ class NoSessionState:
     def release(self, project: str, directory: Path) -> None:
         return None
 
-    def inspect(self, config: Config, project: str, directory: Path) -> list[Check]:
+    def inspect(
+        self, config: Config, project: str, directory: Path, *, sidecars: Sequence[str] = ()
+    ) -> list[Check]:
         return []
 
 

@@ -10,6 +10,7 @@ or was recreated) for `status` and `doctor`, and has `up` recreate it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from composemirror import namespaces
@@ -45,8 +46,11 @@ class TargetNamespace(NoSessionState):
         """The container whose network namespace the agent joins."""
         raise NotImplementedError
 
-    def inspect(self, config: Config, project: str, directory: Path) -> list[Check]:
-        """One check per agent of `project` on this engine: in the target's namespace or not."""
+    def inspect(
+        self, config: Config, project: str, directory: Path, *, sidecars: Sequence[str] = ()
+    ) -> list[Check]:
+        """One check per agent of `project` on this engine: in the target's namespace or not
+        (the agent is a compose service: its absence shows in `status` itself)."""
         name = self.target_name(config)
         target = self.engine.inspect_container(name)
         return [self._agent_check(agent, target, name) for agent in self._agents(project)]

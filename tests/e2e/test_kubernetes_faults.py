@@ -170,6 +170,55 @@ def test_a_repeated_up_keeps_the_running_session(cluster: Cluster) -> None:
     assert secrets_of(cluster, project) == []
 
 
+def test_a_dead_forwarder_fails_status_and_doctor_and_a_lost_record_leaves_no_secret(
+    cluster: Cluster,
+) -> None:
+    """The forwarder stops (as a failed `up -d` releases it) while the project's containers
+    run: `doctor` fails it with the fix and `status` shows FAIL lines once the sidecar is
+    unhealthy. Then the state folder is deleted and `up -d` makes a new session: the earlier
+    Secret goes at once, not at `down`."""
+    project = "cm-faults-dead-link"
+    first = cli(cluster, "-p", project, "up", "-d")
+    try:
+        assert first.returncode == 0, first.stdout + first.stderr
+        [earlier] = secrets_of(cluster, project)
+        assert forwarder.stop(session_folder(project), project=project)
+        sidecar = f"{project}-web-mirror-1"
+        wait_for(
+            lambda: (
+                docker("inspect", "--format", "{{.State.Health.Status}}", sidecar).stdout.strip()
+                == "unhealthy"
+            ),
+            timeout=90,
+        )
+        doctor = cli(cluster, "-p", project, "doctor")
+        assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+        assert (
+            "FAIL  forwarder: not running, while the project's sidecars web-mirror run and dial "
+            "it: their link to the agent is down" in doctor.stdout
+        ), doctor.stdout
+        assert "hint: run `composemirror up -d` to start the session again" in doctor.stdout
+        status = cli(cluster, "-p", project, "status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "FAIL forwarder: not running, while" in status.stdout, status.stdout
+        assert "FAIL agent link of web-mirror: " in status.stdout, status.stdout
+        # the containers go too, so this `up` starts the stack afresh (the Secret is the point)
+        removed = cli(cluster, "-p", project, "compose", "--", "down")
+        assert removed.returncode == 0, removed.stdout + removed.stderr
+        shutil.rmtree(session_folder(project))
+        again = cli(cluster, "-p", project, "up", "-d")
+        assert again.returncode == 0, again.stdout + again.stderr
+        [now] = secrets_of(cluster, project)
+        assert now != earlier
+        assert f"secret/{earlier}" in again.stderr
+        healthy = cli(cluster, "-p", project, "doctor")
+        assert "FAIL  forwarder" not in healthy.stdout, healthy.stdout
+    finally:
+        down = cli(cluster, "-p", project, "down")
+    assert down.returncode == 0, down.stderr
+    assert secrets_of(cluster, project) == []
+
+
 def test_two_concurrent_ups_of_one_project_make_one_session(cluster: Cluster) -> None:
     """Two terminals run `up -d` of one project at once: one prepares the session, the other
     waits for it and keeps it, so one Secret, one agent and one forwarder exist, not two."""

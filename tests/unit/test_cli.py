@@ -388,6 +388,30 @@ def test_a_broken_session_is_reported_by_status_and_fails_doctor(
     assert run(project, "doctor") == 1
 
 
+@pytest.mark.parametrize(("health", "fails"), [("unhealthy", True), ("healthy", False)])
+def test_status_fails_a_link_down_past_its_grace(
+    project: Project, capsys: pytest.CaptureFixture[str], health: str, fails: bool
+) -> None:
+    """The sidecar `running (unhealthy)` with its link `connecting` (its forwarder gone) is a
+    FAIL line with what to do; while still healthy (a reconnect within the grace) it is not."""
+    assert run(project, "up", "-d") == 0
+    rules = {"state": "in place", "checked": time.time(), "restored": 0}
+    project.engine.outputs["shop-web-mirror-1"] = json.dumps(
+        {"agent": "connecting", "error": "[Errno 111] Connection refused", "rules": rules}
+    )
+    project.engine.set_health("shop-web-mirror-1", health)
+    capsys.readouterr()
+    assert run(project, "status") == 0  # a report; `doctor` is the check that fails
+    out = capsys.readouterr().out
+    assert ("FAIL agent link of web-mirror: connecting" in out) is fails
+    if fails:
+        assert (
+            "  hint: [Errno 111] Connection refused; `composemirror doctor` checks each part of "
+            "the way to the agent and says which to fix"
+        ) in out
+    assert run(project, "doctor") == 1
+
+
 def test_status_shows_an_app_out_of_its_sidecars_namespace_and_rules_restored(
     project: Project, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -965,6 +965,19 @@ def test_doctor_reports_a_broken_link(project: Project) -> None:
     assert (link.ok, link.detail, link.hint) == (False, "connecting", "connection refused")
 
 
+def test_the_backend_is_told_which_sidecars_run(project: Project) -> None:
+    """So a cluster backend can fail a missing forwarder that they dial."""
+    up(project, detach=True)
+    ops.session_state(project.options, runtime=project.runtime)
+    assert project.backend.sidecars_seen == ["web-mirror"]
+    project.backend.sidecars_seen = []
+    ops.doctor(project.options, runtime=project.runtime)
+    assert project.backend.sidecars_seen == ["web-mirror"]
+    project.engine.set_state("shop-web-mirror-1", "exited")
+    ops.session_state(project.options, runtime=project.runtime)
+    assert project.backend.sidecars_seen == []
+
+
 def test_doctor_names_the_agent_container_that_is_down_and_what_to_run(project: Project) -> None:
     """`docker kill` of the agent: the sidecar only knows its connection is refused."""
     up(project, detach=True)

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -371,6 +371,7 @@ class KubernetesBackend:
                 with contextlib.suppress(ClusterError):
                     plan.cluster.delete(resource, record.agent, record.namespace)
             progress(f"replacing the project's earlier session (agent {record.agent})")
+        self._clear_unrecorded(plan, project, progress)
         if plan.where.namespace not in record.namespaces:
             record.namespaces.append(plan.where.namespace)
         record.context = plan.cluster.context
@@ -443,6 +444,34 @@ class KubernetesBackend:
         record.agent, record.pod = plan.where.name, plan.pod
         record.namespace, record.mode = plan.where.namespace, plan.mode
         state.write_record(directory, record)
+
+    @staticmethod
+    def _clear_unrecorded(plan: Plan, project: str, progress: Progress) -> list[str]:
+        """Delete every Job and Secret labelled for `project` in the agent's namespace before a
+        new session is made there: sessions whose record was lost (the state folder deleted)
+        would otherwise stay until `down`. Safe because one `up` of a project prepares at a
+        time (ops holds its lock). What was deleted (`secret/NAME`); a note through
+        `progress` when the cluster refuses (they then stay for `down`)."""
+        namespace = plan.where.namespace
+        selector = manifests.project_selector(project)
+        removed: list[str] = []
+        try:
+            for resource in ("jobs", "secrets"):
+                removed += [
+                    f"{resource[:-1]}/{name}"
+                    for name in plan.cluster.delete_labelled(resource, namespace, selector)
+                ]
+        except ClusterError as e:
+            progress(
+                f"warning: could not delete the project's earlier Jobs and Secrets in namespace "
+                f"{namespace} ({e.message}); `composemirror down` deletes them"
+            )
+        if removed:
+            progress(
+                f"deleted the project's earlier session objects in namespace {namespace}: "
+                + ", ".join(removed)
+            )
+        return removed
 
     def _reuse(self, plan: Plan, project: str, key: bytes, progress: Progress) -> bool:
         """Keep the project's running session when it is healthy: the forwarder forwards at the
@@ -751,14 +780,17 @@ class KubernetesBackend:
             record.agent = record.pod = record.mode = None
             state.write_record(folder, record)
 
-    def inspect(self, config: Config, project: str, directory: Path) -> list[Check]:
-        """For `status` and `doctor`: the forwarder (its process, what it forwards, restarts),
+    def inspect(
+        self, config: Config, project: str, directory: Path, *, sidecars: Sequence[str] = ()
+    ) -> list[Check]:
+        """For `status` and `doctor`: the forwarder (its process, what it forwards, restarts,
+        a failure when it is not running while `sidecars` of the project run and dial it),
         whether the recorded agent's pod still exists (a failure when it was deleted or
         replaced), and the ephemeral agents `project` left in the pod, with why they stay
         (EPHEMERAL_NOTE). The pod and namespace are those `up` recorded, whatever `-n` says
         now. Raises ClusterError when the cluster cannot be read."""
         folder = self.session_dir(project)
-        checks = [forwarder_check(folder)]
+        checks = [forwarder_check(folder, sidecars=sidecars)]
         record = state.read_record(folder)
         pod: Obj
         if record.pod is not None and record.namespace is not None:
@@ -1001,11 +1033,28 @@ def kubectl_check() -> Check:
     return Check(name="kubectl (port-forward)", ok=True, detail=f"{kubectl} {version}")
 
 
-def forwarder_check(render_dir: Path) -> Check:
-    """The project's forwarder as its state file and process say."""
+def forwarder_check(
+    render_dir: Path, *, sidecars: Sequence[str] = (), now: float | None = None
+) -> Check:
+    """The project's forwarder as its state file and process say.
+
+    `sidecars`: the project's sidecar services running on the engine; each dials the
+    forwarder, so none running while they do is a failure (their link is down), not a rest.
+    A forwarder that says `forwarding` but whose kubectl exited at least RESTARTING_DROPS
+    times in the last RESTARTING_WINDOW seconds (`now`, Unix time) is `restarting`, a failure
+    with kubectl's last error: kubectl exits when the pod's port refuses a connection."""
     state = forwarder.read_state(render_dir)
     if state is None:
-        return Check(name="forwarder", ok=True, detail="not running (no `up` holds a session)")
+        if not sidecars:
+            return Check(name="forwarder", ok=True, detail="not running (no `up` holds a session)")
+        return Check(
+            name="forwarder",
+            ok=False,
+            detail=f"not running, while the project's sidecars {', '.join(sidecars)} run and "
+            "dial it: their link to the agent is down",
+            hint="run `composemirror up -d` to start the session again (or "
+            "`composemirror down`, then `composemirror up -d`, for a clean start)",
+        )
     what = f"pid {state['pid']}, {state.get('forwards', '?')}"
     if state.get("pod_gone"):
         return Check(
@@ -1023,12 +1072,32 @@ def forwarder_check(render_dir: Path) -> Check:
         )
     restarts = int(state.get("restarts") or 0)
     detail = f"{state['state']} ({what}; {restarts} restart{'s' if restarts != 1 else ''})"
+    now = time.time() if now is None else now
+    recent = [t for t in state.get("drops") or [] if now - float(t) <= RESTARTING_WINDOW]
+    if state["state"] == "forwarding" and len(recent) >= RESTARTING_DROPS:
+        return Check(
+            name="forwarder",
+            ok=False,
+            detail=f"restarting: {state.get('last_error') or 'kubectl exited'} (kubectl "
+            f"exited {len(recent)} times in the last {RESTARTING_WINDOW:.0f} s; {what}; "
+            f"{restarts} restarts)",
+            hint="kubectl's port-forward ends at each connection to the agent: its pod may be "
+            "terminating or the agent may have exited; `composemirror up -d` places a new "
+            f"agent (see {render_dir / forwarder.LOG_FILE})",
+        )
     return Check(
         name="forwarder",
         ok=state["state"] == "forwarding",
         detail=detail,
         hint=state.get("error") if state["state"] != "forwarding" else None,
     )
+
+
+RESTARTING_WINDOW = 60.0
+"""Seconds over which `forwarder_check` counts kubectl's exits."""
+RESTARTING_DROPS = 2
+"""kubectl exits within RESTARTING_WINDOW from which a `forwarding` forwarder is restarting
+(one exit is a passing drop that a restart mended)."""
 
 
 class _NotYet(Exception):

@@ -50,6 +50,8 @@ again without having forwarded, up to BACKOFF_MAX."""
 BACKOFF_MAX = 2.0
 GIVE_UP_AFTER = 300.0
 """Seconds of restarts that never reached a forwarding state before the supervisor exits."""
+DROPS_KEPT = 20
+"""How many of kubectl's latest exits the state file lists (`drops`, Unix times)."""
 POD_GONE = re.compile(r'(pods|namespaces) "([^"]+)" not found')
 """kubectl's words (the API server's NotFound) when the pod or its namespace is gone."""
 START_TIMEOUT = 30.0
@@ -240,7 +242,11 @@ class Supervisor:
     `state` is written to `directory/forwarder.json` at each change: `starting`, `forwarding`
     (kubectl said so), `reconnecting` (with the error and the restart count), and `failed`
     (given up, or `pod_gone`: the API server says the agent's pod or namespace no longer
-    exists). kubectl's output is read line by line and only the last lines are kept (bounded).
+    exists). Every record also keeps `drops`, the Unix times of kubectl's latest exits (at
+    most DROPS_KEPT), and `last_error`, kubectl's last words before the latest one, so a
+    `forwarding` that kubectl leaves at each connection (it exits when the pod's port refuses,
+    e.g. while the pod terminates) shows as failing. kubectl's output is read line by line and
+    only the last lines are kept (bounded).
     """
 
     def __init__(
@@ -261,6 +267,10 @@ class Supervisor:
         self.last: collections.deque[str] = collections.deque(maxlen=5)
         self.gone: str | None = None
         """What kubectl said is gone (`pods "NAME"`), once it has said so."""
+        self.drops: collections.deque[float] = collections.deque(maxlen=DROPS_KEPT)
+        self.last_error: str | None = None
+        self.said: collections.deque[str] = collections.deque(maxlen=5)
+        """The latest run's last lines, bar `Forwarding from` (what made it end)."""
 
     def run(self) -> int:
         """Supervise until `stop_now()` (0), the agent's pod is gone or GIVE_UP_AFTER seconds
@@ -272,6 +282,8 @@ class Supervisor:
             forwarded = self.run_once()
             if self.stopping:
                 break
+            self.drops.append(time.time())
+            self.last_error = "; ".join(self.said)
             if self.gone is not None:
                 error = (
                     f"the agent's pod {self.spec.pod} in namespace {self.spec.namespace} is "
@@ -298,6 +310,7 @@ class Supervisor:
     def run_once(self) -> bool:
         """One kubectl run, to its end; whether it reached `Forwarding from`."""
         forwarded = False
+        self.said.clear()
         self.child = subprocess.Popen(
             self.spec.command(),
             stdin=subprocess.DEVNULL,
@@ -312,6 +325,8 @@ class Supervisor:
             if line.startswith("Handling connection"):
                 continue
             self.last.append(line)
+            if not line.startswith("Forwarding from"):
+                self.said.append(line)
             gone = POD_GONE.search(line)
             if gone is not None:
                 self.gone = f'{gone.group(1)} "{gone.group(2)}"'
@@ -320,6 +335,7 @@ class Supervisor:
                 self.write("forwarding")
         self.child.wait()
         self.last.append(f"kubectl exited with {self.child.returncode}")
+        self.said.append(f"kubectl exited with {self.child.returncode}")
         return forwarded
 
     def stop_now(self, *_: Any) -> None:
@@ -339,6 +355,8 @@ class Supervisor:
             "restarts": self.restarts,
             "error": error,
             "pod_gone": pod_gone,
+            "drops": list(self.drops),
+            "last_error": self.last_error,
             "forwards": self.spec.describe(),
             "spec": asdict(self.spec),
         }

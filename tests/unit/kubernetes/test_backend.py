@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -401,6 +402,49 @@ def test_a_session_whose_agent_is_gone_is_not_reused(tmp_path: Path) -> None:
     assert any(f"replacing the project's earlier session (agent {first})" in m for m in h.messages)
 
 
+def test_a_session_whose_record_was_deleted_leaves_no_secret_or_job(tmp_path: Path) -> None:
+    """`rm -rf` of the project's state folder, then `up -d`: the earlier session's Job and
+    Secret (found by the project's label in the agent's namespace) go as the new one is made;
+    another project's and another namespace's stay."""
+    h = Harness(tmp_path)
+    cfg = config(ephemeral=False)
+    first = job_agent(h, cfg)
+    labels = {manifests.LABEL_PROJECT: "other-dev"}
+    h.cluster.objects["secrets"].append(
+        {"kind": "Secret", "metadata": {"name": "theirs", "namespace": "shop", "labels": labels}}
+    )
+    leftovers(h.cluster, "shop-dev")  # cm-agent-a in shop; cm-agent-b in elsewhere
+    shutil.rmtree(h.backend.session_dir("shop-dev"))
+    h.messages.clear()
+    second = job_agent(h, cfg)
+    assert second != first
+    names = {
+        (r, i["metadata"]["namespace"], i["metadata"]["name"])
+        for r in ("jobs", "secrets")
+        for i in h.cluster.objects.get(r, [])
+    }
+    assert ("secrets", "shop", first) not in names and ("jobs", "shop", first) not in names
+    assert ("secrets", "shop", "cm-agent-a") not in names
+    assert {("secrets", "shop", second), ("jobs", "shop", second)} <= names
+    assert {("secrets", "shop", "theirs"), ("secrets", "elsewhere", "cm-agent-b")} <= names
+    assert any(f"job/{first}" in m and f"secret/{first}" in m for m in h.messages)
+
+
+def test_a_cluster_that_refuses_the_sweep_still_gets_its_session(tmp_path: Path) -> None:
+    """No list permission for the sweep: a warning that `down` deletes them, and `up` goes on."""
+    h = Harness(tmp_path)
+    first = up(h)
+
+    def refuse(resource: str, namespace: str, selector: str) -> list[str]:
+        raise ClusterError("forbidden: cannot list secrets")
+
+    h.cluster.delete_labelled = refuse  # type: ignore[method-assign]
+    shutil.rmtree(h.backend.session_dir("shop-dev"))
+    second = up(h)
+    assert second != first
+    assert any("could not delete the project's earlier" in m for m in h.messages)
+
+
 def test_a_failed_up_deletes_the_secret_it_created(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     cfg = config(image="registry.invalid/python:3.12", startup_timeout=3)
@@ -692,3 +736,15 @@ def test_down_with_nothing_recorded_and_no_cluster_says_so(tmp_path: Path) -> No
     [warning] = messages
     assert "cannot reach the Kubernetes API server" in warning
     assert "its Jobs and Secrets may remain" in warning
+
+
+def test_status_fails_a_released_forwarder_while_the_sidecars_run(tmp_path: Path) -> None:
+    """A failed `up -d` released the forwarder; the project's containers still run."""
+    h = Harness(tmp_path)
+    up(h)
+    checks = h.backend.inspect(config(), "shop-dev", tmp_path, sidecars=["web-mirror"])
+    found = next(c for c in checks if c.name == "forwarder")
+    assert not found.ok and "sidecars web-mirror run and dial it" in found.detail
+    assert found.hint is not None and "`composemirror up -d`" in found.hint
+    idle = h.backend.inspect(config(), "shop-dev", tmp_path)
+    assert next(c for c in idle if c.name == "forwarder").ok

@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -247,3 +248,77 @@ def test_a_gone_pod_stops_the_retries_and_says_so(
     (tmp_path / forwarder.STATE_FILE).write_text(json.dumps(state))
     check = forwarder_check(tmp_path)
     assert not check.ok and "is gone" in check.detail
+
+
+REFUSED = (
+    'echo "E1201 08:01:02 portforward.go:424 an error occurred forwarding 41234 -> 47017: '
+    "error forwarding port 47017 to pod 9f1, uid : failed to connect to localhost:47017 inside "
+    'namespace 9f1: connect: connection refused"\n'
+    'echo "error: lost connection to pod"\n'
+    "exit 1"
+)
+
+
+def test_a_forward_that_kubectl_leaves_at_each_connection_is_restarting(tmp_path: Path) -> None:
+    """The pod terminating: kubectl says `Forwarding from`, then exits at the first connection
+    (the pod's port refuses). The forwarder is `forwarding` again between drops, yet `status`
+    and `doctor` fail it with kubectl's last error, not `forwarding (N restarts)`."""
+    count = tmp_path / "count"
+    body = (
+        f"n=$(cat {count} 2>/dev/null || echo 0); echo $((n + 1)) > {count}\n"
+        f'if [ "$n" -lt 3 ]; then\n{REFUSED}\nfi\nexec sleep 30'
+    )
+    supervisor = forwarder.Supervisor(spec(script(tmp_path, body)), tmp_path, sleep=lambda s: None)
+    runner = threading.Thread(target=supervisor.run)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        state: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            state = forwarder.read_state(tmp_path) or {}
+            if state.get("state") == "forwarding" and len(state.get("drops") or []) == 3:
+                break
+            time.sleep(0.05)
+        assert state["state"] == "forwarding" and state["restarts"] == 3
+        check = forwarder_check(tmp_path)
+    finally:
+        supervisor.stop_now()
+        runner.join(10)
+    assert not check.ok
+    assert check.detail.startswith("restarting: E1201")
+    assert "connect: connection refused" in check.detail
+    assert "lost connection to pod" in check.detail
+    assert "exited 3 times in the last 60 s" in check.detail
+    assert check.hint is not None and "up -d" in check.hint
+
+
+def test_one_drop_a_while_ago_is_not_a_failure(tmp_path: Path) -> None:
+    now = time.time()
+    record = {
+        "pid": os.getpid(),
+        "state": "forwarding",
+        "forwards": "x",
+        "restarts": 2,
+        "drops": [now - 600, now - 5],
+        "last_error": "error: lost connection to pod",
+    }
+    (tmp_path / forwarder.STATE_FILE).write_text(json.dumps(record))
+    check = forwarder_check(tmp_path, now=now)
+    assert check.ok and check.detail.startswith("forwarding (")
+    record["drops"] = [now - 30, now - 5]  # two within the window
+    (tmp_path / forwarder.STATE_FILE).write_text(json.dumps(record))
+    assert not forwarder_check(tmp_path, now=now).ok
+
+
+def test_no_forwarder_while_the_projects_sidecars_run_is_a_failure(tmp_path: Path) -> None:
+    """A failed `up -d` released the forwarder; the containers of the project still run."""
+    check = forwarder_check(tmp_path, sidecars=["web-mirror", "worker-mirror"])
+    assert not check.ok
+    assert check.detail == (
+        "not running, while the project's sidecars web-mirror, worker-mirror run and dial it: "
+        "their link to the agent is down"
+    )
+    assert check.hint is not None and "`composemirror up -d`" in check.hint
+    assert "`composemirror down`, then `composemirror up -d`" in check.hint
+    idle = forwarder_check(tmp_path)  # nothing of the project runs: nothing dials it
+    assert idle.ok and idle.detail == "not running (no `up` holds a session)"
