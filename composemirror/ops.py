@@ -537,11 +537,12 @@ def _check_services(rendered: Rendered, services: Sequence[str]) -> None:
     """Raise ConfigError (exit 2) for the first of `services` the rendered project does not
     have, with compose's did-you-mean hint."""
     known = rendered.model.get("services") or {}
+    own = rendered.source.get("services") or {}  # the user's: what the hint lists
     for service in services:
         if service not in known:
             raise ConfigError(
                 f"no service {service!r} in this project",
-                hint=compose._suggest(service, known),
+                hint=compose._suggest(service, own),
             )
 
 

@@ -592,6 +592,9 @@ def test_run_of_an_unknown_service_is_bad_input(project: Project) -> None:
         run(project, "wbe")
     assert caught.value.hint == "did you mean 'web'?"
     assert project.engine.runs == []
+    with pytest.raises(ConfigError) as far:
+        run(project, "nothing-like-it")
+    assert far.value.hint == "services of this project: db, web"  # not web-mirror, the agent
 
 
 def test_up_of_an_unknown_service_is_bad_input_before_the_backend_acts(project: Project) -> None:
