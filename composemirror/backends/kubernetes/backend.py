@@ -1067,7 +1067,7 @@ def forwarder_check(
         return Check(
             name="forwarder",
             ok=False,
-            detail=f"exited ({what}): {state.get('error') or state.get('state')}",
+            detail=f"exited ({what})" + (f": {state['error']}" if state.get("error") else ""),
             hint="run `composemirror up -d` again to restart it",
         )
     restarts = int(state.get("restarts") or 0)
