@@ -345,7 +345,8 @@ def render(
     """Load the project (unless `project` is it, loaded) and its configuration, resolve the
     target, rewrite. No engine changes."""
     project = project or load_project(options, runtime=runtime)
-    backend = runtime.backend(project.config)
+    # A session running in a cluster stays there in a shell without KUBECONFIG, as for `down`.
+    backend = runtime.session_backend(project.config, project.name)
     rendered = rewrite(project, backend, backend.resolve(project.config))
     if write:
         _write(rendered)

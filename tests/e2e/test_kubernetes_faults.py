@@ -469,12 +469,12 @@ def test_down_uses_the_context_up_used_unless_told_another(
     assert secrets_of(cluster, project) == []
 
 
-def test_down_and_status_in_a_new_terminal_reach_the_cluster_up_used(
+def test_down_status_and_up_in_a_new_terminal_reach_the_cluster_up_used(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    """`up -d` with KUBECONFIG, then `status` and `down` in a shell without it (and with no
-    ~/.kube/config): the recorded kube config is read, so the forwarder is reported and then
-    stopped, and the Secret deleted, instead of the sandbox being chosen."""
+    """`up -d` with KUBECONFIG, then `status`, `up -d` and `down` in a shell without it (and
+    with no ~/.kube/config): the recorded kube config is read, so the forwarder is reported, the
+    session kept, then stopped and the Secret deleted, instead of the sandbox being chosen."""
     project = "cm-faults-terminal"
     up = cli(cluster, "-p", project, "up", "-d")
     terminal = {
@@ -491,6 +491,10 @@ def test_down_and_status_in_a_new_terminal_reach_the_cluster_up_used(
         status = cli(cluster, "-p", project, "status", env=terminal)
         assert status.returncode == 0, status.stderr
         assert "forwarder: forwarding" in status.stdout, status.stdout
+        again = cli(cluster, "-p", project, "up", "-d", env=terminal)  # not the sandbox
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "reusing the running session" in again.stderr, again.stderr
+        assert "composemirror-agent" not in again.stderr
         down = cli(cluster, "-p", project, "down", env=terminal)
         assert down.returncode == 0, down.stderr
         assert f"removed forwarder (pid {supervisor})" in down.stderr

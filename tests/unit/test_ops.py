@@ -1140,7 +1140,7 @@ def test_down_of_a_deleted_project_stops_its_recorded_forwarder(
     assert not (root / "gone").exists()
 
 
-def test_down_and_status_in_a_new_terminal_use_the_kube_config_up_recorded(
+def test_down_status_and_up_in_a_new_terminal_use_the_kube_config_up_recorded(
     project: Project, tmp_path: Path
 ) -> None:
     """No KUBECONFIG in `down`'s environment: the backend is chosen with the kube config files
@@ -1177,9 +1177,12 @@ def test_down_and_status_in_a_new_terminal_use_the_kube_config_up_recorded(
     try:
         ops.session_state(project.options, runtime=runtime, project="shop")
         assert [e.get("KUBECONFIG") for e in seen] == [str(kubeconfig)]
+        # A repeated `up` there too: not the sandbox for want of a KUBECONFIG.
+        ops.render(project.options, write=False, runtime=runtime)
+        assert [e.get("KUBECONFIG") for e in seen] == [str(kubeconfig)] * 2
         removed = ops.down(project.options, volumes=False, progress=lambda _: None, runtime=runtime)
     finally:
         forwarder.stop(state.session_dir("shop", root), project="shop")
-    assert [e.get("KUBECONFIG") for e in seen] == [str(kubeconfig)] * 2
+    assert [e.get("KUBECONFIG") for e in seen] == [str(kubeconfig)] * 3
     assert f"forwarder (pid {started['pid']})" in removed
     assert forwarder.find("shop") == []
