@@ -852,6 +852,22 @@ RUN_LABEL = "io.composemirror.run"
 """On the one-off container of a `run`: that run's own token."""
 
 
+@contextlib.contextmanager
+def _build_context() -> Iterator[Path]:
+    """A new private (0700) directory under the temporary directory for one image's build
+    context, removed however the build ends.
+
+    Its removal is in place before it exists: with `tempfile.TemporaryDirectory`, a Ctrl-C
+    that lands between creating the directory and recording its name left it behind.
+    """
+    path = Path(tempfile.gettempdir()) / f"composemirror-build-{secrets.token_hex(8)}"
+    try:
+        path.mkdir(mode=0o700)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def ensure_images(
     specs: Sequence[images.ImageSpec], *, force: bool, progress: Progress, runtime: Runtime
 ) -> None:
@@ -860,10 +876,10 @@ def ensure_images(
         if not force and runtime.engine.image_exists(spec.tag):
             continue
         progress(f"building {spec.tag} from {spec.base}")
-        with tempfile.TemporaryDirectory(prefix="composemirror-build-") as context:
-            images.write_context(spec, Path(context))
+        with _build_context() as context:
+            images.write_context(spec, context)
             runtime.engine.build_image(
-                Path(context),
+                context,
                 spec.tag,
                 buildargs={"BASE_IMAGE": spec.base},
                 labels={compose.LABEL_VERSION: composemirror.__version__},
